@@ -1,0 +1,1 @@
+"""Calibration data sources and calibration reports for the offline build."""
