@@ -1,0 +1,623 @@
+"""Simulated motor controller on a real pty, driving the reference world in real time.
+
+It is the firmware of docs/serial-protocol.md running on the host: the runtime opens ``link_path``
+(a stable symlink, like /dev/serial/by-id/...) with pyserial exactly as it opens a USB adapter, and
+reads the camera from ``camera_url`` exactly as it reads an IP camera. Nothing else connects them.
+
+Threads: one reads frames from the pty leader; one "firmware" tick checks the watchdog at least every
+10 ms and sends telemetry at its period; one physics thread advances the world by its dt on absolute
+monotonic deadlines (the world's motor lag and acceleration limit model the motors); the MJPEG server
+has its own. ``ground_truth()`` and the fault hooks (garbage, bit flips, silence, unplug/replug, camera
+freeze/kill) exist for tests and the demo only.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import select
+import shutil
+import tempfile
+import threading
+import time
+import tty
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from edge.protocol import (
+    WATCHDOG_TIMEOUT_S,
+    ClearEmergencyStop,
+    EmergencyStop,
+    FrameDecoder,
+    Message,
+    SequenceCounter,
+    SetVelocity,
+    StatusFlags,
+    Telemetry,
+    encode,
+)
+from reference_world.world import TabletopWorld, WorldConfig
+from simulator.mjpeg import MjpegServer
+
+logger = logging.getLogger(__name__)
+
+CHANNELS = 2  # left and right wheel
+WHEEL_RADIUS_M = 0.03  # turns wheel speed (m/s) into the wheel angle reported as position (rad)
+# |measured wheel velocity| (normalised) below which a wheel counts as stopped: 2 % of full speed.
+MOTOR_STOPPED_EPSILON = 0.02
+LINK_NAME = "usb-VLA_Edge_Simulated_Motor_Controller_SIM0001-if00-port0"  # the shape of a by-id name
+
+_WATCHDOG_CHECK_PERIOD_S = 0.01  # the protocol asks for at least every 10 ms
+_READ_POLL_S = 0.05  # bounds how long the reader takes to notice stop() or unplug()
+_READ_CHUNK_BYTES = 4096
+_JOIN_TIMEOUT_S = 5.0
+_U16 = 0xFFFF
+_DEFAULT_WORLD_CONFIG = WorldConfig()  # frozen, so one shared default is safe
+
+
+class _FreeRunningWorld(TabletopWorld):
+    """The world without an episode end: a controller keeps simulating after success or the time limit.
+
+    ``TabletopWorld.step`` refuses to step a done episode (success or time limit), which suits an
+    evaluation loop but not hardware, which keeps moving when commanded. ``success`` still latches the
+    first time the robot reaches the target; the controller records when.
+    """
+
+    @property
+    def done(self) -> bool:
+        return False
+
+
+@dataclass(frozen=True)
+class GroundTruth:
+    """What only the simulator knows. Times are time.monotonic() seconds; None where it never happened."""
+
+    time_s: float
+    seed: int
+    target: str
+    instruction: str
+    variant: str | None
+    pose: tuple[float, float, float]  # x (m), y (m), heading (rad)
+    distance_to_target_m: float
+    success: bool  # reached the target at least once this episode
+    success_at_s: float | None
+    physics_steps: int  # world steps this episode
+    time_limit_reached: bool  # physics_steps >= world_config.time_limit_steps (the episode's budget)
+    wheel_velocities: tuple[float, ...]  # measured, normalised as in telemetry
+    applied_targets: tuple[float, ...]
+    motors_stopped: bool  # every |wheel velocity| < MOTOR_STOPPED_EPSILON
+    motors_stopped_since_s: float | None  # first physics step of the current stopped stretch
+    watchdog_tripped: bool
+    watchdog_tripped_at_s: float | None
+    estop_latched: bool
+    last_valid_command_s: float | None  # last valid SetVelocity
+    last_command_seq: int
+    crc_errors: int
+    framing_errors: int
+    dropped_commands: int
+    telemetry_sent: int
+    telemetry_unsent: int  # frames lost because nothing was listening (buffer full) or unplugged
+    physics_overruns: int
+    plugged: bool
+    port_path: str | None
+    camera_running: bool
+    camera_frozen: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class SimulatedController:
+    """The robot's motor controller and camera, simulated: ``start()``, use ``link_path``, ``stop()``."""
+
+    def __init__(
+        self,
+        world_config: WorldConfig = _DEFAULT_WORLD_CONFIG,
+        seed: int = 0,
+        instruction: str | None = None,
+        target: str | None = None,
+        variant: str | None = None,
+        camera_fps: float = 10.0,
+        telemetry_period_s: float = 0.02,
+        watchdog_timeout_s: float = WATCHDOG_TIMEOUT_S,
+        *,
+        camera_host: str = "127.0.0.1",
+        camera_port: int = 0,
+        fault_seed: int = 0,
+    ) -> None:
+        for name, value in (("camera_fps", camera_fps), ("telemetry_period_s", telemetry_period_s),
+                            ("watchdog_timeout_s", watchdog_timeout_s)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        self._world_config = world_config
+        self._telemetry_period_s = float(telemetry_period_s)
+        self._watchdog_timeout_s = float(watchdog_timeout_s)
+        self._world = _FreeRunningWorld(world_config)
+        # Lock order: _world_lock, then _state_lock; never the other way round.
+        self._world_lock = threading.Lock()
+        self._state_lock = threading.Lock()
+        self._pty_lock = threading.Lock()  # guards the fds, the generation and writes to the leader
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._started = False
+        self._rng = np.random.default_rng(fault_seed)  # garbage and bit flips, repeatable per run
+
+        # pty ("USB adapter") state, under _pty_lock
+        self._leader_fd: int | None = None
+        self._follower_fd: int | None = None  # held open so the leader never sees EIO between host opens
+        self._generation = 0  # bumped by every plug/unplug, so the reader never reads a stale fd
+        self._port_path: str | None = None
+        self._link_dir: str | None = None
+        self._flip_probability = 0.0
+
+        # firmware state, under _state_lock
+        self._boot_s = time.monotonic()
+        self._targets: tuple[float, ...] = (0.0,) * CHANNELS
+        self._watchdog_tripped = True  # power-up behaves as if the watchdog had tripped
+        self._watchdog_tripped_at_s: float | None = self._boot_s
+        self._estop_latched = False
+        self._last_valid_command_s: float | None = None
+        self._last_command_seq = 0
+        self._crc_errors = 0
+        self._framing_errors = 0
+        self._dropped_commands = 0
+        self._telemetry_enabled = True
+        self._telemetry_sent = 0
+        self._telemetry_unsent = 0
+        self._tx_seq = SequenceCounter()
+
+        # world snapshot, under _state_lock (written by the physics thread, read by everyone else)
+        self._physics_overruns = 0
+        self._reset_world_locked(seed, target, instruction, variant)
+
+        self._camera = MjpegServer(self._camera_frame, fps=camera_fps, host=camera_host, port=camera_port)
+
+    # lifecycle -----------------------------------------------------------------------------------------
+    def start(self) -> SimulatedController:
+        if self._started:
+            raise RuntimeError("SimulatedController already started")
+        self._stop.clear()
+        self._link_dir = tempfile.mkdtemp(prefix="vla-sim-serial-")
+        try:
+            with self._pty_lock:
+                self._plug_locked()
+            self._camera.start()
+        except OSError:  # e.g. no ptys left or the camera port taken: leave nothing behind
+            with self._pty_lock:
+                self._unplug_locked()
+            shutil.rmtree(self._link_dir, ignore_errors=True)
+            self._link_dir = None
+            raise
+        self._threads = [
+            threading.Thread(target=self._guarded, args=(self._read_loop,), name="sim-controller-rx", daemon=True),
+            threading.Thread(target=self._guarded, args=(self._firmware_loop,), name="sim-controller-fw",
+                             daemon=True),
+            threading.Thread(target=self._guarded, args=(self._physics_loop,), name="sim-controller-physics",
+                             daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+        self._started = True
+        logger.info("simulated motor controller on %s -> %s, camera at %s", self.link_path, self.port_path,
+                    self.camera_url)
+        return self
+
+    def stop(self) -> None:
+        if not self._started:
+            return
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=_JOIN_TIMEOUT_S)
+            if thread.is_alive():
+                logger.error("simulator thread %s did not exit within %.1f s", thread.name, _JOIN_TIMEOUT_S)
+        self._threads = []
+        self._camera.stop()
+        with self._pty_lock:
+            self._unplug_locked()
+        if self._link_dir is not None:
+            shutil.rmtree(self._link_dir, ignore_errors=True)
+            self._link_dir = None
+        self._started = False
+        logger.info("simulated motor controller stopped")
+
+    def __enter__(self) -> SimulatedController:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    # where to connect ----------------------------------------------------------------------------------
+    @property
+    def port_path(self) -> str | None:
+        """The current pty (e.g. /dev/pts/7); changes on every replug; None while unplugged."""
+        with self._pty_lock:
+            return self._port_path
+
+    @property
+    def link_path(self) -> str:
+        """Stable symlink to the current pty, as /dev/serial/by-id/...; absent while unplugged."""
+        if self._link_dir is None:
+            raise RuntimeError("the controller is not started; link_path exists between start() and stop()")
+        return os.path.join(self._link_dir, LINK_NAME)
+
+    @property
+    def camera_url(self) -> str:
+        return self._camera.url
+
+    @property
+    def world_config(self) -> WorldConfig:
+        return self._world_config
+
+    # ground truth --------------------------------------------------------------------------------------
+    def ground_truth(self) -> GroundTruth:
+        with self._pty_lock:
+            plugged, port_path = self._leader_fd is not None, self._port_path
+        with self._state_lock:
+            return GroundTruth(
+                time_s=time.monotonic(),
+                seed=self._seed,
+                target=self._target,
+                instruction=self._instruction,
+                variant=self._variant,
+                pose=self._pose,
+                distance_to_target_m=self._distance_m,
+                success=self._success_at_s is not None,
+                success_at_s=self._success_at_s,
+                physics_steps=self._physics_steps,
+                time_limit_reached=self._physics_steps >= self._world_config.time_limit_steps,
+                wheel_velocities=self._measured,
+                applied_targets=self._targets,
+                motors_stopped=self._stopped_since_s is not None,
+                motors_stopped_since_s=self._stopped_since_s,
+                watchdog_tripped=self._watchdog_tripped,
+                watchdog_tripped_at_s=self._watchdog_tripped_at_s if self._watchdog_tripped else None,
+                estop_latched=self._estop_latched,
+                last_valid_command_s=self._last_valid_command_s,
+                last_command_seq=self._last_command_seq,
+                crc_errors=self._crc_errors,
+                framing_errors=self._framing_errors,
+                dropped_commands=self._dropped_commands,
+                telemetry_sent=self._telemetry_sent,
+                telemetry_unsent=self._telemetry_unsent,
+                physics_overruns=self._physics_overruns,
+                plugged=plugged,
+                port_path=port_path,
+                camera_running=self._camera.is_running,
+                camera_frozen=self._camera.is_paused,
+            )
+
+    def reset_episode(
+        self,
+        seed: int,
+        target: str | None = None,
+        instruction: str | None = None,
+        variant: str | None = None,
+    ) -> None:
+        """New episode in the same running controller; firmware state (latch, watchdog) is untouched."""
+        with self._world_lock:
+            self._reset_world_locked(seed, target, instruction, variant)
+
+    # fault injection -----------------------------------------------------------------------------------
+    def inject_garbage(self, n_bytes: int) -> None:
+        """Write ``n_bytes`` random bytes (zeros included) to the host between two frames."""
+        if isinstance(n_bytes, bool) or not isinstance(n_bytes, int) or n_bytes < 0:
+            raise ValueError(f"n_bytes must be a non-negative integer, got {n_bytes!r}")
+        with self._pty_lock:
+            garbage = self._rng.integers(0, 256, size=n_bytes, dtype=np.uint8).tobytes()
+            self._write_locked(garbage)
+
+    def flip_bits(self, probability: float) -> None:
+        """Flip each bit of outgoing telemetry with ``probability`` (0 turns the fault off)."""
+        if isinstance(probability, bool) or not isinstance(probability, (int, float)) or not (
+            0.0 <= probability <= 1.0
+        ):
+            raise ValueError(f"probability must be in [0, 1], got {probability!r}")
+        with self._pty_lock:
+            self._flip_probability = float(probability)
+
+    def stop_telemetry(self) -> None:
+        """Go silent towards the host (a hung controller); commands are still received and applied."""
+        with self._state_lock:
+            self._telemetry_enabled = False
+
+    def resume_telemetry(self) -> None:
+        with self._state_lock:
+            self._telemetry_enabled = True
+
+    def unplug(self) -> None:
+        """The adapter vanishes: the pty closes (the host's reads and writes fail) and the symlink goes."""
+        with self._pty_lock:
+            self._unplug_locked()
+        logger.info("simulated controller unplugged")
+
+    def replug(self) -> None:
+        """The adapter comes back as a new pty; ``link_path`` now points at it (``port_path`` changes)."""
+        with self._pty_lock:
+            if self._leader_fd is not None:
+                raise RuntimeError(f"already plugged in at {self._port_path}; unplug() first")
+            if self._link_dir is None:
+                raise RuntimeError("the controller is not started")
+            self._plug_locked()
+        logger.info("simulated controller replugged at %s", self.port_path)
+
+    def freeze_camera(self) -> None:
+        """The stream stays connected but delivers no new frames."""
+        self._camera.pause()
+
+    def unfreeze_camera(self) -> None:
+        self._camera.resume()
+
+    def kill_camera(self) -> None:
+        """The camera loses power: every client is dropped and connections are refused."""
+        self._camera.stop()
+
+    def revive_camera(self) -> None:
+        """The camera comes back on the same URL."""
+        if not self._camera.is_running:
+            self._camera.start()
+
+    # pty -----------------------------------------------------------------------------------------------
+    def _plug_locked(self) -> None:
+        leader, follower = os.openpty()
+        try:
+            tty.setraw(follower)  # no echo, no line editing, no XON/XOFF: bytes pass untouched
+            os.set_blocking(leader, False)  # a full buffer (host not reading) drops frames, as a UART would
+            path = os.ttyname(follower)
+            assert self._link_dir is not None
+            link = os.path.join(self._link_dir, LINK_NAME)
+            staging = link + ".new"
+            if os.path.lexists(staging):
+                os.unlink(staging)
+            os.symlink(path, staging)
+            os.replace(staging, link)  # atomic: the host never sees a half-made link
+        except OSError:
+            os.close(leader)
+            os.close(follower)
+            raise
+        self._leader_fd, self._follower_fd, self._port_path = leader, follower, path
+        self._generation += 1
+
+    def _unplug_locked(self) -> None:
+        if self._link_dir is not None:
+            try:
+                os.unlink(os.path.join(self._link_dir, LINK_NAME))
+            except FileNotFoundError:
+                logger.debug("symlink already gone")
+        for fd in (self._leader_fd, self._follower_fd):
+            if fd is not None:
+                os.close(fd)
+        self._leader_fd = self._follower_fd = None
+        self._port_path = None
+        self._generation += 1
+
+    def _write_locked(self, data: bytes) -> bool:
+        if self._leader_fd is None or not data:
+            return False
+        try:
+            written = os.write(self._leader_fd, data)
+        except BlockingIOError:
+            return False  # nobody reads the other end and its buffer is full: the bytes are lost
+        except OSError as exc:
+            logger.debug("pty write failed: %s", exc)
+            return False
+        return written == len(data)
+
+    # threads -------------------------------------------------------------------------------------------
+    def _guarded(self, loop) -> None:
+        try:
+            loop()
+        except Exception:  # a dead thread would freeze the simulated robot silently; make it loud
+            logger.exception("simulator thread %s crashed; the simulated robot is no longer live",
+                             threading.current_thread().name)
+
+    def _read_loop(self) -> None:
+        decoder: FrameDecoder | None = None
+        generation = -1
+        seen = None
+        while not self._stop.is_set():
+            with self._pty_lock:
+                fd, current = self._leader_fd, self._generation
+            if fd is None:
+                self._stop.wait(_READ_POLL_S)
+                continue
+            if current != generation:
+                # A new "cable": nothing of a frame in flight on the old one survives.
+                decoder, generation = FrameDecoder(), current
+                seen = decoder.stats
+            try:
+                ready, _, _ = select.select([fd], [], [], _READ_POLL_S)
+            except (OSError, ValueError):
+                continue  # unplug() closed the fd while we waited; the generation check catches it
+            if not ready:
+                continue
+            with self._pty_lock:
+                if self._generation != generation:
+                    continue
+                try:
+                    data = os.read(fd, _READ_CHUNK_BYTES)
+                except BlockingIOError:
+                    continue
+                except OSError as exc:
+                    logger.debug("pty read failed: %s", exc)
+                    data = b""
+            if not data:
+                self._stop.wait(_READ_POLL_S)  # select said readable but nothing came: do not spin
+                continue
+            assert decoder is not None and seen is not None
+            messages = decoder.feed(data)
+            stats = decoder.stats
+            self._apply(messages, stats.crc_errors - seen.crc_errors,
+                        stats.rejected - seen.rejected - (stats.crc_errors - seen.crc_errors))
+            seen = stats
+
+    def _apply(self, messages: list[Message], new_crc_errors: int, new_framing_errors: int) -> None:
+        now = time.monotonic()
+        with self._state_lock:
+            self._crc_errors = (self._crc_errors + new_crc_errors) & _U16
+            self._framing_errors = (self._framing_errors + new_framing_errors) & _U16
+            for message in messages:
+                if isinstance(message, SetVelocity):
+                    if len(message.targets) != CHANNELS:
+                        # A channel count this controller does not have: rejected as the doc recommends.
+                        self._framing_errors = (self._framing_errors + 1) & _U16
+                        continue
+                    self._last_command_seq = message.seq
+                    self._last_valid_command_s = now
+                    if self._watchdog_tripped:
+                        self._watchdog_tripped = False
+                        logger.info("watchdog cleared by SetVelocity seq %d", message.seq)
+                    if self._estop_latched:
+                        self._dropped_commands = (self._dropped_commands + 1) & _U16
+                    else:
+                        self._targets = tuple(message.targets)
+                elif isinstance(message, EmergencyStop):
+                    self._last_command_seq = message.seq
+                    if not self._estop_latched:
+                        logger.info("emergency stop latched (seq %d)", message.seq)
+                    self._estop_latched = True
+                    self._targets = (0.0,) * CHANNELS
+                elif isinstance(message, ClearEmergencyStop):
+                    self._last_command_seq = message.seq
+                    if self._estop_latched:
+                        logger.info("emergency stop cleared (seq %d)", message.seq)
+                    self._estop_latched = False
+                else:
+                    # Telemetry travelling host -> controller: not a host frame, so not echoed.
+                    self._framing_errors = (self._framing_errors + 1) & _U16
+
+    def _firmware_loop(self) -> None:
+        tick_s = min(_WATCHDOG_CHECK_PERIOD_S, self._telemetry_period_s)
+        next_tick = next_telemetry = time.monotonic()
+        while True:
+            now = time.monotonic()
+            if now >= next_tick:
+                self._check_watchdog(now)
+                next_tick += tick_s
+                if next_tick < now:  # overran (a descheduled process): skip ahead, do not burst
+                    next_tick = now + tick_s
+            if now >= next_telemetry:
+                self._send_telemetry(now)
+                next_telemetry += self._telemetry_period_s
+                if next_telemetry < now:
+                    next_telemetry = now + self._telemetry_period_s
+            if self._stop.wait(max(0.0, min(next_tick, next_telemetry) - time.monotonic())):
+                return
+
+    def _check_watchdog(self, now: float) -> None:
+        with self._state_lock:
+            if self._watchdog_tripped:
+                return
+            last = self._last_valid_command_s
+            if last is not None and now - last > self._watchdog_timeout_s:
+                self._watchdog_tripped = True
+                self._watchdog_tripped_at_s = now
+                self._targets = (0.0,) * CHANNELS
+                logger.info("watchdog tripped: no valid SetVelocity for %.0f ms", (now - last) * 1e3)
+
+    def _status_locked(self) -> StatusFlags:
+        status = StatusFlags.NONE
+        if self._watchdog_tripped:
+            status |= StatusFlags.WATCHDOG_TRIPPED
+        if self._estop_latched:
+            status |= StatusFlags.ESTOP_LATCHED
+        if not status:
+            status = StatusFlags.MOTORS_ENABLED
+        return status
+
+    def _send_telemetry(self, now: float) -> None:
+        with self._state_lock:
+            if not self._telemetry_enabled:
+                return
+            message = Telemetry(
+                seq=self._tx_seq.next(),
+                controller_time_ms=int((now - self._boot_s) * 1000.0) & 0xFFFFFFFF,
+                velocities=self._measured,
+                positions=self._wheel_positions,
+                status=self._status_locked(),
+                last_command_seq=self._last_command_seq,
+                crc_errors=self._crc_errors,
+                framing_errors=self._framing_errors,
+                dropped_commands=self._dropped_commands,
+            )
+        frame = encode(message)
+        with self._pty_lock:
+            if self._flip_probability > 0.0:
+                frame = self._flip_locked(frame, self._flip_probability)
+            sent = self._write_locked(frame)
+        with self._state_lock:
+            if sent:
+                self._telemetry_sent += 1
+            else:
+                self._telemetry_unsent += 1
+
+    def _flip_locked(self, frame: bytes, probability: float) -> bytes:
+        flips = self._rng.random(len(frame) * 8) < probability
+        if not flips.any():
+            return frame
+        mask = np.packbits(flips)
+        return (np.frombuffer(frame, dtype=np.uint8) ^ mask).tobytes()
+
+    def _physics_loop(self) -> None:
+        dt_s = self._world_config.dt_s
+        deadline = time.monotonic() + dt_s
+        while not self._stop.wait(max(0.0, deadline - time.monotonic())):
+            self._physics_step(dt_s)
+            deadline += dt_s
+            now = time.monotonic()
+            if deadline < now:  # overran: skip ahead instead of bursting steps to catch up
+                with self._state_lock:
+                    self._physics_overruns += 1
+                deadline = now + dt_s
+
+    def _physics_step(self, dt_s: float) -> None:
+        with self._world_lock:
+            with self._state_lock:
+                targets = self._targets
+            observation = self._world.step(np.asarray(targets, dtype=np.float32))
+            now = time.monotonic()
+            with self._state_lock:
+                self._publish_world_locked(observation.frame, now, dt_s)
+
+    # world snapshot ------------------------------------------------------------------------------------
+    def _reset_world_locked(self, seed, target, instruction, variant) -> None:
+        observation = self._world.reset(seed, target=target, instruction=instruction, variant=variant)
+        now = time.monotonic()
+        with self._state_lock:
+            self._seed = self._world.seed
+            self._target = self._world.target_name
+            self._instruction = self._world.instruction
+            self._variant = self._world.variant
+            self._success_at_s = None
+            self._physics_steps = 0
+            self._wheel_positions: tuple[float, ...] = (0.0,) * CHANNELS
+            self._wheel_speeds_m_s = np.zeros(CHANNELS)
+            self._stopped_since_s: float | None = None
+            self._publish_world_locked(observation.frame, now, 0.0)
+
+    def _publish_world_locked(self, frame: np.ndarray, now: float, dt_s: float) -> None:
+        world = self._world
+        speeds = world.wheel_velocity
+        # Trapezoid: the wheel angle follows the mean speed over the step.
+        travelled = (self._wheel_speeds_m_s + speeds) / 2.0 * dt_s / WHEEL_RADIUS_M
+        self._wheel_positions = tuple(float(p) for p in np.asarray(self._wheel_positions) + travelled)
+        self._wheel_speeds_m_s = speeds
+        measured = speeds / self._world_config.max_wheel_speed_m_s
+        self._measured = tuple(float(v) for v in measured)
+        if np.all(np.abs(measured) < MOTOR_STOPPED_EPSILON):
+            if self._stopped_since_s is None:
+                self._stopped_since_s = now
+        else:
+            self._stopped_since_s = None
+        self._pose = tuple(float(v) for v in world.pose)
+        self._distance_m = float(world.distance_to_target_m)
+        self._physics_steps = world.steps
+        if world.success and self._success_at_s is None:
+            self._success_at_s = now
+            logger.info("robot reached the %s after %d steps", self._target, world.steps)
+        self._frame = frame
+
+    def _camera_frame(self) -> np.ndarray:
+        with self._state_lock:
+            return self._frame  # never mutated: each physics step publishes a new array

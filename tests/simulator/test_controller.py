@@ -1,0 +1,367 @@
+"""SimulatedController from the host's side of a real pty (raw pyserial + the protocol), and its process."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from itertools import pairwise
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import serial
+from cobs import cobs
+
+from edge.protocol import (
+    ClearEmergencyStop,
+    EmergencyStop,
+    FrameDecoder,
+    SequenceCounter,
+    SetVelocity,
+    StatusFlags,
+    Telemetry,
+    encode,
+)
+from reference_world.expert import expert_action
+from reference_world.world import WorldConfig
+from simulator.controller import MOTOR_STOPPED_EPSILON, SimulatedController, _FreeRunningWorld
+
+HANG_GUARD_S = 10.0  # bounds every wait so a broken controller fails the test instead of hanging it
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def wait_until(predicate, timeout_s: float = HANG_GUARD_S) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.005)
+    return bool(predicate())
+
+
+class RawHost:
+    """A bare host: pyserial on the controller's stable path, frames built with edge.protocol."""
+
+    def __init__(self, path: str) -> None:
+        self.port = serial.Serial(path, timeout=0.02)
+        self.decoder = FrameDecoder()
+        self.seq = SequenceCounter(start=100)
+
+    def send(self, message_or_bytes) -> int | None:
+        if isinstance(message_or_bytes, bytes):
+            self.port.write(message_or_bytes)
+            return None
+        self.port.write(encode(message_or_bytes))
+        return message_or_bytes.seq
+
+    def set_velocity(self, left: float, right: float) -> int:
+        return self.send(SetVelocity(seq=self.seq.next(), targets=(left, right)))
+
+    def telemetry(self) -> list[Telemetry]:
+        data = self.port.read(max(1, self.port.in_waiting))
+        return [m for m in self.decoder.feed(data) if isinstance(m, Telemetry)]
+
+    def telemetry_until(self, predicate, timeout_s: float = HANG_GUARD_S) -> Telemetry:
+        deadline = time.monotonic() + timeout_s
+        seen = 0
+        while time.monotonic() < deadline:
+            for message in self.telemetry():
+                seen += 1
+                if predicate(message):
+                    return message
+        raise AssertionError(f"no matching telemetry in {timeout_s} s ({seen} frames seen)")
+
+    def close(self) -> None:
+        self.port.close()
+
+
+@pytest.fixture
+def controller():
+    with SimulatedController(seed=2, target="green triangle") as sim:
+        yield sim
+
+
+@pytest.fixture
+def host(controller):
+    raw = RawHost(controller.link_path)
+    yield raw
+    raw.close()
+
+
+def echoes(seq: int):
+    return lambda t: t.last_command_seq == seq
+
+
+def test_power_up_is_stopped_with_the_watchdog_tripped_and_telemetry_flows(controller, host):
+    frames: list[Telemetry] = []
+    host.telemetry_until(lambda t: frames.append(t) or len(frames) >= 6)
+    assert all(StatusFlags.WATCHDOG_TRIPPED in t.status for t in frames)
+    assert all(StatusFlags.MOTORS_ENABLED not in t.status for t in frames)
+    assert all(t.last_command_seq == 0 and t.velocities == (0.0, 0.0) for t in frames)
+    assert [b.seq - a.seq for a, b in pairwise(frames)] == [1] * 5  # consecutive, none lost
+    assert all(b.controller_time_ms >= a.controller_time_ms for a, b in pairwise(frames))
+    truth = controller.ground_truth()
+    assert truth.watchdog_tripped and truth.motors_stopped and truth.plugged
+    assert os.path.realpath(controller.link_path) == controller.port_path
+    assert controller.port_path.startswith("/dev/pts/")
+
+
+def test_set_velocity_enables_motors_and_moves_the_wheels(controller, host):
+    start = controller.ground_truth()
+
+    def driving(t: Telemetry) -> bool:
+        host.set_velocity(0.8, 0.4)
+        return min(t.velocities) > 0.3
+
+    moving = host.telemetry_until(driving)
+    assert moving.status == StatusFlags.MOTORS_ENABLED
+    assert moving.velocities[0] > moving.velocities[1]  # left faster than right, as commanded
+    assert all(p > 0 for p in moving.positions) and moving.positions[0] > moving.positions[1]
+    truth = controller.ground_truth()
+    assert truth.applied_targets == (pytest.approx(0.8), pytest.approx(0.4))
+    assert not truth.watchdog_tripped and not truth.motors_stopped
+    assert truth.pose != start.pose and truth.physics_steps > start.physics_steps
+
+
+def test_watchdog_stops_the_motors_after_commands_stop(controller, host):
+    def driving(t: Telemetry) -> bool:
+        host.set_velocity(0.7, 0.7)
+        return min(t.velocities) > 0.4
+
+    host.telemetry_until(driving)
+    # Commands stop here; the controller must stop the motors on its own.
+    tripped = host.telemetry_until(lambda t: StatusFlags.WATCHDOG_TRIPPED in t.status)
+    assert StatusFlags.MOTORS_ENABLED not in tripped.status
+    assert wait_until(lambda: controller.ground_truth().motors_stopped)
+    truth = controller.ground_truth()
+    assert truth.applied_targets == (0.0, 0.0)
+    assert all(abs(v) < MOTOR_STOPPED_EPSILON for v in truth.wheel_velocities)
+    # Measured on the simulator's own clock, with generous bounds: 300 ms watchdog, then motor decel.
+    since_command = truth.watchdog_tripped_at_s - truth.last_valid_command_s
+    assert 0.3 <= since_command < 0.6
+    assert truth.motors_stopped_since_s - truth.last_valid_command_s < 1.5
+    # The next valid SetVelocity clears the trip.
+    seq = host.set_velocity(0.2, 0.2)
+    cleared = host.telemetry_until(echoes(seq))
+    assert StatusFlags.WATCHDOG_TRIPPED not in cleared.status
+
+
+def test_emergency_stop_latches_drops_commands_and_clear_waits_for_a_new_command(controller, host):
+    host.set_velocity(0.5, 0.5)
+    stop_seq = host.send(EmergencyStop(seq=host.seq.next()))
+    latched = host.telemetry_until(echoes(stop_seq))
+    assert StatusFlags.ESTOP_LATCHED in latched.status
+    assert StatusFlags.MOTORS_ENABLED not in latched.status
+    for _ in range(4):
+        last = host.set_velocity(0.9, 0.9)
+    still = host.telemetry_until(echoes(last))
+    assert StatusFlags.ESTOP_LATCHED in still.status
+    assert still.dropped_commands == 4
+    assert StatusFlags.WATCHDOG_TRIPPED not in still.status  # ignored commands still feed the watchdog
+    host.send(EmergencyStop(seq=host.seq.next()))  # repeating it is harmless
+    clear_seq = host.send(ClearEmergencyStop(seq=host.seq.next()))
+    cleared = host.telemetry_until(echoes(clear_seq))
+    assert StatusFlags.ESTOP_LATCHED not in cleared.status
+    assert controller.ground_truth().applied_targets == (0.0, 0.0)  # stopped until the next SetVelocity
+    seq = host.set_velocity(0.3, -0.3)
+    host.telemetry_until(echoes(seq))
+    truth = controller.ground_truth()
+    assert truth.applied_targets == (pytest.approx(0.3), pytest.approx(-0.3))
+    assert truth.dropped_commands == 4 and not truth.estop_latched
+
+
+def test_invalid_frames_are_counted_and_neither_applied_nor_echoed(controller, host):
+    good = host.set_velocity(0.1, 0.1)
+    host.telemetry_until(echoes(good))
+    raw = bytearray(cobs.decode(encode(SetVelocity(seq=500, targets=(0.9, 0.9)))[:-1]))
+    raw[-1] ^= 0xFF
+    host.send(cobs.encode(bytes(raw)) + b"\x00")  # bad CRC
+    host.send(b"\x07\x01\x01\x00")  # bad COBS
+    host.send(encode(SetVelocity(seq=501, targets=(0.9, 0.9, 0.9))))  # a channel count it does not have
+    host.send(encode(Telemetry(seq=502, controller_time_ms=0, velocities=(), positions=(),
+                               status=StatusFlags.NONE, last_command_seq=0, crc_errors=0,
+                               framing_errors=0, dropped_commands=0)))  # wrong direction
+    marker = host.set_velocity(0.2, 0.2)
+    after = host.telemetry_until(echoes(marker))
+    assert after.crc_errors == 1
+    assert after.framing_errors == 3
+    truth = controller.ground_truth()
+    assert truth.crc_errors == 1 and truth.framing_errors == 3
+    assert truth.applied_targets == (pytest.approx(0.2), pytest.approx(0.2))  # 0.9 never applied
+
+
+def test_stop_and_resume_telemetry(controller, host):
+    host.telemetry_until(lambda t: True)
+    controller.stop_telemetry()
+    time.sleep(0.05)  # let a frame already in flight arrive
+    host.telemetry()
+    sent_before = controller.ground_truth().telemetry_sent
+    seq = host.set_velocity(0.1, 0.1)  # still received and applied while silent
+    assert wait_until(lambda: controller.ground_truth().last_command_seq == seq)
+    assert controller.ground_truth().telemetry_sent == sent_before
+    assert host.telemetry() == []
+    controller.resume_telemetry()
+    assert host.telemetry_until(echoes(seq)).seq >= 0
+
+
+def test_bit_flips_and_garbage_reach_the_host_as_bad_frames(controller, host):
+    host.telemetry_until(lambda t: True)
+    controller.inject_garbage(200)
+    controller.flip_bits(0.01)
+
+    def rejected_enough() -> bool:
+        host.telemetry()
+        return host.decoder.stats.rejected >= 5
+
+    assert wait_until(rejected_enough)
+    controller.flip_bits(0.0)
+    host.telemetry_until(lambda t: True)  # clean frames again
+    with pytest.raises(ValueError):
+        controller.flip_bits(1.5)
+    with pytest.raises(ValueError):
+        controller.inject_garbage(-1)
+
+
+def test_unplug_removes_the_device_and_replug_publishes_a_new_pty_behind_the_same_link(controller, host):
+    link = controller.link_path
+    controller.unplug()
+    assert not os.path.lexists(link)
+    assert controller.port_path is None and not controller.ground_truth().plugged
+    with pytest.raises(serial.SerialException):
+        deadline = time.monotonic() + HANG_GUARD_S
+        while time.monotonic() < deadline:
+            host.port.read(1)  # the vanished device shows up as a failing read
+    host.close()
+    controller.replug()
+    with pytest.raises(RuntimeError, match="already plugged"):
+        controller.replug()
+    assert controller.link_path == link and os.path.islink(link)
+    assert os.path.realpath(link) == controller.port_path
+    fresh = RawHost(link)
+    try:
+        seq = fresh.set_velocity(0.1, 0.1)
+        assert fresh.telemetry_until(echoes(seq)).last_command_seq == seq
+    finally:
+        fresh.close()
+
+
+def test_camera_serves_world_frames_and_can_freeze_and_die(controller):
+    snapshot = controller.camera_url.replace("/stream.mjpg", "/snapshot.jpg")
+
+    def fetch() -> bytes | None:
+        try:
+            with urllib.request.urlopen(snapshot, timeout=HANG_GUARD_S) as response:
+                return response.read()
+        except urllib.error.HTTPError:  # 503 until the first frame is encoded
+            return None
+
+    assert wait_until(lambda: fetch() is not None)
+    image = cv2.imdecode(np.frombuffer(fetch(), np.uint8), cv2.IMREAD_COLOR)
+    config = controller.world_config
+    assert image.shape == (config.frame_height_px, config.frame_width_px, 3)
+    assert image.std() > 5  # a scene, not a blank frame
+    controller.freeze_camera()
+    assert controller.ground_truth().camera_frozen
+    controller.unfreeze_camera()
+    controller.kill_camera()
+    assert not controller.ground_truth().camera_running
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(snapshot, timeout=HANG_GUARD_S)
+    controller.revive_camera()
+    assert wait_until(lambda: fetch() is not None)
+
+
+def test_reset_episode_starts_a_new_episode_in_the_running_controller(controller):
+    controller.reset_episode(5, target="yellow star", instruction="find the star")
+    truth = controller.ground_truth()
+    assert (truth.seed, truth.target, truth.instruction) == (5, "yellow star", "find the star")
+    assert truth.physics_steps < 3  # counted from the reset (a step may have run since)
+    assert not truth.success and truth.success_at_s is None
+    with pytest.raises(ValueError):
+        controller.reset_episode(5, target="purple cube")
+
+
+def test_world_keeps_running_after_success_and_past_the_time_limit():
+    world = _FreeRunningWorld(WorldConfig(time_limit_steps=1, pixel_noise_sigma=0.0))
+    world.reset(4)
+    for _ in range(300):
+        world.step(expert_action(world))
+        if world.success:
+            break
+    assert world.success and world.steps > 1  # past the time limit too
+    steps = world.steps
+    for _ in range(3):
+        world.step([0.5, 0.5])  # TabletopWorld would raise here: the episode is "done"
+    assert world.steps == steps + 3 and world.success
+
+
+def test_constructor_validates():
+    with pytest.raises(ValueError, match="telemetry_period_s"):
+        SimulatedController(telemetry_period_s=0)
+    with pytest.raises(ValueError):
+        SimulatedController(target="nothing")
+
+
+# --- the process -------------------------------------------------------------------------------------
+
+
+def read_line(stream, timeout_s: float) -> str:
+    ready, _, _ = select.select([stream], [], [], timeout_s)
+    assert ready, f"no line on stdout within {timeout_s} s"
+    return stream.readline()
+
+
+def ask(sock_file, request: str) -> dict:
+    sock_file.write(request + "\n")
+    sock_file.flush()
+    return json.loads(sock_file.readline())
+
+
+def test_module_prints_paths_serves_ground_truth_and_stops_on_sigterm():
+    process = subprocess.Popen(
+        [sys.executable, "-m", "simulator", "--seed", "3", "--target", "red block", "--print-paths",
+         "--ground-truth-port", "0", "--log-level", "WARNING"],
+        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        paths = json.loads(read_line(process.stdout, 60.0))
+        assert os.path.islink(paths["serial"])
+        assert os.path.realpath(paths["serial"]) == paths["pty"]
+        assert paths["camera_url"].startswith("http://127.0.0.1:")
+        host, port = paths["ground_truth"].split(":")
+        assert host == "127.0.0.1"
+        raw = RawHost(paths["serial"])
+        try:
+            seq = raw.set_velocity(0.2, 0.2)
+            raw.telemetry_until(echoes(seq))
+        finally:
+            raw.close()
+        with socket.create_connection((host, int(port)), timeout=HANG_GUARD_S) as sock:
+            sock_file = sock.makefile("rw")
+            truth = ask(sock_file, "")["ground_truth"]
+            assert truth["target"] == "red block" and truth["seed"] == 3
+            assert truth["last_command_seq"] == seq
+            assert ask(sock_file, json.dumps({"cmd": "unplug"}))["ok"]
+            assert not os.path.lexists(paths["serial"])
+            assert ask(sock_file, json.dumps({"cmd": "replug"}))["ok"]
+            assert os.path.islink(paths["serial"])
+            assert not ask(sock_file, json.dumps({"cmd": "format_disk"}))["ok"]
+            assert not ask(sock_file, json.dumps({"cmd": "flip_bits", "args": {"probability": 2}}))["ok"]
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=HANG_GUARD_S) == 0, process.stderr.read()
+        assert not os.path.lexists(paths["serial"])  # cleaned up on the way out
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=HANG_GUARD_S)
+        process.stdout.close()
+        process.stderr.close()
