@@ -1,0 +1,126 @@
+"""The cache key of a TensorRT engine: what it was built from, and for which TensorRT and GPU.
+
+A serialized engine only runs on the TensorRT version and the GPU generation (compute capability) that
+built it, and it is only the policy if it was built from the graph the bundle ships, at the precision
+asked for. The key holds those four facts (as jetson-inference keys its engine cache); the builder
+writes it beside the engine (``<engine>.key.json``) and into the manifest, and the runtime and the
+doctor compare it with this device before loading anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from edge.errors import BundleError
+
+PRECISIONS = ("fp32", "fp16", "int8")
+REBUILD_COMMAND = "build-engines --int8 --force"
+KEY_SUFFIX = ".key.json"
+
+_LABELS = {
+    "source_sha256": "source graph sha256",
+    "tensorrt_version": "TensorRT version",
+    "compute_capability": "GPU compute capability",
+    "precision": "precision",
+}
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_COMPUTE_CAPABILITY = re.compile(r"\d+\.\d+")
+
+
+def file_sha256(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk_bytes):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def key_path(engine_path: str | Path) -> Path:
+    """Where the key of an engine file lives: beside it, ``vision.int8.engine.key.json``."""
+    engine_path = Path(engine_path)
+    return engine_path.with_name(engine_path.name + KEY_SUFFIX)
+
+
+@dataclass(frozen=True)
+class EngineKey:
+    source_sha256: str  # sha256 of the ONNX graph the engine was built from
+    tensorrt_version: str  # tensorrt.__version__ of the builder, e.g. "10.3.0"
+    compute_capability: str  # of the GPU that built it, e.g. "8.7" (Jetson Orin)
+    precision: str  # "fp32", "fp16" or "int8"
+
+    def __post_init__(self) -> None:
+        if not _SHA256.fullmatch(self.source_sha256):
+            raise ValueError(f"source_sha256 must be 64 lowercase hex digits, got {self.source_sha256!r}")
+        if not self.tensorrt_version:
+            raise ValueError("tensorrt_version is empty")
+        if not _COMPUTE_CAPABILITY.fullmatch(self.compute_capability):
+            raise ValueError(f"compute_capability must look like '8.7', got {self.compute_capability!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> EngineKey:
+        """Read a key from a manifest or key file; BundleError when a field is missing or malformed."""
+        names = [f.name for f in fields(cls)]
+        if not isinstance(raw, dict):
+            raise BundleError(f"engine key must be an object with {names}, got {type(raw).__name__}")
+        missing = [name for name in names if name not in raw]
+        if missing:
+            raise BundleError(f"engine key lacks {missing}; rebuild the engines: {REBUILD_COMMAND}")
+        try:
+            return cls(**{name: str(raw[name]) for name in names})
+        except ValueError as exc:
+            raise BundleError(f"engine key is malformed ({exc}); rebuild the engines: {REBUILD_COMMAND}") from exc
+
+    def digest(self) -> str:
+        """sha256 of the canonical JSON: the engine cache's identity in one string."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def mismatch(self, other: EngineKey) -> list[str]:
+        """One line per field where this key (an engine's) differs from `other` (the key required); empty
+        when they match."""
+        problems = []
+        for name, label in _LABELS.items():
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if mine != theirs:
+                if name == "source_sha256":  # 12 hex digits tell graphs apart in a message
+                    mine, theirs = mine[:12] + "...", theirs[:12] + "..."
+                problems.append(f"{label}: engine {mine}, required {theirs}")
+        return problems
+
+    def save(self, path: str | Path) -> None:
+        """Write the key as JSON, atomically (a half-written key must never pass a check)."""
+        path = Path(path)
+        payload = json.dumps({**self.to_dict(), "digest": self.digest()}, indent=2, sort_keys=True) + "\n"
+        handle, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(handle, "w", encoding="utf-8") as out:
+                out.write(payload)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path: str | Path) -> EngineKey:
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise BundleError(f"cannot read engine key {path}: {exc}; rebuild: {REBUILD_COMMAND}") from exc
+        key = cls.from_dict(raw)
+        if "digest" in raw and raw["digest"] != key.digest():
+            raise BundleError(f"engine key {path} was edited (digest does not match); rebuild: {REBUILD_COMMAND}")
+        return key
