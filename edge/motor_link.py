@@ -96,25 +96,25 @@ class MotorLinkConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.port, str) or not self.port.strip():
             raise ConfigError(
-                f"motor_link.port must be a serial device path (e.g. /dev/serial/by-id/usb-...) or a "
+                f"motor.port must be a serial device path (e.g. /dev/serial/by-id/usb-...) or a "
                 f"pyserial URL, got {self.port!r}"
             )
         if isinstance(self.baudrate, bool) or not isinstance(self.baudrate, int) or not (
             300 <= self.baudrate <= 12_000_000
         ):
-            raise ConfigError(f"motor_link.baudrate must be an integer in [300, 12000000], got {self.baudrate!r}")
+            raise ConfigError(f"motor.baudrate must be an integer in [300, 12000000], got {self.baudrate!r}")
         _positive_number("write_timeout_ms", self.write_timeout_ms, 1000.0, "ms")
         _positive_number("telemetry_stale_after_s", self.telemetry_stale_after_s, 60.0, "s")
         backoff = self.reconnect_backoff_s
         if not isinstance(backoff, (tuple, list)) or len(backoff) != 2:
             raise ConfigError(
-                f"motor_link.reconnect_backoff_s must be a pair [first_s, longest_s], got {backoff!r}"
+                f"motor.reconnect_backoff_s must be a pair [first_s, longest_s], got {backoff!r}"
             )
         first_s = _positive_number("reconnect_backoff_s[0]", backoff[0], 60.0, "s")
         longest_s = _positive_number("reconnect_backoff_s[1]", backoff[1], 60.0, "s")
         if first_s > longest_s:
             raise ConfigError(
-                f"motor_link.reconnect_backoff_s must be [first_s, longest_s] with first_s <= longest_s, "
+                f"motor.reconnect_backoff_s must be [first_s, longest_s] with first_s <= longest_s, "
                 f"got {list(backoff)}"
             )
         object.__setattr__(self, "reconnect_backoff_s", (first_s, longest_s))  # YAML gives lists
@@ -124,7 +124,7 @@ class MotorLinkConfig:
         if isinstance(self.channels, bool) or not isinstance(self.channels, int) or not (
             1 <= self.channels <= MAX_CHANNELS
         ):
-            raise ConfigError(f"motor_link.channels must be an integer in [1, {MAX_CHANNELS}], got {self.channels!r}")
+            raise ConfigError(f"motor.channels must be an integer in [1, {MAX_CHANNELS}], got {self.channels!r}")
 
     @property
     def is_url(self) -> bool:
@@ -315,7 +315,7 @@ class SerialMotorLink:
         if array.shape != (self.config.channels,):
             raise InputError(
                 f"velocity targets must have shape ({self.config.channels},) "
-                f"(motor_link.channels), got shape {array.shape}"
+                f"(motor.channels), got shape {array.shape}"
             )
         if not np.all(np.isfinite(array)):
             raise InputError(f"velocity targets must be finite, got {array.tolist()}; the safety layer's "
