@@ -76,7 +76,7 @@ _PERMISSION_HINT = (
 
 def _positive_number(key: str, value: Any, upper: float, unit: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= upper:
-        raise ConfigError(f"motor_link.{key} must be a number in (0, {upper:g}] {unit}, got {value!r}")
+        raise ConfigError(f"motor.{key} must be a number in (0, {upper:g}] {unit}, got {value!r}")
     return float(value)
 
 
@@ -120,7 +120,7 @@ class MotorLinkConfig:
         object.__setattr__(self, "reconnect_backoff_s", (first_s, longest_s))  # YAML gives lists
         for key in ("exclusive", "low_latency"):
             if not isinstance(getattr(self, key), bool):
-                raise ConfigError(f"motor_link.{key} must be true or false, got {getattr(self, key)!r}")
+                raise ConfigError(f"motor.{key} must be true or false, got {getattr(self, key)!r}")
         if isinstance(self.channels, bool) or not isinstance(self.channels, int) or not (
             1 <= self.channels <= MAX_CHANNELS
         ):
