@@ -59,6 +59,7 @@ from onnxruntime.quantization.quant_utils import save_and_reload_model_with_shap
 from build_engines.layout import METADATA_QUANTIZATION
 from calibration.ranges import Histogram, TensorRanges
 from edge.errors import BackendError, BundleError, ConfigError, InputError
+from edge.fileio import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -552,15 +553,5 @@ def _write_checked(model: onnx.ModelProto, target: Path) -> None:
     except onnx.checker.ValidationError as exc:
         raise BundleError(f"the graph for {target} fails onnx.checker: {exc}") from exc
     data = model.SerializeToString()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, target)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(target, data)
     logger.info("wrote %s (%.1f MB)", target, len(data) / 1e6)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import tempfile
 import time
 from collections.abc import Mapping
@@ -34,6 +33,7 @@ from edge.backends.base import TensorSpec
 from edge.backends.tensorrt import TENSORRT_HINT, TensorRTBackend, tensorrt_logger
 from edge.engine_key import PRECISIONS, EngineKey, file_sha256, key_path
 from edge.errors import EdgeError
+from edge.fileio import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -184,18 +184,8 @@ def _open_timing_cache(config: Any, path: Path | None) -> Any:
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, then rename: readers see the old or the new file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Readers see the old or the new file, never half of one."""
+    atomic_write_bytes(path, data)
 
 
 def build_engine(

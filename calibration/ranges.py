@@ -14,13 +14,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edge.errors import BundleError, InputError
+from edge.fileio import atomic_write_text
 
 SCHEMA = "vla-edge.tensor-ranges/1"
 METHODS = ("entropy", "percentile", "minmax")
@@ -128,20 +128,8 @@ class TensorRanges:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write as JSON atomically (temporary file + rename), so a crash never leaves half a file."""
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps(self.to_dict(), indent=1, allow_nan=False)
-        fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(text)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp_name, target)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
-        return target
+        return atomic_write_text(path, text)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> TensorRanges:

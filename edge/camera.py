@@ -29,6 +29,7 @@ import cv2
 import numpy as np
 
 from edge.errors import CameraError, ConfigError, InputError
+from edge.ratelimit import RateLimitedWarnings
 
 logger = logging.getLogger(__name__)
 
@@ -153,27 +154,6 @@ class _Outcome(enum.Enum):
     END_OF_FILE = "end_of_file"
 
 
-class _RateLimitedWarning:
-    """Warnings from the capture thread at most once per interval, with a count of those held back."""
-
-    def __init__(self, interval_s: float) -> None:
-        self._interval_s = interval_s
-        self._last_s = -math.inf
-        self._suppressed = 0
-
-    def __call__(self, message: str, *args: object) -> None:
-        now = time.monotonic()
-        if now - self._last_s < self._interval_s:
-            self._suppressed += 1
-            return
-        if self._suppressed:
-            message += " (%d similar warnings in the last %.0f s not shown)"
-            args = (*args, self._suppressed, now - self._last_s)
-        logger.warning(message, *args)
-        self._last_s = now
-        self._suppressed = 0
-
-
 class Camera:
     """Latest-frame camera: ``connect()``, ``read_into()`` / ``read_latest()``, ``disconnect()``."""
 
@@ -195,7 +175,7 @@ class Camera:
         self._read_failures = 0
         self._open_failures = 0
         self._last_error = "no attempt yet"
-        self._warn = _RateLimitedWarning(_WARN_INTERVAL_S)
+        self._warn = RateLimitedWarnings(logger, _WARN_INTERVAL_S)
 
     # lifecycle -----------------------------------------------------------------------------------------
     def connect(self) -> None:

@@ -42,6 +42,7 @@ from typing import Any, Protocol
 
 from edge.errors import ConfigError, EdgeError
 from edge.loop import Mode
+from edge.ratelimit import RateLimitedWarnings
 
 logger = logging.getLogger(__name__)
 
@@ -80,20 +81,6 @@ class ControlHandler(Protocol):
 
 class _RequestError(Exception):
     """A request the server refuses; its message is the reply's error."""
-
-
-class _RateLimitedWarning:
-    def __init__(self, interval_s: float) -> None:
-        self.interval_s = interval_s
-        self._last: dict[str, float] = {}
-
-    def __call__(self, key: str, message: str, *args: object) -> None:
-        now = time.monotonic()
-        if now - self._last.get(key, -math.inf) >= self.interval_s:
-            self._last[key] = now
-            logger.warning(message, *args)
-        else:
-            logger.debug(message, *args)
 
 
 @dataclass
@@ -149,7 +136,7 @@ class ControlSocketServer:
         self._stopping = threading.Event()
         self._bound_inode: tuple[int, int] | None = None
         self._accept_paused_until_s: float | None = None
-        self._warn = _RateLimitedWarning(_WARN_INTERVAL_S)
+        self._warn = RateLimitedWarnings(logger, _WARN_INTERVAL_S)
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -353,7 +340,7 @@ class ControlSocketServer:
         except OSError as exc:
             # e.g. EMFILE: the listener stays readable, so pause accepting instead of spinning on it.
             self._count("internal_errors")
-            self._warn("accept", "control socket: accept failed (%s); pausing new connections for %.1f s",
+            self._warn("control socket: accept failed (%s); pausing new connections for %.1f s",
                        exc, _ACCEPT_PAUSE_S)
             self._selector.unregister(self._listener)
             self._accept_paused_until_s = time.monotonic() + _ACCEPT_PAUSE_S
@@ -362,7 +349,7 @@ class ControlSocketServer:
         client = _Client(sock, last_active_s=time.monotonic())
         if len(self._clients) >= self.max_clients:
             self._count("refused_connections")
-            self._warn("refused", "control socket: refusing a connection, %d clients already connected",
+            self._warn("control socket: refusing a connection, %d clients already connected",
                        len(self._clients))
             client.closing = True
             self._queue(client, _error(f"too many clients ({self.max_clients} connected); try again later"))

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from edge.errors import BundleError
+from edge.fileio import atomic_write_text
 
 PRECISIONS = ("fp32", "fp16", "int8")
 REBUILD_COMMAND = "build-engines --int8 --force"
@@ -102,16 +101,7 @@ class EngineKey:
         """Write the key as JSON, atomically (a half-written key must never pass a check)."""
         path = Path(path)
         payload = json.dumps({**self.to_dict(), "digest": self.digest()}, indent=2, sort_keys=True) + "\n"
-        handle, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(handle, "w", encoding="utf-8") as out:
-                out.write(payload)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        atomic_write_text(path, payload)
 
     @classmethod
     def load(cls, path: str | Path) -> EngineKey:

@@ -48,6 +48,7 @@ from edge.protocol import (
     encode,
     seq_delta,
 )
+from edge.ratelimit import RateLimitedWarnings
 
 logger = logging.getLogger(__name__)
 
@@ -169,29 +170,6 @@ class LinkStats:
         return self.crc_errors + self.framing_errors + self.version_errors
 
 
-class _RateLimitedLog:
-    """Warnings from a loop at most once per interval, with a count of those held back."""
-
-    def __init__(self, interval_s: float) -> None:
-        self._interval_s = interval_s
-        self._last_s = -math.inf
-        self._suppressed = 0
-        self._lock = threading.Lock()  # the reader thread and the caller's thread both warn
-
-    def __call__(self, message: str, *args: object) -> None:
-        now = time.monotonic()
-        with self._lock:
-            if now - self._last_s < self._interval_s:
-                self._suppressed += 1
-                return
-            if self._suppressed:
-                message += " (%d similar warnings in the last %.0f s not shown)"
-                args = (*args, self._suppressed, now - self._last_s)
-            self._last_s = now
-            self._suppressed = 0
-        logger.warning(message, *args)
-
-
 # --- the link ----------------------------------------------------------------------------------------
 
 
@@ -227,8 +205,8 @@ class SerialMotorLink:
         self._counts = {name: 0 for name in LinkStats.__dataclass_fields__}
         self._decoder_base = DecoderStats()  # totals of the decoders of earlier connections
         self._decoder: FrameDecoder | None = None
-        self._warn = _RateLimitedLog(_WARN_INTERVAL_S)
-        self._warn_frames = _RateLimitedLog(_WARN_INTERVAL_S)
+        self._warn = RateLimitedWarnings(logger, _WARN_INTERVAL_S)
+        self._warn_frames = RateLimitedWarnings(logger, _WARN_INTERVAL_S)
 
     # lifecycle -----------------------------------------------------------------------------------------
     def connect(self) -> None:

@@ -21,6 +21,7 @@ from build_engines.tensorrt_builder import (
     tensorrt_status,
     verify_engine,
 )
+from edge import fileio
 from edge.backends.base import TensorSpec
 from edge.engine_key import EngineKey, file_sha256, key_path
 from edge.errors import BundleError
@@ -206,7 +207,7 @@ def test_timing_cache_is_written_atomically(tmp_path, monkeypatch):
         replaced.append((Path(src), Path(dst), Path(src).read_bytes()))
         real_replace(src, dst)
 
-    monkeypatch.setattr(tensorrt_builder.os, "replace", spy)
+    monkeypatch.setattr(fileio.os, "replace", spy)  # the builder writes through edge.fileio
     trt, _ = fake_gpu()
     build(tmp_path, trt, "fp32", cache=cache)
     assert len(replaced) == 1
