@@ -10,6 +10,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from edge.backends.onnxruntime import session_options
 from tests.fakes.fake_cuda import FakeCudaRuntime
 from tests.fakes.fake_tensorrt import make_fake_tensorrt
 
@@ -125,8 +126,6 @@ def fp16_model(path: Path, in_dim: int = 4, out_dim: int = 3, seed: int = 3) -> 
 
 def ort_run(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The reference: the same graph on onnxruntime's CPU provider."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(path), session_options(ort, threads=1), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, feeds), strict=True))

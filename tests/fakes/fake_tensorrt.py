@@ -35,6 +35,8 @@ from typing import Any
 import numpy as np
 import onnx
 
+from edge.backends.onnxruntime import session_options
+
 _PLAN_MAGIC = b"FAKE-TRT-PLAN\x00"
 _CACHE_MAGIC = b"FAKE-TRT-TIMING-CACHE\x00"
 
@@ -684,8 +686,7 @@ class IExecutionContext:
 
         self.engine = engine
         self._state = engine._state
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1  # the test machines have two cores
+        options = session_options(ort, threads=1)  # exact INT8 path on CPUs without VNNI, as the runtime
         self._session = ort.InferenceSession(engine._model_bytes, options, providers=["CPUExecutionProvider"])
         self._shapes: dict[str, Dims] = {}
         self._addresses: dict[str, int] = {}

@@ -1,0 +1,149 @@
+"""Step 1 of the build: the policy's three modules become FP32 ONNX graphs (export contract).
+
+- vision:   image uint8 [N, 224, 224, 3] (BGR)          -> vision_features float32 [N, 196, 112]
+- language: input_ids, attention_mask int64 [N, 32]     -> language_features float32 [N, 384]
+- head:     vision_features [1, 196, 112], language_features [1, 384], proprio [1, 2],
+            dropout_mask_0 .. dropout_mask_{L-1} [T, width]  -> actions [T, 2]
+
+Each graph is checked against PyTorch on reference inputs before it is accepted.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edge.backends.base import TensorSpec
+from reference_policy.encoders import IMAGE_SIZE_PX, LANGUAGE_DIM, MAX_TOKENS
+from reference_policy.model import PolicyHead
+
+logger = logging.getLogger(__name__)
+
+OPSET = 17
+
+
+class ExportError(RuntimeError):
+    """An exported graph does not reproduce the PyTorch module."""
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def to_dict(self) -> dict:
+        return {"inputs": [s.to_dict() for s in self.inputs], "outputs": [s.to_dict() for s in self.outputs]}
+
+
+def graph_specs(head: PolicyHead) -> dict[str, GraphSpec]:
+    cfg = head.cfg
+    return {
+        "vision": GraphSpec(
+            "vision",
+            (TensorSpec("image", "uint8", (-1, IMAGE_SIZE_PX, IMAGE_SIZE_PX, 3)),),
+            (TensorSpec("vision_features", "float32", (-1, cfg.vision_tokens, cfg.vision_channels)),),
+        ),
+        "language": GraphSpec(
+            "language",
+            (TensorSpec("input_ids", "int64", (-1, MAX_TOKENS)), TensorSpec("attention_mask", "int64", (-1, MAX_TOKENS))),
+            (TensorSpec("language_features", "float32", (-1, LANGUAGE_DIM)),),
+        ),
+        "head": GraphSpec(
+            "head",
+            (
+                TensorSpec("vision_features", "float32", (1, cfg.vision_tokens, cfg.vision_channels)),
+                TensorSpec("language_features", "float32", (1, cfg.language_dim)),
+                TensorSpec("proprio", "float32", (1, cfg.proprio_dim)),
+                *(TensorSpec(f"dropout_mask_{i}", "float32", (-1, cfg.width)) for i in range(cfg.dropout_layers)),
+            ),
+            (TensorSpec("actions", "float32", (-1, cfg.action_dim)),),
+        ),
+    }
+
+
+def _export(module: torch.nn.Module, args: tuple, spec: GraphSpec, path: Path) -> None:
+    dynamic = {
+        s.name: {0: "T" if spec.name == "head" else "batch"}
+        for s in (*spec.inputs, *spec.outputs)
+        if s.dynamic
+    }
+    started = time.monotonic()
+    logger.info("export %s -> %s", spec.name, path.name)
+    torch.onnx.export(
+        module,
+        args,
+        str(path),
+        input_names=[s.name for s in spec.inputs],
+        output_names=[s.name for s in spec.outputs],
+        dynamic_axes=dynamic,
+        opset_version=OPSET,
+        dynamo=False,  # the TorchScript exporter gives plain, TensorRT-friendly graphs for these modules
+        do_constant_folding=True,
+    )
+    _declare_shapes(path, spec)
+    logger.info("export %s done in %.1f s", spec.name, time.monotonic() - started)
+
+
+def _declare_shapes(path: Path, spec: GraphSpec) -> None:
+    """Write the contract's shapes into the graph's inputs and outputs: the exporter leaves symbolic
+    dims on outputs (e.g. the token count after a Transpose), and a consumer that reads IO metadata
+    (TensorRT's engine IO, the runtime's checks) must see only the batch/T dimension as dynamic."""
+    import onnx
+
+    model = onnx.load(str(path))
+    declared = {s.name: s for s in (*spec.inputs, *spec.outputs)}
+    for value in (*model.graph.input, *model.graph.output):
+        tensor = declared.get(value.name)
+        if tensor is None:
+            continue
+        dims = value.type.tensor_type.shape.dim
+        for dim, size in zip(dims, tensor.shape):
+            if size == -1:
+                dim.dim_param = "T" if spec.name == "head" else "batch"
+            else:
+                dim.dim_value = size
+    onnx.save(model, str(path))
+
+
+def _compare(name: str, expected: np.ndarray, actual: np.ndarray, atol: float) -> float:
+    if expected.shape != actual.shape:
+        raise ExportError(f"{name}: ONNX output shape {actual.shape} differs from PyTorch {expected.shape}")
+    error = float(np.max(np.abs(expected - actual)))
+    if not np.isfinite(error) or error > atol:
+        raise ExportError(f"{name}: ONNX output differs from PyTorch by {error:.2e} (tolerance {atol:.0e})")
+    return error
+
+
+def export_policy(vision, language, head: PolicyHead, reference_inputs: dict[str, dict[str, np.ndarray]],
+                  out_dir: Path) -> dict[str, dict]:
+    """Export the three graphs into out_dir and check each against PyTorch on `reference_inputs`
+    (per graph: input name -> array, with every dynamic dimension > 1 somewhere so that dynamic axes are
+    exercised). Returns per graph: path, spec, max abs error."""
+    import onnx
+    import onnxruntime as ort
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    specs = graph_specs(head)
+    modules = {"vision": vision.eval(), "language": language.eval(), "head": head.eval()}
+    tolerances = {"vision": 1e-3, "language": 1e-4, "head": 1e-4}
+    results = {}
+    for name, spec in specs.items():
+        feeds = reference_inputs[name]
+        args = tuple(torch.from_numpy(feeds[s.name]) for s in spec.inputs)
+        path = out_dir / f"{name}_fp32.onnx"
+        with torch.inference_mode():
+            _export(modules[name], args, spec, path)
+            expected = modules[name](*args).numpy()
+        onnx.checker.check_model(str(path))
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        actual = session.run(None, feeds)[0]
+        error = _compare(name, expected, actual, tolerances[name])
+        logger.info("%s graph matches PyTorch: max abs error %.2e", name, error)
+        results[name] = {"path": path, "spec": spec, "max_abs_error": error}
+    return results

