@@ -1,0 +1,68 @@
+"""`vla-edge`: the on-device command line. One main(); subcommands grow with the runtime."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from edge import __version__
+from edge.errors import EdgeError
+
+logger = logging.getLogger(__name__)
+
+
+def _tokenize(args: argparse.Namespace) -> int:
+    from edge.tokenizer import InstructionTokenizer
+
+    tokenizer = InstructionTokenizer(args.tokenizer, max_tokens=args.max_tokens)
+    ids, mask = tokenizer.encode(args.instruction)
+    count = int(mask.sum())
+    print(f"{count} tokens (limit {tokenizer.max_tokens}): {ids[0, :count].tolist()}")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from edge.service import run_service
+
+    # run_service loads the config itself so that a config error exits 78 (EX_CONFIG), which the
+    # systemd unit does not restart on.
+    return run_service(args.config)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vla-edge", description="VLA policy runtime for Jetson robots")
+    parser.add_argument("--version", action="version", version=f"vla-edge {__version__}")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    commands = parser.add_subparsers(dest="command", required=True)
+    from edge.control_socket import add_control_commands
+
+    add_control_commands(commands)
+    run = commands.add_parser("run", help="run the robot service (camera + policy + motor link at 10 Hz)")
+    run.add_argument("--config", required=True, help="robot configuration file (YAML)")
+    run.set_defaults(handler=_run)
+    tokenize = commands.add_parser("tokenize", help="check that an instruction fits the policy's tokenizer")
+    tokenize.add_argument("instruction")
+    tokenize.add_argument("--tokenizer", required=True, help="tokenizer.json (shipped in the policy bundle)")
+    tokenize.add_argument("--max-tokens", type=int, default=32)
+    tokenize.set_defaults(handler=_tokenize)
+    from edge.doctor import add_doctor_command
+
+    add_doctor_command(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # stdout, not stderr: under systemd both go to journald, and operators tail stdout.
+    logging.basicConfig(stream=sys.stdout, level=args.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.handler(args)
+    except EdgeError as exc:
+        logger.error("%s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
