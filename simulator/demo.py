@@ -1,0 +1,264 @@
+"""`make demo`: the whole system closed-loop on a CPU, through the same interfaces as on the robot.
+
+    policy bundle -> simulated motor controller (a pty + an MJPEG camera, separate process)
+                  -> `vla-edge run` (the real service, separate process) -> several episodes
+
+Episodes use training instructions, a held-out paraphrase and OOD scenes. Instructions go to the
+service over its control socket (`vla-edge say`); the simulator's ground truth (pose, success, motors
+stopped) is read for the report only. Writes per-episode results, fallback activity and tick latency
+percentiles (demo.json + a table), a picture of each trajectory over its scene and a tick-latency
+histogram (PNG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edge.control_socket import send_request
+from reference_world.episodes import EpisodeResult, draw_trajectories
+from reference_world.instructions import heldout_instruction
+from reference_world.world import WorldConfig
+
+logger = logging.getLogger(__name__)
+
+DEMO_SEED_BASE = 6_000_000  # away from training, evaluation, calibration and gate seeds
+EPISODE_TIMEOUT_S = 15.0  # the world's time limit: 150 ticks at 10 Hz
+EPISODES = (
+    {"label": "training instruction", "target": "red block"},
+    {"label": "training instruction", "target": "green triangle"},
+    {"label": "training instruction", "target": "yellow star"},
+    {"label": "held-out paraphrase", "target": "blue ball", "paraphrase": True},
+    {"label": "held-out paraphrase", "target": "red block", "paraphrase": True},
+    {"label": "OOD: novel colour", "target": "green triangle", "variant": "novel_colour"},
+    {"label": "OOD: named object absent", "target": "blue ball", "variant": "absent_object"},
+)
+
+
+class GroundTruthClient:
+    def __init__(self, port: int):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5.0)
+        self.reader = self.sock.makefile("r", encoding="utf-8")
+
+    def request(self, payload: dict | str = "ground_truth") -> dict:
+        line = payload if isinstance(payload, str) else json.dumps(payload)
+        self.sock.sendall(line.encode() + b"\n")
+        reply = json.loads(self.reader.readline())
+        if not reply.get("ok"):
+            raise RuntimeError(f"simulator refused {line}: {reply.get('error')}")
+        return reply
+
+    def truth(self) -> dict:
+        return self.request()["ground_truth"]
+
+    def close(self) -> None:
+        self.reader.close()
+        self.sock.close()
+
+
+def _wait_for(predicate, timeout_s: float, what: str, poll_s: float = 0.05):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll_s)
+    raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+def _status(socket_path: Path) -> dict | None:
+    try:
+        reply = send_request(socket_path, {"cmd": "status"}, timeout_s=1.0)
+    except Exception:  # noqa: BLE001 - the service may be starting or gone; the caller retries or reports
+        return None
+    return reply if reply.get("ok") else None
+
+
+def _bundle_is_current(bundle: Path) -> bool:
+    """The bundle exists and was built from the policy checkpoint that is here now."""
+    from edge.bundle import file_sha256
+    from reference_policy.model import DEFAULT_CHECKPOINT_DIR
+
+    try:
+        built_from = json.loads((bundle / "manifest.json").read_text())["policy"]["checkpoint_sha256"]
+    except (OSError, ValueError, KeyError):
+        return False
+    current = {p.name: file_sha256(p) for p in sorted(DEFAULT_CHECKPOINT_DIR.iterdir()) if p.is_file()}
+    return built_from == current
+
+
+def ensure_bundle(bundle: Path, gate_seeds: int) -> None:
+    if _bundle_is_current(bundle):
+        print(f"using the policy bundle in {bundle}")
+        return
+    print(f"building the policy bundle into {bundle} (first run, or the policy changed) ...", flush=True)
+    from build_engines.cli import main as build_main
+
+    code = build_main(["--int8", "--out", str(bundle), "--gate-seeds", str(gate_seeds), "--log-level", "WARNING",
+                       "--force"])
+    if code != 0:
+        raise SystemExit(f"bundle build failed with exit code {code}")
+
+
+def write_config(path: Path, bundle: Path, serial: str, camera_url: str, socket_path: Path) -> None:
+    import yaml
+
+    config = {
+        "bundle": str(bundle.resolve()),
+        "camera": {"source": camera_url, "open_timeout_s": 10.0},
+        "motor": {"port": serial},
+        "policy": {"target": "cpu", "backend": "onnxruntime", "mc_samples": 16},
+        "loop": {"rate_hz": 10.0, "summary_every_s": 30.0},
+        "instruction": {"socket": str(socket_path.resolve())},
+    }
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def run_episode(spec: dict, seed: int, sim: GroundTruthClient, socket_path: Path, rng) -> tuple[dict, EpisodeResult,
+                                                                                               list[float]]:
+    send_request(socket_path, {"cmd": "stop"})
+    _wait_for(lambda: sim.truth()["motors_stopped"], 5.0, "the robot to stop before the episode")
+    sim.request({"cmd": "reset_episode", "args": {"seed": seed, "target": spec["target"],
+                                                  "variant": spec.get("variant")}})
+    truth = sim.truth()
+    instruction = heldout_instruction(spec["target"], rng) if spec.get("paraphrase") else truth["instruction"]
+    before = _status(socket_path)["counters"]
+    reply = send_request(socket_path, {"cmd": "say", "text": instruction})
+    if not reply.get("ok"):
+        raise RuntimeError(f"service refused the instruction: {reply}")
+    started = time.monotonic()
+    poses, ticks, modes = [truth["pose"]], {}, []
+    while time.monotonic() - started < EPISODE_TIMEOUT_S:
+        truth = sim.truth()
+        poses.append(truth["pose"])
+        status = _status(socket_path)
+        if status and status.get("tick"):
+            ticks[status["tick"]["index"]] = status["tick"]["tick_ms"]
+            modes.append(status["mode"])
+        if truth["success"]:
+            break
+        time.sleep(0.05)
+    after = _status(socket_path)["counters"]
+    elapsed = time.monotonic() - started
+    ran = max(1, after["ticks"] - before["ticks"])
+    row = {
+        "episode": spec["label"], "seed": seed, "target": spec["target"], "variant": spec.get("variant"),
+        "instruction": instruction, "success": bool(truth["success"]), "seconds": round(elapsed, 2),
+        "final_distance_m": round(truth["distance_to_target_m"], 3),
+        "ticks": ran, "fallback_share": (after["fallback"] - before["fallback"]) / ran,
+        "hold_share": (after["hold"] - before["hold"]) / ran,
+    }
+    result = EpisodeResult(seed=seed, instruction=instruction, target=spec["target"], variant=spec.get("variant"),
+                           success=row["success"], steps=ran, final_distance_m=truth["distance_to_target_m"],
+                           trajectory=np.asarray(poses, dtype=np.float64))
+    return row, result, [v for v in ticks.values() if np.isfinite(v)]
+
+
+def latency_histogram(tick_ms: list[float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    ax.hist(tick_ms, bins=40, color="#3b7dd8")
+    p50, p99 = np.percentile(tick_ms, [50, 99])
+    for value, label in ((p50, "p50"), (p99, "p99")):
+        ax.axvline(value, color="k", linestyle="--", linewidth=1)
+        ax.text(value, ax.get_ylim()[1] * 0.9, f" {label} {value:.1f} ms", fontsize=8)
+    ax.set_xlabel("tick: frame ready -> command bytes handed to the serial link (ms)")
+    ax.set_ylabel("ticks")
+    ax.set_title(f"vla-edge tick latency, {len(tick_ms)} ticks at 10 Hz (CPU, INT8)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bundle", type=Path, default=Path("artifacts/bundle"))
+    parser.add_argument("--out", type=Path, default=Path("artifacts/demo"))
+    parser.add_argument("--gate-seeds", type=int, default=50, help="closed-loop gate episodes if a build is needed")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args.out.mkdir(parents=True, exist_ok=True)
+    ensure_bundle(args.bundle, args.gate_seeds)
+
+    python = sys.executable
+    sim = subprocess.Popen([python, "-m", "simulator", "--seed", str(DEMO_SEED_BASE), "--print-paths",
+                            "--ground-truth-port", "0", "--log-level", "WARNING"],
+                           stdout=subprocess.PIPE, text=True)
+    service = None
+    service_log = open(args.out / "service.log", "w")  # noqa: SIM115 - closed in finally
+    try:
+        paths = json.loads(sim.stdout.readline())
+        socket_path = args.out / "control.sock"
+        config_path = args.out / "robot.yaml"
+        write_config(config_path, args.bundle, paths["serial"], paths["camera_url"], socket_path)
+        started = time.monotonic()
+        service = subprocess.Popen([python, "-m", "edge.cli", "run", "--config", str(config_path)],
+                                   stdout=service_log, stderr=subprocess.STDOUT, env={**os.environ})
+        _wait_for(lambda: service.poll() is not None or _status(socket_path), 60.0, "the service to start")
+        if service.poll() is not None:
+            raise SystemExit(f"the service exited with code {service.returncode}; see {args.out / 'service.log'}")
+        print(f"service up {time.monotonic() - started:.1f} s after launch; camera {paths['camera_url']}, "
+              f"serial {paths['serial']}")
+        sim_client = GroundTruthClient(paths["ground_truth"])
+        rng = np.random.default_rng(DEMO_SEED_BASE)
+        rows, all_ticks = [], []
+        world_config = WorldConfig()
+        print("\n| # | episode | instruction | success | s | final distance (m) | fallback ticks |")
+        print("|---|---|---|---|---|---|---|")
+        for i, spec in enumerate(EPISODES):
+            row, result, ticks = run_episode(spec, DEMO_SEED_BASE + i, sim_client, socket_path, rng)
+            picture = args.out / f"episode_{i}.png"
+            draw_trajectories(world_config, [result], picture)
+            row["picture"] = str(picture)
+            rows.append(row)
+            all_ticks.extend(ticks)
+            print(f"| {i} | {row['episode']} | {row['instruction']} | {'yes' if row['success'] else 'no'} | "
+                  f"{row['seconds']} | {row['final_distance_m']} | {row['fallback_share']:.0%} |", flush=True)
+        send_request(socket_path, {"cmd": "stop"})
+        status = _status(socket_path)
+        p50, p90, p99 = np.percentile(all_ticks, [50, 90, 99]) if all_ticks else (np.nan,) * 3
+        latency_histogram(all_ticks, args.out / "tick_latency.png")
+        in_task = [r for r in rows if not r["episode"].startswith("OOD")]
+        summary = {
+            "episodes": rows,
+            "success_in_distribution": f"{sum(r['success'] for r in in_task)}/{len(in_task)}",
+            "tick_ms": {"p50": p50, "p90": p90, "p99": p99, "samples": len(all_ticks)},
+            "service_status": status,
+        }
+        (args.out / "demo.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        print(f"\nsuccess {summary['success_in_distribution']} on in-distribution episodes; "
+              f"tick latency p50 {p50:.1f} ms, p90 {p90:.1f} ms, p99 {p99:.1f} ms ({len(all_ticks)} ticks)")
+        print(f"pictures, demo.json and service.log in {args.out}")
+        sim_client.close()
+    finally:
+        if service is not None and service.poll() is None:
+            service.send_signal(signal.SIGTERM)
+            try:
+                service.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                service.kill()
+        sim.send_signal(signal.SIGTERM)
+        try:
+            sim.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            sim.kill()
+        service_log.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
