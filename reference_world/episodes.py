@@ -157,7 +157,7 @@ def draw_trajectories(
             cv2.circle(canvas, end, 6 << _SHIFT_BITS, colour, 2, cv2.LINE_AA, _SHIFT_BITS)
         else:
             cv2.drawMarker(
-                canvas, (end[0] >> _SHIFT_BITS, end[1] >> _SHIFT_BITS), colour, cv2.MARKER_TILT_CROSS, 14, 2
+                canvas, (end[0] >> _SHIFT_BITS, end[1] >> _SHIFT_BITS), colour, cv2.MARKER_TILTED_CROSS, 14, 2
             )
     cv2.putText(
         canvas,

@@ -46,8 +46,9 @@ EPISODES = (
 
 
 class GroundTruthClient:
-    def __init__(self, port: int):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5.0)
+    def __init__(self, address: str):
+        host, port = address.rsplit(":", 1)  # "127.0.0.1:PORT", as `python -m simulator` prints it
+        self.sock = socket.create_connection((host, int(port)), timeout=5.0)
         self.reader = self.sock.makefile("r", encoding="utf-8")
 
     def request(self, payload: dict | str = "ground_truth") -> dict:

@@ -495,3 +495,18 @@ def test_draw_trajectories_writes_a_png(tmp_path):
         u, v = pixel(CFG, world.objects[name])
         pixel_bgr = image[2 * v, 2 * u]
         assert hue_distance(hue_of(pixel_bgr), hue_of(OBJECT_CATALOGUE[name].colour_bgr)) < 12, name
+
+
+def test_draw_trajectories_marks_a_failed_episode(tmp_path):
+    # A failure ends in a tilted cross instead of a dot; the absent-object scene can never succeed.
+    world = TabletopWorld(WorldConfig(time_limit_steps=10))
+    result = run_episode(world, expert_policy(world), 3, variant="absent_object")
+    assert not result.success
+    path = tmp_path / "failed.png"
+    draw_trajectories(world, [result], path)
+    image = cv2.imread(str(path))
+    u, v = pixel(CFG, result.trajectory[-1, :2])
+    world.reset(seed=3, variant="absent_object")
+    background = cv2.resize(world.scene_background(), (640, 480))
+    around_end = np.abs(image.astype(int) - background.astype(int))[2 * v - 8 : 2 * v + 9, 2 * u - 8 : 2 * u + 9]
+    assert (around_end.max(axis=2) > 40).sum() > 20
