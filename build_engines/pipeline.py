@@ -478,6 +478,9 @@ def _judge(accuracy: dict, loop: dict, tol: Tolerances, int8: bool) -> dict:
                             f"{tol.max_head_action_error}")
     base = loop["cpu-fp32"]["success_rate"]
     for target, row in loop.items():
+        if not np.isfinite(row["threshold"]):
+            failures.append(f"target {target}: no successful gate episode to calibrate the uncertainty "
+                            "threshold from; the policy or the target is broken")
         drop = base - row["success_rate"]
         row["drop_vs_fp32"] = drop
         if drop > tol.max_success_drop:

@@ -119,11 +119,11 @@ class EmbeddingCache:
 
     def encode_now(self, text: str) -> np.ndarray:
         """Blocking encode (start-up, tools and tests; never from the tick)."""
-        vector = self.request(text)
-        if vector is not None:
-            return vector
         with self._lock:
-            self._pending.discard(text)
+            vector = self._cache.get(text)
+            if vector is not None:
+                self._cache.move_to_end(text)
+                return vector
             self._errors.pop(text, None)
         vector = self._encode(text)
         self._store(text, vector)

@@ -118,7 +118,9 @@ def write_config(path: Path, bundle: Path, serial: str, camera_url: str, socket_
         "bundle": str(bundle.resolve()),
         "camera": {"source": camera_url, "open_timeout_s": 10.0},
         "motor": {"port": serial},
-        "policy": {"target": "cpu", "backend": "onnxruntime", "mc_samples": 16},
+        # One ONNX Runtime thread: the simulator shares the 2 cores of a small machine, and two spinning
+        # intra-op threads on a busy core stall each other (measured: 1.9-2.1x slower ticks under load).
+        "policy": {"target": "cpu", "backend": "onnxruntime", "mc_samples": 16, "threads": 1},
         "loop": {"rate_hz": 10.0, "summary_every_s": 30.0},
         "instruction": {"socket": str(socket_path.resolve())},
     }
