@@ -223,13 +223,24 @@ class ControlLoop:
                                    fallback=fallback)
         if mode == Mode.NOMINAL and result.fallback:
             mode = Mode.FALLBACK  # stale telemetry or a NaN action: the safety layer stopped the robot
-        sent = self.link.send_velocity(result.command)
+        command = result.command
+        stalled_s = self.clock() - now
+        if stalled_s > WATCHDOG_TIMEOUT_S:
+            # The process stalled inside this tick (e.g. stopped or starved after computing the command):
+            # the command was computed from inputs that are now stale and the controller's watchdog has
+            # stopped the motors, so send a stop rather than restart them with it.
+            self._warn("tick stalled for %.2f s before sending: sending a stop instead of its stale command",
+                       stalled_s)
+            self.safety.reset()
+            command = self._zeros
+            mode = Mode.FALLBACK
+        sent = self.link.send_velocity(command)
         done = self.clock()
         row["tick_ms"] = (done - ready) * 1e3
         row["score"] = score
         row["mode"] = mode
         row["reasons"] = int(result.reasons)
-        row["command"] = result.command
+        row["command"] = command
         row["delivered"] = bool(getattr(sent, "delivered", True))
         if not row["delivered"]:
             self.counters["undelivered"] += 1
