@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH_VERSION := 2.13.0
 ARTIFACTS ?= artifacts
 
-.PHONY: venv demo bundle test lint evaluate train bench clean
+.PHONY: venv demo bundle test lint evaluate train bench compare clean
 
 venv: $(STAMP)
 
@@ -37,6 +37,10 @@ lint: $(STAMP)
 evaluate: $(STAMP)
 	$(BIN)/python -m reference_policy.evaluate --seeds 50 --paraphrase-seeds 50 --ood-seeds 20 \
 		--json $(ARTIFACTS)/evaluation.json
+
+compare: $(STAMP)
+	$(BIN)/python -m simulator.compare --bundle $(ARTIFACTS)/bundle --targets cpu cpu-fp32 --episodes 50 \
+		--out $(ARTIFACTS)/compare
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.latency --bundle $(ARTIFACTS)/bundle --quick --out $(ARTIFACTS)/bench

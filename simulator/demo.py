@@ -111,7 +111,8 @@ def ensure_bundle(bundle: Path, gate_seeds: int) -> None:
         raise SystemExit(f"bundle build failed with exit code {code}")
 
 
-def write_config(path: Path, bundle: Path, serial: str, camera_url: str, socket_path: Path) -> None:
+def write_config(path: Path, bundle: Path, serial: str, camera_url: str, socket_path: Path,
+                 target: str = "cpu") -> None:
     import yaml
 
     config = {
@@ -120,7 +121,7 @@ def write_config(path: Path, bundle: Path, serial: str, camera_url: str, socket_
         "motor": {"port": serial},
         # One ONNX Runtime thread: the simulator shares the 2 cores of a small machine, and two spinning
         # intra-op threads on a busy core stall each other (measured: 1.9-2.1x slower ticks under load).
-        "policy": {"target": "cpu", "backend": "onnxruntime", "mc_samples": 16, "threads": 1},
+        "policy": {"target": target, "backend": "onnxruntime", "mc_samples": 16, "threads": 1},
         "loop": {"rate_hz": 10.0, "summary_every_s": 30.0},
         "instruction": {"socket": str(socket_path.resolve())},
     }
@@ -140,7 +141,7 @@ def run_episode(spec: dict, seed: int, sim: GroundTruthClient, socket_path: Path
     if not reply.get("ok"):
         raise RuntimeError(f"service refused the instruction: {reply}")
     started = time.monotonic()
-    poses, ticks, modes = [truth["pose"]], {}, []
+    poses, ticks, modes, round_trips = [truth["pose"]], {}, [], []
     while time.monotonic() - started < EPISODE_TIMEOUT_S:
         truth = sim.truth()
         poses.append(truth["pose"])
@@ -148,6 +149,8 @@ def run_episode(spec: dict, seed: int, sim: GroundTruthClient, socket_path: Path
         if status and status.get("tick"):
             ticks[status["tick"]["index"]] = status["tick"]["tick_ms"]
             modes.append(status["mode"])
+            if status["link"].get("round_trip_ms") is not None:
+                round_trips.append(status["link"]["round_trip_ms"])
         if truth["success"]:
             break
         time.sleep(0.05)
@@ -160,6 +163,7 @@ def run_episode(spec: dict, seed: int, sim: GroundTruthClient, socket_path: Path
         "final_distance_m": round(truth["distance_to_target_m"], 3),
         "ticks": ran, "fallback_share": (after["fallback"] - before["fallback"]) / ran,
         "hold_share": (after["hold"] - before["hold"]) / ran,
+        "round_trip_ms_median": float(np.median(round_trips)) if round_trips else None,
     }
     result = EpisodeResult(seed=seed, instruction=instruction, target=spec["target"], variant=spec.get("variant"),
                            success=row["success"], steps=ran, final_distance_m=truth["distance_to_target_m"],
