@@ -11,53 +11,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from simulator.demo import GroundTruthClient, _status, _wait_for, ensure_bundle, run_episode, write_config
+from simulator.demo import closed_loop_rig, ensure_bundle, run_episode
 
 COMPARE_SEED_BASE = 9_000_000  # held out from training, evaluation, calibration, gate and demo seeds
 TARGETS = ("red block", "blue ball", "green triangle", "yellow star")
 
 
 def run_target(target: str, bundle: Path, episodes: int, out: Path) -> dict:
-    python = sys.executable
-    sim = subprocess.Popen([python, "-m", "simulator", "--seed", str(COMPARE_SEED_BASE), "--print-paths",
-                            "--ground-truth-port", "0", "--log-level", "WARNING"], stdout=subprocess.PIPE, text=True)
-    service = None
-    log = open(out / f"service-{target}.log", "w")  # noqa: SIM115 - closed in finally
-    try:
-        paths = json.loads(sim.stdout.readline())
-        socket_path = out / f"control-{target}.sock"
-        config = out / f"robot-{target}.yaml"
-        write_config(config, bundle, paths["serial"], paths["camera_url"], socket_path, target=target)
-        service = subprocess.Popen([python, "-m", "edge.cli", "run", "--config", str(config)],
-                                   stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
-        _wait_for(lambda: service.poll() is not None or _status(socket_path), 60.0, "the service to start")
-        sim_client = GroundTruthClient(paths["ground_truth"])
+    with closed_loop_rig(bundle, out, f"-{target}", COMPARE_SEED_BASE, target=target) as rig:
         rng = np.random.default_rng(COMPARE_SEED_BASE)
         rows, ticks = [], []
         for i in range(episodes):
             spec = {"label": "training instruction", "target": TARGETS[i % len(TARGETS)]}
-            row, _, episode_ticks = run_episode(spec, COMPARE_SEED_BASE + i, sim_client, socket_path, rng)
+            row, _, episode_ticks = run_episode(spec, COMPARE_SEED_BASE + i, rig.sim, rig.socket_path, rng)
             rows.append(row)
             ticks.extend(episode_ticks)
-        sim_client.close()
-    finally:
-        for proc in (service, sim):
-            if proc is not None and proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-        log.close()
     round_trips = [r["round_trip_ms_median"] for r in rows if r["round_trip_ms_median"] is not None]
     return {
         "target": target, "episodes": len(rows), "successes": sum(r["success"] for r in rows),

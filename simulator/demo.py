@@ -13,6 +13,7 @@ histogram (PNG).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -21,6 +22,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -191,6 +194,57 @@ def latency_histogram(tick_ms: list[float], path: Path) -> None:
     plt.close(fig)
 
 
+@dataclass
+class Rig:
+    """A running simulator process and `vla-edge run` process, wired as on a robot."""
+
+    paths: dict  # what `python -m simulator --print-paths` printed: serial, camera_url, ground_truth
+    socket_path: Path
+    sim: GroundTruthClient
+    startup_s: float  # service launch -> its control socket answers
+
+
+def _terminate(proc: subprocess.Popen | None) -> None:
+    if proc is not None and proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@contextlib.contextmanager
+def closed_loop_rig(bundle: Path, out: Path, name: str, seed: int, target: str = "cpu") -> Iterator[Rig]:
+    """Start the simulator, write a config for it, start the real service; stop both (SIGTERM) on exit."""
+    python = sys.executable
+    sim = subprocess.Popen([python, "-m", "simulator", "--seed", str(seed), "--print-paths",
+                            "--ground-truth-port", "0", "--log-level", "WARNING"],
+                           stdout=subprocess.PIPE, text=True)
+    service = None
+    client = None
+    log_path = out / f"service{name}.log"
+    log = open(log_path, "w")  # noqa: SIM115 - closed in finally
+    try:
+        paths = json.loads(sim.stdout.readline())
+        socket_path = out / f"control{name}.sock"
+        config_path = out / f"robot{name}.yaml"
+        write_config(config_path, bundle, paths["serial"], paths["camera_url"], socket_path, target=target)
+        started = time.monotonic()
+        service = subprocess.Popen([python, "-m", "edge.cli", "run", "--config", str(config_path)],
+                                   stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
+        _wait_for(lambda: service.poll() is not None or _status(socket_path), 60.0, "the service to start")
+        if service.poll() is not None:
+            raise SystemExit(f"the service exited with code {service.returncode}; see {log_path}")
+        client = GroundTruthClient(paths["ground_truth"])
+        yield Rig(paths, socket_path, client, time.monotonic() - started)
+    finally:
+        if client is not None:
+            client.close()
+        _terminate(service)
+        _terminate(sim)
+        log.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", type=Path, default=Path("artifacts/bundle"))
@@ -201,33 +255,17 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     ensure_bundle(args.bundle, args.gate_seeds)
 
-    python = sys.executable
-    sim = subprocess.Popen([python, "-m", "simulator", "--seed", str(DEMO_SEED_BASE), "--print-paths",
-                            "--ground-truth-port", "0", "--log-level", "WARNING"],
-                           stdout=subprocess.PIPE, text=True)
-    service = None
-    service_log = open(args.out / "service.log", "w")  # noqa: SIM115 - closed in finally
-    try:
-        paths = json.loads(sim.stdout.readline())
-        socket_path = args.out / "control.sock"
-        config_path = args.out / "robot.yaml"
-        write_config(config_path, args.bundle, paths["serial"], paths["camera_url"], socket_path)
-        started = time.monotonic()
-        service = subprocess.Popen([python, "-m", "edge.cli", "run", "--config", str(config_path)],
-                                   stdout=service_log, stderr=subprocess.STDOUT, env={**os.environ})
-        _wait_for(lambda: service.poll() is not None or _status(socket_path), 60.0, "the service to start")
-        if service.poll() is not None:
-            raise SystemExit(f"the service exited with code {service.returncode}; see {args.out / 'service.log'}")
-        print(f"service up {time.monotonic() - started:.1f} s after launch; camera {paths['camera_url']}, "
-              f"serial {paths['serial']}")
-        sim_client = GroundTruthClient(paths["ground_truth"])
+    with closed_loop_rig(args.bundle, args.out, "", DEMO_SEED_BASE) as rig:
+        print(f"service up {rig.startup_s:.1f} s after launch; camera {rig.paths['camera_url']}, "
+              f"serial {rig.paths['serial']}")
+        socket_path = rig.socket_path
         rng = np.random.default_rng(DEMO_SEED_BASE)
         rows, all_ticks = [], []
         world_config = WorldConfig()
         print("\n| # | episode | instruction | success | s | final distance (m) | fallback ticks |")
         print("|---|---|---|---|---|---|---|")
         for i, spec in enumerate(EPISODES):
-            row, result, ticks = run_episode(spec, DEMO_SEED_BASE + i, sim_client, socket_path, rng)
+            row, result, ticks = run_episode(spec, DEMO_SEED_BASE + i, rig.sim, socket_path, rng)
             picture = args.out / f"episode_{i}.png"
             draw_trajectories(world_config, [result], picture)
             row["picture"] = str(picture)
@@ -250,20 +288,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nsuccess {summary['success_in_distribution']} on in-distribution episodes; "
               f"tick latency p50 {p50:.1f} ms, p90 {p90:.1f} ms, p99 {p99:.1f} ms ({len(all_ticks)} ticks)")
         print(f"pictures, demo.json and service.log in {args.out}")
-        sim_client.close()
-    finally:
-        if service is not None and service.poll() is None:
-            service.send_signal(signal.SIGTERM)
-            try:
-                service.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                service.kill()
-        sim.send_signal(signal.SIGTERM)
-        try:
-            sim.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            sim.kill()
-        service_log.close()
     return 0
 
 
