@@ -1515,8 +1515,8 @@ def _positive_int_list(text: str) -> tuple[int, ...]:
     return values
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.latency", description=__doc__.split("\n\n")[0])
+def build_parser(prog: str = "python -m benchmarks.latency") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--bundle", required=True, help="policy bundle directory (build-engines --int8 --out DIR)")
     parser.add_argument("--out", default="artifacts/benchmarks/latency", help="where JSON, Markdown and plots go")
     mode = parser.add_mutually_exclusive_group()
@@ -1567,8 +1567,8 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m benchmarks.latency") -> int:
+    args = build_parser(prog).parse_args(argv)
     logging.basicConfig(stream=sys.stdout, level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 

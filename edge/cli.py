@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from edge import __version__
@@ -30,6 +31,17 @@ def _run(args: argparse.Namespace) -> int:
     return run_service(args.config)
 
 
+def _bench(args: argparse.Namespace) -> int:
+    # The benchmark lives outside edge/ because it also times PyTorch eager (imported only there, and
+    # only if installed); importing it here, on demand, keeps `vla-edge run` free of it.
+    try:
+        from benchmarks.latency import main as bench_main
+    except ModuleNotFoundError as exc:
+        raise EdgeError(f"the latency benchmark is not importable ({exc}); install this package with "
+                        "`pip install -e '.[bench]'` from its source tree") from exc
+    return bench_main(args.bench_args, prog="vla-edge bench")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vla-edge", description="VLA policy runtime for Jetson robots")
     parser.add_argument("--version", action="version", version=f"vla-edge {__version__}")
@@ -49,19 +61,37 @@ def build_parser() -> argparse.ArgumentParser:
     from edge.doctor import add_doctor_command
 
     add_doctor_command(commands)
+    # Everything after `bench` belongs to the benchmark's own parser (see main()); no -h here, so that
+    # `vla-edge bench --help` shows the benchmark's options.
+    bench = commands.add_parser("bench", add_help=False,
+                                help="latency benchmark: stages, backends and precisions side by side "
+                                     "(`vla-edge bench --help`)")
+    bench.set_defaults(handler=_bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":
+        args.bench_args = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     # stdout, not stderr: under systemd both go to journald, and operators tail stdout.
     logging.basicConfig(stream=sys.stdout, level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return args.handler(args)
+        status = args.handler(args)
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at interpreter exit
+        return status
     except EdgeError as exc:
         logger.error("%s", exc)
         return 2
+    except BrokenPipeError:
+        # `vla-edge status | head`: the reader left. Point stdout at /dev/null so that the flush at
+        # exit does not raise a second time, and exit as a process killed by SIGPIPE would.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13
 
 
 if __name__ == "__main__":
