@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import gc
 import itertools
 import json
@@ -118,6 +119,10 @@ class BenchSettings:
     seed: int = 0
     checkpoint: str | None = None  # reference policy checkpoint for PyTorch eager (None: the default)
     load_bound_s: float = 900.0  # the load process exits by itself after this long, whatever happens here
+    # SCHED_FIFO priority of the control thread in the closed loop, as systemd/vla-edge.service starts it
+    # (CPUSchedulingPriority=50); None: normal scheduling only. Where FIFO is granted, every load
+    # condition also runs once at normal priority for comparison.
+    fifo_priority: int | None = 50
 
 
 # --- statistics ----------------------------------------------------------------------------------
@@ -802,13 +807,53 @@ def _gate_config(bundle: Bundle, target: str) -> GateConfig:
     return GateConfig(threshold=threshold, hard_ceiling=max(ceiling, threshold) if math.isfinite(ceiling) else threshold)
 
 
+SLOWEST_FRACTION = 0.05  # the slow tail that the tail attribution explains
+
+
+def policy_ms(records: np.ndarray) -> np.ndarray:
+    """Per tick, the time inside PolicyPipeline.infer (resize .. reduce): what the side-by-side run calls
+    pure inference, here measured inside the loop. NaN for ticks that did not run the policy."""
+    total = np.zeros(len(records))
+    for stage in POLICY_STAGES:
+        total += np.nan_to_num(records[stage], nan=0.0)
+    total[~np.isfinite(records["vision"])] = np.nan
+    return total
+
+
+def tail_attribution(records: np.ndarray, fraction: float = SLOWEST_FRACTION) -> dict:
+    """Which stage makes the slow ticks slow: for the slowest ``fraction`` of ticks, each stage's mean
+    minus that stage's median over all ticks. "outside stages" is the rest of the tick (loop glue, the
+    rate keeper's bookkeeping, being descheduled between stages)."""
+    tick = records["tick_ms"]
+    finite = np.isfinite(tick) & np.isfinite(records["vision"])
+    if not finite.any():
+        return {"n": 0}
+    ran = records[finite]
+    cutoff = float(np.quantile(ran["tick_ms"], 1.0 - fraction))
+    slow = ran[ran["tick_ms"] >= cutoff]
+    columns = {stage: ran[stage] for stage in TICK_STAGES}
+    columns["outside stages"] = ran["tick_ms"] - sum(np.nan_to_num(ran[stage], nan=0.0) for stage in TICK_STAGES)
+    slow_columns = {stage: slow[stage] for stage in TICK_STAGES}
+    slow_columns["outside stages"] = columns["outside stages"][ran["tick_ms"] >= cutoff]
+    excess = {}
+    for stage, values in columns.items():
+        median = float(np.nanmedian(values)) if np.isfinite(values).any() else 0.0
+        slow_mean = float(np.nanmean(slow_columns[stage])) if np.isfinite(slow_columns[stage]).any() else 0.0
+        excess[stage] = {"median": median, "slow_mean": slow_mean, "excess": slow_mean - median}
+    return {"n": int(len(slow)), "fraction": fraction, "tick_cutoff_ms": cutoff,
+            "tick_slow_mean_ms": float(slow["tick_ms"].mean()), "tick_median_ms": float(np.median(ran["tick_ms"])),
+            "stages": excess, "largest": max(excess, key=lambda k: excess[k]["excess"])}
+
+
 def _closed_loop_run(records: np.ndarray, loop: InstrumentedLoop, seconds: float) -> dict:
     finite_modes = records["mode"]
     stages = {stage: summarize(records[stage]) for stage in TICK_STAGES}
+    policy = policy_ms(records)
     by_samples = {}
     for samples in loop.samples_cycle:
-        mine = records[records["samples"] == samples]
-        by_samples[str(samples)] = {"tick": summarize(mine["tick_ms"]),
+        chosen = records["samples"] == samples
+        mine = records[chosen]
+        by_samples[str(samples)] = {"tick": summarize(mine["tick_ms"]), "policy": summarize(policy[chosen]),
                                     **{stage: summarize(mine[stage]) for stage in TICK_STAGES}}
     start = records["start_s"][0] if len(records) else 0.0
     return {
@@ -818,6 +863,9 @@ def _closed_loop_run(records: np.ndarray, loop: InstrumentedLoop, seconds: float
         "start_jitter": summarize(records["start_jitter_ms"]),
         "frame_age": summarize(records["frame_age_ms"]),
         "stages": stages,
+        "policy": summarize(policy),
+        "outside_policy": summarize(records["tick_ms"] - policy),
+        "tail": tail_attribution(records),
         "by_samples": by_samples,
         "overruns": int(loop.keeper.overruns),
         "missed_deadlines": int(loop.keeper.missed_deadlines),
@@ -833,9 +881,53 @@ def _closed_loop_run(records: np.ndarray, loop: InstrumentedLoop, seconds: float
     }
 
 
+NORMAL_PRIORITY = "normal priority"
+
+
+@contextlib.contextmanager
+def _thread_scheduling(fifo_priority: int | None) -> Iterator[str]:
+    """The calling thread (the control loop) at SCHED_FIFO ``fifo_priority``, as the systemd unit starts
+    the service, and back to SCHED_OTHER afterwards. Yields what is in effect; raises OSError where
+    the kernel refuses FIFO. Threads started earlier (camera, serial reader) keep normal priority,
+    as under the unit (CPUSchedulingResetOnFork=yes)."""
+    if fifo_priority is None:
+        yield "SCHED_OTHER"
+        return
+    os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(fifo_priority))
+    try:
+        yield f"SCHED_FIFO {fifo_priority}"
+    finally:
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+
+
+def _fifo_refusal(priority: int | None) -> str | None:
+    """None where this process may run a thread at SCHED_FIFO ``priority``; otherwise why not."""
+    if priority is None:
+        return "not asked for (--no-fifo)"
+    if not hasattr(os, "SCHED_FIFO"):
+        return "this platform has no SCHED_FIFO"
+    try:
+        with _thread_scheduling(priority):
+            pass
+    except OSError as exc:
+        return (f"SCHED_FIFO {priority} refused ({errno.errorcode.get(exc.errno, exc.errno)}): run as root or "
+                f"with LimitRTPRIO={priority}, as the systemd unit does")
+    return None
+
+
+def closed_loop_conditions(loads: tuple[str, ...], fifo_refused: str | None,
+                           fifo_priority: int | None) -> list[tuple[str, str, int | None]]:
+    """(run key, load, FIFO priority or None) in run order. The plain load keys are the deployed
+    scheduling (FIFO where granted), which the ratios use; "<load>, normal priority" runs follow."""
+    if fifo_refused is not None:
+        return [(load, load, None) for load in loads]
+    return [*[(load, load, fifo_priority) for load in loads],
+            *[(f"{load}, {NORMAL_PRIORITY}", load, None) for load in loads]]
+
+
 def run_closed_loop(bundle: Bundle, pipeline: PolicyPipeline, target: str, simulator: SimulatorProcess,
                     settings: BenchSettings, burner: CpuBurner | None) -> dict:
-    """The real ControlLoop at 10 Hz against the simulator: one run per load condition."""
+    """The real ControlLoop at 10 Hz against the simulator: one run per load and scheduling condition."""
     truth = simulator.ground_truth()
     instruction = truth["instruction"]
     pipeline.cache.encode_now(instruction)  # ready before the first tick: the loop must not sit in HOLD
@@ -843,8 +935,12 @@ def run_closed_loop(bundle: Bundle, pipeline: PolicyPipeline, target: str, simul
     link = SerialMotorLink(MotorLinkConfig(port=simulator.paths["serial"]))
     ticks = max(1, int(round(settings.jitter_seconds * RATE_HZ)))
     runs = {}
+    fifo_refused = _fifo_refusal(settings.fifo_priority)
+    if fifo_refused is not None:
+        logger.warning("closed loop at normal priority only: %s", fifo_refused)
+    loads = LOADS if burner is not None else LOADS[:1]
     with camera, link:
-        for load in LOADS if burner is not None else LOADS[:1]:
+        for key, load, fifo in closed_loop_conditions(loads, fifo_refused, settings.fifo_priority):
             loop = InstrumentedLoop(pipeline, camera, link, SafetyLayer(_safety_config(bundle)),
                                     UncertaintyGate(_gate_config(bundle, target)), samples_cycle=settings.samples,
                                     capacity=ticks, stale_after_s=3 * PERIOD_S, record_ticks=max(ticks, 10),
@@ -856,16 +952,16 @@ def run_closed_loop(bundle: Bundle, pipeline: PolicyPipeline, target: str, simul
                 frame = np.zeros(camera.frame_shape or (240, 320, 3), np.uint8)
                 loop.pipeline.infer(frame, np.zeros(int(bundle.action["dim"]), np.float32),
                                     pipeline.cache.encode_now(instruction))
-            with _load_state(burner, load == "loaded"):
+            with _load_state(burner, load == "loaded"), _thread_scheduling(fifo) as scheduling:
                 started = time.monotonic()
                 loop.run(threading.Event(), max_ticks=ticks)
                 seconds = time.monotonic() - started
             loop.stop_motors()
-            runs[load] = _closed_loop_run(loop.records[: min(loop.count, ticks)], loop, seconds)
-            runs[load]["keeper"] = loop.keeper.summary()
-            logger.info("closed loop (%s): %s", load, loop.summary_line())
+            runs[key] = _closed_loop_run(loop.records[: min(loop.count, ticks)], loop, seconds)
+            runs[key].update(keeper=loop.keeper.summary(), load=load, scheduling=scheduling)
+            logger.info("closed loop (%s, %s): %s", key, scheduling, loop.summary_line())
     return {"target": target, "instruction": instruction, "samples_cycle": list(settings.samples),
-            "period_s": PERIOD_S, "runs": runs}
+            "period_s": PERIOD_S, "runs": runs, "fifo_refused": fifo_refused}
 
 
 # --- part 3: start-up and memory ------------------------------------------------------------------
@@ -990,7 +1086,9 @@ def measure_start_to_first_command(bundle_dir: Path, spec: PipelineSpec, samples
                     exit_code = process.wait(timeout=5.0)
     text = log_path.read_text(errors="replace")
     ready = re.search(r"ready ([0-9.]+) s after start", text)
-    result = {"method": f"`vla-edge run` ({' '.join(command[:3])}) until the simulator saw its first command",
+    # Program names only: the report is shared, the paths of this machine mean nothing elsewhere.
+    shown = " ".join([Path(command[0]).name, *command[1:3]])
+    result = {"method": f"`vla-edge run` ({shown}) until the simulator saw its first command",
               "exit_code": exit_code, "log": str(log_path),
               "start_to_first_command_s": first_command,
               "service_ready_s": float(ready.group(1)) if ready else None}
@@ -1128,6 +1226,17 @@ def compute_ratios(report: dict, settings: BenchSettings) -> dict[str, dict]:
             f"closed-loop tick p99 vs median pure inference, {runtime_key}, T={t}",
             _p(unloaded, "by_samples", str(t), "tick", "p99"), _p(cfg(runtime_key, t), "unloaded", "total", "p50"),
             "closed-loop tick p99", "pure inference p50")
+    for t in ts:
+        # The same quotient with the denominator measured inside the loop: what the tick adds around the
+        # policy, without the difference between a quiet machine and one that also runs the simulator.
+        add(f"full tick p99 / in-loop policy p50 T={t}",
+            f"closed-loop tick p99 vs median time inside the policy in the same ticks, {runtime_key}, T={t}",
+            _p(unloaded, "by_samples", str(t), "tick", "p99"), _p(unloaded, "by_samples", str(t), "policy", "p50"),
+            "closed-loop tick p99", "in-loop policy p50")
+    add("in-loop vision / side-by-side vision", f"vision p50 inside the closed loop vs in the side-by-side run "
+        f"({runtime_key}, T={ref_t}): the cost of sharing the CPU with the simulator and camera",
+        _p(unloaded, "stages", "vision", "p50"), _p(cfg(runtime_key, ref_t), "unloaded", "stages", "vision", "p50"),
+        "closed-loop vision", "side-by-side vision")
     lo, hi = ts[0], ts[-1]
     if hi != lo:
         add(f"tick T={hi} / T={lo}", f"closed-loop tick p50 at T={hi} vs T={lo} ({runtime_key})",
@@ -1163,6 +1272,14 @@ def compute_ratios(report: dict, settings: BenchSettings) -> dict[str, dict]:
     add("loaded/unloaded tick-start jitter p99", "tick-start jitter p99 with / without one core burnt",
         _p(runs.get("loaded"), "start_jitter", "p99"), _p(runs.get("unloaded"), "start_jitter", "p99"),
         "loaded", "unloaded")
+    for load in LOADS:
+        normal, deployed = runs.get(f"{load}, {NORMAL_PRIORITY}"), runs.get(load)
+        if normal is None or deployed is None:
+            continue
+        for name, path in (("tick-start jitter p99", ("start_jitter", "p99")), ("tick p99", ("tick", "p99"))):
+            add(f"normal/FIFO {name} {load}", f"{name}, control thread at normal priority / at "
+                f"{deployed.get('scheduling')} ({load})", _p(normal, *path), _p(deployed, *path),
+                NORMAL_PRIORITY, str(deployed.get("scheduling")))
     return ratios
 
 
@@ -1211,15 +1328,21 @@ def format_markdown(report: dict) -> str:
     if closed:
         lines += ["", f"## Full tick in closed loop ({closed['config']}, {RATE_HZ:g} Hz, T cycling over "
                   f"{closed['samples_cycle']}, simulator on a real pty + MJPEG camera)", ""]
+        if closed.get("fifo_refused"):
+            lines += [f"Control thread at normal priority only: {closed['fifo_refused']}.", ""]
         for load, run in closed["runs"].items():
-            lines += [f"### {load}: {run['ticks']} ticks, {run['overruns']} overruns, {run['missed_deadlines']} missed "
+            lines += [f"### {load} ({run.get('scheduling', 'SCHED_OTHER')}): {run['ticks']} ticks, {run['overruns']} overruns, {run['missed_deadlines']} missed "
                       f"deadlines, {run['ticks_over_period']} ticks over 100 ms; modes {run['modes']}", "",
                       "| stage | p50 | p90 | p99 | max |", "|---|---|---|---|---|"]
             rows = [(stage, run["stages"][stage]) for stage in TICK_STAGES]
             rows += [("full tick (frame ready -> bytes to link)", run["tick"]), ("tick-start jitter", run["start_jitter"]),
                      ("frame age at tick start", run["frame_age"])]
             rows += [(f"full tick, T={t}", s["tick"]) for t, s in run["by_samples"].items()]
-            language = report["side_by_side"]["configs"].get(f"{closed['config']} language", {}).get(load)
+            if "policy" in run:
+                rows += [("policy in the tick (resize .. reduce)", run["policy"]),
+                         ("tick outside the policy", run["outside_policy"])]
+            language = report["side_by_side"]["configs"].get(f"{closed['config']} language", {}).get(
+                run.get("load", load))
             if language:
                 rows.append(("language encoder (on instruction change only, off the tick; side-by-side run)",
                              language["total"]))
@@ -1227,6 +1350,14 @@ def format_markdown(report: dict) -> str:
                 lines.append(f"| {name} | {_ms(stats.get('p50'))} | {_ms(stats.get('p90'))} | "
                              f"{_ms(stats.get('p99'))} | {_ms(stats.get('max'))} |")
             lines.append("")
+            tail = run.get("tail") or {}
+            if tail.get("n"):
+                grown = sorted(tail["stages"].items(), key=lambda kv: -kv[1]["excess"])
+                parts = ", ".join(f"{stage} {v['excess']:+.2f}" for stage, v in grown if abs(v["excess"]) >= 0.05)
+                lines += [f"Slowest {tail['fraction']:.0%} of ticks ({tail['n']}, >= {tail['tick_cutoff_ms']:.2f} ms, "
+                          f"mean {tail['tick_slow_mean_ms']:.2f} vs median tick {tail['tick_median_ms']:.2f}): "
+                          f"stage mean minus stage median, ms: {parts or 'no stage grew'}. "
+                          f"Largest: **{tail['largest']}**.", ""]
     lines += ["## Ratios", "", "| ratio | value | numerator (ms) | denominator (ms) |", "|---|---|---|---|"]
     for name, ratio in report["ratios"].items():
         lines.append(f"| {name} | {ratio['value']:.2f}x | {_ms(ratio['numerator_ms'])} | "
@@ -1336,8 +1467,9 @@ def write_plots(report: dict, out_dir: Path) -> list[Path]:
     if closed:
         for load, run in closed["runs"].items():
             series = run["series"]
-            top.plot(series["t_s"], series["start_jitter_ms"], ".-", ms=3, lw=0.6, label=load)
-            bottom.plot(series["t_s"], series["tick_ms"], ".-", ms=3, lw=0.6, label=load)
+            label = f"{load} ({run.get('scheduling', 'SCHED_OTHER')})"
+            top.plot(series["t_s"], series["start_jitter_ms"], ".-", ms=3, lw=0.6, label=label)
+            bottom.plot(series["t_s"], series["tick_ms"], ".-", ms=3, lw=0.6, label=label)
         bottom.axhline(PERIOD_S * 1e3, color="red", lw=0.8, ls=":", label="100 ms period")
     else:
         top.text(0.5, 0.5, "closed loop not run", ha="center", transform=top.transAxes)
@@ -1515,8 +1647,8 @@ def _positive_int_list(text: str) -> tuple[int, ...]:
     return values
 
 
-def build_parser(prog: str = "python -m benchmarks.latency") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.latency", description=__doc__.split("\n\n")[0])
     parser.add_argument("--bundle", required=True, help="policy bundle directory (build-engines --int8 --out DIR)")
     parser.add_argument("--out", default="artifacts/benchmarks/latency", help="where JSON, Markdown and plots go")
     mode = parser.add_mutually_exclusive_group()
@@ -1541,6 +1673,10 @@ def build_parser(prog: str = "python -m benchmarks.latency") -> argparse.Argumen
     parser.add_argument("--no-load", action="store_true", help="skip the runs with a competing CPU load")
     parser.add_argument("--no-torch", action="store_true", help="skip PyTorch eager")
     parser.add_argument("--no-closed-loop", action="store_true", help="skip the closed-loop tick measurement")
+    parser.add_argument("--fifo-priority", type=int, default=50,
+                        help="SCHED_FIFO priority of the control thread in the closed loop, as the systemd unit "
+                             "starts it (default 50); where granted, each load also runs at normal priority")
+    parser.add_argument("--no-fifo", action="store_true", help="closed loop at normal priority only")
     parser.add_argument("--no-startup", action="store_true", help="skip RSS and start-to-first-command")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
@@ -1564,11 +1700,18 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         closed_loop_config=args.closed_loop_config, load=not args.no_load, torch=not args.no_torch,
         closed_loop=not args.no_closed_loop, startup=not args.no_startup, threads=args.threads, seed=args.seed,
         checkpoint=args.checkpoint, load_bound_s=preset["load_bound_s"],
+        fifo_priority=None if args.no_fifo else _fifo_priority(args.fifo_priority),
     )
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m benchmarks.latency") -> int:
-    args = build_parser(prog).parse_args(argv)
+def _fifo_priority(value: int) -> int:
+    if not 1 <= value <= 99:
+        raise ConfigError(f"--fifo-priority must be within 1..99 (SCHED_FIFO), got {value}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(stream=sys.stdout, level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 

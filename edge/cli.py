@@ -32,14 +32,18 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    # The benchmark lives outside edge/ because it also times PyTorch eager (imported only there, and
-    # only if installed); importing it here, on demand, keeps `vla-edge run` free of it.
-    try:
-        from benchmarks.latency import main as bench_main
-    except ModuleNotFoundError as exc:
-        raise EdgeError(f"the latency benchmark is not importable ({exc}); install this package with "
-                        "`pip install -e '.[bench]'` from its source tree") from exc
-    return bench_main(args.bench_args, prog="vla-edge bench")
+    # The benchmark is its own program (it also times PyTorch eager, where installed): this command
+    # replaces itself with it, so nothing of it is ever imported into the runtime.
+    from importlib.util import find_spec
+
+    if find_spec("benchmarks") is None:
+        raise EdgeError("the latency benchmark is not installed: install this package from its source tree "
+                        "with `pip install -e '.[bench]'`")
+    command = [sys.executable, "-m", "benchmarks.latency", *args.bench_args]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, command)
+    return 0  # not reached: execv returns only by raising
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,14 +15,22 @@ import numpy as np
 import pytest
 
 from benchmarks.latency import (
+    _TICK_RECORD,
     LOADS,
+    NORMAL_PRIORITY,
+    POLICY_STAGES,
     TICK_STAGES,
     BenchSettings,
     Config,
     CpuBurner,
+    _fifo_refusal,
+    _thread_scheduling,
+    closed_loop_conditions,
     compute_ratios,
+    policy_ms,
     run_interleaved,
     summarize,
+    tail_attribution,
 )
 from edge.bundle import file_sha256
 
@@ -79,8 +87,9 @@ def _synthetic_report() -> dict:
         configs[f"torch-seeds-mc@T{t}"] = entry("torch-seeds-mc", t, "torch", 40.0 * t)
     configs["torch-deterministic@T1"] = entry("torch-deterministic", 1, "torch", 30.0)
     closed = {"config": "ort-int8-cpu", "runs": {
-        "unloaded": {"by_samples": {"1": {"tick": {"p50": 7.0, "p99": 12.0}}, "8": {"tick": {"p50": 14.0, "p99": 26.0}}},
-                     "tick": {"p99": 26.0}, "start_jitter": {"p99": 0.5}},
+        "unloaded": {"by_samples": {"1": {"tick": {"p50": 7.0, "p99": 12.0}, "policy": {"p50": 4.0}},
+                                    "8": {"tick": {"p50": 14.0, "p99": 26.0}, "policy": {"p50": 13.0}}},
+                     "tick": {"p99": 26.0}, "start_jitter": {"p99": 0.5}, "stages": {"vision": {"p50": 3.0}}},
         "loaded": {"tick": {"p99": 52.0}, "start_jitter": {"p99": 2.0}},
     }}
     return {"side_by_side": {"configs": configs}, "closed_loop": closed, "runtime_key": "ort-int8-cpu"}
@@ -99,8 +108,78 @@ def test_ratios_are_the_quotients_the_goals_are_stated_in():
     assert value["loaded/unloaded ort-int8-cpu@T8 p50"] == pytest.approx(3.0)
     assert value["loaded/unloaded closed-loop tick p99"] == pytest.approx(2.0)
     assert value["loaded/unloaded tick-start jitter p99"] == pytest.approx(4.0)
+    assert value["full tick p99 / in-loop policy p50 T=1"] == pytest.approx(12.0 / 4.0)
+    assert value["full tick p99 / in-loop policy p50 T=8"] == pytest.approx(26.0 / 13.0)
+    assert value["in-loop vision / side-by-side vision"] == pytest.approx(3.0 / 2.0)
     # No TensorRT-layout configuration in this report: no ratio is made up for it.
     assert not any(name.startswith("int8_tensorrt_layout") for name in ratios)
+
+
+def _ticks(count: int, rng: np.random.Generator) -> np.ndarray:
+    records = np.zeros(count, dtype=_TICK_RECORD)
+    for stage in TICK_STAGES:
+        records[stage] = rng.uniform(0.1, 0.3, count)
+    records["vision"] = rng.uniform(9.0, 11.0, count)
+    return records
+
+
+def _close_ticks(records: np.ndarray, glue_ms: float = 0.5) -> None:
+    records["tick_ms"] = sum(np.nan_to_num(records[stage], nan=0.0) for stage in TICK_STAGES) + glue_ms
+
+
+def test_tail_attribution_names_the_stage_that_makes_slow_ticks_slow():
+    rng = np.random.default_rng(3)
+    records = _ticks(200, rng)
+    records["serial_write"][:10] += 30.0  # 5% of ticks blocked on the link
+    _close_ticks(records)
+    tail = tail_attribution(records)
+    assert tail["n"] == 10 and tail["largest"] == "serial_write"
+    assert tail["stages"]["serial_write"]["excess"] == pytest.approx(30.0, abs=0.2)
+    assert abs(tail["stages"]["vision"]["excess"]) < 1.0
+    assert tail["stages"]["outside stages"]["excess"] == pytest.approx(0.0, abs=1e-9)
+
+    records = _ticks(200, rng)
+    _close_ticks(records)
+    records["tick_ms"][:10] += 20.0  # slow ticks with every stage normal: the time went between stages
+    assert tail_attribution(records)["largest"] == "outside stages"
+
+
+def test_policy_time_is_the_sum_of_the_policy_stages_and_absent_without_inference():
+    records = _ticks(4, np.random.default_rng(4))
+    records["vision"][1] = np.nan  # a hold tick: no inference
+    for stage in POLICY_STAGES:
+        records[stage][1] = np.nan
+    _close_ticks(records)
+    policy = policy_ms(records)
+    expected = sum(records[stage][0] for stage in POLICY_STAGES)
+    assert policy[0] == pytest.approx(expected)
+    assert math.isnan(policy[1])
+    assert np.all(policy[[0, 2, 3]] < records["tick_ms"][[0, 2, 3]])
+
+
+def test_closed_loop_conditions_run_the_deployed_scheduling_first():
+    assert closed_loop_conditions(LOADS, None, 50) == [
+        ("unloaded", "unloaded", 50), ("loaded", "loaded", 50),
+        (f"unloaded, {NORMAL_PRIORITY}", "unloaded", None), (f"loaded, {NORMAL_PRIORITY}", "loaded", None)]
+    # FIFO refused (or not asked for): one run per load, at normal priority, under the plain keys.
+    assert closed_loop_conditions(LOADS[:1], "refused", 50) == [("unloaded", "unloaded", None)]
+    assert _fifo_refusal(None) == "not asked for (--no-fifo)"
+
+
+def test_thread_scheduling_is_fifo_inside_and_normal_after():
+    refused = _fifo_refusal(10)
+    if refused is not None:
+        with pytest.raises(OSError):
+            with _thread_scheduling(10):
+                pass
+        pytest.skip(refused)
+    with _thread_scheduling(10) as label:
+        assert label == "SCHED_FIFO 10"
+        assert os.sched_getscheduler(0) == os.SCHED_FIFO and os.sched_getparam(0).sched_priority == 10
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER
+    with pytest.raises(RuntimeError), _thread_scheduling(10):
+        raise RuntimeError("a failing run still gives the priority back")
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER
 
 
 # --- the competing load and the interleaving --------------------------------------------------------
@@ -221,13 +300,25 @@ def test_closed_loop_times_every_stage_of_real_ticks(smoke):
     _, _, report, _ = smoke
     closed = report["closed_loop"]
     run = closed["runs"]["unloaded"]
-    assert set(closed["runs"]) == {"unloaded"}
+    if closed["fifo_refused"] is None:
+        # FIFO granted: the deployed scheduling first, then the same load at normal priority.
+        assert set(closed["runs"]) == {"unloaded", "unloaded, normal priority"}
+        assert run["scheduling"] == "SCHED_FIFO 50"
+        assert closed["runs"]["unloaded, normal priority"]["scheduling"] == "SCHED_OTHER"
+        assert "normal/FIFO tick-start jitter p99 unloaded" in report["ratios"]
+    else:
+        assert set(closed["runs"]) == {"unloaded"} and run["scheduling"] == "SCHED_OTHER"
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # (the benchmark ran in its own process anyway)
     assert run["ticks"] == 20
     assert set(run["stages"]) == set(TICK_STAGES)
     assert run["inferred_ticks"] >= 10  # the loop ran the policy, not a hold or a stale-frame stop
     for stage in ("camera_read", "vision", "head", "gate_safety", "serial_write"):
         assert run["stages"][stage]["n"] >= 10, stage
     assert set(run["by_samples"]) == {"1", "8", "32"}
+    # The policy runs inside the tick: less time than the tick that holds it, and the rest is positive.
+    assert run["policy"]["n"] == run["inferred_ticks"]
+    assert 0 < run["policy"]["p50"] < run["tick"]["p50"] and run["outside_policy"]["p50"] > 0
+    assert run["tail"]["n"] >= 1 and run["tail"]["largest"] in (*TICK_STAGES, "outside stages")
     assert len(run["series"]["start_jitter_ms"]) == 20
     assert run["missed_deadlines"] >= 0 and run["overruns"] >= 0
     # Every stage after the frame is read happens inside the tick, so no stage can outlast the longest tick.
