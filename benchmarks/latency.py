@@ -845,7 +845,8 @@ def tail_attribution(records: np.ndarray, fraction: float = SLOWEST_FRACTION) ->
             "stages": excess, "largest": max(excess, key=lambda k: excess[k]["excess"])}
 
 
-def _closed_loop_run(records: np.ndarray, loop: InstrumentedLoop, seconds: float) -> dict:
+def _closed_loop_run(records: np.ndarray, loop: InstrumentedLoop, seconds: float, *, overruns: int,
+                     missed_deadlines: int, origin_s: float | None = None) -> dict:
     finite_modes = records["mode"]
     stages = {stage: summarize(records[stage]) for stage in TICK_STAGES}
     policy = policy_ms(records)
@@ -855,7 +856,7 @@ def _closed_loop_run(records: np.ndarray, loop: InstrumentedLoop, seconds: float
         mine = records[chosen]
         by_samples[str(samples)] = {"tick": summarize(mine["tick_ms"]), "policy": summarize(policy[chosen]),
                                     **{stage: summarize(mine[stage]) for stage in TICK_STAGES}}
-    start = records["start_s"][0] if len(records) else 0.0
+    start = origin_s if origin_s is not None else (records["start_s"][0] if len(records) else 0.0)
     return {
         "ticks": len(records),
         "seconds": seconds,
@@ -867,8 +868,8 @@ def _closed_loop_run(records: np.ndarray, loop: InstrumentedLoop, seconds: float
         "outside_policy": summarize(records["tick_ms"] - policy),
         "tail": tail_attribution(records),
         "by_samples": by_samples,
-        "overruns": int(loop.keeper.overruns),
-        "missed_deadlines": int(loop.keeper.missed_deadlines),
+        "overruns": int(overruns),
+        "missed_deadlines": int(missed_deadlines),
         "ticks_over_period": int(np.sum(records["tick_ms"] > PERIOD_S * 1e3)),
         "inferred_ticks": int(np.sum(np.isfinite(records["vision"]))),
         "modes": {mode.name.lower(): int(np.sum(finite_modes == mode)) for mode in Mode},
@@ -925,43 +926,102 @@ def closed_loop_conditions(loads: tuple[str, ...], fifo_refused: str | None,
             *[(f"{load}, {NORMAL_PRIORITY}", load, None) for load in loads]]
 
 
+CLOSED_LOOP_SEGMENT_S = 10.0  # the conditions take turns in segments this long
+
+
+def steal_ms() -> float | None:
+    """CPU time the hypervisor gave to other guests, all CPUs together, since boot (the "steal" column
+    of /proc/stat); None where there is no such counter. A burst of it stalls any thread, FIFO or not."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = stat.readline().split()
+    except OSError:
+        return None
+    if len(fields) < 9 or fields[0] != "cpu":
+        return None
+    return float(fields[8]) * 1e3 / os.sysconf("SC_CLK_TCK")
+
+
+def segment_plan(conditions: list[str], ticks: int, segment_ticks: int) -> list[tuple[str, int]]:
+    """(condition, ticks) in run order: every condition runs ``ticks`` in segments of ``segment_ticks``,
+    round robin with the order rotating each round, so a burst of machine noise (a neighbour, the
+    hypervisor) falls on all conditions alike instead of on whichever ran during it."""
+    plan: list[tuple[str, int]] = []
+    remaining = dict.fromkeys(conditions, ticks)
+    segment_ticks = max(1, segment_ticks)
+    round_index = 0
+    while any(remaining.values()):
+        shift = round_index % len(conditions)
+        for condition in conditions[shift:] + conditions[:shift]:
+            count = min(segment_ticks, remaining[condition])
+            if count:
+                plan.append((condition, count))
+                remaining[condition] -= count
+        round_index += 1
+    return plan
+
+
 def run_closed_loop(bundle: Bundle, pipeline: PolicyPipeline, target: str, simulator: SimulatorProcess,
                     settings: BenchSettings, burner: CpuBurner | None) -> dict:
-    """The real ControlLoop at 10 Hz against the simulator: one run per load and scheduling condition."""
+    """The real ControlLoop at 10 Hz against the simulator, per load and scheduling condition, the
+    conditions interleaved in segments (``segment_plan``)."""
     truth = simulator.ground_truth()
     instruction = truth["instruction"]
     pipeline.cache.encode_now(instruction)  # ready before the first tick: the loop must not sit in HOLD
     camera = Camera(CameraConfig(source=simulator.paths["camera_url"], open_timeout_s=15.0))
     link = SerialMotorLink(MotorLinkConfig(port=simulator.paths["serial"]))
     ticks = max(1, int(round(settings.jitter_seconds * RATE_HZ)))
-    runs = {}
     fifo_refused = _fifo_refusal(settings.fifo_priority)
     if fifo_refused is not None:
         logger.warning("closed loop at normal priority only: %s", fifo_refused)
     loads = LOADS if burner is not None else LOADS[:1]
+    conditions = {key: (load, fifo) for key, load, fifo in
+                  closed_loop_conditions(loads, fifo_refused, settings.fifo_priority)}
+    runs = {}
     with camera, link:
-        for key, load, fifo in closed_loop_conditions(loads, fifo_refused, settings.fifo_priority):
-            loop = InstrumentedLoop(pipeline, camera, link, SafetyLayer(_safety_config(bundle)),
-                                    UncertaintyGate(_gate_config(bundle, target)), samples_cycle=settings.samples,
-                                    capacity=ticks, stale_after_s=3 * PERIOD_S, record_ticks=max(ticks, 10),
-                                    summary_every_s=3600.0)
-            loop.set_instruction(instruction)
-            # Warm-up outside the measurement, as the service does before its first tick.
-            for samples in settings.samples:
-                loop.pipeline.set_mc_samples(samples)
-                frame = np.zeros(camera.frame_shape or (240, 320, 3), np.uint8)
-                loop.pipeline.infer(frame, np.zeros(int(bundle.action["dim"]), np.float32),
-                                    pipeline.cache.encode_now(instruction))
-            with _load_state(burner, load == "loaded"), _thread_scheduling(fifo) as scheduling:
+        # Warm-up outside the measurement, as the service does before its first tick.
+        for samples in settings.samples:
+            pipeline.set_mc_samples(samples)
+            frame = np.zeros(camera.frame_shape or (240, 320, 3), np.uint8)
+            pipeline.infer(frame, np.zeros(int(bundle.action["dim"]), np.float32), pipeline.cache.encode_now(instruction))
+        loops = {}
+        for key in conditions:
+            loops[key] = InstrumentedLoop(pipeline, camera, link, SafetyLayer(_safety_config(bundle)),
+                                          UncertaintyGate(_gate_config(bundle, target)),
+                                          samples_cycle=settings.samples, capacity=ticks, stale_after_s=3 * PERIOD_S,
+                                          record_ticks=max(ticks, 10), summary_every_s=3600.0)
+            loops[key].set_instruction(instruction)
+        totals = {key: {"seconds": 0.0, "overruns": 0, "missed_deadlines": 0, "steal_ms": 0.0, "segments": 0}
+                  for key in conditions}
+        scheduling = {}
+        origin = time.monotonic()
+        for key, count in segment_plan(list(conditions), ticks, int(round(CLOSED_LOOP_SEGMENT_S * RATE_HZ))):
+            load, fifo = conditions[key]
+            loop = loops[key]
+            steal_before = steal_ms()
+            with _load_state(burner, load == "loaded"), _thread_scheduling(fifo) as scheduling[key]:
                 started = time.monotonic()
-                loop.run(threading.Event(), max_ticks=ticks)
-                seconds = time.monotonic() - started
-            loop.stop_motors()
-            runs[key] = _closed_loop_run(loop.records[: min(loop.count, ticks)], loop, seconds)
-            runs[key].update(keeper=loop.keeper.summary(), load=load, scheduling=scheduling)
-            logger.info("closed loop (%s, %s): %s", key, scheduling, loop.summary_line())
+                loop.run(threading.Event(), max_ticks=count)
+                totals[key]["seconds"] += time.monotonic() - started
+            steal_after = steal_ms()
+            totals[key]["overruns"] += loop.keeper.overruns  # the rate keeper restarts with every run()
+            totals[key]["missed_deadlines"] += loop.keeper.missed_deadlines
+            totals[key]["segments"] += 1
+            if steal_before is None or steal_after is None:
+                totals[key]["steal_ms"] = None
+            elif totals[key]["steal_ms"] is not None:
+                totals[key]["steal_ms"] += steal_after - steal_before
+        loops[next(iter(loops))].stop_motors()
+        for key, loop in loops.items():
+            total = totals[key]
+            runs[key] = _closed_loop_run(loop.records[: min(loop.count, ticks)], loop, total["seconds"],
+                                         overruns=total["overruns"], missed_deadlines=total["missed_deadlines"],
+                                         origin_s=origin)
+            runs[key].update(load=conditions[key][0], scheduling=scheduling[key], segments=total["segments"],
+                             steal_ms=total["steal_ms"])
+            logger.info("closed loop (%s, %s): %s", key, scheduling[key], loop.summary_line())
     return {"target": target, "instruction": instruction, "samples_cycle": list(settings.samples),
-            "period_s": PERIOD_S, "runs": runs, "fifo_refused": fifo_refused}
+            "period_s": PERIOD_S, "segment_s": CLOSED_LOOP_SEGMENT_S, "runs": runs, "fifo_refused": fifo_refused}
 
 
 # --- part 3: start-up and memory ------------------------------------------------------------------
@@ -1331,7 +1391,10 @@ def format_markdown(report: dict) -> str:
         if closed.get("fifo_refused"):
             lines += [f"Control thread at normal priority only: {closed['fifo_refused']}.", ""]
         for load, run in closed["runs"].items():
-            lines += [f"### {load} ({run.get('scheduling', 'SCHED_OTHER')}): {run['ticks']} ticks, {run['overruns']} overruns, {run['missed_deadlines']} missed "
+            steal = run.get("steal_ms")
+            steal_text = "" if steal is None else f", {steal:.0f} ms of CPU stolen by the hypervisor meanwhile"
+            lines += [f"### {load} ({run.get('scheduling', 'SCHED_OTHER')}, {run.get('segments', 1)} segments"
+                      f"{steal_text}): {run['ticks']} ticks, {run['overruns']} overruns, {run['missed_deadlines']} missed "
                       f"deadlines, {run['ticks_over_period']} ticks over 100 ms; modes {run['modes']}", "",
                       "| stage | p50 | p90 | p99 | max |", "|---|---|---|---|---|"]
             rows = [(stage, run["stages"][stage]) for stage in TICK_STAGES]
@@ -1468,14 +1531,15 @@ def write_plots(report: dict, out_dir: Path) -> list[Path]:
         for load, run in closed["runs"].items():
             series = run["series"]
             label = f"{load} ({run.get('scheduling', 'SCHED_OTHER')})"
-            top.plot(series["t_s"], series["start_jitter_ms"], ".-", ms=3, lw=0.6, label=label)
-            bottom.plot(series["t_s"], series["tick_ms"], ".-", ms=3, lw=0.6, label=label)
+            # Markers only: the conditions take turns, so each one's series has gaps.
+            top.plot(series["t_s"], series["start_jitter_ms"], ".", ms=3, label=label)
+            bottom.plot(series["t_s"], series["tick_ms"], ".", ms=3, label=label)
         bottom.axhline(PERIOD_S * 1e3, color="red", lw=0.8, ls=":", label="100 ms period")
     else:
         top.text(0.5, 0.5, "closed loop not run", ha="center", transform=top.transAxes)
     top.set_ylabel("tick start - deadline (ms)")
     bottom.set_ylabel("full tick (ms)")
-    bottom.set_xlabel("time since the run started (s)")
+    bottom.set_xlabel("time since the closed loop started (s)")
     top.set_title("Tick-start jitter and full tick over time, 10 Hz")
     for ax in (top, bottom):
         ax.grid(True, alpha=0.3)

@@ -29,6 +29,8 @@ from benchmarks.latency import (
     compute_ratios,
     policy_ms,
     run_interleaved,
+    segment_plan,
+    steal_ms,
     summarize,
     tail_attribution,
 )
@@ -164,6 +166,24 @@ def test_closed_loop_conditions_run_the_deployed_scheduling_first():
     # FIFO refused (or not asked for): one run per load, at normal priority, under the plain keys.
     assert closed_loop_conditions(LOADS[:1], "refused", 50) == [("unloaded", "unloaded", None)]
     assert _fifo_refusal(None) == "not asked for (--no-fifo)"
+
+
+def test_segment_plan_interleaves_the_conditions_and_runs_each_in_full():
+    plan = segment_plan(["a", "b", "c"], ticks=250, segment_ticks=100)
+    assert plan[:3] == [("a", 100), ("b", 100), ("c", 100)]
+    assert plan[3:6] == [("b", 100), ("c", 100), ("a", 100)]  # the order rotates round by round
+    assert plan[6:] == [("c", 50), ("a", 50), ("b", 50)]
+    for condition in "abc":
+        assert sum(n for c, n in plan if c == condition) == 250
+    assert segment_plan(["a"], ticks=20, segment_ticks=100) == [("a", 20)]
+
+
+def test_steal_counter_reads_proc_stat():
+    if not Path("/proc/stat").exists():
+        pytest.skip("no /proc/stat")
+    first = steal_ms()
+    assert first is not None and first >= 0.0
+    assert steal_ms() >= first  # a counter since boot never goes back
 
 
 def test_thread_scheduling_is_fifo_inside_and_normal_after():
@@ -309,6 +329,9 @@ def test_closed_loop_times_every_stage_of_real_ticks(smoke):
     else:
         assert set(closed["runs"]) == {"unloaded"} and run["scheduling"] == "SCHED_OTHER"
     assert os.sched_getscheduler(0) == os.SCHED_OTHER  # (the benchmark ran in its own process anyway)
+    for each in closed["runs"].values():
+        assert each["segments"] == 1 and each["ticks"] == 20  # 2 s runs: one segment per condition
+        assert each["steal_ms"] is None or each["steal_ms"] >= 0.0
     assert run["ticks"] == 20
     assert set(run["stages"]) == set(TICK_STAGES)
     assert run["inferred_ticks"] >= 10  # the loop ran the policy, not a hold or a stale-frame stop
