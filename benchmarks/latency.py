@@ -961,6 +961,28 @@ def segment_plan(conditions: list[str], ticks: int, segment_ticks: int) -> list[
     return plan
 
 
+def _segment(records: np.ndarray, stolen_ms: float | None) -> dict:
+    return {"ticks": int(len(records)), "steal_ms": stolen_ms,
+            "start_jitter_p99": summarize(records["start_jitter_ms"]).get("p99"),
+            "tick_p99": summarize(records["tick_ms"]).get("p99")}
+
+
+def steal_split(segments: list[dict]) -> dict | None:
+    """Jitter and tick p99 in the segments with the least hypervisor steal vs those with the most (the
+    halves of the segments sorted by steal): how much of a run's tail the machine, not the code, made."""
+    known = [s for s in segments if s["steal_ms"] is not None and s["start_jitter_p99"] is not None]
+    if len(known) < 2:
+        return None
+    known.sort(key=lambda s: s["steal_ms"])
+    half = len(known) // 2
+    out = {}
+    for name, part in (("least", known[:half]), ("most", known[-half:])):
+        out[name] = {"segments": len(part), "steal_ms_mean": float(np.mean([s["steal_ms"] for s in part])),
+                     "start_jitter_p99_median": float(np.median([s["start_jitter_p99"] for s in part])),
+                     "tick_p99_median": float(np.median([s["tick_p99"] for s in part]))}
+    return out
+
+
 def run_closed_loop(bundle: Bundle, pipeline: PolicyPipeline, target: str, simulator: SimulatorProcess,
                     settings: BenchSettings, burner: CpuBurner | None) -> dict:
     """The real ControlLoop at 10 Hz against the simulator, per load and scheduling condition, the
@@ -991,14 +1013,14 @@ def run_closed_loop(bundle: Bundle, pipeline: PolicyPipeline, target: str, simul
                                           samples_cycle=settings.samples, capacity=ticks, stale_after_s=3 * PERIOD_S,
                                           record_ticks=max(ticks, 10), summary_every_s=3600.0)
             loops[key].set_instruction(instruction)
-        totals = {key: {"seconds": 0.0, "overruns": 0, "missed_deadlines": 0, "steal_ms": 0.0, "segments": 0}
+        totals = {key: {"seconds": 0.0, "overruns": 0, "missed_deadlines": 0, "steal_ms": 0.0, "segments": []}
                   for key in conditions}
         scheduling = {}
         origin = time.monotonic()
         for key, count in segment_plan(list(conditions), ticks, int(round(CLOSED_LOOP_SEGMENT_S * RATE_HZ))):
             load, fifo = conditions[key]
             loop = loops[key]
-            steal_before = steal_ms()
+            steal_before, first = steal_ms(), min(loop.count, ticks)
             with _load_state(burner, load == "loaded"), _thread_scheduling(fifo) as scheduling[key]:
                 started = time.monotonic()
                 loop.run(threading.Event(), max_ticks=count)
@@ -1006,11 +1028,12 @@ def run_closed_loop(bundle: Bundle, pipeline: PolicyPipeline, target: str, simul
             steal_after = steal_ms()
             totals[key]["overruns"] += loop.keeper.overruns  # the rate keeper restarts with every run()
             totals[key]["missed_deadlines"] += loop.keeper.missed_deadlines
-            totals[key]["segments"] += 1
-            if steal_before is None or steal_after is None:
+            stolen = None if steal_before is None or steal_after is None else steal_after - steal_before
+            totals[key]["segments"].append(_segment(loop.records[first: min(loop.count, ticks)], stolen))
+            if stolen is None:
                 totals[key]["steal_ms"] = None
             elif totals[key]["steal_ms"] is not None:
-                totals[key]["steal_ms"] += steal_after - steal_before
+                totals[key]["steal_ms"] += stolen
         loops[next(iter(loops))].stop_motors()
         for key, loop in loops.items():
             total = totals[key]
@@ -1018,7 +1041,7 @@ def run_closed_loop(bundle: Bundle, pipeline: PolicyPipeline, target: str, simul
                                          overruns=total["overruns"], missed_deadlines=total["missed_deadlines"],
                                          origin_s=origin)
             runs[key].update(load=conditions[key][0], scheduling=scheduling[key], segments=total["segments"],
-                             steal_ms=total["steal_ms"])
+                             steal_ms=total["steal_ms"], steal_split=steal_split(total["segments"]))
             logger.info("closed loop (%s, %s): %s", key, scheduling[key], loop.summary_line())
     return {"target": target, "instruction": instruction, "samples_cycle": list(settings.samples),
             "period_s": PERIOD_S, "segment_s": CLOSED_LOOP_SEGMENT_S, "runs": runs, "fifo_refused": fifo_refused}
@@ -1393,8 +1416,9 @@ def format_markdown(report: dict) -> str:
         for load, run in closed["runs"].items():
             steal = run.get("steal_ms")
             steal_text = "" if steal is None else f", {steal:.0f} ms of CPU stolen by the hypervisor meanwhile"
-            lines += [f"### {load} ({run.get('scheduling', 'SCHED_OTHER')}, {run.get('segments', 1)} segments"
-                      f"{steal_text}): {run['ticks']} ticks, {run['overruns']} overruns, {run['missed_deadlines']} missed "
+            segments = len(run.get("segments") or [None])
+            lines += [f"### {load} ({run.get('scheduling', 'SCHED_OTHER')}, {segments} segment"
+                      f"{'' if segments == 1 else 's'}{steal_text}): {run['ticks']} ticks, {run['overruns']} overruns, {run['missed_deadlines']} missed "
                       f"deadlines, {run['ticks_over_period']} ticks over 100 ms; modes {run['modes']}", "",
                       "| stage | p50 | p90 | p99 | max |", "|---|---|---|---|---|"]
             rows = [(stage, run["stages"][stage]) for stage in TICK_STAGES]
@@ -1413,6 +1437,14 @@ def format_markdown(report: dict) -> str:
                 lines.append(f"| {name} | {_ms(stats.get('p50'))} | {_ms(stats.get('p90'))} | "
                              f"{_ms(stats.get('p99'))} | {_ms(stats.get('max'))} |")
             lines.append("")
+            split = run.get("steal_split")
+            if split:
+                least, most = split["least"], split["most"]
+                lines += [f"Per 10 s segment, median of the segments' p99: the {least['segments']} with the least steal "
+                          f"(mean {least['steal_ms_mean']:.0f} ms): tick-start jitter {least['start_jitter_p99_median']:.2f}, "
+                          f"tick {least['tick_p99_median']:.2f}; the {most['segments']} with the most "
+                          f"(mean {most['steal_ms_mean']:.0f} ms): jitter {most['start_jitter_p99_median']:.2f}, "
+                          f"tick {most['tick_p99_median']:.2f}.", ""]
             tail = run.get("tail") or {}
             if tail.get("n"):
                 grown = sorted(tail["stages"].items(), key=lambda kv: -kv[1]["excess"])

@@ -31,6 +31,7 @@ from benchmarks.latency import (
     run_interleaved,
     segment_plan,
     steal_ms,
+    steal_split,
     summarize,
     tail_attribution,
 )
@@ -176,6 +177,20 @@ def test_segment_plan_interleaves_the_conditions_and_runs_each_in_full():
     for condition in "abc":
         assert sum(n for c, n in plan if c == condition) == 250
     assert segment_plan(["a"], ticks=20, segment_ticks=100) == [("a", 20)]
+
+
+def test_steal_split_compares_the_quiet_segments_with_the_stolen_ones():
+    segments = [{"ticks": 100, "steal_ms": steal, "start_jitter_p99": jitter, "tick_p99": tick}
+                for steal, jitter, tick in ((0.0, 0.3, 20.0), (500.0, 4.0, 40.0), (10.0, 0.5, 22.0),
+                                            (900.0, 6.0, 50.0), (20.0, 0.4, 21.0))]
+    split = steal_split(segments)
+    assert split["least"]["segments"] == split["most"]["segments"] == 2
+    assert split["least"]["steal_ms_mean"] == pytest.approx(5.0)
+    assert split["least"]["start_jitter_p99_median"] == pytest.approx(0.4)
+    assert split["most"]["steal_ms_mean"] == pytest.approx(700.0)
+    assert split["most"]["tick_p99_median"] == pytest.approx(45.0)
+    assert steal_split(segments[:1]) is None
+    assert steal_split([{**s, "steal_ms": None} for s in segments]) is None
 
 
 def test_steal_counter_reads_proc_stat():
@@ -330,7 +345,8 @@ def test_closed_loop_times_every_stage_of_real_ticks(smoke):
         assert set(closed["runs"]) == {"unloaded"} and run["scheduling"] == "SCHED_OTHER"
     assert os.sched_getscheduler(0) == os.SCHED_OTHER  # (the benchmark ran in its own process anyway)
     for each in closed["runs"].values():
-        assert each["segments"] == 1 and each["ticks"] == 20  # 2 s runs: one segment per condition
+        assert len(each["segments"]) == 1 and each["ticks"] == 20  # 2 s runs: one segment per condition
+        assert each["segments"][0]["ticks"] == 20 and each["steal_split"] is None  # one segment: nothing to split
         assert each["steal_ms"] is None or each["steal_ms"] >= 0.0
     assert run["ticks"] == 20
     assert set(run["stages"]) == set(TICK_STAGES)
