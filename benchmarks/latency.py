@@ -123,6 +123,7 @@ class BenchSettings:
     # (CPUSchedulingPriority=50); None: normal scheduling only. Where FIFO is granted, every load
     # condition also runs once at normal priority for comparison.
     fifo_priority: int | None = 50
+    segment_seconds: float = 10.0  # closed-loop conditions take turns in segments this long
 
 
 # --- statistics ----------------------------------------------------------------------------------
@@ -765,6 +766,12 @@ class InstrumentedLoop(ControlLoop):
         self.records = np.zeros(capacity, dtype=_TICK_RECORD)
         self.count = 0
 
+    def take_over(self) -> None:
+        """Start a segment after another condition's loop drove the robot meanwhile: a planned hand-over,
+        not a stall of this loop, so no stall warning; the safety layer slews from standstill."""
+        self._last_tick_s = None
+        self.safety.reset()
+
     def tick(self) -> np.void:
         start = self.clock()
         scheduled = self.keeper.next_deadline_s - self.period_s
@@ -926,9 +933,6 @@ def closed_loop_conditions(loads: tuple[str, ...], fifo_refused: str | None,
             *[(f"{load}, {NORMAL_PRIORITY}", load, None) for load in loads]]
 
 
-CLOSED_LOOP_SEGMENT_S = 10.0  # the conditions take turns in segments this long
-
-
 def steal_ms() -> float | None:
     """CPU time the hypervisor gave to other guests, all CPUs together, since boot (the "steal" column
     of /proc/stat); None where there is no such counter. A burst of it stalls any thread, FIFO or not."""
@@ -1017,9 +1021,10 @@ def run_closed_loop(bundle: Bundle, pipeline: PolicyPipeline, target: str, simul
                   for key in conditions}
         scheduling = {}
         origin = time.monotonic()
-        for key, count in segment_plan(list(conditions), ticks, int(round(CLOSED_LOOP_SEGMENT_S * RATE_HZ))):
+        for key, count in segment_plan(list(conditions), ticks, int(round(settings.segment_seconds * RATE_HZ))):
             load, fifo = conditions[key]
             loop = loops[key]
+            loop.take_over()
             steal_before, first = steal_ms(), min(loop.count, ticks)
             with _load_state(burner, load == "loaded"), _thread_scheduling(fifo) as scheduling[key]:
                 started = time.monotonic()
@@ -1044,7 +1049,7 @@ def run_closed_loop(bundle: Bundle, pipeline: PolicyPipeline, target: str, simul
                              steal_ms=total["steal_ms"], steal_split=steal_split(total["segments"]))
             logger.info("closed loop (%s, %s): %s", key, scheduling[key], loop.summary_line())
     return {"target": target, "instruction": instruction, "samples_cycle": list(settings.samples),
-            "period_s": PERIOD_S, "segment_s": CLOSED_LOOP_SEGMENT_S, "runs": runs, "fifo_refused": fifo_refused}
+            "period_s": PERIOD_S, "segment_s": settings.segment_seconds, "runs": runs, "fifo_refused": fifo_refused}
 
 
 # --- part 3: start-up and memory ------------------------------------------------------------------
@@ -1440,7 +1445,7 @@ def format_markdown(report: dict) -> str:
             split = run.get("steal_split")
             if split:
                 least, most = split["least"], split["most"]
-                lines += [f"Per 10 s segment, median of the segments' p99: the {least['segments']} with the least steal "
+                lines += [f"Per {closed.get('segment_s', 10.0):g} s segment, median of the segments' p99: the {least['segments']} with the least steal "
                           f"(mean {least['steal_ms_mean']:.0f} ms): tick-start jitter {least['start_jitter_p99_median']:.2f}, "
                           f"tick {least['tick_p99_median']:.2f}; the {most['segments']} with the most "
                           f"(mean {most['steal_ms_mean']:.0f} ms): jitter {most['start_jitter_p99_median']:.2f}, "
@@ -1773,6 +1778,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="SCHED_FIFO priority of the control thread in the closed loop, as the systemd unit "
                              "starts it (default 50); where granted, each load also runs at normal priority")
     parser.add_argument("--no-fifo", action="store_true", help="closed loop at normal priority only")
+    parser.add_argument("--segment-seconds", type=float, default=10.0,
+                        help="closed-loop conditions take turns in segments this long (default 10)")
     parser.add_argument("--no-startup", action="store_true", help="skip RSS and start-to-first-command")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
@@ -1797,7 +1804,14 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         closed_loop=not args.no_closed_loop, startup=not args.no_startup, threads=args.threads, seed=args.seed,
         checkpoint=args.checkpoint, load_bound_s=preset["load_bound_s"],
         fifo_priority=None if args.no_fifo else _fifo_priority(args.fifo_priority),
+        segment_seconds=_at_least("segment_seconds", args.segment_seconds, 0.1),
     )
+
+
+def _at_least(name: str, value: float, minimum: float) -> float:
+    if value < minimum:
+        raise ConfigError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
+    return value
 
 
 def _fifo_priority(value: int) -> int:

@@ -291,7 +291,7 @@ def smoke(reference_bundle, tmp_path_factory):
     out = tmp_path_factory.mktemp("latency")
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks.latency", "--bundle", str(bundle_dir), "--quick", "--out", str(out),
-         "--iterations", "5", "--warmup", "1", "--jitter-seconds", "2", "--no-load", "--no-torch",
+         "--iterations", "5", "--warmup", "1", "--jitter-seconds", "2", "--segment-seconds", "1", "--no-load", "--no-torch",
          "--log-level", "WARNING"],
         cwd=REPO, capture_output=True, text=True, timeout=240, check=False,
     )
@@ -344,9 +344,13 @@ def test_closed_loop_times_every_stage_of_real_ticks(smoke):
     else:
         assert set(closed["runs"]) == {"unloaded"} and run["scheduling"] == "SCHED_OTHER"
     assert os.sched_getscheduler(0) == os.SCHED_OTHER  # (the benchmark ran in its own process anyway)
+    assert "control loop stalled" not in smoke[3]  # a condition taking its turn is a hand-over, not a stall
     for each in closed["runs"].values():
-        assert len(each["segments"]) == 1 and each["ticks"] == 20  # 2 s runs: one segment per condition
-        assert each["segments"][0]["ticks"] == 20 and each["steal_split"] is None  # one segment: nothing to split
+        # 2 s per condition in 1 s turns: two segments each, taken in turn with the other condition.
+        assert [segment["ticks"] for segment in each["segments"]] == [10, 10] and each["ticks"] == 20
+        assert each["steal_ms"] is None or each["steal_ms"] >= 0.0
+        if each["steal_ms"] is not None:
+            assert each["steal_split"]["least"]["segments"] == each["steal_split"]["most"]["segments"] == 1
         assert each["steal_ms"] is None or each["steal_ms"] >= 0.0
     assert run["ticks"] == 20
     assert set(run["stages"]) == set(TICK_STAGES)
