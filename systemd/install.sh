@@ -12,23 +12,16 @@ set -euo pipefail
 # Root's umask may be 027; the venv and unit must be readable by the service user and by systemd.
 umask 022
 
-readonly SERVICE_USER=vla-edge
-readonly UNIT=vla-edge.service
 readonly WANTED_GROUPS=(dialout video render)
-readonly APP_DIR=/opt/vla-edge
 readonly VENV=/opt/vla-edge/venv
-readonly CONFIG_DIR=/etc/vla-edge
 readonly CONFIG=/etc/vla-edge/robot.yaml
-readonly STATE_DIR=/var/lib/vla-edge
-readonly UNIT_PATH=/etc/systemd/system/vla-edge.service
-readonly DROPIN_DIR=/etc/systemd/system/vla-edge.service.d
-readonly GROUPS_DROPIN=/etc/systemd/system/vla-edge.service.d/10-supplementary-groups.conf
-readonly RULE_PATH=/etc/udev/rules.d/99-vla-edge-motor.rules
 readonly DOC_PATH=/opt/vla-edge/README.systemd.md
 
 ORIGINAL_ARGS=("$@")
 SCRIPT_DIR=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)
 SOURCE_DIR=$(dirname -- "$SCRIPT_DIR")
+# shellcheck source=common.sh
+source "$SCRIPT_DIR/common.sh"
 DRY_RUN=0
 START=0
 PREFIX=/
@@ -52,25 +45,6 @@ Usage: $0 [--dry-run] [--prefix DIR] [--start] [--source DIR] [--python PY] [--e
 EOF
 }
 
-die() {
-  printf 'install.sh: error: %s\n' "$*" >&2
-  exit 1
-}
-
-note() {
-  printf '# %s\n' "$*"
-}
-
-# Print an action, then do it unless this is a dry run.
-run() {
-  printf '+'
-  printf ' %q' "$@"
-  printf '\n'
-  if ((DRY_RUN == 0)); then
-    "$@"
-  fi
-}
-
 # Write stdin to a file with a mode (the content is shown in a dry run, which writes nothing).
 write_file() {
   local dest=$1 mode=$2 content tmp
@@ -82,23 +56,6 @@ write_file() {
     printf '%s\n' "$content" >"$tmp"
     install -m "$mode" "$tmp" "$dest"
     rm -f -- "$tmp"
-  fi
-}
-
-# A system path under the prefix.
-p() {
-  if [[ $PREFIX == / ]]; then
-    printf '%s' "$1"
-  else
-    printf '%s%s' "${PREFIX%/}" "$1"
-  fi
-}
-
-user_exists() {
-  if [[ $PREFIX == / ]]; then
-    getent passwd "$1" >/dev/null
-  else
-    grep -q "^$1:" "$(p /etc/passwd)" 2>/dev/null
   fi
 }
 
@@ -119,11 +76,6 @@ in_group() {
     members=$(grep "^$2:" "$(p /etc/group)" 2>/dev/null | cut -d: -f4)
   fi
   [[ ,$members, == *",$1,"* ]]
-}
-
-# Is systemd the running init here? Dry runs plan as if it were, so the plan shows every step.
-systemd_running() {
-  ((DRY_RUN == 1)) || [[ -d /run/systemd/system ]]
 }
 
 while (($# > 0)); do

@@ -9,19 +9,12 @@
 # Every action is printed as "+ command"; notes start with "# ".
 set -euo pipefail
 
-readonly SERVICE_USER=vla-edge
-readonly UNIT=vla-edge.service
-readonly APP_DIR=/opt/vla-edge
-readonly CONFIG_DIR=/etc/vla-edge
-readonly STATE_DIR=/var/lib/vla-edge
 readonly CACHE_DIR=/var/cache/vla-edge
-readonly UNIT_PATH=/etc/systemd/system/vla-edge.service
-readonly DROPIN_DIR=/etc/systemd/system/vla-edge.service.d
-readonly GROUPS_DROPIN=/etc/systemd/system/vla-edge.service.d/10-supplementary-groups.conf
-readonly RULE_PATH=/etc/udev/rules.d/99-vla-edge-motor.rules
 
 ORIGINAL_ARGS=("$@")
 SCRIPT_DIR=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=common.sh
+source "$SCRIPT_DIR/common.sh"
 DRY_RUN=0
 PURGE=0
 PREFIX=/
@@ -35,44 +28,6 @@ Usage: $0 [--dry-run] [--prefix DIR] [--purge]
   --purge        also remove /etc/vla-edge (config), /var/lib/vla-edge (bundle, state),
                  /var/cache/vla-edge, an edited udev rule, drop-ins and the vla-edge user
 EOF
-}
-
-die() {
-  printf 'uninstall.sh: error: %s\n' "$*" >&2
-  exit 1
-}
-
-note() {
-  printf '# %s\n' "$*"
-}
-
-run() {
-  printf '+'
-  printf ' %q' "$@"
-  printf '\n'
-  if ((DRY_RUN == 0)); then
-    "$@"
-  fi
-}
-
-p() {
-  if [[ $PREFIX == / ]]; then
-    printf '%s' "$1"
-  else
-    printf '%s%s' "${PREFIX%/}" "$1"
-  fi
-}
-
-user_exists() {
-  if [[ $PREFIX == / ]]; then
-    getent passwd "$1" >/dev/null
-  else
-    grep -q "^$1:" "$(p /etc/passwd)" 2>/dev/null
-  fi
-}
-
-systemd_running() {
-  ((DRY_RUN == 1)) || [[ -d /run/systemd/system ]]
 }
 
 while (($# > 0)); do
