@@ -18,8 +18,8 @@ import pytest
 from edge.camera import Camera, CameraConfig, SourceKind, detect_source_kind
 from edge.errors import CameraError, ConfigError, InputError
 from simulator.mjpeg import MjpegServer
+from tests.waiting import HANG_GUARD_S, wait_until
 
-HANG_GUARD_S = 10.0  # bounds every wait so a broken camera fails the test instead of hanging it
 H, W = 48, 64
 
 
@@ -55,15 +55,6 @@ class IndexedSource:
         frame = coloured_frame(self.produced % 12)
         self.produced += 1
         return frame
-
-
-def wait_until(predicate, timeout_s: float = HANG_GUARD_S) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.005)
-    return predicate()
 
 
 def sample(camera: Camera, until, timeout_s: float = HANG_GUARD_S) -> list[tuple[float, int, int]]:

@@ -31,8 +31,7 @@ from edge.control_socket import (
 from edge.errors import ConfigError, EdgeError, InputError
 from edge.loop import Mode, TickRecorder
 from edge.motor_link import LinkStats
-
-HANG_GUARD_S = 10.0  # only stops a broken server from hanging the suite; no test measures time
+from tests.waiting import HANG_GUARD_S
 
 
 def strict_json(line: bytes):

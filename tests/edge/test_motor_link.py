@@ -25,18 +25,9 @@ from edge.protocol import (
     encode,
 )
 from simulator.controller import SimulatedController
+from tests.waiting import HANG_GUARD_S, wait_until
 
-HANG_GUARD_S = 10.0  # bounds every wait so a broken link fails the test instead of hanging it
 FAST_BACKOFF = (0.02, 0.1)
-
-
-def wait_until(predicate, timeout_s: float = HANG_GUARD_S) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.005)
-    return bool(predicate())
 
 
 def telemetry(seq: int, last_command_seq: int = 0, time_ms: int = 1000, status=StatusFlags.MOTORS_ENABLED):

@@ -34,18 +34,9 @@ from edge.protocol import (
 from reference_world.expert import expert_action
 from reference_world.world import WorldConfig
 from simulator.controller import MOTOR_STOPPED_EPSILON, SimulatedController, _FreeRunningWorld
+from tests.waiting import HANG_GUARD_S, wait_until
 
-HANG_GUARD_S = 10.0  # bounds every wait so a broken controller fails the test instead of hanging it
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def wait_until(predicate, timeout_s: float = HANG_GUARD_S) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.005)
-    return bool(predicate())
 
 
 class RawHost:

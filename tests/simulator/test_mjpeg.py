@@ -5,7 +5,6 @@ from __future__ import annotations
 import socket
 import struct
 import threading
-import time
 import urllib.error
 import urllib.request
 
@@ -14,8 +13,7 @@ import numpy as np
 import pytest
 
 from simulator.mjpeg import MjpegServer
-
-HANG_GUARD_S = 10.0  # only stops a broken server from hanging the suite; never a timing assertion
+from tests.waiting import HANG_GUARD_S, wait_until
 
 
 class CountingSource:
@@ -74,15 +72,6 @@ class StreamClient:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.file.close()
         self.sock.close()
-
-
-def wait_until(predicate, timeout_s: float = HANG_GUARD_S) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
 
 
 @pytest.fixture
