@@ -12,6 +12,7 @@ import pytest
 from edge import cuda
 from edge.errors import BackendError, CudaError
 from tests.fakes.fake_cuda import FakeCudaRuntime, cudaError_t
+from tests.gpu import real_cuda_runtime
 
 
 @pytest.fixture
@@ -180,20 +181,9 @@ def test_fake_error_codes_match_the_real_bindings():
 # ---- real GPU ----
 
 
-def _real_runtime():
-    try:
-        runtime = cuda.load_runtime()
-    except BackendError:
-        pytest.skip("cuda-python is not installed")
-    err, count = runtime.cudaGetDeviceCount()[:2]
-    if int(err) != 0 or not count:
-        pytest.skip(f"no CUDA GPU here ({cuda.error_name(err, runtime)})")
-    return runtime
-
-
 @pytest.mark.gpu
 def test_real_gpu_round_trip_and_timing():
-    runtime = _real_runtime()
+    runtime = real_cuda_runtime()
     assert re.fullmatch(r"\d+\.\d+", cuda.device_compute_capability(cudart=runtime))
     with (cuda.Stream(cudart=runtime) as stream, cuda.PinnedBuffer((1 << 16,), "float32", cudart=runtime) as src,
           cuda.PinnedBuffer((1 << 16,), "float32", cudart=runtime) as dst,
@@ -211,7 +201,7 @@ def test_real_gpu_round_trip_and_timing():
 
 @pytest.mark.gpu
 def test_real_gpu_graph_replay():
-    runtime = _real_runtime()
+    runtime = real_cuda_runtime()
     with (cuda.Stream(cudart=runtime) as stream, cuda.PinnedBuffer((64,), "int32", cudart=runtime) as src,
           cuda.PinnedBuffer((64,), "int32", cudart=runtime) as dst, cuda.DeviceBuffer(256, cudart=runtime) as dev):
         stream.begin_capture()

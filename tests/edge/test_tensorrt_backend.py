@@ -18,6 +18,7 @@ from edge.engine_key import REBUILD_COMMAND, EngineKey, file_sha256, key_path
 from edge.errors import BackendError, BundleError, CudaError
 from tests.fakes.conftest_fakes import fake_gpu, head_model, mlp_model, ort_run
 from tests.fakes.fake_cuda import cudaError_t
+from tests.gpu import real_cuda_runtime
 
 X = (TensorSpec("x", "float32", (-1, 4)),)
 Y = (TensorSpec("y", "float32", (-1, 3)),)
@@ -363,15 +364,7 @@ def test_tensorrt_refusing_to_run_is_a_backend_error(mlp, gpu):
 @pytest.mark.gpu
 def test_real_tensorrt_matches_onnxruntime(tmp_path):
     trt = pytest.importorskip("tensorrt", reason="TensorRT is not installed")
-    from edge import cuda
-
-    try:
-        runtime = cuda.load_runtime()
-    except BackendError:
-        pytest.skip("cuda-python is not installed")
-    err, count = runtime.cudaGetDeviceCount()[:2]
-    if int(err) != 0 or not count:
-        pytest.skip("no CUDA GPU here")
+    runtime = real_cuda_runtime()
     onnx_path, engine_path, key = make_engine(tmp_path, trt, runtime)
     x = np.random.default_rng(9).standard_normal((5, 4)).astype(np.float32)
     with TensorRTBackend(engine_path, key, X, Y, max_batch=8, trt=trt, cudart=runtime,
