@@ -163,16 +163,8 @@ def verify_tensorrt_layout(
                 violations.append(f"the graph has {counts[op_type]} {op_type} nodes, the FP32 graph "
                                   f"{reference_counts[op_type]}; TensorRT layout keeps every Relu/Clip")
 
-    if violations:
-        raise LayoutError(graph.description, "TensorRT", violations)
-    report = LayoutReport(model=graph.description, target="tensorrt", quantized_nodes=tuple(quantized),
-                          unquantized_nodes=tuple(unquantized), excluded_nodes=tuple(excluded),
-                          quantize_linear=len(graph.nodes_of("QuantizeLinear")),
-                          dequantize_linear=len(graph.nodes_of("DequantizeLinear")),
-                          per_channel_weights=per_channel, activation_counts=counts,
-                          reference_activation_counts=reference_counts)
-    logger.info("%s", report.summary())
-    return report
+    return _passed_or_raise(graph, "tensorrt", violations, quantized, unquantized, excluded, per_channel,
+                            counts, reference_counts)
 
 
 def verify_cpu_layout(
@@ -237,13 +229,22 @@ def verify_cpu_layout(
     if not quantized:
         violations.append("no Conv/Gemm/MatMul has quantized inputs: the graph is not INT8")
 
+    return _passed_or_raise(graph, "cpu", violations, quantized, unquantized, excluded, per_channel,
+                            graph.activation_counts())
+
+
+def _passed_or_raise(graph: _Graph, target: str, violations: list[str], quantized: list[str],
+                     unquantized: list[str], excluded: list[str], per_channel: int, counts: Mapping[str, int],
+                     reference_counts: Mapping[str, int] | None = None) -> LayoutReport:
+    """Both layout checks end here: every violation at once, or the report of a passing graph."""
     if violations:
-        raise LayoutError(graph.description, "CPU", violations)
-    report = LayoutReport(model=graph.description, target="cpu", quantized_nodes=tuple(quantized),
+        raise LayoutError(graph.description, "TensorRT" if target == "tensorrt" else "CPU", violations)
+    report = LayoutReport(model=graph.description, target=target, quantized_nodes=tuple(quantized),
                           unquantized_nodes=tuple(unquantized), excluded_nodes=tuple(excluded),
                           quantize_linear=len(graph.nodes_of("QuantizeLinear")),
                           dequantize_linear=len(graph.nodes_of("DequantizeLinear")),
-                          per_channel_weights=per_channel, activation_counts=graph.activation_counts())
+                          per_channel_weights=per_channel, activation_counts=counts,
+                          reference_activation_counts=reference_counts)
     logger.info("%s", report.summary())
     return report
 
