@@ -1790,10 +1790,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
 
     def pick(name: str, minimum: float):
         value = getattr(args, name)
-        value = preset[name] if value is None else value
-        if value < minimum:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
-        return value
+        return _at_least(name, preset[name] if value is None else value, minimum)
 
     return BenchSettings(
         mode=args.mode, iterations=pick("iterations", 1), torch_iterations=pick("torch_iterations", 1),
