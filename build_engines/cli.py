@@ -14,7 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
-from build_engines.pipeline import CALIB_METHODS, BuildError, BuildOptions, GateRefused, Tolerances, run_build
+from build_engines.build import CALIB_METHODS, BuildError, BuildOptions, GateRefused, Tolerances, run_build
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         tolerances=Tolerances(min_vision_cosine=args.min_vision_cosine, max_head_action_error=args.max_head_error,
                               max_success_drop=args.max_success_drop),
     )
-    from build_engines.pipeline import format_report, format_summary
+    from build_engines.build import format_report, format_summary
 
     try:
         summary = run_build(options)

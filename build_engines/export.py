@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edge.backends.base import TensorSpec
+from edge.inference.backends.base import TensorSpec
 from reference_policy.encoders import IMAGE_SIZE_PX, LANGUAGE_DIM, MAX_TOKENS
 from reference_policy.model import PolicyHead
 

@@ -29,11 +29,11 @@ from typing import Any
 
 import numpy as np
 
-from edge.backends.base import TensorSpec
-from edge.backends.tensorrt import TENSORRT_HINT, TensorRTBackend, tensorrt_logger
-from edge.engine_key import PRECISIONS, EngineKey, file_sha256, key_path
 from edge.errors import EdgeError
 from edge.fileio import atomic_write_bytes
+from edge.inference.backends.base import TensorSpec
+from edge.inference.backends.tensorrt import TENSORRT_HINT, TensorRTBackend, tensorrt_logger
+from edge.inference.engine_key import PRECISIONS, EngineKey, file_sha256, key_path
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def tensorrt_status(trt: Any = None, cudart: Any = None) -> tuple[bool, str]:
             import tensorrt as trt
         except ImportError:
             return False, "TensorRT not available: " + TENSORRT_HINT
-    from edge import cuda
+    from edge.inference import cuda
 
     try:
         rt = cudart if cudart is not None else cuda.load_runtime()
@@ -245,7 +245,7 @@ def build_engine(
 
 def engine_key_for(onnx_path: str | Path, precision: str, trt: Any, cuda: Any) -> EngineKey:
     """The key of an engine built here from `onnx_path`; `cuda` is the cuda-python runtime module."""
-    from edge.cuda import device_compute_capability
+    from edge.inference.cuda import device_compute_capability
 
     return EngineKey(
         source_sha256=file_sha256(onnx_path),

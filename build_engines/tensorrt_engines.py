@@ -48,14 +48,14 @@ def build_all(root: Path, options, files: dict, exported: dict, cfg, reference_i
               trt: Any = None, cudart: Any = None) -> list[dict]:
     import onnxruntime as ort
 
-    from edge.backends.onnxruntime import session_options
+    from edge.inference.backends.onnxruntime import session_options
 
     if trt is None:
         from build_engines.tensorrt_builder import load_tensorrt
 
         trt = load_tensorrt()
     if cudart is None:
-        from edge.cuda import load_runtime
+        from edge.inference.cuda import load_runtime
 
         cudart = load_runtime()
     engines_dir = root / "engines"

@@ -14,7 +14,7 @@ logger = logging.getLogger(__name__)
 
 
 def _tokenize(args: argparse.Namespace) -> int:
-    from edge.tokenizer import InstructionTokenizer
+    from edge.inference.tokenizer import InstructionTokenizer
 
     tokenizer = InstructionTokenizer(args.tokenizer, max_tokens=args.max_tokens)
     ids, mask = tokenizer.encode(args.instruction)
@@ -24,7 +24,7 @@ def _tokenize(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from edge.service import run_service
+    from edge.service.run import run_service
 
     # run_service loads the config itself so that a config error exits 78 (EX_CONFIG), which the
     # systemd unit does not restart on.
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vla-edge {__version__}")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     commands = parser.add_subparsers(dest="command", required=True)
-    from edge.control_socket import add_control_commands
+    from edge.service.control_socket import add_control_commands
 
     add_control_commands(commands)
     run = commands.add_parser("run", help="run the robot service (camera + policy + motor link at 10 Hz)")
@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     tokenize.add_argument("--tokenizer", required=True, help="tokenizer.json (shipped in the policy bundle)")
     tokenize.add_argument("--max-tokens", type=int, default=32)
     tokenize.set_defaults(handler=_tokenize)
-    from edge.doctor import add_doctor_command
+    from edge.service.doctor import add_doctor_command
 
     add_doctor_command(commands)
     # Everything after `bench` belongs to the benchmark's own parser (see main()); no -h here, so that

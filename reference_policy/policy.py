@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edge.frames import resize_into
-from edge.tokenizer import InstructionTokenizer
+from edge.inference.frames import resize_into
+from edge.inference.tokenizer import InstructionTokenizer
 from reference_policy.encoders import (
     IMAGE_SIZE_PX,
     load_language_encoder,

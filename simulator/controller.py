@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from edge.protocol import (
+from edge.io.protocol import (
     WATCHDOG_TIMEOUT_S,
     ClearEmergencyStop,
     EmergencyStop,

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.control_socket import send_request
+from edge.service.control_socket import send_request
 from reference_world.episodes import EpisodeResult, draw_trajectories
 from reference_world.instructions import heldout_instruction
 from reference_world.world import WorldConfig
@@ -90,7 +90,7 @@ def _status(socket_path: Path) -> dict | None:
 
 def _bundle_is_current(bundle: Path) -> bool:
     """The bundle exists and was built from the policy checkpoint that is here now."""
-    from edge.bundle import file_sha256
+    from edge.inference.bundle import file_sha256
     from reference_policy.model import DEFAULT_CHECKPOINT_DIR
 
     try:

@@ -10,7 +10,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def reference_bundle(tmp_path_factory):
-    from build_engines.pipeline import BuildOptions, run_build
+    from build_engines.build import BuildOptions, run_build
 
     out = tmp_path_factory.mktemp("bundle") / "reference"
     logging.getLogger("build_engines").setLevel(logging.WARNING)
@@ -22,6 +22,6 @@ def reference_bundle(tmp_path_factory):
 
 
 def _lenient():
-    from build_engines.pipeline import Tolerances
+    from build_engines.build import Tolerances
 
     return Tolerances(max_success_drop=1.0)

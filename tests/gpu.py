@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from edge import cuda
 from edge.errors import BackendError
+from edge.inference import cuda
 
 
 def real_cuda_runtime():

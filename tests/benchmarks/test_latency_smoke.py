@@ -35,7 +35,7 @@ from benchmarks.latency import (
     summarize,
     tail_attribution,
 )
-from edge.bundle import file_sha256
+from edge.inference.bundle import file_sha256
 
 REPO = Path(__file__).resolve().parents[2]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

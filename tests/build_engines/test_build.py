@@ -7,11 +7,11 @@ import numpy as np
 import onnx
 import pytest
 
-from build_engines import cli, pipeline, quantize
+from build_engines import build, cli, quantize
+from build_engines.build import BuildError, BuildOptions, GateRefused, Tolerances, run_build
 from build_engines.layout import verify_cpu_layout, verify_tensorrt_layout
-from build_engines.pipeline import BuildError, BuildOptions, GateRefused, Tolerances, run_build
 from build_engines.polygraphy_io import load_inputs, load_outputs
-from edge.bundle import Bundle
+from edge.inference.bundle import Bundle
 
 
 def test_bundle_has_every_graph_and_report(reference_bundle):
@@ -50,7 +50,7 @@ def test_tensorrt_graphs_have_the_symmetric_per_channel_layout(reference_bundle)
 def test_reference_data_replays_through_onnxruntime(reference_bundle):
     import onnxruntime as ort
 
-    from edge.backends.onnxruntime import session_options
+    from edge.inference.backends.onnxruntime import session_options
 
     root, _ = reference_bundle
     bundle = Bundle.load(root)
@@ -125,4 +125,4 @@ def test_unwritable_output(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     with pytest.raises(BuildError, match="cannot create the output's parent directory"):
-        pipeline.check_output_location(BuildOptions(out=blocker / "sub" / "bundle"))
+        build.check_output_location(BuildOptions(out=blocker / "sub" / "bundle"))

@@ -22,9 +22,9 @@ from build_engines.tensorrt_builder import (
     verify_engine,
 )
 from edge import fileio
-from edge.backends.base import TensorSpec
-from edge.engine_key import EngineKey, file_sha256, key_path
 from edge.errors import BundleError
+from edge.inference.backends.base import TensorSpec
+from edge.inference.engine_key import EngineKey, file_sha256, key_path
 from tests.fakes.conftest_fakes import fake_gpu, fp16_model, head_model, mlp_model, ort_run, qdq_model
 from tests.fakes.fake_cuda import FakeCudaRuntime
 from tests.fakes.fake_tensorrt import fake_plan_header, make_fake_tensorrt
@@ -147,7 +147,7 @@ def test_profile_covers_every_sample_count_from_one_to_max(tmp_path):
     features = np.full((1, 8), 0.5, np.float32)
     inputs = (TensorSpec("features", "float32", (1, 8)), TensorSpec("mask", "float32", (-1, 8)))
     outputs = (TensorSpec("actions", "float32", (-1, 2)),)
-    from edge.backends.tensorrt import TensorRTBackend
+    from edge.inference.backends.tensorrt import TensorRTBackend
 
     (tmp_path / "head.engine").write_bytes(engine)
     with TensorRTBackend(tmp_path / "head.engine", None, inputs, outputs, max_batch=32, trt=trt,

@@ -8,14 +8,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from build_engines.pipeline import BuildOptions, _write_manifest
+from build_engines.build import BuildOptions, _write_manifest
 from build_engines.tensorrt_engines import build_all
-from edge.backends.base import TensorSpec
-from edge.bundle import Bundle
-from edge.config import config_from_dict
 from edge.errors import BackendError, BundleError
-from edge.pipeline import PolicyPipeline
-from edge.service import backend_factory
+from edge.inference.backends.base import TensorSpec
+from edge.inference.bundle import Bundle
+from edge.inference.pipeline import PolicyPipeline
+from edge.service.config import config_from_dict
+from edge.service.run import backend_factory
 from reference_world.world import TabletopWorld
 from tests.fakes.conftest_fakes import fake_gpu
 

@@ -10,7 +10,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from edge.backends.onnxruntime import session_options
+from edge.inference.backends.onnxruntime import session_options
 from tests.fakes.fake_cuda import FakeCudaRuntime
 from tests.fakes.fake_tensorrt import make_fake_tensorrt
 

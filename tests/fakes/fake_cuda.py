@@ -1,4 +1,4 @@
-"""A faithful fake of the part of cuda-python's ``cuda.bindings.runtime`` that edge/cuda.py uses.
+"""A faithful fake of the part of cuda-python's ``cuda.bindings.runtime`` that edge/inference/cuda.py uses.
 
 Same calling convention as the real bindings: every call returns a tuple ``(cudaError_t, *values)``;
 error names and numbers are CUDA's own (checked against the real module by a test where cuda-python is

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from edge.backends.onnxruntime import session_options
+from edge.inference.backends.onnxruntime import session_options
 
 _PLAN_MAGIC = b"FAKE-TRT-PLAN\x00"
 _CACHE_MAGIC = b"FAKE-TRT-TIMING-CACHE\x00"

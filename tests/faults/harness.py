@@ -36,9 +36,9 @@ from typing import Any, TypeVar
 
 import yaml
 
-from edge.control_socket import send_request
 from edge.errors import EdgeError
-from edge.protocol import WATCHDOG_TIMEOUT_S
+from edge.io.protocol import WATCHDOG_TIMEOUT_S
+from edge.service.control_socket import send_request
 from reference_world.world import WorldConfig
 from simulator.controller import MOTOR_STOPPED_EPSILON
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge.safety import SafetyReason
+from edge.control.safety import SafetyReason
 from tests.faults.harness import (
     COMMANDED_STOP_BOUND_S,
     CONTROL_PERIOD_S,
@@ -429,7 +429,7 @@ def make_nan_head_bundle(source: Path, destination: Path, target: str = "cpu") -
     import onnx
     from onnx import helper, numpy_helper
 
-    from build_engines.pipeline import _write_manifest
+    from build_engines.build import _write_manifest
 
     shutil.copytree(source, destination)
     manifest = json.loads((destination / "manifest.json").read_text())

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from edge.errors import InputError
-from edge.tokenizer import InstructionTokenizer
+from edge.inference.tokenizer import InstructionTokenizer
 from reference_policy import encoders
 from reference_policy.encoders import (
     IMAGE_SIZE_PX,

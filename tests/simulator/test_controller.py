@@ -21,7 +21,7 @@ import pytest
 import serial
 from cobs import cobs
 
-from edge.protocol import (
+from edge.io.protocol import (
     ClearEmergencyStop,
     EmergencyStop,
     FrameDecoder,
@@ -40,7 +40,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class RawHost:
-    """A bare host: pyserial on the controller's stable path, frames built with edge.protocol."""
+    """A bare host: pyserial on the controller's stable path, frames built with edge.io.protocol."""
 
     def __init__(self, path: str) -> None:
         self.port = serial.Serial(path, timeout=0.02)

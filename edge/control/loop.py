@@ -1,0 +1,302 @@
+"""The 10 Hz control loop: tick -> observe -> infer -> gate -> guard -> send -> wait.
+
+Every tick sends a command: the policy's (clamped, slew-limited) action when the inputs are fresh,
+the instruction's embedding is ready and the uncertainty gate is calm; otherwise a controlled stop.
+A tick never waits on the camera, the motor link or the language encoder.
+
+Per-tick records (timestamps, stage timings, score, mode, command) go into a preallocated ring
+buffer; a summary line is logged periodically; `on_deadline_met` is called only for ticks that met
+their deadline (the systemd watchdog ping).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from edge.control.ratekeeper import RateKeeper
+from edge.control.realtime import collect_in_slack
+from edge.control.safety import SafetyLayer
+from edge.control.uncertainty_gate import UncertaintyGate
+from edge.errors import EdgeError, InputError
+from edge.io.protocol import WATCHDOG_TIMEOUT_S
+from edge.ratelimit import RateLimitedWarnings
+
+logger = logging.getLogger(__name__)
+
+
+class Mode(enum.IntEnum):
+    NOMINAL = 0
+    FALLBACK = 1  # uncertainty gate or stale/failed inputs: controlled stop (or damped)
+    HOLD = 2  # no instruction, or its embedding is not ready yet
+    ESTOP = 3
+
+
+def tick_dtype(action_dim: int) -> np.dtype:
+    return np.dtype([
+        ("tick", np.int64),
+        ("start_s", np.float64),
+        ("frame_time_s", np.float64),
+        ("telemetry_time_s", np.float64),
+        ("resize_ms", np.float32),
+        ("vision_ms", np.float32),
+        ("head_ms", np.float32),
+        ("policy_ms", np.float32),  # resize + vision + head + reduce
+        ("tick_ms", np.float32),  # frame ready -> command bytes handed to the link
+        ("lag_ms", np.float32),
+        ("score", np.float32),
+        ("mode", np.int8),
+        ("reasons", np.int32),
+        ("command", np.float32, (action_dim,)),
+        ("delivered", np.bool_),
+    ])
+
+
+class TickRecorder:
+    """Fixed-size ring buffer of tick records; no allocation per tick."""
+
+    def __init__(self, capacity: int, action_dim: int = 2):
+        self.records = np.zeros(capacity, dtype=tick_dtype(action_dim))
+        self.count = 0
+
+    def next(self) -> np.void:
+        row = self.records[self.count % len(self.records)]
+        self.count += 1
+        return row
+
+    def latest(self, n: int | None = None) -> np.ndarray:
+        """The last n records in time order (a copy)."""
+        size = min(self.count, len(self.records))
+        n = size if n is None else min(n, size)
+        end = self.count % len(self.records)
+        idx = (np.arange(end - n, end)) % len(self.records)
+        return self.records[idx].copy()
+
+
+class ControlLoop:
+    def __init__(
+        self,
+        pipeline,
+        camera,
+        link,
+        safety: SafetyLayer,
+        gate: UncertaintyGate,
+        period_s: float,
+        *,
+        stale_after_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+        record_ticks: int = 1200,
+        summary_every_s: float = 60.0,
+        frame_shape: tuple[int, int, int] | None = None,
+        on_deadline_met: Callable[[], None] | None = None,
+        gc_min_slack_s: float = 0.02,
+    ):
+        self.pipeline = pipeline
+        self.camera = camera
+        self.link = link
+        self.safety = safety
+        self.gate = gate
+        self.period_s = period_s
+        self.stale_after_s = stale_after_s
+        self.clock = clock
+        self.sleep = sleep
+        self.keeper = RateKeeper(period_s, clock=clock, sleep=sleep)
+        self.summary_every_s = summary_every_s
+        self.on_deadline_met = on_deadline_met
+        self.gc_min_slack_s = gc_min_slack_s
+        action_dim = int(pipeline.bundle.action["dim"])
+        self.recorder = TickRecorder(record_ticks, action_dim)
+        self._zeros = np.zeros(action_dim, np.float32)
+        self._proprio = np.zeros(action_dim, np.float32)
+        shape = frame_shape or camera.frame_shape or (480, 640, 3)
+        self._frame = np.zeros(shape, np.uint8)
+        self._instruction: str | None = None
+        self._instruction_lock = threading.Lock()
+        self._warn = RateLimitedWarnings(logger)
+        self._last_summary_s = clock()
+        self._last_mode = Mode.HOLD
+        self._last_tick_s: float | None = None
+        self.counters = {"ticks": 0, "nominal": 0, "fallback": 0, "hold": 0, "estop": 0, "inference_errors": 0,
+                         "undelivered": 0, "transitions": 0}
+        self.last_output = None
+
+    # -- commands from other threads (instruction socket, signal handlers) --------------------------
+    def set_instruction(self, text: str | None) -> None:
+        """Raises InputError (and keeps the current instruction) if the tokenizer cannot take `text`."""
+        text = text.strip() if text else None
+        if text is not None:
+            self.pipeline.tokenizer.encode(text)  # refuse here, before the robot drops what it is doing
+        with self._instruction_lock:
+            self._instruction = text
+        logger.info("instruction set: %r", text)
+
+    @property
+    def instruction(self) -> str | None:
+        return self._instruction
+
+    def emergency_stop(self) -> None:
+        self.safety.estop()
+        self.link.emergency_stop()
+        logger.warning("emergency stop latched")
+
+    def clear_emergency_stop(self) -> None:
+        self.safety.clear_estop()
+        self.link.clear_emergency_stop()
+        logger.info("emergency stop cleared")
+
+    # -- one tick -----------------------------------------------------------------------------------
+    def _observe(self, now: float) -> tuple[float | None, float | None]:
+        try:
+            stamp = self.camera.read_into(self._frame)
+        except InputError as exc:
+            # The camera came back with another resolution (reconnect, replugged device): a new buffer,
+            # once; this tick has no frame, so it commands a controlled stop.
+            self._warn("camera frame size changed (%s); reallocating the frame buffer", exc)
+            shape = self.camera.frame_shape
+            if shape is not None:
+                self._frame = np.zeros(shape, np.uint8)
+            stamp = None
+        frame_time = stamp[0] if stamp is not None else None
+        telemetry, telemetry_time = self.link.latest_telemetry()
+        if telemetry is not None:
+            velocities = telemetry.velocities
+            for i in range(min(len(velocities), len(self._proprio))):
+                self._proprio[i] = velocities[i]
+        else:
+            telemetry_time = None
+        return frame_time, telemetry_time
+
+    def tick(self) -> np.void:
+        now = self.clock()
+        if self._last_tick_s is not None and now - self._last_tick_s > WATCHDOG_TIMEOUT_S:
+            # The process stalled long enough for the controller's watchdog to stop the motors: slew
+            # from standstill, not from the command sent before the stall (which would restart them).
+            self._warn("control loop stalled for %.2f s: motors were stopped by the controller's watchdog",
+                       now - self._last_tick_s)
+            self.safety.reset()
+        self._last_tick_s = now
+        row = self.recorder.next()
+        row["tick"] = self.counters["ticks"]
+        row["start_s"] = now
+        frame_time, telemetry_time = self._observe(now)
+        row["frame_time_s"] = frame_time if frame_time is not None else np.nan
+        row["telemetry_time_s"] = telemetry_time if telemetry_time is not None else np.nan
+        ready = self.clock()
+
+        action = self._zeros
+        fallback = True
+        mode = Mode.HOLD
+        score = np.nan
+        row["resize_ms"] = row["vision_ms"] = row["head_ms"] = row["policy_ms"] = np.nan
+        embedding = self._embedding()
+        fresh = frame_time is not None and now - frame_time <= self.stale_after_s
+        if self.safety.estopped:
+            mode = Mode.ESTOP
+        elif embedding is not None and fresh:
+            try:
+                out = self.pipeline.infer(self._frame, self._proprio, embedding)
+            except EdgeError as exc:
+                self.counters["inference_errors"] += 1
+                self._warn("inference failed, controlled stop: %s", exc)
+                mode = Mode.FALLBACK
+            else:
+                self.last_output = out
+                score = out.score
+                decision = self.gate.update(score)
+                fallback = decision.fallback
+                mode = Mode.FALLBACK if fallback else Mode.NOMINAL
+                action = out.action
+                t = out.times
+                row["resize_ms"], row["vision_ms"], row["head_ms"] = t.resize_ms, t.vision_ms, t.head_ms
+                row["policy_ms"] = t.resize_ms + t.vision_ms + t.head_ms + t.reduce_ms
+        elif embedding is not None:
+            mode = Mode.FALLBACK
+            self._warn("no fresh camera frame (age %s): controlled stop",
+                       "never" if frame_time is None else f"{now - frame_time:.2f} s")
+        result = self.safety.apply(action, now_s=now, frame_time_s=frame_time, telemetry_time_s=telemetry_time,
+                                   fallback=fallback)
+        if mode == Mode.NOMINAL and result.fallback:
+            mode = Mode.FALLBACK  # stale telemetry or a NaN action: the safety layer stopped the robot
+        command = result.command
+        stalled_s = self.clock() - now
+        if stalled_s > WATCHDOG_TIMEOUT_S:
+            # The process stalled inside this tick (e.g. stopped or starved after computing the command):
+            # the command was computed from inputs that are now stale and the controller's watchdog has
+            # stopped the motors, so send a stop rather than restart them with it.
+            self._warn("tick stalled for %.2f s before sending: sending a stop instead of its stale command",
+                       stalled_s)
+            self.safety.reset()
+            command = self._zeros
+            mode = Mode.FALLBACK
+        sent = self.link.send_velocity(command)
+        done = self.clock()
+        row["tick_ms"] = (done - ready) * 1e3
+        row["score"] = score
+        row["mode"] = mode
+        row["reasons"] = int(result.reasons)
+        row["command"] = command
+        row["delivered"] = bool(getattr(sent, "delivered", True))
+        if not row["delivered"]:
+            self.counters["undelivered"] += 1
+            self._warn("motor link down: command not delivered (controller watchdog stops the motors)")
+        self.counters["ticks"] += 1
+        self.counters[mode.name.lower()] += 1
+        if mode != self._last_mode:
+            self.counters["transitions"] += 1
+            logger.info("mode %s -> %s (score %.4f, reasons %s)", self._last_mode.name, mode.name,
+                        score, result.reasons)
+            self._last_mode = mode
+        return row
+
+    def _embedding(self) -> np.ndarray | None:
+        text = self._instruction
+        if text is None:
+            return None
+        try:
+            return self.pipeline.embedding(text)
+        except EdgeError as exc:
+            self._warn("instruction %r refused (%s); holding until a new one arrives", text[:60], exc)
+            with self._instruction_lock:
+                if self._instruction == text:
+                    self._instruction = None
+            return None
+
+    # -- the loop -----------------------------------------------------------------------------------
+    def run(self, stop: threading.Event, max_ticks: int | None = None) -> None:
+        self.keeper.restart()
+        ticks = 0
+        while not stop.is_set() and (max_ticks is None or ticks < max_ticks):
+            row = self.tick()
+            ticks += 1
+            collect_in_slack(self.keeper.remaining_s(), self.gc_min_slack_s)
+            overran = self.keeper.wait()
+            row["lag_ms"] = self.keeper.lag_s * 1e3
+            if not overran and self.on_deadline_met is not None:
+                self.on_deadline_met()
+            if self.clock() - self._last_summary_s >= self.summary_every_s:
+                logger.info("%s", self.summary_line())
+                self._last_summary_s = self.clock()
+
+    def stop_motors(self, repeats: int = 3) -> None:
+        """Commanded stop at shutdown: zero velocity, a few times in case a frame is lost on the line."""
+        self.safety.reset()
+        for _ in range(repeats):
+            self.link.send_velocity(self._zeros)
+
+    def summary_line(self, window: int | None = None) -> str:
+        records = self.recorder.latest(window)
+        if len(records) == 0:
+            return "no ticks yet"
+        tick_ms = records["tick_ms"]
+        nominal = records["mode"] == Mode.NOMINAL
+        p50, p99 = np.nanpercentile(tick_ms, [50, 99]) if np.isfinite(tick_ms).any() else (np.nan, np.nan)
+        return (f"ticks {self.counters['ticks']} | nominal {nominal.mean():.0%} of last {len(records)} | "
+                f"tick p50 {p50:.1f} ms p99 {p99:.1f} ms | overruns {self.keeper.overruns} | "
+                f"fallback ticks {self.counters['fallback']} | hold {self.counters['hold']} | "
+                f"undelivered {self.counters['undelivered']}")

@@ -1,0 +1,571 @@
+"""Host side of the serial link to the motor controller (protocol: docs/serial-protocol.md).
+
+One reader thread owns the port's input: it decodes telemetry with ``FrameDecoder``, keeps the latest
+``Telemetry`` with its receive time on ``time.monotonic()`` and counts bad frames, so the control tick
+never waits on a read and one bad frame never kills the loop. Commands are written from the caller's
+thread with a write timeout; a failed write marks the link down and is reported in the returned
+``SentCommand`` instead of raising into the loop.
+
+When the device disappears (adapter unplugged, pty closed) reads or writes raise; the link goes down
+and the reader thread reopens the configured path with exponential backoff. Point the config at a
+stable path (``/dev/serial/by-id/...``) so the reopened device is found again after re-enumeration.
+While the link is down ``is_connected`` is False and the control loop stays in its controlled stop;
+the controller's own watchdog stops the motors 300 ms after the last command that reached it.
+
+Ports: device paths (``/dev/ttyUSB0``, ``/dev/ttyACM0``, ``/dev/serial/by-id/...``, ptys) and any
+pyserial URL handler (``loop://``, ``socket://host:port``, ``rfc2217://...``).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import errno
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import serial
+
+from edge.errors import ConfigError, InputError, LinkError
+from edge.io.protocol import (
+    MAX_CHANNELS,
+    ClearEmergencyStop,
+    DecoderStats,
+    EmergencyStop,
+    FrameDecoder,
+    Message,
+    MessageType,
+    SequenceCounter,
+    SetVelocity,
+    Telemetry,
+    encode,
+    seq_delta,
+)
+from edge.ratelimit import RateLimitedWarnings
+
+logger = logging.getLogger(__name__)
+
+# The reader blocks at most this long per read, which bounds how quickly it notices disconnect().
+_READ_TIMEOUT_S = 0.05
+_READ_CHUNK_BYTES = 4096
+_WARN_INTERVAL_S = 5.0
+_JOIN_TIMEOUT_S = 2.0
+# Commands awaiting a telemetry echo, for the round-trip measurement; older ones are forgotten.
+_PENDING_COMMANDS = 64
+_TIME_MS_MODULUS = 1 << 32
+
+_MISSING_PORT_HINT = (
+    "check the cable and that the adapter is listed in /dev/serial/by-id/ (`ls -l /dev/serial/by-id/`); "
+    "put that stable by-id path in the config rather than /dev/ttyUSB* or /dev/ttyACM*, whose numbers "
+    "change when devices re-enumerate (the udev rule in systemd/ can add a fixed name)"
+)
+_PERMISSION_HINT = (
+    "the user running the runtime must be in the 'dialout' group to open serial devices "
+    "(`sudo usermod -aG dialout $USER`, then log in again, or restart the systemd service)"
+)
+
+
+# --- config ------------------------------------------------------------------------------------------
+
+
+def _positive_number(key: str, value: Any, upper: float, unit: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= upper:
+        raise ConfigError(f"motor.{key} must be a number in (0, {upper:g}] {unit}, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class MotorLinkConfig:
+    """Where the motor controller is and how to treat a link that stalls or vanishes."""
+
+    port: str  # /dev/serial/by-id/... (survives replugging), /dev/ttyUSB0, or a pyserial URL
+    baudrate: int = 1_000_000  # must match a real UART's controller firmware; USB CDC and ptys ignore it
+    write_timeout_ms: float = 20.0  # a write that blocks longer marks the link down (the tick never stalls)
+    telemetry_stale_after_s: float = 0.3  # older telemetry is not fresh: three 10 Hz ticks, as the watchdog
+    reconnect_backoff_s: tuple[float, float] = (0.1, 2.0)  # (first, longest) wait between reopen attempts
+    exclusive: bool = True  # flock the device so a second process cannot interleave frames
+    low_latency: bool = True  # ASYNC_LOW_LATENCY on FTDI-style adapters: 1 ms instead of 16 ms latency timer
+    channels: int = 2  # velocity targets per SetVelocity (wheels or joints)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.port, str) or not self.port.strip():
+            raise ConfigError(
+                f"motor.port must be a serial device path (e.g. /dev/serial/by-id/usb-...) or a "
+                f"pyserial URL, got {self.port!r}"
+            )
+        if isinstance(self.baudrate, bool) or not isinstance(self.baudrate, int) or not (
+            300 <= self.baudrate <= 12_000_000
+        ):
+            raise ConfigError(f"motor.baudrate must be an integer in [300, 12000000], got {self.baudrate!r}")
+        _positive_number("write_timeout_ms", self.write_timeout_ms, 1000.0, "ms")
+        _positive_number("telemetry_stale_after_s", self.telemetry_stale_after_s, 60.0, "s")
+        backoff = self.reconnect_backoff_s
+        if not isinstance(backoff, (tuple, list)) or len(backoff) != 2:
+            raise ConfigError(
+                f"motor.reconnect_backoff_s must be a pair [first_s, longest_s], got {backoff!r}"
+            )
+        first_s = _positive_number("reconnect_backoff_s[0]", backoff[0], 60.0, "s")
+        longest_s = _positive_number("reconnect_backoff_s[1]", backoff[1], 60.0, "s")
+        if first_s > longest_s:
+            raise ConfigError(
+                f"motor.reconnect_backoff_s must be [first_s, longest_s] with first_s <= longest_s, "
+                f"got {list(backoff)}"
+            )
+        object.__setattr__(self, "reconnect_backoff_s", (first_s, longest_s))  # YAML gives lists
+        for key in ("exclusive", "low_latency"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"motor.{key} must be true or false, got {getattr(self, key)!r}")
+        if isinstance(self.channels, bool) or not isinstance(self.channels, int) or not (
+            1 <= self.channels <= MAX_CHANNELS
+        ):
+            raise ConfigError(f"motor.channels must be an integer in [1, {MAX_CHANNELS}], got {self.channels!r}")
+
+    @property
+    def is_url(self) -> bool:
+        return "://" in self.port
+
+
+# --- results -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SentCommand:
+    """What a send call actually put on the wire (or tried to)."""
+
+    kind: MessageType
+    seq: int
+    targets: tuple[float, ...]  # as encoded (clipped to [-1, 1], float32-rounded); () for the e-stop frames
+    sent_at_s: float  # time.monotonic() (or the injected clock) when the write finished or failed
+    delivered: bool  # False: the link was down or the write failed; nothing reached the controller
+
+
+@dataclass(frozen=True)
+class LinkStats:
+    """Counters since the link was created; decoder counts add up over reconnections."""
+
+    telemetry_frames: int = 0
+    telemetry_lost: int = 0  # from gaps in the telemetry seq within one connection
+    crc_errors: int = 0
+    framing_errors: int = 0  # bad COBS, too short or too long, unknown type, bad payload
+    version_errors: int = 0  # frames for another protocol version (firmware/runtime mismatch)
+    ignored_frames: int = 0  # valid frames that are not telemetry (e.g. our own commands echoed back)
+    bytes_received: int = 0
+    commands_sent: int = 0  # frames written in full
+    write_failures: int = 0  # writes that timed out or failed (each took the link down)
+    undelivered: int = 0  # send calls while the link was down (nothing written)
+    disconnects: int = 0
+    reconnects: int = 0
+    open_failures: int = 0  # failed reopen attempts while down
+    controller_resets: int = 0  # controller_time_ms went backwards
+
+    @property
+    def bad_frames(self) -> int:
+        return self.crc_errors + self.framing_errors + self.version_errors
+
+
+# --- the link ----------------------------------------------------------------------------------------
+
+
+class SerialMotorLink:
+    """Serial link to the motor controller: ``connect()``, ``send_velocity()``, ``latest_telemetry()``."""
+
+    def __init__(
+        self,
+        config: MotorLinkConfig,
+        serial_factory: Callable[..., Any] = serial.serial_for_url,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self._factory = serial_factory
+        self._clock = clock
+        self._seq = SequenceCounter()
+        # Guards _port, _up, _flush_next and writes: a write never overlaps a close or another write.
+        self._io_lock = threading.Lock()
+        self._port: Any = None
+        self._up = False
+        self._flush_next = False
+        self._connected = False
+        self._stop = threading.Event()
+        self._reconnect_now = threading.Event()  # a failed write asks the reader to reopen the port
+        self._thread: threading.Thread | None = None
+        # Guards everything below: telemetry, round trips and counters, written by the reader thread.
+        self._state_lock = threading.Lock()
+        self._telemetry: Telemetry | None = None
+        self._telemetry_stamp_s = -math.inf
+        self._previous_seq: int | None = None  # last telemetry seq on this connection, for loss counting
+        self._pending: collections.deque[tuple[int, float]] = collections.deque(maxlen=_PENDING_COMMANDS)
+        self._last_round_trip_s: float | None = None
+        self._counts = {name: 0 for name in LinkStats.__dataclass_fields__}
+        self._decoder_base = DecoderStats()  # totals of the decoders of earlier connections
+        self._decoder: FrameDecoder | None = None
+        self._warn = RateLimitedWarnings(logger, _WARN_INTERVAL_S)
+        self._warn_frames = RateLimitedWarnings(logger, _WARN_INTERVAL_S)
+
+    # lifecycle -----------------------------------------------------------------------------------------
+    def connect(self) -> None:
+        """Open the port (raises LinkError with what to check) and start the reader thread."""
+        if self._connected:
+            raise LinkError(f"motor link {self.config.port} is already connected")
+        if self._thread is not None and self._thread.is_alive():
+            raise LinkError(
+                f"motor link {self.config.port}: the reader thread of an earlier connection has not exited "
+                "(stuck in the serial driver); restart the process"
+            )
+        port = self._open()
+        self._stop.clear()
+        with self._state_lock:
+            self._previous_seq = None
+            self._pending.clear()
+        self._install(port)
+        self._thread = threading.Thread(target=self._run, name=f"motor-link:{self.config.port}", daemon=True)
+        self._thread.start()
+        self._connected = True
+        logger.info("motor link connected on %s", self._describe(port))
+
+    @property
+    def is_connected(self) -> bool:
+        """True while the port is open and working; False before connect, after disconnect and while down."""
+        return self._connected and self._up
+
+    def disconnect(self) -> None:
+        """Stop the reader thread and close the port. Idempotent. Sends nothing: stopping is the caller's."""
+        if self._thread is None and not self._connected:
+            return
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=_JOIN_TIMEOUT_S)
+            if self._thread.is_alive():
+                logger.error("motor link %s: reader thread did not exit within %.1f s", self.config.port,
+                             _JOIN_TIMEOUT_S)
+            else:
+                self._thread = None
+        self._close_port("disconnect")
+        self._connected = False
+        stats = self.stats
+        logger.info(
+            "motor link %s disconnected: %d commands sent, %d telemetry frames, %d bad frames, "
+            "%d reconnects, last round trip %s",
+            self.config.port, stats.commands_sent, stats.telemetry_frames, stats.bad_frames,
+            stats.reconnects,
+            "n/a" if self._last_round_trip_s is None else f"{self._last_round_trip_s * 1e3:.1f} ms",
+        )
+
+    def __enter__(self) -> SerialMotorLink:
+        self.connect()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.disconnect()
+
+    # commands (caller's thread) ------------------------------------------------------------------------
+    def send_velocity(self, targets: Sequence[float] | np.ndarray) -> SentCommand:
+        """Send one SetVelocity; returns what was sent. Never raises for link trouble (see ``delivered``).
+
+        Raises InputError for a wrong channel count or a non-finite target: the safety layer upstream
+        must never produce one, and sending "something else" instead would hide that bug.
+        """
+        values = self._clean_targets(targets)
+        seq = self._seq.next()
+        return self._send(SetVelocity(seq=seq, targets=values), MessageType.SET_VELOCITY, seq, values)
+
+    def emergency_stop(self) -> SentCommand:
+        """Send EmergencyStop. The controller latches it; repeat until telemetry shows ESTOP_LATCHED."""
+        seq = self._seq.next()
+        return self._send(EmergencyStop(seq=seq), MessageType.EMERGENCY_STOP, seq, ())
+
+    def clear_emergency_stop(self) -> SentCommand:
+        """Release the controller's latch; the motors stay stopped until the next SetVelocity."""
+        seq = self._seq.next()
+        return self._send(ClearEmergencyStop(seq=seq), MessageType.CLEAR_EMERGENCY_STOP, seq, ())
+
+    def _clean_targets(self, targets: Sequence[float] | np.ndarray) -> tuple[float, ...]:
+        try:
+            array = np.asarray(targets, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise InputError(f"velocity targets must be {self.config.channels} numbers, got {targets!r}") from None
+        if array.shape != (self.config.channels,):
+            raise InputError(
+                f"velocity targets must have shape ({self.config.channels},) "
+                f"(motor.channels), got shape {array.shape}"
+            )
+        if not np.all(np.isfinite(array)):
+            raise InputError(f"velocity targets must be finite, got {array.tolist()}; the safety layer's "
+                             "NaN guard should have replaced them")
+        # Clip before rounding: float32 rounding cannot leave [-1, 1], so what is returned is what is sent.
+        rounded = np.clip(array, -1.0, 1.0).astype(np.float32)
+        return tuple(float(v) for v in rounded)
+
+    def _send(self, message: Message, kind: MessageType, seq: int, targets: tuple[float, ...]) -> SentCommand:
+        frame = encode(message)
+        with self._io_lock:
+            port, up = self._port, self._up
+            if port is None or not up:
+                delivered = False
+                reason = "link down"
+            else:
+                data = b"\x00" + frame if self._flush_next else frame
+                try:
+                    port.write(data)
+                except (serial.SerialException, OSError) as exc:  # SerialTimeoutException included
+                    self._up = False
+                    # Set under the lock, so it can only refer to this port (_install clears it).
+                    self._reconnect_now.set()
+                    delivered = False
+                    reason = f"write failed: {exc}"
+                else:
+                    self._flush_next = False
+                    delivered = True
+                    reason = ""
+        sent_at_s = self._clock()
+        with self._state_lock:
+            if delivered:
+                self._counts["commands_sent"] += 1
+                self._pending.append((seq, sent_at_s))
+            elif reason == "link down":
+                self._counts["undelivered"] += 1
+            else:
+                self._counts["write_failures"] += 1
+        if not delivered:
+            if reason != "link down":
+                self._warn("motor link %s: %s; link down, reconnecting (the controller's watchdog stops "
+                           "the motors)", self.config.port, reason)
+            else:
+                logger.debug("motor link %s down: %s seq %d not sent", self.config.port, kind.name, seq)
+        return SentCommand(kind=kind, seq=seq, targets=targets, sent_at_s=sent_at_s, delivered=delivered)
+
+    # telemetry (any thread) ----------------------------------------------------------------------------
+    def latest_telemetry(self) -> tuple[Telemetry | None, float]:
+        """The newest valid Telemetry and its receive time on the link's clock; (None, -inf) before one."""
+        with self._state_lock:
+            return self._telemetry, self._telemetry_stamp_s
+
+    def telemetry_age_s(self, now: float | None = None) -> float:
+        """Seconds since the newest telemetry arrived; inf before the first."""
+        if now is None:
+            now = self._clock()
+        with self._state_lock:
+            return now - self._telemetry_stamp_s
+
+    def has_fresh_telemetry(self, now: float | None = None) -> bool:
+        return self.telemetry_age_s(now) <= self.config.telemetry_stale_after_s
+
+    def is_confirmed(self, command: SentCommand) -> bool:
+        """True once telemetry received after ``command`` echoes its seq (or a later one)."""
+        if not command.delivered:
+            return False
+        with self._state_lock:
+            telemetry, stamp = self._telemetry, self._telemetry_stamp_s
+        return (
+            telemetry is not None
+            and stamp >= command.sent_at_s
+            and seq_delta(command.seq, telemetry.last_command_seq) >= 0
+        )
+
+    @property
+    def last_round_trip_s(self) -> float | None:
+        """From a command's send time to the first telemetry echoing its seq; None until one is measured."""
+        with self._state_lock:
+            return self._last_round_trip_s
+
+    @property
+    def stats(self) -> LinkStats:
+        with self._state_lock:
+            counts = dict(self._counts)
+            decoder = self._decoder_base
+            if self._decoder is not None:
+                decoder = _add_stats(decoder, self._decoder.stats)
+        counts["crc_errors"] = decoder.crc_errors
+        counts["framing_errors"] = (
+            decoder.framing_errors + decoder.oversized + decoder.unknown_messages + decoder.payload_errors
+        )
+        counts["version_errors"] = decoder.version_errors
+        return LinkStats(**counts)
+
+    # reader thread -------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            self._supervise()
+        except Exception:  # the thread must not die silently: the loop sees the link down and stale data
+            logger.exception("motor link %s: reader thread crashed; the link stays down", self.config.port)
+            with self._io_lock:
+                self._up = False
+
+    def _supervise(self) -> None:
+        first_s, longest_s = self.config.reconnect_backoff_s
+        backoff_s = first_s
+        while not self._stop.is_set():
+            with self._io_lock:
+                port = self._port
+            if port is None:
+                try:
+                    port = self._open(reconnecting=True)
+                except LinkError as exc:
+                    with self._state_lock:
+                        self._counts["open_failures"] += 1
+                    self._warn("motor link %s still down (%s); next try in %.2f s", self.config.port, exc,
+                               backoff_s)
+                    self._stop.wait(backoff_s)
+                    backoff_s = min(2.0 * backoff_s, longest_s)
+                    continue
+                with self._state_lock:
+                    self._counts["reconnects"] += 1
+                    self._previous_seq = None  # the controller kept sending while we were away
+                    self._pending.clear()  # commands of the old connection will never be echoed
+                self._install(port)
+                backoff_s = first_s
+                logger.warning("motor link %s reconnected on %s", self.config.port, self._describe(port))
+            reason = self._pump(port)
+            self._close_port(reason)
+            if reason != "stopped":
+                with self._state_lock:
+                    self._counts["disconnects"] += 1
+                self._warn("motor link %s down: %s; reconnecting every %.2f-%.2f s", self.config.port,
+                           reason, first_s, longest_s)
+                # A vanished device often needs a moment to re-enumerate; the first try is not immediate.
+                self._stop.wait(first_s)
+
+    def _pump(self, port: Any) -> str:
+        """Read and decode until the port fails, a write failed, or disconnect(); returns why it ended."""
+        decoder = FrameDecoder()
+        with self._state_lock:
+            self._decoder = decoder
+        seen = decoder.stats
+        while not self._stop.is_set():
+            if self._reconnect_now.is_set():
+                self._reconnect_now.clear()
+                return "a write failed"
+            try:
+                data = port.read(min(max(1, port.in_waiting), _READ_CHUNK_BYTES))
+            except (serial.SerialException, OSError) as exc:
+                return f"read failed: {exc}"
+            if not data:
+                continue
+            messages = decoder.feed(data)
+            now = self._clock()
+            stats = decoder.stats
+            self._handle(messages, now, len(data))
+            if stats.rejected != seen.rejected:
+                self._warn_frames(
+                    "motor link %s: dropped %d bad frame(s) (last: %s); the link keeps running",
+                    self.config.port, stats.rejected - seen.rejected, decoder.last_error,
+                )
+                seen = stats
+        return "stopped"
+
+    def _handle(self, messages: list[Message], now: float, n_bytes: int) -> None:
+        with self._state_lock:
+            self._counts["bytes_received"] += n_bytes
+            for message in messages:
+                if not isinstance(message, Telemetry):
+                    # A host frame coming back (loopback, echoing adapter): harmless, counted, ignored.
+                    self._counts["ignored_frames"] += 1
+                    continue
+                self._counts["telemetry_frames"] += 1
+                previous = self._telemetry
+                if self._previous_seq is not None:
+                    delta = seq_delta(self._previous_seq, message.seq)
+                    if delta > 1:
+                        self._counts["telemetry_lost"] += delta - 1
+                if previous is not None:
+                    elapsed_ms = (message.controller_time_ms - previous.controller_time_ms) % _TIME_MS_MODULUS
+                    if elapsed_ms >= _TIME_MS_MODULUS // 2:  # went backwards: the controller restarted
+                        self._counts["controller_resets"] += 1
+                        logger.warning("motor link %s: controller restarted (its clock went back from %d to "
+                                       "%d ms); an emergency stop latch, if any, is gone",
+                                       self.config.port, previous.controller_time_ms,
+                                       message.controller_time_ms)
+                self._previous_seq = message.seq
+                self._telemetry = message
+                self._telemetry_stamp_s = now
+                self._confirm_locked(message.last_command_seq, now)
+
+    def _confirm_locked(self, echoed_seq: int, now: float) -> None:
+        confirmed: tuple[int, float] | None = None
+        while self._pending and seq_delta(self._pending[0][0], echoed_seq) >= 0:
+            confirmed = self._pending.popleft()
+        if confirmed is not None:
+            self._last_round_trip_s = now - confirmed[1]
+
+    # port handling -------------------------------------------------------------------------------------
+    def _open(self, reconnecting: bool = False) -> Any:
+        config = self.config
+        try:
+            port = self._factory(
+                config.port,
+                baudrate=config.baudrate,
+                timeout=_READ_TIMEOUT_S,
+                write_timeout=config.write_timeout_ms / 1000.0,
+                exclusive=config.exclusive,
+            )
+        except (serial.SerialException, OSError, ValueError) as exc:
+            raise LinkError(self._open_failure_message(exc)) from exc
+        if config.low_latency:
+            self._set_low_latency(port, reconnecting)
+        return port
+
+    def _set_low_latency(self, port: Any, reconnecting: bool) -> None:
+        log = logger.debug if reconnecting else logger.info
+        setter = getattr(port, "set_low_latency_mode", None)
+        if setter is None:
+            log("motor link %s: low-latency mode does not apply to %s", self.config.port, type(port).__name__)
+            return
+        try:
+            setter(True)
+        except (ValueError, OSError, NotImplementedError) as exc:
+            # ptys, CDC-ACM and some adapters have no ASYNC_LOW_LATENCY; they do not need it either.
+            log("motor link %s: low-latency mode not supported by this device (%s)", self.config.port, exc)
+        else:
+            logger.debug("motor link %s: low-latency mode on", self.config.port)
+
+    def _open_failure_message(self, exc: BaseException) -> str:
+        path = self.config.port
+        code = getattr(exc, "errno", None)
+        text = f"cannot open motor link port {path!r}: {exc}"
+        if self.config.is_url:
+            return f"{text}; check the URL and that the remote end is reachable"
+        if code == errno.EACCES or code == errno.EPERM:
+            return f"{text}; {_PERMISSION_HINT}"
+        if code == errno.EWOULDBLOCK or "exclusively lock" in str(exc):
+            return (f"{text}; another process holds the port (find it with `fuser -v {path}`) and must be "
+                    "stopped: two writers would interleave frames")
+        if code == errno.ENOENT or not os.path.exists(path):
+            return f"{text}; the device {path} does not exist: {_MISSING_PORT_HINT}; {_PERMISSION_HINT}"
+        return f"{text}; {_MISSING_PORT_HINT}; {_PERMISSION_HINT}"
+
+    def _install(self, port: Any) -> None:
+        with self._io_lock:
+            self._port = port
+            self._up = True
+            self._flush_next = True  # a leading 0x00 ends whatever partial frame the controller holds
+            self._reconnect_now.clear()
+
+    def _close_port(self, reason: str) -> None:
+        with self._io_lock:
+            port, self._port, self._up = self._port, None, False
+            if port is None:
+                return
+            try:
+                port.close()
+            except (serial.SerialException, OSError) as exc:  # the device is already gone
+                logger.debug("motor link %s: close after %s failed: %s", self.config.port, reason, exc)
+        with self._state_lock:
+            if self._decoder is not None:
+                self._decoder_base = _add_stats(self._decoder_base, self._decoder.stats)
+                self._decoder = None
+
+    def _describe(self, port: Any) -> str:
+        name = getattr(port, "name", None) or self.config.port
+        if not self.config.is_url and os.path.islink(self.config.port):
+            return f"{self.config.port} -> {os.path.realpath(self.config.port)}"
+        return str(name)
+
+
+def _add_stats(a: DecoderStats, b: DecoderStats) -> DecoderStats:
+    return DecoderStats(**{f.name: getattr(a, f.name) + getattr(b, f.name) for f in dataclasses.fields(a)})

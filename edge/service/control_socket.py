@@ -1,0 +1,842 @@
+"""The robot service's instruction and status socket: JSON lines over a UNIX stream socket.
+
+One request per line, one reply line per request, in order::
+
+    {"cmd": "say", "text": "go to the red block"}   set the instruction
+    {"cmd": "stop"}                                   clear the instruction (hold: controlled stop)
+    {"cmd": "estop"}                                  latch the emergency stop
+    {"cmd": "clear"}                                  release the emergency stop
+    {"cmd": "status"}                                 mode, uncertainty, timings, link, camera, counters
+
+Replies are ``{"ok": true, ...}`` or ``{"ok": false, "error": "..."}``; a request may carry an ``"id"``
+(string or integer) that the reply echoes. Every complete line gets exactly one reply, whatever its bytes,
+so a client can always pair replies with requests.
+
+The server is one thread with a selector over non-blocking sockets: a client that stalls mid-line, floods
+requests without reading replies, or disconnects rudely costs the others nothing. The handler runs on
+that thread and must be quick (set a field, read a snapshot); it never runs on the control loop's thread.
+
+The socket lives in the service's RuntimeDirectory (``/run/vla-edge/control.sock``). systemd starts the
+service with ``UMask=0027``, which leaves a socket without group write permission, and ``connect()`` needs
+write permission, so the server chmods it (0660 by default) after ``bind()``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import grp
+import json
+import logging
+import math
+import os
+import selectors
+import socket
+import stat
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from edge.control.loop import Mode
+from edge.errors import ConfigError, EdgeError
+from edge.ratelimit import RateLimitedWarnings
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SOCKET_NAME = "control.sock"
+DEFAULT_RUNTIME_DIR = "/run/vla-edge"
+MAX_TEXT_CHARS = 512
+COMMANDS = ("say", "stop", "estop", "clear", "status")
+_FIELDS = {"say": {"cmd", "id", "text"}, "stop": {"cmd", "id"}, "estop": {"cmd", "id"},
+           "clear": {"cmd", "id"}, "status": {"cmd", "id"}}
+_MAX_UNIX_PATH_BYTES = 107  # sun_path is 108 bytes including the terminating NUL
+_RECV_BYTES = 65536
+# A client that sends requests but does not read replies: stop reading from it once this much is
+# queued for it, so its replies cannot grow without bound; reading resumes when it drains them.
+_MAX_PENDING_REPLY_BYTES = 256 * 1024
+_ACCEPT_PAUSE_S = 0.5  # after accept() fails (e.g. out of file descriptors), instead of spinning on it
+_WARN_INTERVAL_S = 5.0
+
+
+class ControlHandler(Protocol):
+    """What the server calls, on its own thread. Each call must return quickly.
+
+    Raising an EdgeError refuses the request with its message; any other exception is logged, counted
+    and answered with an internal error.
+    """
+
+    def say(self, text: str) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def estop(self) -> None: ...
+
+    def clear(self) -> None: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+
+class _RequestError(Exception):
+    """A request the server refuses; its message is the reply's error."""
+
+
+@dataclass
+class _Client:
+    sock: socket.socket
+    inbox: bytearray = field(default_factory=bytearray)
+    outbox: bytearray = field(default_factory=bytearray)
+    discarding: bool = False  # inside an oversized line: drop bytes up to its newline
+    last_active_s: float = 0.0
+    closing: bool = False  # answer what was received, flush, then close (refused, or the client sent EOF)
+
+
+class ControlSocketServer:
+    """JSON-lines control server on a UNIX stream socket, served by one background thread.
+
+    ``start()`` binds (removing a stale socket file first), chmods/chowns and starts the thread;
+    ``stop()`` closes every connection and removes the socket file. Usable as a context manager.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        handler: ControlHandler,
+        *,
+        group: str | None = None,  # chown the socket to this group (when this process may)
+        mode: int = 0o660,  # permission bits of the socket file; group members need write to connect
+        max_line_bytes: int = 4096,  # longest request line, newline excluded
+        max_clients: int = 8,  # connections beyond this get an error reply and are closed
+        idle_timeout_s: float | None = 300.0,  # close a client silent for this long (None: never)
+    ) -> None:
+        self.path = Path(path)
+        self.handler = handler
+        self.group = group
+        self.mode = mode
+        if isinstance(max_line_bytes, bool) or not isinstance(max_line_bytes, int) or max_line_bytes < 64:
+            raise ConfigError(f"control socket max_line_bytes must be an integer >= 64, got {max_line_bytes!r}")
+        if isinstance(max_clients, bool) or not isinstance(max_clients, int) or not 1 <= max_clients <= 1024:
+            raise ConfigError(f"control socket max_clients must be an integer in [1, 1024], got {max_clients!r}")
+        if idle_timeout_s is not None and not idle_timeout_s > 0:
+            raise ConfigError(f"control socket idle_timeout_s must be > 0 s or None, got {idle_timeout_s!r}")
+        self.max_line_bytes = max_line_bytes
+        self.max_clients = max_clients
+        self.idle_timeout_s = idle_timeout_s
+        self.counters = {"connections": 0, "refused_connections": 0, "requests": 0, "bad_requests": 0,
+                         "oversized_lines": 0, "handler_errors": 0, "internal_errors": 0, "idle_closed": 0}
+        self._counters_lock = threading.Lock()
+        self._listener: socket.socket | None = None
+        self._selector: selectors.BaseSelector | None = None
+        self._wake_r: socket.socket | None = None
+        self._wake_w: socket.socket | None = None
+        self._clients: dict[int, _Client] = {}
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._bound_inode: tuple[int, int] | None = None
+        self._accept_paused_until_s: float | None = None
+        self._warn = RateLimitedWarnings(logger, _WARN_INTERVAL_S)
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._check_path()
+        self._remove_stale_socket()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            listener.bind(str(self.path))
+            st = os.stat(self.path)
+            self._bound_inode = (st.st_dev, st.st_ino)
+            os.chmod(self.path, self.mode)
+            self._apply_group()
+            listener.listen(self.max_clients)
+            listener.setblocking(False)
+        except OSError as exc:
+            listener.close()
+            self._unlink_own_socket()
+            raise EdgeError(f"cannot serve the control socket at {self.path}: {exc.strerror or exc}; check that "
+                            f"its directory exists and is writable by this user") from exc
+        except EdgeError:
+            listener.close()
+            self._unlink_own_socket()
+            raise
+        self._listener = listener
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(listener, selectors.EVENT_READ, "listener")
+        self._selector.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._run, name="control-socket", daemon=True)
+        self._thread.start()
+        logger.info("control socket listening on %s (mode %03o)", self.path, self.mode)
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def stop(self, timeout_s: float = 2.0) -> None:
+        """Stop the thread, close every connection and remove the socket file. Idempotent."""
+        thread = self._thread
+        if thread is None:
+            return
+        self._stopping.set()
+        try:
+            self._wake_w.send(b"x")
+        except OSError as exc:  # a full wake-up buffer already means "wake up"
+            logger.debug("control socket wake-up: %s", exc)
+        thread.join(timeout_s)
+        if thread.is_alive():
+            logger.warning("control socket thread did not stop within %.1f s", timeout_s)
+        self._thread = None
+        for client in list(self._clients.values()):
+            self._close_client(client)
+        for sock in (self._listener, self._wake_r, self._wake_w):
+            if sock is not None:
+                sock.close()
+        if self._selector is not None:
+            self._selector.close()
+        self._listener = self._wake_r = self._wake_w = None
+        self._selector = None
+        self._unlink_own_socket()
+        logger.info("control socket %s closed", self.path)
+
+    def __enter__(self) -> ControlSocketServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    @property
+    def stats(self) -> dict[str, int]:
+        with self._counters_lock:
+            return dict(self.counters, clients=len(self._clients))
+
+    # -- set-up ------------------------------------------------------------------------------------------
+    def _check_path(self) -> None:
+        encoded = os.fsencode(self.path)
+        if len(encoded) > _MAX_UNIX_PATH_BYTES:
+            raise ConfigError(f"control socket path {self.path} is {len(encoded)} bytes; UNIX socket paths are "
+                              f"limited to {_MAX_UNIX_PATH_BYTES} bytes")
+        if not self.path.parent.is_dir():
+            raise ConfigError(f"control socket directory {self.path.parent} does not exist (under systemd it is "
+                              f"the RuntimeDirectory, /run/vla-edge)")
+
+    def _remove_stale_socket(self) -> None:
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(st.st_mode):
+            raise ConfigError(f"control socket path {self.path} exists and is not a socket; refusing to remove it "
+                              f"(choose another path or remove the file)")
+        # A socket file outlives a crashed server. If something still accepts on it, it is not stale:
+        # taking it over would cut another running service off from its operators.
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        probe.settimeout(0.5)
+        try:
+            probe.connect(str(self.path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            logger.info("removing stale control socket %s", self.path)
+            self.path.unlink(missing_ok=True)
+            return
+        except OSError as exc:
+            raise EdgeError(f"control socket {self.path} exists and cannot be probed ({exc}); is another "
+                            f"vla-edge service running?") from exc
+        finally:
+            probe.close()
+        raise EdgeError(f"control socket {self.path} is in use by another process; is another vla-edge service "
+                        f"running? (systemctl status vla-edge)")
+
+    def _apply_group(self) -> None:
+        if self.group is None:
+            return
+        try:
+            gid = grp.getgrnam(self.group).gr_gid
+        except KeyError as exc:
+            raise ConfigError(f"control socket group {self.group!r} does not exist") from exc
+        try:
+            os.chown(self.path, -1, gid)
+        except PermissionError as exc:
+            # Under the systemd unit chown is filtered (~@privileged); the socket already has the
+            # service's group there, so this is worth a warning, not a refusal to start.
+            logger.warning("control socket %s: cannot chown to group %r (%s); members of its current group "
+                           "can still connect", self.path, self.group, exc.strerror)
+
+    def _unlink_own_socket(self) -> None:
+        """Remove the socket file only if it is still the one this server bound."""
+        if self._bound_inode is None:
+            return
+        try:
+            st = os.lstat(self.path)
+            if (st.st_dev, st.st_ino) == self._bound_inode:
+                self.path.unlink()
+        except FileNotFoundError:
+            logger.debug("control socket %s already removed", self.path)
+        except OSError as exc:
+            logger.warning("could not remove control socket %s: %s", self.path, exc)
+        self._bound_inode = None
+
+    # -- the thread --------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        selector = self._selector
+        while not self._stopping.is_set():
+            try:
+                events = selector.select(self._select_timeout_s())
+            except OSError as exc:  # only EINTR-like failures are expected; do not spin on a broken selector
+                self._count("internal_errors")
+                logger.error("control socket: select failed (%s); stopping the control socket", exc)
+                return
+            for key, mask in events:
+                try:
+                    self._dispatch(key, mask)
+                except Exception:  # one client's failure must not end the server
+                    self._count("internal_errors")
+                    logger.exception("control socket: unexpected error; closing that connection")
+                    client = key.data if isinstance(key.data, _Client) else None
+                    if client is not None:
+                        self._close_client(client)
+            try:
+                self._housekeeping()
+            except Exception:  # same reason as above
+                self._count("internal_errors")
+                logger.exception("control socket: unexpected error in housekeeping")
+
+    def _select_timeout_s(self) -> float | None:
+        timeouts = []
+        if self.idle_timeout_s is not None and self._clients:
+            timeouts.append(min(1.0, self.idle_timeout_s / 2))
+        if self._accept_paused_until_s is not None:
+            timeouts.append(max(0.0, self._accept_paused_until_s - time.monotonic()))
+        return min(timeouts) if timeouts else None
+
+    def _dispatch(self, key: selectors.SelectorKey, mask: int) -> None:
+        if key.data == "wake":
+            try:
+                self._wake_r.recv(64)
+            except BlockingIOError:
+                logger.debug("control socket: spurious wake-up")
+            return
+        if key.data == "listener":
+            self._accept()
+            return
+        client: _Client = key.data
+        if client.sock.fileno() < 0:  # closed earlier in this round; its fd may already be reused
+            return
+        if mask & selectors.EVENT_WRITE:
+            self._flush(client)
+        if mask & selectors.EVENT_READ and client.sock.fileno() >= 0:
+            self._read(client)
+
+    def _accept(self) -> None:
+        try:
+            sock, _ = self._listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            # e.g. EMFILE: the listener stays readable, so pause accepting instead of spinning on it.
+            self._count("internal_errors")
+            self._warn("control socket: accept failed (%s); pausing new connections for %.1f s",
+                       exc, _ACCEPT_PAUSE_S)
+            self._selector.unregister(self._listener)
+            self._accept_paused_until_s = time.monotonic() + _ACCEPT_PAUSE_S
+            return
+        sock.setblocking(False)
+        client = _Client(sock, last_active_s=time.monotonic())
+        if len(self._clients) >= self.max_clients:
+            self._count("refused_connections")
+            self._warn("control socket: refusing a connection, %d clients already connected",
+                       len(self._clients))
+            client.closing = True
+            self._queue(client, _error(f"too many clients ({self.max_clients} connected); try again later"))
+            self._clients[sock.fileno()] = client
+            self._flush(client)
+            return
+        self._count("connections")
+        self._clients[sock.fileno()] = client
+        self._selector.register(sock, selectors.EVENT_READ, client)
+
+    def _housekeeping(self) -> None:
+        now = time.monotonic()
+        if self._accept_paused_until_s is not None and now >= self._accept_paused_until_s:
+            self._accept_paused_until_s = None
+            self._selector.register(self._listener, selectors.EVENT_READ, "listener")
+        if self.idle_timeout_s is None:
+            return
+        for client in list(self._clients.values()):
+            if now - client.last_active_s > self.idle_timeout_s:
+                self._count("idle_closed")
+                logger.info("control socket: closing a client silent for %.0f s", now - client.last_active_s)
+                self._close_client(client)
+
+    def _read(self, client: _Client) -> None:
+        try:
+            data = client.sock.recv(_RECV_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            logger.debug("control socket: client read failed: %s", exc)
+            self._close_client(client)
+            return
+        if not data:
+            # End of the client's requests (it may have half-closed to wait for the replies, as
+            # `socat` does): answer the complete lines it sent, then close.
+            client.closing = True
+            self._flush(client)
+            return
+        client.last_active_s = time.monotonic()
+        client.inbox += data
+        self._flush(client)
+
+    def _process(self, client: _Client) -> None:
+        """Answer the complete lines in the client's inbox, until its pending replies reach the cap."""
+        inbox = client.inbox
+        start = 0
+        while len(client.outbox) < _MAX_PENDING_REPLY_BYTES:
+            newline = inbox.find(b"\n", start)
+            if newline < 0:
+                break
+            line = bytes(inbox[start:newline])
+            start = newline + 1
+            if client.discarding:  # the tail of an oversized line, already answered
+                client.discarding = False
+                continue
+            if len(line) > self.max_line_bytes:
+                self._queue(client, self._oversized())
+                continue
+            self._queue(client, self._respond(line))
+        del inbox[:start]
+        if b"\n" in inbox:
+            return  # more complete lines wait for the client to read its replies
+        if not client.discarding and len(inbox) > self.max_line_bytes:
+            # Answer now rather than at the newline, so a client that never sends one still hears why.
+            self._queue(client, self._oversized())
+            client.discarding = True
+        if client.discarding:
+            inbox.clear()
+
+    def _oversized(self) -> dict[str, Any]:
+        self._count("oversized_lines")
+        self._count("bad_requests")
+        return _error(f"request line longer than {self.max_line_bytes} bytes; the rest of it is ignored")
+
+    def _queue(self, client: _Client, reply: Mapping[str, Any]) -> None:
+        client.outbox += _encode_reply(reply)
+
+    def _flush(self, client: _Client) -> None:
+        if client.inbox and len(client.outbox) < _MAX_PENDING_REPLY_BYTES:
+            self._process(client)
+        if client.outbox:
+            try:
+                sent = client.sock.send(client.outbox)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:  # EPIPE/ECONNRESET: the client went away without reading
+                logger.debug("control socket: client write failed: %s", exc)
+                self._close_client(client)
+                return
+            del client.outbox[:sent]
+        if client.closing and not client.outbox and b"\n" not in client.inbox:
+            self._close_client(client)
+            return
+        # Complete lines still waiting (processing stopped at the reply cap): ask for a write event to
+        # answer them next round, and read nothing more from this client until they are answered.
+        pending_lines = b"\n" in client.inbox
+        events = 0
+        if client.outbox or pending_lines:
+            events |= selectors.EVENT_WRITE
+        if not client.closing and not pending_lines and len(client.outbox) < _MAX_PENDING_REPLY_BYTES:
+            events |= selectors.EVENT_READ
+        self._set_events(client, events)
+
+    def _set_events(self, client: _Client, events: int) -> None:
+        fd = client.sock.fileno()
+        try:
+            key = self._selector.get_key(fd)
+        except KeyError:
+            self._selector.register(client.sock, events, client)
+            return
+        if key.events != events:
+            self._selector.modify(client.sock, events, client)
+
+    def _close_client(self, client: _Client) -> None:
+        fd = client.sock.fileno()
+        if fd >= 0:
+            if self._selector is not None:
+                try:
+                    self._selector.unregister(client.sock)
+                except (KeyError, ValueError):
+                    logger.debug("control socket: client %d was not registered", fd)
+            self._clients.pop(fd, None)
+        client.sock.close()
+
+    def _count(self, name: str) -> None:
+        with self._counters_lock:
+            self.counters[name] += 1
+
+    # -- requests ----------------------------------------------------------------------------------------
+    def _respond(self, line: bytes) -> dict[str, Any]:
+        self._count("requests")
+        request_id = None
+        try:
+            request = _decode(line)
+            request_id = request.get("id")
+            _validate(request)
+            reply = self._execute(request)
+        except _RequestError as exc:
+            self._count("bad_requests")
+            reply = _error(str(exc))
+        if request_id is not None:
+            reply["id"] = request_id
+        return reply
+
+    def _execute(self, request: dict[str, Any]) -> dict[str, Any]:
+        cmd = request["cmd"]
+        try:
+            if cmd == "say":
+                text = request["text"].strip()
+                self.handler.say(text)
+                return {"ok": True, "instruction": text}
+            if cmd == "stop":
+                self.handler.stop()
+                return {"ok": True, "instruction": None}
+            if cmd == "estop":
+                self.handler.estop()
+                return {"ok": True, "estop": True}
+            if cmd == "clear":
+                self.handler.clear()
+                return {"ok": True, "estop": False}
+            status = self.handler.status()
+            reply = {"ok": True}
+            reply.update(status)
+            reply["ok"] = True
+            _encode_reply(reply)  # refuse an unserialisable status here, as an internal error
+            return reply
+        except EdgeError as exc:
+            self._count("handler_errors")
+            logger.warning("control socket: %s refused: %s", cmd, exc)
+            return _error(str(exc))
+        except Exception as exc:  # a handler bug must not end the server
+            self._count("handler_errors")
+            logger.exception("control socket: handler failed on %r", cmd)
+            return _error(f"internal error while handling {cmd!r}: {type(exc).__name__}; see the service log")
+
+
+def _decode(line: bytes) -> dict[str, Any]:
+    """One request line as a JSON object with a valid (or no) id, or _RequestError saying what is wrong."""
+    if line.endswith(b"\r"):
+        line = line[:-1]
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _RequestError(f"request is not valid UTF-8 (byte {exc.start})") from exc
+    if not text.strip():
+        raise _RequestError('empty request; send a JSON object such as {"cmd": "status"}')
+    try:
+        request = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise _RequestError(f"malformed JSON: {exc}") from exc
+    if not isinstance(request, dict):
+        raise _RequestError(f"request must be a JSON object, got {type(request).__name__}")
+    request_id = request.get("id")
+    if request_id is not None and (isinstance(request_id, bool) or not isinstance(request_id, (str, int))
+                                   or (isinstance(request_id, str) and len(request_id) > 64)):
+        raise _RequestError("id must be a string (at most 64 characters) or an integer")
+    return request
+
+
+def _validate(request: dict[str, Any]) -> None:
+    """Check the command and its fields, or raise _RequestError saying what is wrong."""
+    cmd = request.get("cmd")
+    if cmd is None:
+        raise _RequestError(f"request has no 'cmd'; one of {', '.join(COMMANDS)}")
+    if not isinstance(cmd, str):
+        raise _RequestError(f"cmd must be a string, one of {', '.join(COMMANDS)}; got {type(cmd).__name__}")
+    if cmd not in _FIELDS:
+        raise _RequestError(f"unknown cmd {cmd[:40]!r}; one of {', '.join(COMMANDS)}")
+    unknown = sorted(set(request) - _FIELDS[cmd])
+    if unknown:
+        raise _RequestError(f"unknown field(s) for {cmd!r}: {', '.join(k[:40] for k in unknown[:5])}")
+    if cmd == "say":
+        text = request.get("text")
+        if not isinstance(text, str):
+            raise _RequestError(f"say needs 'text', a string; got {type(text).__name__}")
+        if not text.strip():
+            raise _RequestError("say needs a non-empty text; send {\"cmd\": \"stop\"} to clear the instruction")
+        if len(text) > MAX_TEXT_CHARS:
+            raise _RequestError(f"text is {len(text)} characters; at most {MAX_TEXT_CHARS}")
+
+
+def _error(message: str) -> dict[str, Any]:
+    return {"ok": False, "error": message}
+
+
+def _jsonable(value: Any) -> Any:
+    """JSON without NaN/Infinity (which strict parsers such as jq refuse): non-finite floats become null."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        return value
+    if hasattr(value, "tolist"):  # numpy scalars and arrays
+        return _jsonable(value.tolist())
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _encode_reply(reply: Mapping[str, Any]) -> bytes:
+    return json.dumps(_jsonable(reply), allow_nan=False, separators=(",", ":")).encode() + b"\n"
+
+
+# -- the adapter to the control loop ----------------------------------------------------------------------
+class LoopControl:
+    """Implements the commands against a running ControlLoop, its camera and its motor link.
+
+    Every call only sets a field or reads counters, so it is safe from the socket thread.
+    """
+
+    def __init__(self, loop, camera, link) -> None:
+        self.loop = loop
+        self.camera = camera
+        self.link = link
+
+    def say(self, text: str) -> None:
+        self.loop.set_instruction(text)
+
+    def stop(self) -> None:
+        self.loop.set_instruction(None)
+
+    def estop(self) -> None:
+        self.loop.emergency_stop()
+
+    def clear(self) -> None:
+        self.loop.clear_emergency_stop()
+
+    def status(self) -> dict[str, Any]:
+        loop = self.loop
+        counters = dict(loop.counters)
+        row = self._last_completed_tick(counters["ticks"])
+        estop = bool(loop.safety.estopped)
+        if row is not None:
+            mode = "estop" if estop else Mode(int(row["mode"])).name.lower()
+            tick = {"index": int(row["tick"]), "policy_ms": float(row["policy_ms"]),
+                    "tick_ms": float(row["tick_ms"]), "resize_ms": float(row["resize_ms"]),
+                    "vision_ms": float(row["vision_ms"]), "head_ms": float(row["head_ms"]),
+                    "reasons": int(row["reasons"]), "command": row["command"].tolist(),
+                    "delivered": bool(row["delivered"])}
+            score = float(row["score"])
+        else:
+            mode = "estop" if estop else "starting"
+            tick = None
+            score = math.nan
+        output = loop.last_output
+        # The pipeline reuses these buffers every tick: a copy taken mid-tick may mix two ticks, which is
+        # harmless for a status display and keeps the socket thread from ever waiting on the loop.
+        policy = None if output is None else {"action": output.action.tolist(), "spread": output.spread.tolist()}
+        link_stats = self.link.stats
+        stats = dataclasses.asdict(link_stats)
+        stats["bad_frames"] = link_stats.bad_frames
+        round_trip_s = getattr(self.link, "last_round_trip_s", None)
+        return {
+            "mode": mode,
+            "estop": estop,
+            "instruction": loop.instruction,
+            "uncertainty": {"score": score, "threshold": float(loop.gate.config.threshold),
+                            "hard_ceiling": float(loop.gate.config.hard_ceiling)},
+            "tick": tick,
+            "policy": policy,
+            "overruns": int(loop.keeper.overruns),
+            "link": {"connected": bool(self.link.is_connected), "telemetry_age_s": float(self.link.telemetry_age_s()),
+                     "round_trip_ms": None if round_trip_s is None else round_trip_s * 1e3, "stats": stats},
+            "camera": {"connected": bool(self.camera.is_connected), "frame_age_s": float(self.camera.frame_age_s()),
+                       "reconnects": int(self.camera.reconnects)},
+            "counters": counters,
+        }
+
+    def _last_completed_tick(self, ticks: int):
+        # recorder.next() hands out a row at the start of a tick and the loop fills it during the tick,
+        # so latest(1) may be half written; the last completed tick is the one numbered ticks - 1.
+        if ticks <= 0:
+            return None
+        for row in self.loop.recorder.latest(2)[::-1]:
+            if int(row["tick"]) == ticks - 1:
+                return row
+        return None  # the loop moved on twice while we read: rare, and the next status call has it
+
+
+# -- the client ------------------------------------------------------------------------------------------
+def default_socket_path(environ: Mapping[str, str] | None = None) -> str:
+    """$RUNTIME_DIRECTORY/control.sock (set by systemd for the service) or /run/vla-edge/control.sock."""
+    env = os.environ if environ is None else environ
+    runtime_dir = env.get("RUNTIME_DIRECTORY", "").split(":")[0] or DEFAULT_RUNTIME_DIR
+    return os.path.join(runtime_dir, DEFAULT_SOCKET_NAME)
+
+
+def send_request(path: str | os.PathLike[str], request: dict[str, Any], timeout_s: float = 2.0) -> dict[str, Any]:
+    """Send one request and return the reply (``{"ok": false, ...}`` replies are returned, not raised).
+
+    Raises EdgeError when the service cannot be reached or does not answer.
+    """
+    path = os.fspath(path)
+    payload = json.dumps(request, separators=(",", ":")).encode() + b"\n"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.settimeout(timeout_s)
+    try:
+        try:
+            sock.connect(path)
+        except FileNotFoundError as exc:
+            raise EdgeError(f"no control socket at {path}: is the service running? (systemctl status vla-edge; "
+                            f"or pass --socket)") from exc
+        except PermissionError as exc:
+            raise EdgeError(f"permission denied on {path}: add this user to the vla-edge group "
+                            f"(sudo usermod -aG vla-edge $USER, then log in again)") from exc
+        except ConnectionRefusedError as exc:
+            raise EdgeError(f"nothing listens on {path}: the service is not running "
+                            f"(systemctl status vla-edge)") from exc
+        except OSError as exc:
+            raise EdgeError(f"cannot connect to the control socket {path}: {exc}") from exc
+        try:
+            sock.sendall(payload)
+            reply = bytearray()
+            while not reply.endswith(b"\n"):
+                chunk = sock.recv(_RECV_BYTES)
+                if not chunk:
+                    break
+                reply += chunk
+        except TimeoutError as exc:
+            raise EdgeError(f"the service did not answer on {path} within {timeout_s:g} s") from exc
+        except OSError as exc:  # e.g. ECONNRESET: the service went away mid-request
+            raise EdgeError(f"control socket {path} failed before the reply: {exc}") from exc
+    finally:
+        sock.close()
+    line = bytes(reply).split(b"\n", 1)[0]
+    if not line:
+        raise EdgeError(f"the service closed {path} without answering")
+    try:
+        decoded = json.loads(line)
+    except ValueError as exc:
+        raise EdgeError(f"the service sent an unreadable reply on {path}: {line[:80]!r}") from exc
+    if not isinstance(decoded, dict) or "ok" not in decoded:
+        raise EdgeError(f"the service sent an unexpected reply on {path}: {line[:80]!r}")
+    return decoded
+
+
+# -- command line -----------------------------------------------------------------------------------------
+def add_control_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``say``, ``stop``, ``estop``, ``clear`` and ``status`` on the vla-edge command line."""
+
+    def common(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--socket", default=None, metavar="PATH",
+                            help="control socket (default: $RUNTIME_DIRECTORY/control.sock, else "
+                                 f"{DEFAULT_RUNTIME_DIR}/{DEFAULT_SOCKET_NAME})")
+        parser.add_argument("--timeout", type=float, default=2.0, metavar="SECONDS",
+                            help="how long to wait for the service's reply (default 2)")
+
+    say = subparsers.add_parser("say", help="give the running robot a new instruction")
+    say.add_argument("text", nargs="+", help="the instruction, e.g. \"go to the red block\"")
+    common(say)
+    say.set_defaults(handler=_cli_say)
+    stop = subparsers.add_parser("stop", help="clear the instruction: the robot holds (controlled stop)")
+    common(stop)
+    stop.set_defaults(handler=_cli_simple, control_cmd="stop")
+    estop = subparsers.add_parser("estop", help="latch the emergency stop (motors stop until `vla-edge clear`)")
+    common(estop)
+    estop.set_defaults(handler=_cli_simple, control_cmd="estop")
+    clear = subparsers.add_parser("clear", help="release the emergency stop")
+    common(clear)
+    clear.set_defaults(handler=_cli_simple, control_cmd="clear")
+    status = subparsers.add_parser("status", help="show the running robot's mode, timings, link and camera")
+    common(status)
+    status.add_argument("--json", action="store_true", help="print the raw JSON reply")
+    status.set_defaults(handler=_cli_status)
+
+
+def _socket_of(args: argparse.Namespace) -> str:
+    return args.socket or default_socket_path()
+
+
+def _report(reply: dict[str, Any], done: str) -> int:
+    if not reply.get("ok"):
+        print(f"refused: {reply.get('error', 'no reason given')}")
+        return 1
+    print(done)
+    return 0
+
+
+def _cli_say(args: argparse.Namespace) -> int:
+    text = " ".join(args.text)
+    reply = send_request(_socket_of(args), {"cmd": "say", "text": text}, timeout_s=args.timeout)
+    return _report(reply, f"instruction set: {reply.get('instruction', text)!r}")
+
+
+_DONE = {"stop": "instruction cleared: holding (controlled stop)",
+         "estop": "emergency stop latched; release it with `vla-edge clear`",
+         "clear": "emergency stop released; commands slew up from zero"}
+
+
+def _cli_simple(args: argparse.Namespace) -> int:
+    reply = send_request(_socket_of(args), {"cmd": args.control_cmd}, timeout_s=args.timeout)
+    return _report(reply, _DONE[args.control_cmd])
+
+
+def _cli_status(args: argparse.Namespace) -> int:
+    reply = send_request(_socket_of(args), {"cmd": "status"}, timeout_s=args.timeout)
+    if args.json:
+        print(json.dumps(reply, indent=2, sort_keys=True))
+        return 0 if reply.get("ok") else 1
+    if not reply.get("ok"):
+        print(f"refused: {reply.get('error', 'no reason given')}")
+        return 1
+    print(format_status(reply))
+    return 0
+
+
+def format_status(status: Mapping[str, Any]) -> str:
+    """A readable block from a status reply; tolerant of missing fields."""
+
+    def num(value: Any, fmt: str, unit: str = "") -> str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return f"{value:{fmt}}{unit}"
+        return "-"
+
+    def section(name: str) -> Mapping[str, Any]:
+        value = status.get(name)
+        return value if isinstance(value, Mapping) else {}
+
+    lines = []
+    estop = status.get("estop")
+    lines.append(f"mode         {status.get('mode', '-')}" + ("  (E-STOP LATCHED)" if estop else ""))
+    instruction = status.get("instruction")
+    lines.append(f"instruction  {instruction!r}" if instruction else "instruction  (none: holding)")
+    unc = section("uncertainty")
+    lines.append(f"uncertainty  score {num(unc.get('score'), '.4f')} (threshold {num(unc.get('threshold'), '.4f')}, "
+                 f"ceiling {num(unc.get('hard_ceiling'), '.4f')})")
+    tick = section("tick")
+    lines.append(f"last tick    #{tick.get('index', '-')}: policy {num(tick.get('policy_ms'), '.1f', ' ms')}, "
+                 f"tick {num(tick.get('tick_ms'), '.1f', ' ms')}, overruns {status.get('overruns', '-')}")
+    link = section("link")
+    link_stats = link.get("stats") if isinstance(link.get("stats"), Mapping) else {}
+    state = {True: "connected", False: "DOWN"}.get(link.get("connected"), "-")
+    lines.append(f"motor link   {state}, telemetry age {num(link.get('telemetry_age_s'), '.2f', ' s')}, "
+                 f"round trip {num(link.get('round_trip_ms'), '.1f', ' ms')}")
+    if link_stats:
+        lines.append("             " + ", ".join(
+            f"{key.replace('_', ' ')} {link_stats[key]}"
+            for key in ("bad_frames", "crc_errors", "framing_errors", "telemetry_lost", "write_failures",
+                        "undelivered", "reconnects") if key in link_stats))
+    camera = section("camera")
+    cam_state = {True: "connected", False: "DOWN"}.get(camera.get("connected"), "-")
+    lines.append(f"camera       {cam_state}, frame age {num(camera.get('frame_age_s'), '.2f', ' s')}, "
+                 f"reconnects {camera.get('reconnects', '-')}")
+    counters = section("counters")
+    if counters:
+        lines.append("counters     " + ", ".join(f"{k} {v}" for k, v in counters.items()))
+    return "\n".join(lines)

@@ -1,0 +1,266 @@
+"""Optional Prometheus metrics of the robot service, on 127.0.0.1 only (config section `metrics:`).
+
+Nothing here runs in the control tick. A custom collector reads the loop's own state when Prometheus
+scrapes (the loop's counters, its rate keeper, the tick recorder's ring buffer, the motor link's
+statistics and the camera's counters) in the HTTP server's thread, so an unscraped robot pays nothing
+and a scrape costs the loop only the GIL for the time of one percentile over the recorded ticks.
+
+Latency quantiles are gauges over the ticks the recorder holds (`loop.record_ticks`), not a Prometheus
+summary: the ring buffer forgets old ticks, so a cumulative _sum/_count would be a lie.
+
+`prometheus-client` is an optional dependency (`pip install 'vla-edge[metrics]'`), imported when the
+metrics are enabled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import socketserver
+import threading
+from collections.abc import Iterator, Mapping
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+import numpy as np
+
+from edge.control.loop import Mode
+from edge.errors import ConfigError
+from edge.service.config import METRICS_HOST
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "vla_edge"
+INSTALL_HINT = "pip install 'vla-edge[metrics]' (the prometheus-client package)"
+QUANTILES = (0.5, 0.9, 0.99, 1.0)
+# recorder field -> stage label of the latency gauges
+_STAGES = {"tick_ms": "tick", "policy_ms": "policy", "resize_ms": "resize", "vision_ms": "vision",
+           "head_ms": "head"}
+
+
+def load_prometheus_client():
+    try:
+        import prometheus_client
+    except ImportError as exc:
+        raise ConfigError(f"metrics.enabled is true but prometheus-client is not installed: {INSTALL_HINT}, "
+                          "or set metrics.enabled: false") from exc
+    return prometheus_client
+
+
+class LoopCollector:
+    """Reads a running ControlLoop (and its camera and motor link) at scrape time.
+
+    `loop`, `camera` and `link` are the service's objects; only attributes they expose to other threads
+    are read (counters, keeper, recorder, link.stats, camera counters). `labels` become an info metric.
+    """
+
+    def __init__(self, loop, camera=None, link=None, *, labels: Mapping[str, str] | None = None):
+        self.loop = loop
+        self.camera = camera
+        self.link = link
+        self.labels = dict(labels or {})
+        self.scrapes = 0
+
+    def describe(self) -> list:
+        # An empty description keeps the registry from calling collect() at registration time, before
+        # the loop has run.
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+
+        self.scrapes += 1
+        loop = self.loop
+        counters = dict(loop.counters)  # one consistent-enough snapshot; values are ints the loop replaces
+        ticks = counters.get("ticks", 0)
+
+        if self.labels:
+            yield InfoMetricFamily(f"{PREFIX}_policy", "What the service runs", value=self.labels)
+
+        yield _counter(CounterMetricFamily, "ticks", "Control ticks run", ticks)
+        modes = CounterMetricFamily(f"{PREFIX}_mode_ticks", "Ticks per mode", labels=["mode"])
+        for mode in Mode:
+            modes.add_metric([mode.name.lower()], counters.get(mode.name.lower(), 0))
+        yield modes
+        yield _counter(CounterMetricFamily, "mode_transitions", "Mode changes", counters.get("transitions", 0))
+        yield _counter(CounterMetricFamily, "inference_errors", "Ticks whose inference failed",
+                       counters.get("inference_errors", 0))
+        yield _counter(CounterMetricFamily, "undelivered_commands", "Ticks whose command did not reach the link",
+                       counters.get("undelivered", 0))
+
+        keeper = loop.keeper
+        yield _counter(CounterMetricFamily, "overruns", "Ticks that ran past their deadline", keeper.overruns)
+        yield _counter(CounterMetricFamily, "missed_deadlines", "Deadlines skipped after overruns",
+                       keeper.missed_deadlines)
+        yield _gauge(GaugeMetricFamily, "max_lag_seconds", "Largest lag behind a deadline", keeper.max_lag_s)
+        yield _gauge(GaugeMetricFamily, "period_seconds", "Control period", keeper.period_s)
+        jitter = GaugeMetricFamily(f"{PREFIX}_tick_start_jitter_seconds",
+                                   "Tick start offset from its deadline, over the keeper's window",
+                                   labels=["quantile"])
+        for q, value in keeper.jitter_percentiles([q * 100 for q in QUANTILES]).items():
+            jitter.add_metric([_quantile_label(q / 100)], value)
+        yield jitter
+
+        records = self._completed_records(ticks)
+        current = Mode(int(records["mode"][-1])) if len(records) else None
+        mode_now = GaugeMetricFamily(f"{PREFIX}_mode", "1 for the mode of the last completed tick",
+                                     labels=["mode"])
+        for mode in Mode:
+            mode_now.add_metric([mode.name.lower()], 1.0 if mode is current else 0.0)
+        yield mode_now
+        score = float(records["score"][-1]) if len(records) else math.nan
+        yield _gauge(GaugeMetricFamily, "uncertainty_score", "Uncertainty score of the last completed tick "
+                     "(NaN when the policy did not run)", score)
+        gate = getattr(loop, "gate", None)
+        if gate is not None:
+            yield _gauge(GaugeMetricFamily, "uncertainty_threshold", "Score above which a tick is uncertain",
+                         float(gate.config.threshold))
+        yield _gauge(GaugeMetricFamily, "latency_window_ticks", "Completed ticks the latency quantiles cover",
+                     len(records))
+        latency = GaugeMetricFamily(f"{PREFIX}_tick_latency_seconds",
+                                    "Stage latency over the recorded ticks (tick: frame ready to command "
+                                    "handed to the link)", labels=["stage", "quantile"])
+        for field, stage in _STAGES.items():
+            values = records[field].astype(np.float64) if len(records) else np.empty(0)
+            values = values[np.isfinite(values)]
+            points = np.quantile(values, QUANTILES) / 1e3 if len(values) else [math.nan] * len(QUANTILES)
+            for q, value in zip(QUANTILES, points):
+                latency.add_metric([stage, _quantile_label(q)], float(value))
+        yield latency
+
+        if self.link is not None:
+            yield from self._link_metrics(CounterMetricFamily, GaugeMetricFamily)
+        if self.camera is not None:
+            yield from self._camera_metrics(CounterMetricFamily, GaugeMetricFamily)
+
+    def _completed_records(self, ticks: int) -> np.ndarray:
+        # The row of the tick in progress is handed out before it is filled: keep only finished ticks.
+        records = self.loop.recorder.latest()
+        return records[records["tick"] < ticks] if len(records) else records
+
+    def _link_metrics(self, counter, gauge) -> Iterator[Any]:
+        link = self.link
+        yield _gauge(gauge, "link_connected", "1 while the motor link's port is open", float(link.is_connected))
+        yield _gauge(gauge, "link_telemetry_age_seconds", "Age of the latest telemetry (+Inf before the first)",
+                     float(link.telemetry_age_s()))
+        round_trip = getattr(link, "last_round_trip_s", None)
+        yield _gauge(gauge, "link_round_trip_seconds", "Last command -> telemetry echo round trip",
+                     math.nan if round_trip is None else float(round_trip))
+        stats = link.stats
+        for field in dataclasses.fields(stats):
+            yield _counter(counter, f"link_{field.name}", f"Motor link {field.name.replace('_', ' ')}",
+                           getattr(stats, field.name))
+
+    def _camera_metrics(self, counter, gauge) -> Iterator[Any]:
+        camera = self.camera
+        yield _gauge(gauge, "camera_connected", "1 between camera connect and disconnect",
+                     float(camera.is_connected))
+        yield _gauge(gauge, "camera_streaming", "1 while the capture thread has a live stream",
+                     float(camera.is_streaming))
+        yield _gauge(gauge, "camera_frame_age_seconds", "Age of the latest frame (+Inf before the first)",
+                     float(camera.frame_age_s()))
+        yield _counter(counter, "camera_frames", "Frames captured", camera.frame_count)
+        yield _counter(counter, "camera_reconnects", "Times the stream came back after a loss", camera.reconnects)
+        yield _counter(counter, "camera_read_failures", "Reads that failed on an open stream",
+                       camera.read_failures)
+        yield _counter(counter, "camera_open_failures", "Failed attempts to open the source", camera.open_failures)
+
+
+def _counter(cls, name: str, documentation: str, value: float):
+    return cls(f"{PREFIX}_{name}", documentation, value=float(value))
+
+
+def _gauge(cls, name: str, documentation: str, value: float):
+    return cls(f"{PREFIX}_{name}", documentation, value=float(value))
+
+
+def _quantile_label(q: float) -> str:
+    return f"{q:g}"
+
+
+class _ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a stuck scraper must not keep the process alive at exit
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind() resolves the address with socket.getfqdn(): a reverse DNS lookup that
+        # can stall start-up on a robot without DNS. The name only feeds WSGI's SERVER_NAME.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+        self.setup_environ()
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's signature
+        # One line per scrape every few seconds would drown the journal.
+        logger.debug("metrics %s: " + format, self.client_address[0], *args)
+
+
+class MetricsServer:
+    """HTTP endpoint for Prometheus on 127.0.0.1: ``start()``, ``url``, ``stop()``; a context manager."""
+
+    def __init__(self, collector: LoopCollector, port: int = 9310, host: str = METRICS_HOST):
+        if host != METRICS_HOST:
+            raise ConfigError(f"metrics.host must be {METRICS_HOST}, got {host!r}")
+        self.collector = collector
+        self.host = host
+        self.requested_port = port
+        self._server: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._server is not None:
+            return
+        client = load_prometheus_client()
+        registry = client.CollectorRegistry(auto_describe=False)
+        registry.register(self.collector)
+        app = client.make_wsgi_app(registry)
+        try:
+            self._server = make_server(self.host, self.requested_port, app, server_class=_ThreadingWSGIServer,
+                                       handler_class=_QuietHandler)
+        except OSError as exc:
+            raise ConfigError(f"metrics.port {self.requested_port}: cannot listen on {self.host}:"
+                              f"{self.requested_port} ({exc}); is another process using it "
+                              f"(`ss -ltnp 'sport = :{self.requested_port}'`)?") from exc
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.5},
+                                        name="metrics-http", daemon=True)
+        self._thread.start()
+        logger.info("Prometheus metrics on %s", self.url)
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """(host, port) of the listening socket; None when not started."""
+        return None if self._server is None else tuple(self._server.socket.getsockname()[:2])
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            return self.requested_port
+        return int(self._server.server_address[1])
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}/metrics"
+
+    def stop(self, timeout_s: float = 2.0) -> None:
+        if self._server is None:
+            return
+        server, thread = self._server, self._thread
+        self._server = self._thread = None
+        server.shutdown()
+        server.server_close()
+        if thread is not None:
+            thread.join(timeout_s)
+            if thread.is_alive():
+                logger.warning("metrics server thread did not stop within %.1f s", timeout_s)
+
+    def __enter__(self) -> MetricsServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()

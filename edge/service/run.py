@@ -1,0 +1,353 @@
+"""`vla-edge run --config robot.yaml`: wire bundle, backends, camera, motor link and loop, then run.
+
+Start-up order: load the config -> verify the bundle -> activate the backends -> connect camera and
+motor link -> warm up the pipeline -> control socket and metrics endpoint -> real-time set-up (gc
+frozen) -> READY=1 -> loop. Each step is announced as STATUS= for `systemctl status`, so a start that
+hangs shows where. Shutdown (SIGTERM/SIGINT): the signal only sets the stop event; the loop notices it
+at its next tick boundary (within one period), then STOPPING=1 -> commanded stop (zero velocity) ->
+close the sockets, the port and the camera.
+
+Exit status (the unit's RestartPreventExitStatus=78 relies on it):
+- 0 after a requested stop;
+- 78 (EX_CONFIG) for a ConfigError or BundleError at start: the config or the bundle is wrong, and
+  restarting cannot fix it;
+- 2 for any other EdgeError (a camera or port that is missing may come back: systemd restarts);
+- an unexpected exception propagates (traceback in the journal, exit 1, restarted).
+
+systemd's directories: the config may place the bundle and the control socket in the unit's
+StateDirectory / RuntimeDirectory with ${STATE_DIRECTORY} / ${RUNTIME_DIRECTORY} (edge/service/config.py);
+a relative path stays relative to the config file.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from edge.control.loop import ControlLoop, Mode
+from edge.control.realtime import RealtimeConfig, configure_realtime
+from edge.control.safety import SafetyConfig, SafetyLayer
+from edge.control.uncertainty_gate import GateConfig, UncertaintyGate
+from edge.errors import BundleError, ConfigError, EdgeError
+from edge.inference.bundle import REBUILD, Bundle
+from edge.inference.pipeline import PolicyPipeline, onnxruntime_factory
+from edge.io.camera import Camera
+from edge.io.motor_link import SerialMotorLink
+from edge.service.config import RobotConfig, load_config
+from edge.service.sdnotify import SystemdNotifier
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_RUNTIME_ERROR = 2
+EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h
+STATUS_EVERY_S = 10.0  # STATUS= while running: often enough for `systemctl status`, rare enough to cost nothing
+
+
+def exit_code_for(exc: EdgeError) -> int:
+    """78 for errors that a restart cannot fix (config, bundle), 2 for the rest."""
+    return EXIT_CONFIG if isinstance(exc, (ConfigError, BundleError)) else EXIT_RUNTIME_ERROR
+
+
+def backend_factory(bundle: Bundle, config: RobotConfig, *, trt=None, cudart=None):
+    """Backends for the configured target; `trt`/`cudart` replace the TensorRT and CUDA modules (tests)."""
+    policy = config.policy
+    if policy.backend == "onnxruntime":
+        return onnxruntime_factory(bundle, device=policy.device, threads=policy.threads)
+    from edge.inference.backends.tensorrt import TensorRTBackend
+    from edge.inference.engine_key import EngineKey
+
+    engines = {(e.graph, e.variant): e for e in bundle.engines}
+
+    def make(graph, variant, inputs, outputs, max_batch):
+        entry = engines.get((graph, variant))
+        if entry is None:
+            raise BundleError(
+                f"bundle {bundle.root} has no TensorRT engine for the {variant} {graph} graph; build engines on "
+                f"this device with: build-engines --int8 --out {bundle.root} --force"
+            )
+        key = EngineKey.from_dict({"source_sha256": entry.source_sha256, "tensorrt_version": entry.tensorrt_version,
+                                   "compute_capability": entry.compute_capability, "precision": entry.precision})
+        return TensorRTBackend(bundle.path(entry.path), key, inputs, outputs, max_batch, trt=trt, cudart=cudart)
+
+    return make
+
+
+def safety_config(bundle: Bundle, config: RobotConfig) -> SafetyConfig:
+    action = bundle.action
+    dim = int(action["dim"])
+    slew = config.safety.max_slew_per_s
+    slew_per_dim = tuple([slew] * dim) if slew is not None else tuple(float(v) for v in action["max_slew_per_s"])
+    return SafetyConfig(
+        action_low=tuple(float(v) for v in action["low"]),
+        action_high=tuple(float(v) for v in action["high"]),
+        max_slew_per_s=slew_per_dim,
+        decel_per_s=tuple(min(config.safety.decel_per_s, s) for s in slew_per_dim),
+        period_s=config.loop.period_s,
+        stale_after_periods=config.safety.stale_after_periods,
+        fallback_behaviour=config.safety.fallback_behaviour,
+        damping=config.safety.damping,
+    )
+
+
+def gate_config(bundle: Bundle, config: RobotConfig) -> GateConfig:
+    target = config.policy.target
+    threshold = config.uncertainty.threshold or bundle.uncertainty_threshold(target)
+    ceiling = config.uncertainty.hard_ceiling
+    if ceiling is None:
+        ceiling = float(bundle.manifest["uncertainty"].get("hard_ceiling", {}).get(target, 3.0 * threshold))
+    return GateConfig(threshold=threshold, hard_ceiling=max(ceiling, threshold),
+                      enter_ticks=config.uncertainty.enter_ticks, exit_ticks=config.uncertainty.exit_ticks)
+
+
+class RobotService:
+    """One robot service: ``start()`` (returns False if a stop was requested meanwhile), ``run()``
+    (until ``request_stop``), ``shutdown()`` (always; idempotent)."""
+
+    def __init__(self, config: RobotConfig, notifier: SystemdNotifier | None = None):
+        self.config = config
+        self._owns_notifier = notifier is None
+        self.notifier = notifier or SystemdNotifier()
+        self.stop_event = threading.Event()
+        self.bundle: Bundle | None = None
+        self.pipeline: PolicyPipeline | None = None
+        self.camera: Camera | None = None
+        self.link: SerialMotorLink | None = None
+        self.loop: ControlLoop | None = None
+        self.control_socket = None  # edge.service.control_socket.ControlSocketServer when instruction.socket is set
+        self.metrics = None  # edge.service.metrics.MetricsServer when metrics.enabled
+        self.started_s = time.monotonic()
+        self._next_status_s = 0.0
+        self._shut_down = False
+
+    # -- start-up -----------------------------------------------------------------------------------
+    def _step(self, text: str) -> bool:
+        """Announce a start-up step; False when a stop was requested (start() then returns early)."""
+        if self.stop_event.is_set():
+            logger.info("stop requested during start-up, before: %s", text)
+            return False
+        logger.info("start-up: %s", text)
+        self.notifier.status(f"starting: {text}")
+        return True
+
+    def start(self) -> bool:
+        cfg = self.config
+        if not self._step(f"verifying bundle {cfg.bundle}"):
+            return False
+        self.bundle = Bundle.load(cfg.bundle)
+        logger.info("bundle %s verified (%d files)", cfg.bundle, len(self.bundle.manifest["files"]))
+        if not self._step(f"activating {cfg.policy.backend} backends for target {cfg.policy.target}"):
+            return False
+        self.pipeline = PolicyPipeline(self.bundle, target=cfg.policy.target, mc_samples=cfg.policy.mc_samples,
+                                       mask_seed=cfg.policy.mask_seed,
+                                       backend_factory=backend_factory(self.bundle, cfg))
+        self.pipeline.activate()
+        if not self._step(f"connecting camera {cfg.camera.source}"):
+            return False
+        self.camera = Camera(cfg.camera)
+        self.camera.connect()
+        if not self._step(f"connecting motor link {cfg.motor.port}"):
+            return False
+        self.link = SerialMotorLink(cfg.motor)
+        self.link.connect()
+        if not self._step(f"warming up ({cfg.loop.warmup_ticks} inference passes)"):
+            return False
+        self._warm_up()
+        self.loop = ControlLoop(
+            self.pipeline, self.camera, self.link, SafetyLayer(safety_config(self.bundle, cfg)),
+            UncertaintyGate(gate_config(self.bundle, cfg)), cfg.loop.period_s,
+            stale_after_s=cfg.safety.stale_after_periods * cfg.loop.period_s,
+            record_ticks=cfg.loop.record_ticks, summary_every_s=cfg.loop.summary_every_s,
+            on_deadline_met=self._on_deadline_met,
+        )
+        if cfg.instruction.initial:
+            self.loop.set_instruction(cfg.instruction.initial)
+        if cfg.instruction.socket:
+            from edge.service.control_socket import ControlSocketServer, LoopControl
+
+            self.control_socket = ControlSocketServer(cfg.instruction.socket,
+                                                      LoopControl(self.loop, self.camera, self.link))
+            self.control_socket.start()
+        if cfg.metrics.enabled:
+            from edge import __version__
+            from edge.service.metrics import LoopCollector, MetricsServer
+
+            labels = {"version": __version__, "target": cfg.policy.target, "backend": cfg.policy.backend,
+                      "bundle": str(cfg.bundle)}
+            self.metrics = MetricsServer(LoopCollector(self.loop, self.camera, self.link, labels=labels),
+                                         port=cfg.metrics.port, host=cfg.metrics.host)
+            self.metrics.start()
+        self._check_watchdog_interval()
+        if self.stop_event.is_set():
+            return False
+        rt = cfg.realtime
+        # Last, on this (the control) thread: the helper threads above keep normal priority, and gc is
+        # frozen only once every start-up object exists.
+        report = configure_realtime(RealtimeConfig(sched_fifo_priority=rt.sched_fifo_priority,
+                                                   cpu_affinity=rt.cpu_affinity, lock_memory=rt.lock_memory,
+                                                   freeze_gc=rt.freeze_gc))
+        logger.info("real-time set-up: applied %s, refused %s", report.applied, report.refused)
+        self.notifier.ready(status=f"running {cfg.policy.target} policy at {cfg.loop.rate_hz:g} Hz")
+        logger.info("ready %.2f s after start", time.monotonic() - self.started_s)
+        return True
+
+    def _warm_up(self) -> None:
+        """Run the pipeline a few times so that first-run costs (allocation, page faults, lazy kernel
+        selection) happen before the first real tick; encode the initial instruction now."""
+        initial = self.config.instruction.initial
+        embedding = (self.pipeline.cache.encode_now(initial) if initial
+                     else np.zeros((1, self.pipeline.bundle.graphs["language"].outputs[0].shape[-1]), np.float32))
+        frame = np.zeros(self.camera.frame_shape or (240, 320, 3), np.uint8)
+        proprio = np.zeros(int(self.bundle.action["dim"]), np.float32)
+        for _ in range(self.config.loop.warmup_ticks):
+            self.pipeline.infer(frame, proprio, embedding)
+
+    def _check_watchdog_interval(self) -> None:
+        interval = self.notifier.watchdog_interval_s
+        if interval is None:
+            return
+        period = self.config.loop.period_s
+        # A few late ticks in a row are jitter, not a hang; a watchdog that fires on them restarts a
+        # working robot.
+        if interval < 5 * period:
+            logger.warning("systemd's watchdog interval %.3f s is under 5 control periods (%.3f s): a few late "
+                           "ticks will make systemd kill the service; raise WatchdogSec=", interval, 5 * period)
+        else:
+            logger.info("systemd watchdog: %.3f s, pinged by every tick that meets its deadline", interval)
+
+    # -- running ------------------------------------------------------------------------------------
+    def _on_deadline_met(self) -> None:
+        """Called by the loop after each tick that met its deadline: the systemd watchdog ping, and now and
+        then a STATUS= line."""
+        self.notifier.watchdog()
+        now = time.monotonic()
+        if now >= self._next_status_s:
+            self._next_status_s = now + STATUS_EVERY_S
+            self.notifier.status(self.status_line())
+
+    def status_line(self) -> str:
+        loop = self.loop
+        if loop is None:
+            return "starting"
+        counters = loop.counters
+        # Called between ticks on the loop's thread, so the latest record is a finished tick.
+        latest = loop.recorder.latest(1)
+        mode = Mode(int(latest["mode"][0])) if len(latest) else Mode.HOLD
+        instruction = loop.instruction
+        return (f"{mode.name.lower()} | {counters['ticks']} ticks, {loop.keeper.overruns} overruns, "
+                f"{counters['fallback']} fallback | instruction: "
+                + (repr(instruction[:60]) if instruction else "none (holding)"))
+
+    def run(self) -> None:
+        self.loop.run(self.stop_event)
+
+    def request_stop(self, reason: str) -> None:
+        """Ask the loop to stop at its next tick boundary; safe from a signal handler and any thread."""
+        if not self.stop_event.is_set():
+            logger.info("stopping: %s", reason)
+        self.stop_event.set()
+
+    # -- shutdown -----------------------------------------------------------------------------------
+    def shutdown(self) -> None:
+        """STOPPING=1, commanded stop, then close everything; each part even if another failed."""
+        if self._shut_down:
+            return
+        self._shut_down = True
+        self.notifier.stopping("commanded stop")
+        self._commanded_stop()
+        if self.loop is not None:
+            logger.info("%s", self.loop.summary_line())
+            logger.info("%s", self.loop.keeper.summary())
+        for name in ("control_socket", "metrics", "link", "camera"):
+            part = getattr(self, name)
+            if part is None:
+                continue
+            try:
+                part.stop() if name in ("control_socket", "metrics") else part.disconnect()
+            except EdgeError as exc:
+                logger.error("closing the %s: %s", name.replace("_", " "), exc)
+        if self.pipeline is not None:
+            try:
+                self.pipeline.close()
+            except EdgeError as exc:
+                logger.error("closing the pipeline: %s", exc)
+        self.notifier.status("stopped")
+        if self._owns_notifier:
+            self.notifier.close()
+
+    def _commanded_stop(self) -> None:
+        link = self.link
+        if link is None or not link.is_connected:
+            if link is not None:
+                logger.warning("motor link is down: no commanded stop; the controller's watchdog stops the motors")
+            return
+        if self.loop is not None:
+            self.loop.stop_motors()
+        else:
+            # Start-up failed after the port opened: we never commanded motion, but the controller may
+            # still hold a previous run's command until its watchdog fires; zero is always safe.
+            for _ in range(3):
+                link.send_velocity(np.zeros(self.config.motor.channels, np.float32))
+        logger.info("commanded stop sent (zero velocity)")
+
+
+def run_service(config: RobotConfig | str | os.PathLike, *, environ: Mapping[str, str] | None = None) -> int:
+    """The service's main(): returns the process exit status (see the module docstring).
+
+    `config` is a loaded RobotConfig or the path of the config file; given a path, a config error also
+    exits 78. `environ` (default os.environ) supplies NOTIFY_SOCKET, WATCHDOG_USEC and systemd's
+    directories.
+    """
+    if not faulthandler.is_enabled():
+        # A watchdog SIGABRT (or a crash in a native library) then leaves every thread's traceback in
+        # the journal, which says where the loop hung.
+        faulthandler.enable(all_threads=True)
+    env = os.environ if environ is None else environ
+    notifier = SystemdNotifier(environ=env)
+    service: RobotService | None = None
+    stop_requested: list[str] = []
+
+    def on_signal(signum, _frame):
+        # Only set a flag here: the loop checks it at its tick boundary (within one period), and the
+        # commanded stop runs on the main thread after the loop returns.
+        name = signal.Signals(signum).name
+        if service is not None:
+            service.request_stop(f"received {name}")
+        else:
+            stop_requested.append(name)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        if not isinstance(config, RobotConfig):
+            config = load_config(Path(config), environ=env)
+        service = RobotService(config, notifier)
+        if stop_requested:
+            service.request_stop(f"received {stop_requested[0]} while loading the config")
+        try:
+            if service.start():
+                service.run()
+        finally:
+            service.shutdown()
+    except EdgeError as exc:
+        code = exit_code_for(exc)
+        message = str(exc)
+        if isinstance(exc, BundleError) and isinstance(config, RobotConfig):
+            message = message.replace(REBUILD, f"build-engines --int8 --out {config.bundle} --force")
+        logger.error("%s", message)
+        logger.error("exiting with status %d (%s)", code, "EX_CONFIG: fix the config or bundle; systemd will "
+                     "not restart" if code == EXIT_CONFIG else "systemd restarts the service")
+        notifier.status(f"failed: {message}")
+        return code
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        notifier.close()
+    return EXIT_OK
