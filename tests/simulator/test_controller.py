@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import signal
 import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
+from dataclasses import asdict
 from itertools import pairwise
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -34,9 +31,8 @@ from edge.io.protocol import (
 from reference_world.expert import expert_action
 from reference_world.world import WorldConfig
 from simulator.controller import MOTOR_STOPPED_EPSILON, SimulatedController, _FreeRunningWorld
+from simulator.process import SimulatorConfig, SimulatorProcess
 from tests.waiting import HANG_GUARD_S, wait_until
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class RawHost:
@@ -305,26 +301,16 @@ def test_constructor_validates():
 # --- the process -------------------------------------------------------------------------------------
 
 
-def read_line(stream, timeout_s: float) -> str:
-    ready, _, _ = select.select([stream], [], [], timeout_s)
-    assert ready, f"no line on stdout within {timeout_s} s"
-    return stream.readline()
-
-
 def ask(sock_file, request: str) -> dict:
     sock_file.write(request + "\n")
     sock_file.flush()
     return json.loads(sock_file.readline())
 
 
-def test_module_prints_paths_serves_ground_truth_and_stops_on_sigterm():
-    process = subprocess.Popen(
-        [sys.executable, "-m", "simulator", "--seed", "3", "--target", "red block", "--print-paths",
-         "--ground-truth-port", "0", "--log-level", "WARNING"],
-        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        paths = json.loads(read_line(process.stdout, 60.0))
+def test_module_prints_paths_serves_ground_truth_and_stops_on_sigterm(tmp_path):
+    config = SimulatorConfig(seed=3, target="red block", ready_timeout_s=60.0)
+    with SimulatorProcess(config, tmp_path / "simulator.log") as process:
+        paths = asdict(process.paths)
         assert os.path.islink(paths["serial"])
         assert os.path.realpath(paths["serial"]) == paths["pty"]
         assert paths["camera_url"].startswith("http://127.0.0.1:")
@@ -348,11 +334,5 @@ def test_module_prints_paths_serves_ground_truth_and_stops_on_sigterm():
             assert not ask(sock_file, json.dumps({"cmd": "format_disk"}))["ok"]
             assert not ask(sock_file, json.dumps({"cmd": "flip_bits", "args": {"probability": 2}}))["ok"]
         process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=HANG_GUARD_S) == 0, process.stderr.read()
+        assert process.wait(timeout_s=HANG_GUARD_S) == 0, process.log_tail()
         assert not os.path.lexists(paths["serial"])  # cleaned up on the way out
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=HANG_GUARD_S)
-        process.stdout.close()
-        process.stderr.close()
