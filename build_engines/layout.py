@@ -1,10 +1,12 @@
 """Check that an INT8 graph has the layout its target needs, listing every violation by node.
 
-TensorRT (design decision 1) compiles an explicitly quantized graph and takes precision from it, so its
-graph must be exactly: symmetric int8 Q/DQ (every zero point 0), per-channel weight scales along the
-output-channel axis, float biases (no int32 DequantizeLinear), both inputs of every Conv/Gemm/MatMul fed
-by DequantizeLinear (unless the node is a documented exclusion), and Relu/Clip kept as in the FP32 graph.
-The CPU graph (decision 2) must use uint8 activations and int8 weights.
+TensorRT (docs/architecture.md, "Decisions: explicit quantization") compiles an explicitly quantized
+graph and takes precision from it, so its graph must be exactly: symmetric int8 Q/DQ (every zero point
+0), per-channel weight scales along the output-channel axis, float biases (no int32 DequantizeLinear),
+both inputs of every Conv/Gemm/MatMul fed by DequantizeLinear (unless the node is a documented
+exclusion), and Relu/Clip kept as in the FP32 graph.
+The CPU graph (docs/architecture.md, "Decisions: one calibration, several CPU candidates") must use
+uint8 activations and int8 weights.
 
 The checks read only the ONNX graph (no ONNX Runtime), so they can run wherever a bundle is inspected.
 Documented exclusions are node names passed in, plus those ``build_engines.quantize`` recorded in the

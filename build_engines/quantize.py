@@ -5,10 +5,12 @@ atomically, temporary file + ``os.replace``):
 
 - ``calibrate``: ONNX Runtime's calibrator (entropy, percentile or min-max) runs the graph once over the
   calibration feeds and gives per-tensor ranges (``TensorRanges``, kept in the bundle as JSON).
-- ``quantize_for_tensorrt``: the explicit-quantization graph TensorRT compiles (design decision 1):
+- ``quantize_for_tensorrt``: the explicit-quantization graph TensorRT compiles (docs/architecture.md,
+  "Decisions: explicit quantization"):
   Q/DQ format, symmetric int8 activations and weights (every zero point 0), per-channel weights,
   float biases, Relu/Clip kept, only the inputs of Conv/Gemm/MatMul quantized.
-- ``quantize_for_cpu``: the layout ONNX Runtime's x86 CPU kernels are fast with (design decision 2):
+- ``quantize_for_cpu``: the layout ONNX Runtime's x86 CPU kernels are fast with (docs/architecture.md,
+  "Decisions: one calibration, several CPU candidates"):
   asymmetric uint8 activations, symmetric per-channel int8 weights. Both INT8 graphs come from the same
   ranges, so there is one calibration, not two.
 - ``quantize_dynamic_int8``: weights-only int8 with runtime activation ranges, for the sentence encoder.
@@ -309,9 +311,10 @@ def quantize_for_cpu(
     """Write the graph ONNX Runtime's CPU provider runs fastest: uint8 activations, int8 per-channel weights.
 
     ``op_types`` defaults to ``CPU_OP_TYPES``. ``quant_format`` "qdq" (default) or "qoperator". QDQ is the
-    default: on a 2-core AVX-512 VNNI x86 CPU (ORT 1.31, EfficientNet-Lite0 224x224, batch 1; design brief
-    decision 2) QDQ ran 1.8 ms and QOperator 1.7 ms, FP32 4.0-4.5 ms: QOperator's edge is within run-to-run
-    noise, and QDQ is the format ONNX Runtime optimises and recommends since 1.11.
+    default: on a 2-core AVX-512 VNNI x86 CPU (ORT 1.31, EfficientNet-Lite0 224x224, batch 1;
+    docs/architecture.md, "Decisions: one calibration, several CPU candidates") QDQ ran 1.8 ms and
+    QOperator 1.7 ms, FP32 4.0-4.5 ms: QOperator's edge is within run-to-run noise, and QDQ is the
+    format ONNX Runtime optimises and recommends since 1.11.
 
     On x86 CPUs without VNNI (AVX2 only), ONNX Runtime's fast u8s8 kernels saturate 16-bit sums: on such a
     CPU EfficientNet-Lite0 fell to cosine 0.79 against FP32 (0.99 with exact arithmetic) and ran no faster
@@ -431,8 +434,9 @@ def quantize_dynamic_int8(
 ) -> Path:
     """Write a dynamically quantized graph: int8 weights, activations quantized to uint8 at run time.
 
-    For the sentence encoder on CPU (MiniLM-L6, 32 tokens: FP32 4.0 ms, dynamic int8 1.9 ms in the design
-    brief's measurement). No calibration: activation ranges are computed per call.
+    For the sentence encoder on CPU (MiniLM-L6, 32 tokens: FP32 4.0 ms, dynamic int8 1.9 ms on ONNX
+    Runtime's CPU provider; docs/architecture.md, "Decisions: one calibration, several CPU candidates").
+    No calibration: activation ranges are computed per call.
     """
     model_path = _existing(fp32_model)
     target = Path(out_path)

@@ -4,8 +4,8 @@ One chain of small steps (Polygraphy's shape): ``build_engine`` (graph -> engine
 ``save_engine`` (bytes + key -> files), ``verify_engine`` (engine + reference inputs/outputs -> report,
 or a refusal). Each logs its start, end and duration.
 
-Precision follows TensorRT's own split (design decisions 1 and 3), found by feature detection, never by
-comparing version strings:
+Precision follows TensorRT's own split (docs/architecture.md, "Decisions: explicit quantization" and
+"Decisions: FP16"), found by feature detection, never by comparing version strings:
 - TensorRT 10 (weak typing available): "fp16" sets BuilderFlag.FP16; "int8" expects an explicitly
   quantized (Q/DQ) graph and sets INT8, plus FP16 for the layers left unquantized.
 - TensorRT 11 (strongly typed only, no precision flags): precision comes from the graph itself, so
