@@ -24,23 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
+# BuildError and GateRefused are imported from here by callers and tests; they are defined in errors.py.
+from build_engines.errors import BuildError, CalibrationError, GateRefused
 from edge.inference.bundle import MANIFEST, SCHEMA_VERSION, file_sha256
 
 logger = logging.getLogger(__name__)
 
 CALIB_METHODS = ("entropy", "percentile", "minmax")
-
-
-class BuildError(RuntimeError):
-    """The build cannot go on; the message names what and where."""
-
-
-class GateRefused(BuildError):
-    """The accuracy gate refused the bundle; `report` says which graph failed by how much."""
-
-    def __init__(self, message: str, report: dict):
-        super().__init__(message)
-        self.report = report
 
 
 @dataclass(frozen=True)
@@ -112,12 +102,13 @@ def _calibration_source(options: BuildOptions, proprio_dim: int):
         return ReferenceWorldSource(options.calib_samples + options.heldout_samples)
     path = Path(kind)
     if not path.exists():
-        raise BuildError(f"--calib-source {kind}: no such file or folder (use 'reference-world', a folder of "
-                         "images with --calib-instructions, or an HDF5 file/folder of episodes)")
+        raise CalibrationError(f"--calib-source {kind}: no such file or folder (use 'reference-world', a "
+                               "folder of images with --calib-instructions, or an HDF5 file/folder of "
+                               "episodes)")
     if path.is_dir() and not any(path.glob("*.h5")) and not any(path.glob("*.hdf5")):
         if options.calib_instructions is None:
-            raise BuildError(f"--calib-source {path} is an image folder: pass --calib-instructions FILE "
-                             "(one instruction per line)")
+            raise CalibrationError(f"--calib-source {path} is an image folder: pass --calib-instructions "
+                                   "FILE (one instruction per line)")
         return ImageFolderSource(path, options.calib_instructions, proprio_dim=proprio_dim)
     return Hdf5EpisodeSource(path)
 
@@ -204,12 +195,15 @@ def _prepare_samples(source, count: int, minimum: int) -> Prepared:
 
 
 def run_build(options: BuildOptions) -> dict:
-    """Run every step; returns the summary (also written into the bundle). Raises BuildError/GateRefused."""
+    """Run every step; returns the summary (also written into the bundle).
+
+    Raises a BuildError subclass naming the step that failed (GateRefused when the accuracy gate refuses
+    the bundle), or an EdgeError of the runtime for unusable input data; `out` is then left as it was."""
     if options.calib_method not in CALIB_METHODS:
-        raise BuildError(f"--calib-method must be one of {CALIB_METHODS}, got {options.calib_method!r}")
+        raise CalibrationError(f"--calib-method must be one of {CALIB_METHODS}, got {options.calib_method!r}")
     if options.calib_samples < options.min_calib_samples:
-        raise BuildError(f"--calib-samples {options.calib_samples} is below the minimum of "
-                         f"{options.min_calib_samples} for a stable calibration")
+        raise CalibrationError(f"--calib-samples {options.calib_samples} is below the minimum of "
+                               f"{options.min_calib_samples} for a stable calibration")
     check_output_location(options)
     tmp = _temporary_dir(options.out)
     try:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from build_engines.errors import ExportError
 from edge.inference.backends.base import TensorSpec
 from reference_policy.encoders import IMAGE_SIZE_PX, LANGUAGE_DIM, MAX_TOKENS
 from reference_policy.model import PolicyHead
@@ -25,10 +26,6 @@ from reference_policy.model import PolicyHead
 logger = logging.getLogger(__name__)
 
 OPSET = 17
-
-
-class ExportError(RuntimeError):
-    """An exported graph does not reproduce the PyTorch module."""
 
 
 @dataclass(frozen=True)
@@ -75,17 +72,20 @@ def _export(module: torch.nn.Module, args: tuple, spec: GraphSpec, path: Path) -
     }
     started = time.monotonic()
     logger.info("export %s -> %s", spec.name, path.name)
-    torch.onnx.export(
-        module,
-        args,
-        str(path),
-        input_names=[s.name for s in spec.inputs],
-        output_names=[s.name for s in spec.outputs],
-        dynamic_axes=dynamic,
-        opset_version=OPSET,
-        dynamo=False,  # the TorchScript exporter gives plain, TensorRT-friendly graphs for these modules
-        do_constant_folding=True,
-    )
+    try:
+        torch.onnx.export(
+            module,
+            args,
+            str(path),
+            input_names=[s.name for s in spec.inputs],
+            output_names=[s.name for s in spec.outputs],
+            dynamic_axes=dynamic,
+            opset_version=OPSET,
+            dynamo=False,  # the TorchScript exporter gives plain, TensorRT-friendly graphs for these modules
+            do_constant_folding=True,
+        )
+    except RuntimeError as exc:  # the tracer's errors and torch.onnx's OnnxExporterError family
+        raise ExportError(f"exporting the {spec.name} module to ONNX (opset {OPSET}) failed: {exc}") from exc
     _declare_shapes(path, spec)
     logger.info("export %s done in %.1f s", spec.name, time.monotonic() - started)
 
@@ -140,7 +140,10 @@ def export_policy(vision, language, head: PolicyHead, reference_inputs: dict[str
         with torch.inference_mode():
             _export(modules[name], args, spec, path)
             expected = modules[name](*args).numpy()
-        onnx.checker.check_model(str(path))
+        try:
+            onnx.checker.check_model(str(path))
+        except onnx.checker.ValidationError as exc:
+            raise ExportError(f"the exported {name} graph {path.name} fails onnx.checker: {exc}") from exc
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         actual = session.run(None, feeds)[0]
         error = _compare(name, expected, actual, tolerances[name])

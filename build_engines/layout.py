@@ -6,7 +6,8 @@ graph and takes precision from it, so its graph must be exactly: symmetric int8 
 both inputs of every Conv/Gemm/MatMul fed by DequantizeLinear (unless the node is a documented
 exclusion), and Relu/Clip kept as in the FP32 graph.
 The CPU graph (docs/architecture.md, "Decisions: one calibration, several CPU candidates") must use
-uint8 activations and int8 weights.
+uint8 activations and int8 weights. A graph that breaks its layout raises ``LayoutError``
+(``build_engines.errors``), with every violation listed.
 
 The checks read only the ONNX graph (no ONNX Runtime), so they can run wherever a bundle is inspected.
 Documented exclusions are node names passed in, plus those ``build_engines.quantize`` recorded in the
@@ -19,7 +20,7 @@ import json
 import logging
 import os
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
+from build_engines.errors import LayoutError
 from edge.errors import BundleError
 
 logger = logging.getLogger(__name__)
@@ -39,18 +41,6 @@ KEPT_ACTIVATIONS = ("Relu", "Clip")
 # Quantized compute ops of ONNX Runtime's QOperator and dynamic formats.
 _QOPERATOR_COMPUTE = ("QLinearConv", "QLinearMatMul", "QGemm", "MatMulInteger", "ConvInteger",
                       "DynamicQuantizeMatMul", "MatMulIntegerToFloat")
-
-
-class LayoutError(BundleError):
-    """An INT8 graph breaks its target's layout; ``violations`` lists each problem, naming the node."""
-
-    def __init__(self, model: str, target: str, violations: Sequence[str]) -> None:
-        self.model = model
-        self.target = target
-        self.violations = tuple(violations)
-        listed = "\n".join(f"  - {v}" for v in self.violations)
-        super().__init__(f"{model} does not have the {target} INT8 layout ({len(self.violations)} "
-                         f"violations):\n{listed}\nrebuild the INT8 graphs with build_engines --int8")
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,10 @@ atomically, temporary file + ``os.replace``):
 
 The quantizers are ONNX Runtime's own (``QDQQuantizer``/``ONNXQuantizer``, given the ranges the way
 ``quantize_static`` gives them after its calibration), so no second calibration pass ever runs.
+
+A bad argument raises ``ConfigError`` and malformed feeds, graphs or ranges ``InputError`` (both the
+runtime's); a failure of the step itself raises ``CalibrationError`` or ``QuantizationError``
+(``build_engines.errors``).
 """
 
 from __future__ import annotations
@@ -58,9 +62,10 @@ from onnxruntime.quantization.onnx_model import ONNXModel
 from onnxruntime.quantization.onnx_quantizer import ONNXQuantizer
 from onnxruntime.quantization.quant_utils import save_and_reload_model_with_shape_infer, update_opset_version
 
+from build_engines.errors import CalibrationError, QuantizationError
 from build_engines.layout import METADATA_QUANTIZATION
 from calibration.ranges import Histogram, TensorRanges
-from edge.errors import BackendError, BundleError, ConfigError, InputError
+from edge.errors import ConfigError, InputError
 from edge.fileio import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
@@ -182,7 +187,7 @@ def calibrate(
                         calibrator.collect_data(_FeedReader(checked))
                 except ValueError as exc:
                     # np.histogram refuses infinite ranges: a tensor held Inf/NaN in this chunk.
-                    raise InputError(
+                    raise CalibrationError(
                         f"calibrating {model_path.name} with {method} failed on feeds {count}..."
                         f"{count + len(chunk) - 1}: {exc}; a tensor probably holds Inf or NaN: check the "
                         "calibration data, or use --calib-method minmax"
@@ -214,8 +219,8 @@ def _to_ranges(model: onnx.ModelProto, tensors: TensorsData, histograms: Mapping
     for name in sorted(tensors.keys(), key=lambda n: (position.get(n, len(position)), n)):
         low, high = (np.asarray(v, dtype=np.float64).reshape(-1) for v in tensors[name].range_value)
         if low.size != 1 or high.size != 1:
-            raise BackendError(f"calibrator returned a range of shape {low.shape} for tensor {name!r}, "
-                               "expected one (min, max) per tensor")
+            raise CalibrationError(f"calibrator returned a range of shape {low.shape} for tensor {name!r}, "
+                                   "expected one (min, max) per tensor")
         low_f, high_f = float(low[0]), float(high[0])
         if not (np.isfinite(low_f) and np.isfinite(high_f)):
             unusable.append(name)
@@ -498,8 +503,9 @@ def convert_fp16(
             if missing is None:
                 break
             if missing in blocked or missing not in graph_op_types:
-                raise BackendError(f"the FP16 graph of {model_path.name} does not load on ONNX Runtime's CPU "
-                                   f"provider: no kernel for {missing}, and keeping it FP32 did not help")
+                raise QuantizationError(f"the FP16 graph of {model_path.name} does not load on ONNX "
+                                        f"Runtime's CPU provider: no kernel for {missing}, and keeping it "
+                                        "FP32 did not help")
             logger.info("convert_fp16: keeping %s in FP32: ONNX Runtime's CPU provider has no FP16 kernel",
                         missing)
             blocked.add(missing)
@@ -518,7 +524,7 @@ def _missing_cpu_kernel(model: onnx.ModelProto) -> str | None:
     except OrtNotImplemented as exc:
         match = _MISSING_KERNEL.search(str(exc))
         if match is None:
-            raise BackendError(f"ONNX Runtime cannot load the FP16 graph: {exc}") from exc
+            raise QuantizationError(f"ONNX Runtime cannot load the FP16 graph: {exc}") from exc
         return match.group(1)
     return None
 
@@ -555,7 +561,7 @@ def _write_checked(model: onnx.ModelProto, target: Path) -> None:
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
-        raise BundleError(f"the graph for {target} fails onnx.checker: {exc}") from exc
+        raise QuantizationError(f"the graph for {target} fails onnx.checker: {exc}") from exc
     data = model.SerializeToString()
     atomic_write_bytes(target, data)
     logger.info("wrote %s (%.1f MB)", target, len(data) / 1e6)

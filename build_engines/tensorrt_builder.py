@@ -29,6 +29,10 @@ from typing import Any
 
 import numpy as np
 
+# BuildError stays importable from here for callers written before errors.py; this module raises
+# EngineBuildError, a BuildError.
+from build_engines.errors import BuildError as BuildError
+from build_engines.errors import EngineBuildError
 from edge.errors import EdgeError
 from edge.fileio import atomic_write_bytes
 from edge.inference.backends.base import TensorSpec
@@ -40,15 +44,11 @@ logger = logging.getLogger(__name__)
 Shape = tuple[int, ...]
 
 
-class BuildError(RuntimeError):
-    """An engine could not be built, or was built but does not reproduce the reference outputs."""
-
-
 def load_tensorrt() -> ModuleType:
     try:
         import tensorrt
     except ImportError as exc:
-        raise BuildError(TENSORRT_HINT) from exc
+        raise EngineBuildError(TENSORRT_HINT) from exc
     return tensorrt
 
 
@@ -97,17 +97,17 @@ def _graph_facts(onnx_path: Path) -> dict[str, Any]:
 
 def _check_precision(onnx_path: Path, precision: str, trt: Any) -> None:
     if precision not in PRECISIONS:
-        raise BuildError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        raise EngineBuildError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "fp32":
         return
     facts = _graph_facts(onnx_path)
     if precision == "int8" and not {"QuantizeLinear", "DequantizeLinear"} <= facts["op_types"]:
-        raise BuildError(
+        raise EngineBuildError(
             f"{onnx_path.name} has no QuantizeLinear/DequantizeLinear nodes: an int8 engine is built from the "
             "calibrated Q/DQ graph (TensorRT's INT8 calibrators are deprecated in 10 and gone in 11)"
         )
     if precision == "fp16" and not weakly_typed(trt) and not facts["has_fp16"]:
-        raise BuildError(
+        raise EngineBuildError(
             f"TensorRT {trt.__version__} takes precision from the graph and {onnx_path.name} has no FP16 "
             "tensors: pass the FP16 graph (or build fp32)"
         )
@@ -144,7 +144,7 @@ def _parse(parser: Any, onnx_path: Path, data: bytes) -> None:
         lines.append(f"  {where}: {getattr(code, 'name', code)}: {error.desc()}")
     if not lines:
         lines.append("  (the parser gave no error detail)")
-    raise BuildError(f"TensorRT's ONNX parser rejected {onnx_path}:\n" + "\n".join(lines))
+    raise EngineBuildError(f"TensorRT's ONNX parser rejected {onnx_path}:\n" + "\n".join(lines))
 
 
 def _add_profile(builder: Any, network: Any, config: Any, profile: Mapping[str, tuple[Shape, Shape, Shape]],
@@ -152,15 +152,17 @@ def _add_profile(builder: Any, network: Any, config: Any, profile: Mapping[str, 
     inputs = {network.get_input(i).name: tuple(network.get_input(i).shape) for i in range(network.num_inputs)}
     unknown = sorted(set(profile) - set(inputs))
     if unknown:
-        raise BuildError(f"profile names {unknown}, which are not inputs of the graph; inputs are {sorted(inputs)}")
+        raise EngineBuildError(f"profile names {unknown}, which are not inputs of the graph; inputs are "
+                               f"{sorted(inputs)}")
     missing = sorted(name for name, shape in inputs.items() if -1 in shape and name not in profile)
     if missing:
-        raise BuildError(f"inputs {missing} have dynamic dimensions: give each a (min, opt, max) shape in profile")
+        raise EngineBuildError(f"inputs {missing} have dynamic dimensions: give each a (min, opt, max) shape "
+                               "in profile")
     optimisation_profile = builder.create_optimization_profile()
     for name, (low, opt, high) in profile.items():
         optimisation_profile.set_shape(name, tuple(low), tuple(opt), tuple(high))
     if config.add_optimization_profile(optimisation_profile) < 0:
-        raise BuildError(f"TensorRT rejected the optimisation profile {dict(profile)}: {trt_errors()}")
+        raise EngineBuildError(f"TensorRT rejected the optimisation profile {dict(profile)}: {trt_errors()}")
 
 
 def _open_timing_cache(config: Any, path: Path | None) -> Any:
@@ -171,13 +173,13 @@ def _open_timing_cache(config: Any, path: Path | None) -> Any:
         blob = b""
         cache = config.create_timing_cache(blob)
     if cache is None:
-        raise BuildError("TensorRT could not create a timing cache")
+        raise EngineBuildError("TensorRT could not create a timing cache")
     # ignore_mismatch=False: timings from another GPU or TensorRT would choose slow or invalid tactics.
     if not config.set_timing_cache(cache, ignore_mismatch=False):
         logger.warning("timing cache %s was made by another TensorRT or GPU; starting an empty one", path)
         cache = config.create_timing_cache(b"")
         if not config.set_timing_cache(cache, ignore_mismatch=False):
-            raise BuildError("TensorRT refused an empty timing cache")
+            raise EngineBuildError("TensorRT refused an empty timing cache")
     elif blob:
         logger.info("timing cache: %d bytes loaded from %s", len(blob), path)
     return cache
@@ -206,9 +208,9 @@ def build_engine(
     cache_path = Path(timing_cache_path) if timing_cache_path is not None else None
     trt = trt if trt is not None else load_tensorrt()
     if not onnx_path.is_file():
-        raise BuildError(f"graph {onnx_path} does not exist")
+        raise EngineBuildError(f"graph {onnx_path} does not exist")
     if workspace_mib < 1:
-        raise BuildError(f"workspace_mib must be >= 1, got {workspace_mib}")
+        raise EngineBuildError(f"workspace_mib must be >= 1, got {workspace_mib}")
     _check_precision(onnx_path, precision, trt)
     started = time.perf_counter()
     logger.info("building %s engine from %s on TensorRT %s", precision, onnx_path.name, trt.__version__)
@@ -231,7 +233,7 @@ def build_engine(
 
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise BuildError(
+        raise EngineBuildError(
             f"TensorRT {trt.__version__} failed to build {onnx_path.name} ({precision}): "
             f"{trt_errors()}"
         )
@@ -294,7 +296,7 @@ class VerificationReport:
 def _batch_of(inputs: Mapping[str, np.ndarray], specs: tuple[TensorSpec, ...]) -> int:
     batches = {int(inputs[s.name].shape[0]) for s in specs if s.dynamic}
     if len(batches) > 1:
-        raise BuildError(f"reference inputs disagree on the batch size: {sorted(batches)}")
+        raise EngineBuildError(f"reference inputs disagree on the batch size: {sorted(batches)}")
     return batches.pop() if batches else 1
 
 
@@ -312,15 +314,16 @@ def verify_engine(
 ) -> VerificationReport:
     """Run the engine through TensorRTBackend on the reference inputs and compare every output.
 
-    Returns the report when every output is within tolerance, raises BuildError (with the report)
-    otherwise. With `key`, the engine also goes through the runtime's key check, as it will on the robot.
+    Returns the report when every output is within tolerance, raises EngineBuildError (naming each
+    output out of tolerance) otherwise. With `key`, the engine also goes through the runtime's key check,
+    as it will on the robot.
     """
     missing = sorted({s.name for s in input_specs} - set(inputs))
     if missing:
-        raise BuildError(f"reference inputs lack {missing}")
+        raise EngineBuildError(f"reference inputs lack {missing}")
     missing = sorted({s.name for s in output_specs} - set(reference_outputs))
     if missing:
-        raise BuildError(f"reference outputs lack {missing}")
+        raise EngineBuildError(f"reference outputs lack {missing}")
     batch = _batch_of(inputs, input_specs)
     with tempfile.TemporaryDirectory(prefix="verify-engine-") as folder:
         engine_path = Path(folder) / "engine.plan"
@@ -342,7 +345,8 @@ def verify_engine(
         actual = outputs[spec.name].astype(np.float64)
         expected = np.asarray(reference_outputs[spec.name], dtype=np.float64)
         if actual.shape != expected.shape:
-            raise BuildError(f"engine output {spec.name} has shape {actual.shape}, reference {expected.shape}")
+            raise EngineBuildError(f"engine output {spec.name} has shape {actual.shape}, reference "
+                                   f"{expected.shape}")
         error = np.abs(actual - expected)
         excess = error - (tolerance.atol + tolerance.rtol * np.abs(expected))
         finite = bool(np.isfinite(actual).all())
@@ -352,6 +356,7 @@ def verify_engine(
             spec.name, float(error.max()) if error.size else 0.0, max_excess if finite else math.inf, within))
         report.passed = report.passed and within
     if not report.passed:
-        raise BuildError(f"engine does not reproduce the reference outputs (batch {batch}): {report.summary()}")
+        raise EngineBuildError(f"engine does not reproduce the reference outputs (batch {batch}): "
+                               f"{report.summary()}")
     logger.info("engine verified on batch %d: %s", batch, report.summary())
     return report
