@@ -67,7 +67,12 @@ class BuildOptions:
 def step(name: str) -> Iterator[None]:
     started = time.monotonic()
     logger.info("step %s: start", name)
-    yield
+    try:
+        yield
+    except Exception:
+        # The CLI prints one line for the error; this one says in which step it happened.
+        logger.error("step %s: failed after %.1f s", name, time.monotonic() - started)
+        raise
     logger.info("step %s: done in %.1f s", name, time.monotonic() - started)
 
 

@@ -2,8 +2,15 @@
 
     build_engines.py --int8 --out artifacts/bundle
 
-Exit codes: 0 bundle written; 1 build error (message names what and where); 3 the accuracy gate
-refused the bundle (report printed and written beside the output as <out>.refused.json).
+Exit codes:
+  0    the bundle was written
+  1    a build error: a step failed (export, calibration, quantization, layout check, engine build) or
+       an option, the output location or the input data is unusable
+  3    the accuracy gate refused the bundle (report printed and written as <out>.refused.json)
+  130  interrupted (Ctrl-C)
+An error ends in one line on stderr, `build-engines: error: ...` (`build-engines: refused: ...` for
+the gate), never a traceback; log lines on stdout may precede it. Nothing is written to --out unless
+the whole build succeeds.
 """
 
 from __future__ import annotations
@@ -14,13 +21,28 @@ import logging
 import sys
 from pathlib import Path
 
-from build_engines.build import CALIB_METHODS, BuildError, BuildOptions, GateRefused, Tolerances, run_build
+from build_engines.build import (
+    CALIB_METHODS,
+    BuildOptions,
+    Tolerances,
+    format_report,
+    format_summary,
+    run_build,
+)
+from build_engines.errors import EXIT_BUILD_ERROR, BuildError, GateRefused
+from edge.errors import EdgeError
 
 logger = logging.getLogger(__name__)
 
+PROG = "build-engines"
+EXIT_OK = 0
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
+DESCRIPTION, _, _ = __doc__.partition("\nExit codes:")
+EXIT_CODES = __doc__[len(DESCRIPTION):].strip()
+
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="build-engines", description=__doc__,
+    p = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION, epilog=EXIT_CODES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--int8", action="store_true", help="calibrate and produce the INT8 graphs (and engines)")
     p.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=True, help="FP16 graphs (default on)")
@@ -47,9 +69,23 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(stream=sys.stdout, level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return _build(args)
+    except GateRefused as refused:
+        report_path = args.out.with_name(args.out.name + ".refused.json")
+        report_path.write_text(json.dumps(refused.report, indent=2) + "\n")
+        print(format_report(refused.report))
+        return _fail(refused.exit_code, f"refused: {refused} (report: {report_path})")
+    except EdgeError as exc:  # every BuildError, and the runtime's errors (BundleError, InputError, ...)
+        code = exc.exit_code if isinstance(exc, BuildError) else EXIT_BUILD_ERROR
+        return _fail(code, f"error: {exc}")
+    except KeyboardInterrupt:
+        return _fail(EXIT_INTERRUPTED, "interrupted")
+
+
+def _build(args: argparse.Namespace) -> int:
     if args.mc_samples > args.max_mc_samples or args.mc_samples < 1:
-        print(f"error: --mc-samples must be in 1..{args.max_mc_samples}", file=sys.stderr)
-        return 1
+        raise BuildError(f"--mc-samples must be in 1..{args.max_mc_samples}, got {args.mc_samples}")
     options = BuildOptions(
         out=args.out, int8=args.int8, fp16=args.fp16, checkpoint=args.checkpoint,
         calib_source=args.calib_source, calib_instructions=args.calib_instructions,
@@ -59,22 +95,18 @@ def main(argv: list[str] | None = None) -> int:
         tolerances=Tolerances(min_vision_cosine=args.min_vision_cosine, max_head_action_error=args.max_head_error,
                               max_success_drop=args.max_success_drop),
     )
-    from build_engines.build import format_report, format_summary
-
-    try:
-        summary = run_build(options)
-    except GateRefused as refused:
-        report_path = args.out.with_name(args.out.name + ".refused.json")
-        report_path.write_text(json.dumps(refused.report, indent=2) + "\n")
-        print(format_report(refused.report))
-        print(f"\nREFUSED: {refused}\nreport: {report_path}", file=sys.stderr)
-        return 3
-    except BuildError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    summary = run_build(options)
     print(format_summary(summary))
     print(f"\nbundle: {args.out}")
-    return 0
+    return EXIT_OK
+
+
+def _fail(code: int, message: str) -> int:
+    """One line on stderr: a multi-line message (a layout check's violations, TensorRT's parser errors)
+    is joined into it, so the last line of a failed build says everything."""
+    line = " ".join(part.strip() for part in message.splitlines() if part.strip())
+    print(f"{PROG}: {line}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":
