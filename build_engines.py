@@ -1,5 +1,4 @@
-#!/usr/bin/env python3
-"""Offline build entry point: `python build_engines.py --int8` (same as the `build-engines` command)."""
+"""The design card's entry point, kept for `python build_engines.py --int8`; the build lives in the build_engines package (build_engines/cli.py)."""
 
 from build_engines.cli import main
 
