@@ -17,6 +17,7 @@ from pathlib import Path
 
 from edge.errors import BundleError
 from edge.fileio import atomic_write_text
+from edge.validation import check_choice, check_pattern, check_text
 
 PRECISIONS = ("fp32", "fp16", "int8")
 REBUILD_COMMAND = "build-engines --int8 --force"
@@ -54,14 +55,14 @@ class EngineKey:
     precision: str  # "fp32", "fp16" or "int8"
 
     def __post_init__(self) -> None:
-        if not _SHA256.fullmatch(self.source_sha256):
-            raise ValueError(f"source_sha256 must be 64 lowercase hex digits, got {self.source_sha256!r}")
-        if not self.tensorrt_version:
-            raise ValueError("tensorrt_version is empty")
-        if not _COMPUTE_CAPABILITY.fullmatch(self.compute_capability):
-            raise ValueError(f"compute_capability must look like '8.7', got {self.compute_capability!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        # ValueError, not ConfigError: the fields come from the builder or a manifest, and from_dict turns
+        # a malformed one into a BundleError that says to rebuild.
+        check_pattern("source_sha256", self.source_sha256, _SHA256, "64 lowercase hex digits", error=ValueError)
+        check_text("tensorrt_version", self.tensorrt_version, "a TensorRT version such as '10.3.0'",
+                   error=ValueError)
+        check_pattern("compute_capability", self.compute_capability, _COMPUTE_CAPABILITY, "like '8.7'",
+                      error=ValueError)
+        check_choice("precision", self.precision, PRECISIONS, error=ValueError)
 
     def to_dict(self) -> dict[str, str]:
         return asdict(self)

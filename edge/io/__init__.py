@@ -1,5 +1,5 @@
 """Devices: the camera, the serial protocol and the motor link.
 
-Imports only the standard library, numpy, OpenCV, pyserial and `edge`'s shared modules (errors,
-fileio, ratelimit); never `edge.inference`, `edge.control` or `edge.service`.
+Imports only the standard library, numpy, OpenCV, pyserial, cobs and `edge`'s shared modules (errors,
+fileio, ratelimit, validation); never `edge.inference`, `edge.control` or `edge.service`.
 """

@@ -23,13 +23,13 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import cv2
 import numpy as np
 
 from edge.errors import CameraError, ConfigError, InputError
 from edge.ratelimit import RateLimitedWarnings
+from edge.validation import check_backoff, check_bool, check_choice, check_range, check_text
 
 logger = logging.getLogger(__name__)
 
@@ -70,11 +70,6 @@ def detect_source_kind(source: str | int) -> SourceKind:
     return SourceKind.VIDEO_FILE
 
 
-def _positive(key: str, value: Any, upper: float, unit: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= upper:
-        raise ConfigError(f"camera.{key} must be a number in (0, {upper:g}] {unit}, got {value!r}")
-
-
 @dataclass(frozen=True)
 class CameraConfig:
     """Where frames come from and how to treat a source that stalls or drops."""
@@ -91,40 +86,25 @@ class CameraConfig:
 
     def __post_init__(self) -> None:
         source = self.source
-        if isinstance(source, bool) or not isinstance(source, (int, str)):
-            raise ConfigError(f"camera.source must be a device index, path, URL or pipeline, got {source!r}")
-        if isinstance(source, int) and source < 0:
-            raise ConfigError(f"camera.source device index must be >= 0, got {source}")
-        if isinstance(source, str) and not source.strip():
-            raise ConfigError("camera.source is empty; give a device index, path, URL or GStreamer pipeline")
+        if isinstance(source, int) and not isinstance(source, bool):
+            check_range("camera.source", source, 0, integer=True, hint="a device index counts from 0")
+        else:
+            check_text("camera.source", source, "a device index, path, URL or GStreamer pipeline")
         if (self.width_px is None) != (self.height_px is None):
             raise ConfigError("camera.width_px and camera.height_px must be given together or both left out")
         for key in ("width_px", "height_px"):
-            value = getattr(self, key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                      or not 1 <= value <= _MAX_SIDE_PX):
-                raise ConfigError(f"camera.{key} must be an integer in [1, {_MAX_SIDE_PX}] px, got {value!r}")
-        if self.fps is not None:
-            _positive("fps", self.fps, 1000.0, "frames/s")
-        _positive("open_timeout_s", self.open_timeout_s, 120.0, "s")
-        _positive("stale_after_s", self.stale_after_s, 60.0, "s")
+            check_range(f"camera.{key}", getattr(self, key), 1, _MAX_SIDE_PX, unit="px", integer=True, nullable=True)
+        check_range("camera.fps", self.fps, 0, 1000, unit="frames/s", low_open=True, nullable=True)
+        check_range("camera.open_timeout_s", self.open_timeout_s, 0, 120, unit="s", low_open=True)
+        check_range("camera.stale_after_s", self.stale_after_s, 0, 60, unit="s", low_open=True)
         if self.fps is not None and self.stale_after_s <= 1.0 / self.fps:
             raise ConfigError(f"camera.stale_after_s ({self.stale_after_s} s) must exceed one frame period "
                               f"(1/fps = {1.0 / self.fps:.3f} s), or every frame would count as a stall")
-        backoff = self.reconnect_backoff_s
-        if not isinstance(backoff, (tuple, list)) or len(backoff) != 2:
-            raise ConfigError(f"camera.reconnect_backoff_s must be a pair [first_s, longest_s], got {backoff!r}")
-        first_s, longest_s = backoff
-        _positive("reconnect_backoff_s[0]", first_s, 60.0, "s")
-        _positive("reconnect_backoff_s[1]", longest_s, 60.0, "s")
-        if first_s > longest_s:
-            raise ConfigError(f"camera.reconnect_backoff_s must be [first_s, longest_s] with first_s <= "
-                              f"longest_s, got {list(backoff)}")
-        object.__setattr__(self, "reconnect_backoff_s", (float(first_s), float(longest_s)))  # YAML gives lists
-        if self.backend not in _BACKENDS:
-            raise ConfigError(f"camera.backend must be one of {sorted(_BACKENDS)}, got {self.backend!r}")
-        if not isinstance(self.loop, bool):
-            raise ConfigError(f"camera.loop must be true or false, got {self.loop!r}")
+        # YAML gives a list; the frozen config keeps a tuple.
+        object.__setattr__(self, "reconnect_backoff_s",
+                           check_backoff("camera.reconnect_backoff_s", self.reconnect_backoff_s))
+        check_choice("camera.backend", self.backend, sorted(_BACKENDS))
+        check_bool("camera.loop", self.loop)
         if self.loop and self.source_kind is not SourceKind.VIDEO_FILE:
             raise ConfigError(f"camera.loop applies only to video files; source {source!r} is a "
                               f"{self.source_kind.value}")

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import serial
 
-from edge.errors import ConfigError, InputError, LinkError
+from edge.errors import InputError, LinkError
 from edge.io.protocol import (
     MAX_CHANNELS,
     ClearEmergencyStop,
@@ -49,6 +49,7 @@ from edge.io.protocol import (
     seq_delta,
 )
 from edge.ratelimit import RateLimitedWarnings
+from edge.validation import check_backoff, check_bool, check_range, check_text
 
 logger = logging.getLogger(__name__)
 
@@ -75,12 +76,6 @@ _PERMISSION_HINT = (
 # --- config ------------------------------------------------------------------------------------------
 
 
-def _positive_number(key: str, value: Any, upper: float, unit: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= upper:
-        raise ConfigError(f"motor.{key} must be a number in (0, {upper:g}] {unit}, got {value!r}")
-    return float(value)
-
-
 @dataclass(frozen=True)
 class MotorLinkConfig:
     """Where the motor controller is and how to treat a link that stalls or vanishes."""
@@ -95,37 +90,17 @@ class MotorLinkConfig:
     channels: int = 2  # velocity targets per SetVelocity (wheels or joints)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.port, str) or not self.port.strip():
-            raise ConfigError(
-                f"motor.port must be a serial device path (e.g. /dev/serial/by-id/usb-...) or a "
-                f"pyserial URL, got {self.port!r}"
-            )
-        if isinstance(self.baudrate, bool) or not isinstance(self.baudrate, int) or not (
-            300 <= self.baudrate <= 12_000_000
-        ):
-            raise ConfigError(f"motor.baudrate must be an integer in [300, 12000000], got {self.baudrate!r}")
-        _positive_number("write_timeout_ms", self.write_timeout_ms, 1000.0, "ms")
-        _positive_number("telemetry_stale_after_s", self.telemetry_stale_after_s, 60.0, "s")
-        backoff = self.reconnect_backoff_s
-        if not isinstance(backoff, (tuple, list)) or len(backoff) != 2:
-            raise ConfigError(
-                f"motor.reconnect_backoff_s must be a pair [first_s, longest_s], got {backoff!r}"
-            )
-        first_s = _positive_number("reconnect_backoff_s[0]", backoff[0], 60.0, "s")
-        longest_s = _positive_number("reconnect_backoff_s[1]", backoff[1], 60.0, "s")
-        if first_s > longest_s:
-            raise ConfigError(
-                f"motor.reconnect_backoff_s must be [first_s, longest_s] with first_s <= longest_s, "
-                f"got {list(backoff)}"
-            )
-        object.__setattr__(self, "reconnect_backoff_s", (first_s, longest_s))  # YAML gives lists
-        for key in ("exclusive", "low_latency"):
-            if not isinstance(getattr(self, key), bool):
-                raise ConfigError(f"motor.{key} must be true or false, got {getattr(self, key)!r}")
-        if isinstance(self.channels, bool) or not isinstance(self.channels, int) or not (
-            1 <= self.channels <= MAX_CHANNELS
-        ):
-            raise ConfigError(f"motor.channels must be an integer in [1, {MAX_CHANNELS}], got {self.channels!r}")
+        check_text("motor.port", self.port,
+                   "a serial device path (e.g. /dev/serial/by-id/usb-...) or a pyserial URL")
+        check_range("motor.baudrate", self.baudrate, 300, 12_000_000, integer=True)
+        check_range("motor.write_timeout_ms", self.write_timeout_ms, 0, 1000, unit="ms", low_open=True)
+        check_range("motor.telemetry_stale_after_s", self.telemetry_stale_after_s, 0, 60, unit="s", low_open=True)
+        # YAML gives a list; the frozen config keeps a tuple.
+        object.__setattr__(self, "reconnect_backoff_s",
+                           check_backoff("motor.reconnect_backoff_s", self.reconnect_backoff_s))
+        check_bool("motor.exclusive", self.exclusive)
+        check_bool("motor.low_latency", self.low_latency)
+        check_range("motor.channels", self.channels, 1, MAX_CHANNELS, integer=True)
 
     @property
     def is_url(self) -> bool:
