@@ -27,12 +27,12 @@ import ctypes
 import errno
 import gc
 import logging
-import numbers
 import os
 import sys
 from dataclasses import dataclass
 
 from edge.errors import ConfigError
+from edge.validation import check_bool, check_range, check_sequence
 
 logger = logging.getLogger(__name__)
 
@@ -47,41 +47,23 @@ _SOFT_ERRNOS = (errno.EPERM, errno.EACCES, errno.ENOMEM, errno.EAGAIN)
 
 @dataclass(frozen=True)
 class RealtimeConfig:
-    """What real-time settings to ask for; each is optional."""
+    """What real-time settings to ask for; each is optional. Also the ``realtime:`` section of the config."""
 
-    sched_fifo_priority: int | None = None  # SCHED_FIFO priority 1..99; None keeps SCHED_OTHER
-    cpu_affinity: tuple[int, ...] | None = None  # CPU indices to pin the control thread to
-    lock_memory: bool = False  # mlockall(MCL_CURRENT | MCL_FUTURE)
+    sched_fifo_priority: int | None = None  # 1..99; None keeps SCHED_OTHER; needs LimitRTPRIO= or CAP_SYS_NICE
+    cpu_affinity: tuple[int, ...] | None = None  # CPU indices to pin the control thread to; None: all CPUs
+    lock_memory: bool = False  # mlockall(MCL_CURRENT | MCL_FUTURE); needs LimitMEMLOCK=infinity
     freeze_gc: bool = True  # collect, gc.freeze() and gc.disable() at the end of configure_realtime
 
     def __post_init__(self) -> None:
-        prio = self.sched_fifo_priority
-        if prio is not None and (
-            isinstance(prio, bool)
-            or not isinstance(prio, numbers.Integral)
-            or not SCHED_FIFO_MIN_PRIORITY <= prio <= SCHED_FIFO_MAX_PRIORITY
-        ):
-            raise ConfigError(
-                f"realtime.sched_fifo_priority must be an integer within "
-                f"{SCHED_FIFO_MIN_PRIORITY}..{SCHED_FIFO_MAX_PRIORITY} or null, got {prio!r}"
-            )
-        cpus = self.cpu_affinity
-        if cpus is not None:
-            if isinstance(cpus, (str, bytes)) or not isinstance(cpus, (tuple, list)):
-                raise ConfigError(
-                    f"realtime.cpu_affinity must be a list of CPU indices or null, got {cpus!r}"
-                )
-            if not cpus:
-                raise ConfigError("realtime.cpu_affinity must list at least one CPU index (or be null)")
-            for cpu in cpus:
-                if isinstance(cpu, bool) or not isinstance(cpu, numbers.Integral) or cpu < 0:
-                    raise ConfigError(f"realtime.cpu_affinity entries must be CPU indices >= 0, got {cpu!r}")
-            object.__setattr__(self, "cpu_affinity", tuple(sorted({int(c) for c in cpus})))
-        if prio is not None:
-            object.__setattr__(self, "sched_fifo_priority", int(prio))
-        for name in ("lock_memory", "freeze_gc"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"realtime.{name} must be true or false, got {getattr(self, name)!r}")
+        prio = check_range("realtime.sched_fifo_priority", self.sched_fifo_priority, SCHED_FIFO_MIN_PRIORITY,
+                           SCHED_FIFO_MAX_PRIORITY, integer=True, nullable=True, dotted=True)
+        object.__setattr__(self, "sched_fifo_priority", prio)
+        if self.cpu_affinity is not None:
+            cpus = check_sequence("realtime.cpu_affinity", self.cpu_affinity,
+                                  lambda key, cpu: check_range(key, cpu, 0, integer=True), noun="CPU indices")
+            object.__setattr__(self, "cpu_affinity", tuple(sorted(set(cpus))))
+        check_bool("realtime.lock_memory", self.lock_memory)
+        check_bool("realtime.freeze_gc", self.freeze_gc)
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edge.errors import ConfigError, InputError
+from edge.validation import check_bound, check_choice, check_number, check_range, check_sequence
 
 logger = logging.getLogger(__name__)
 
@@ -96,27 +97,18 @@ class SafetyConfig:
                     f"safety.action_low[{i}]..action_high[{i}] ({low[i]!r}..{high[i]!r}) must include 0: "
                     "zero is the stop command the fallback and e-stop send"
                 )
-            if not slew[i] > 0.0:
-                raise ConfigError(f"safety.max_slew_per_s[{i}] must be > 0, got {slew[i]!r}")
+            check_bound(f"safety.max_slew_per_s[{i}]", slew[i], 0, low_open=True)
             if not 0.0 < decel[i] <= slew[i]:
                 raise ConfigError(
                     f"safety.decel_per_s[{i}] must be > 0 and <= safety.max_slew_per_s[{i}] "
                     f"({slew[i]!r}), got {decel[i]!r}"
                 )
-        period = _scalar(self.period_s, "safety.period_s")
-        if not period > 0.0:
-            raise ConfigError(f"safety.period_s must be > 0 seconds, got {self.period_s!r}")
-        stale = _scalar(self.stale_after_periods, "safety.stale_after_periods")
-        if not stale > 0.0:
-            raise ConfigError(f"safety.stale_after_periods must be > 0, got {self.stale_after_periods!r}")
-        if self.fallback_behaviour not in FALLBACK_BEHAVIOURS:
-            raise ConfigError(
-                f"safety.fallback_behaviour must be one of {', '.join(FALLBACK_BEHAVIOURS)}, "
-                f"got {self.fallback_behaviour!r}"
-            )
-        damping = _scalar(self.damping, "safety.damping")
-        if not 0.0 <= damping <= 1.0:
-            raise ConfigError(f"safety.damping must be within 0..1, got {self.damping!r}")
+        period = check_bound("safety.period_s", check_number("safety.period_s", self.period_s), 0, unit="s",
+                             low_open=True)
+        stale = check_bound("safety.stale_after_periods",
+                            check_number("safety.stale_after_periods", self.stale_after_periods), 0, low_open=True)
+        check_choice("safety.fallback_behaviour", self.fallback_behaviour, FALLBACK_BEHAVIOURS, quote=False)
+        damping = check_bound("safety.damping", check_number("safety.damping", self.damping), 0, 1, dotted=True)
         for name, value in (
             ("action_low", low),
             ("action_high", high),
@@ -137,23 +129,29 @@ class SafetyConfig:
         return self.stale_after_periods * self.period_s
 
 
-def _scalar(value: object, key: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ConfigError(f"{key} must be a finite number, got {value!r}")
-    return float(value)
-
-
 def _vector(value: object, key: str, dim: int | None) -> tuple[float, ...]:
+    """Finite numbers, one per action dimension; with ``dim`` known, one number stands for all."""
     if dim is not None and isinstance(value, numbers.Real) and not isinstance(value, bool):
-        return (_scalar(value, key),) * dim
-    if isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, np.ndarray)):
-        raise ConfigError(f"{key} must be a list of numbers, one per action dimension, got {value!r}")
-    out = tuple(_scalar(v, f"{key}[{i}]") for i, v in enumerate(value))
-    if not out:
-        raise ConfigError(f"{key} must have at least one entry")
-    if dim is not None and len(out) != dim:
-        raise ConfigError(f"{key} must have {dim} entries (one per action dimension), got {len(out)}")
-    return out
+        return (check_number(key, value),) * dim
+    return check_sequence(key, value, check_number, length=dim, each="one per action dimension")
+
+
+@dataclass(frozen=True)
+class SafetySection:
+    """The ``safety:`` section of the robot config; with the bundle's action limits it gives a SafetyConfig."""
+
+    max_slew_per_s: float | None = None  # None: the bundle's limit; normalised command units per second
+    decel_per_s: float = 2.0  # controlled-stop ramp toward zero, normalised units per second
+    fallback_behaviour: str = "controlled_stop"  # controlled_stop | damped
+    damping: float = 0.5  # damped fallback: this share of the policy's action
+    stale_after_periods: float = 3.0  # frame or telemetry older than this many periods -> fallback
+
+    def __post_init__(self) -> None:
+        check_range("safety.max_slew_per_s", self.max_slew_per_s, 0.01, 100.0, unit="units/s", nullable=True)
+        check_range("safety.decel_per_s", self.decel_per_s, 0.01, 100.0, unit="units/s")
+        check_choice("safety.fallback_behaviour", self.fallback_behaviour, FALLBACK_BEHAVIOURS, quote=False)
+        check_range("safety.damping", self.damping, 0.0, 1.0)
+        check_range("safety.stale_after_periods", self.stale_after_periods, 1.0, 20.0, unit="periods")
 
 
 @dataclass(frozen=True, slots=True)

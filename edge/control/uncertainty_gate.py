@@ -19,10 +19,10 @@ from __future__ import annotations
 import enum
 import logging
 import math
-import numbers
 from dataclasses import dataclass
 
 from edge.errors import ConfigError
+from edge.validation import check_bound, check_number, check_range
 
 logger = logging.getLogger(__name__)
 
@@ -47,33 +47,36 @@ class GateConfig:
     exit_ticks: int = 5  # consecutive calm ticks before releasing the fallback; >= 1
 
     def __post_init__(self) -> None:
-        threshold = _real(self.threshold, "gate.threshold")
-        if not (math.isfinite(threshold) and threshold > 0.0):
-            raise ConfigError(
-                f"gate.threshold must be a finite number > 0, got {self.threshold!r}; "
-                "use the calibrated threshold from the bundle manifest"
-            )
-        ceiling = _real(self.hard_ceiling, "gate.hard_ceiling")
+        threshold = check_number("gate.threshold", self.threshold)
+        check_bound("gate.threshold", threshold, 0, low_open=True,
+                    hint="use the calibrated threshold from the bundle manifest")
+        ceiling = check_number("gate.hard_ceiling", self.hard_ceiling, finite=False)
         if math.isnan(ceiling) or ceiling < threshold:
             raise ConfigError(
                 f"gate.hard_ceiling must be >= gate.threshold ({threshold!r}) or inf, "
                 f"got {self.hard_ceiling!r}"
             )
-        for name in ("enter_ticks", "exit_ticks"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-                raise ConfigError(f"gate.{name} must be an integer >= 1, got {value!r}")
         # Normalise (e.g. numpy scalars from a manifest) so comparisons stay plain floats/ints.
         object.__setattr__(self, "threshold", threshold)
         object.__setattr__(self, "hard_ceiling", ceiling)
-        object.__setattr__(self, "enter_ticks", int(self.enter_ticks))
-        object.__setattr__(self, "exit_ticks", int(self.exit_ticks))
+        object.__setattr__(self, "enter_ticks", check_range("gate.enter_ticks", self.enter_ticks, 1, integer=True))
+        object.__setattr__(self, "exit_ticks", check_range("gate.exit_ticks", self.exit_ticks, 1, integer=True))
 
 
-def _real(value: object, key: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ConfigError(f"{key} must be a number, got {value!r}")
-    return float(value)
+@dataclass(frozen=True)
+class UncertaintyConfig:
+    """The ``uncertainty:`` section of the robot config; with the bundle's calibration it gives a GateConfig."""
+
+    threshold: float | None = None  # None: the bundle's calibrated threshold for the target
+    hard_ceiling: float | None = None  # None: the bundle's ceiling (fallback at once above it)
+    enter_ticks: int = 3  # ticks above the threshold before fallback
+    exit_ticks: int = 5  # calm ticks before leaving fallback
+
+    def __post_init__(self) -> None:
+        check_range("uncertainty.threshold", self.threshold, 1e-6, 10.0, nullable=True)
+        check_range("uncertainty.hard_ceiling", self.hard_ceiling, 1e-6, 10.0, nullable=True)
+        check_range("uncertainty.enter_ticks", self.enter_ticks, 1, 100, integer=True)
+        check_range("uncertainty.exit_ticks", self.exit_ticks, 1, 1000, integer=True)
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,8 +28,35 @@ from edge.inference.backends.base import InferenceBackend, TensorSpec
 from edge.inference.bundle import Bundle
 from edge.inference.frames import resize_into
 from edge.inference.tokenizer import InstructionTokenizer
+from edge.validation import check_choice, check_range
 
 logger = logging.getLogger(__name__)
+
+# Which graphs of the bundle a pipeline runs, and on what (the ``policy:`` section of the config).
+TARGETS = ("cpu", "cpu-fp32", "tensorrt", "fp16")
+BACKENDS = ("onnxruntime", "tensorrt")
+DEVICES = ("cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """The ``policy:`` section of the robot config: which graphs, on which backend, how many samples."""
+
+    target: str = "cpu"  # which graphs of the bundle: cpu (INT8 CPU layout), cpu-fp32, tensorrt, fp16
+    backend: str = "onnxruntime"  # onnxruntime | tensorrt
+    device: str = "cpu"  # onnxruntime only: cpu | cuda
+    mc_samples: int = 16  # Monte-Carlo dropout samples T per tick (<= the bundle's max_samples)
+    threads: int = 0  # onnxruntime intra-op threads (0 = its default)
+    mask_seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_choice("policy.target", self.target, TARGETS)
+        check_choice("policy.backend", self.backend, BACKENDS)
+        check_choice("policy.device", self.device, DEVICES)
+        check_range("policy.mc_samples", self.mc_samples, 1, 256, integer=True)
+        check_range("policy.threads", self.threads, 0, 64, integer=True)
+        check_range("policy.mask_seed", self.mask_seed, 0, integer=True)
+
 
 BackendFactory = Callable[[str, str, tuple[TensorSpec, ...], tuple[TensorSpec, ...], int], InferenceBackend]
 
@@ -50,9 +77,11 @@ class StageTimes:
     """Milliseconds of the last tick's stages."""
 
     resize_ms: float = 0.0
-    vision_ms: float = 0.0
-    head_ms: float = 0.0
+    vision_ms: float = 0.0  # the vision backend's run, copies included
+    head_ms: float = 0.0  # the head backend's run (T samples in one batch), copies included
     reduce_ms: float = 0.0
+    h2d_ms: float = 0.0  # host -> device copies of both runs (0 on CPU backends)
+    d2h_ms: float = 0.0  # device -> host copies of both runs (0 on CPU backends)
 
 
 @dataclass
@@ -286,6 +315,9 @@ class PolicyPipeline:
         self._times.vision_ms = (t2 - t1) * 1e3
         self._times.head_ms = (t3 - t2) * 1e3
         self._times.reduce_ms = (t4 - t3) * 1e3
+        vision, head = self._vision.last_timing, self._head.last_timing
+        self._times.h2d_ms = vision.host_to_device_ms + head.host_to_device_ms
+        self._times.d2h_ms = vision.device_to_host_ms + head.device_to_host_ms
         self._output.score = score
         self._output.samples = actions
         return self._output

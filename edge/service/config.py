@@ -1,7 +1,10 @@
 """The robot's one configuration file (YAML) loaded into frozen dataclasses and validated at start-up.
 
-Every error names the key (as `section.key`) and the allowed range. Unknown keys are errors too: a
-misspelt safety limit must not silently fall back to a default.
+Each section is a frozen dataclass; a component's section lives beside the component (camera and motor
+in edge.io, policy in edge.inference.pipeline, uncertainty, safety and realtime in edge.control) and is
+imported here, where the sections are composed into RobotConfig and the file is loaded. Every error
+names the key (as `section.key`) and the allowed range (edge.validation). Unknown keys are errors too:
+a misspelt safety limit must not silently fall back to a default.
 
 Paths. A relative `bundle:` is taken relative to the config file's directory, never to the working
 directory or to systemd's directories: what a path means must not depend on how the process was
@@ -19,7 +22,6 @@ unit's directory (/var/lib/vla-edge, /run/vla-edge, /var/cache/vla-edge), so bot
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
 from collections.abc import Mapping
@@ -27,12 +29,38 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edge.control.realtime import RealtimeConfig
+from edge.control.safety import SafetySection
+from edge.control.uncertainty_gate import UncertaintyConfig
 from edge.errors import ConfigError
+from edge.inference.pipeline import BACKENDS, TARGETS, PolicyConfig
 from edge.io.camera import CameraConfig
 from edge.io.motor_link import MotorLinkConfig
+from edge.validation import check_bool, check_choice, check_range, check_text
 
-TARGETS = ("cpu", "cpu-fp32", "tensorrt", "fp16")
-BACKENDS = ("onnxruntime", "tensorrt")
+__all__ = [
+    "BACKENDS",
+    "DIRECTORY_DEFAULTS",
+    "METRICS_HOST",
+    "TARGETS",
+    "CameraConfig",
+    "InstructionConfig",
+    "LoopConfig",
+    "MetricsConfig",
+    "MotorLinkConfig",
+    "PolicyConfig",
+    "RealtimeConfig",
+    "RealtimeSection",
+    "RobotConfig",
+    "SafetySection",
+    "UncertaintyConfig",
+    "config_from_dict",
+    "expand_directories",
+    "load_config",
+]
+
+# The realtime section is the component's own config (the same four settings); the old name stays.
+RealtimeSection = RealtimeConfig
 METRICS_HOST = "127.0.0.1"
 # systemd's per-unit directories (RuntimeDirectory=, StateDirectory=, CacheDirectory=) and where the
 # shipped unit puts them, used when the variable is unset.
@@ -44,68 +72,6 @@ DIRECTORY_DEFAULTS = {
 _PLACEHOLDER = re.compile(r"\$\{([^}]*)\}")
 
 
-def _check_range(key: str, value: Any, low: float, high: float, unit: str = "", integer: bool = False) -> None:
-    kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value) or not low <= value <= high:
-        what = "an integer" if integer else "a number"
-        raise ConfigError(f"{key} must be {what} in [{low}, {high}]{' ' + unit if unit else ''}, got {value!r}")
-
-
-@dataclass(frozen=True)
-class PolicyConfig:
-    target: str = "cpu"  # which graphs of the bundle: cpu (INT8 CPU layout), cpu-fp32, tensorrt, fp16
-    backend: str = "onnxruntime"  # onnxruntime | tensorrt
-    device: str = "cpu"  # onnxruntime only: cpu | cuda
-    mc_samples: int = 16  # Monte-Carlo dropout samples T per tick (<= the bundle's max_samples)
-    threads: int = 0  # onnxruntime intra-op threads (0 = its default)
-    mask_seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.target not in TARGETS:
-            raise ConfigError(f"policy.target must be one of {TARGETS}, got {self.target!r}")
-        if self.backend not in BACKENDS:
-            raise ConfigError(f"policy.backend must be one of {BACKENDS}, got {self.backend!r}")
-        if self.device not in ("cpu", "cuda"):
-            raise ConfigError(f"policy.device must be 'cpu' or 'cuda', got {self.device!r}")
-        _check_range("policy.mc_samples", self.mc_samples, 1, 256, integer=True)
-        _check_range("policy.threads", self.threads, 0, 64, integer=True)
-
-
-@dataclass(frozen=True)
-class UncertaintyConfig:
-    threshold: float | None = None  # None: the bundle's calibrated threshold for the target
-    hard_ceiling: float | None = None  # None: the bundle's ceiling (fallback at once above it)
-    enter_ticks: int = 3  # ticks above the threshold before fallback
-    exit_ticks: int = 5  # calm ticks before leaving fallback
-
-    def __post_init__(self) -> None:
-        for key in ("threshold", "hard_ceiling"):
-            value = getattr(self, key)
-            if value is not None:
-                _check_range(f"uncertainty.{key}", value, 1e-6, 10.0)
-        _check_range("uncertainty.enter_ticks", self.enter_ticks, 1, 100, integer=True)
-        _check_range("uncertainty.exit_ticks", self.exit_ticks, 1, 1000, integer=True)
-
-
-@dataclass(frozen=True)
-class SafetySection:
-    max_slew_per_s: float | None = None  # None: the bundle's limit; normalised command units per second
-    decel_per_s: float = 2.0  # controlled-stop ramp toward zero, normalised units per second
-    fallback_behaviour: str = "controlled_stop"  # controlled_stop | damped
-    damping: float = 0.5  # damped fallback: this share of the policy's action
-    stale_after_periods: float = 3.0  # frame or telemetry older than this many periods -> fallback
-
-    def __post_init__(self) -> None:
-        if self.max_slew_per_s is not None:
-            _check_range("safety.max_slew_per_s", self.max_slew_per_s, 0.01, 100.0, "units/s")
-        _check_range("safety.decel_per_s", self.decel_per_s, 0.01, 100.0, "units/s")
-        if self.fallback_behaviour not in ("controlled_stop", "damped"):
-            raise ConfigError("safety.fallback_behaviour must be 'controlled_stop' or 'damped', "
-                              f"got {self.fallback_behaviour!r}")
-        _check_range("safety.damping", self.damping, 0.0, 1.0)
-        _check_range("safety.stale_after_periods", self.stale_after_periods, 1.0, 20.0, "periods")
-
-
 @dataclass(frozen=True)
 class LoopConfig:
     rate_hz: float = 10.0  # control rate
@@ -114,22 +80,14 @@ class LoopConfig:
     warmup_ticks: int = 5  # inference passes before the first command (fills caches, JIT, pages)
 
     def __post_init__(self) -> None:
-        _check_range("loop.rate_hz", self.rate_hz, 1.0, 200.0, "Hz")
-        _check_range("loop.summary_every_s", self.summary_every_s, 1.0, 3600.0, "s")
-        _check_range("loop.record_ticks", self.record_ticks, 10, 1_000_000, integer=True)
-        _check_range("loop.warmup_ticks", self.warmup_ticks, 0, 1000, integer=True)
+        check_range("loop.rate_hz", self.rate_hz, 1.0, 200.0, unit="Hz")
+        check_range("loop.summary_every_s", self.summary_every_s, 1.0, 3600.0, unit="s")
+        check_range("loop.record_ticks", self.record_ticks, 10, 1_000_000, integer=True)
+        check_range("loop.warmup_ticks", self.warmup_ticks, 0, 1000, integer=True)
 
     @property
     def period_s(self) -> float:
         return 1.0 / self.rate_hz
-
-
-@dataclass(frozen=True)
-class RealtimeSection:
-    sched_fifo_priority: int | None = None  # 1..99; needs LimitRTPRIO= (systemd) or CAP_SYS_NICE
-    cpu_affinity: tuple[int, ...] | None = None  # CPUs for the control thread
-    lock_memory: bool = False  # mlockall; needs LimitMEMLOCK=infinity
-    freeze_gc: bool = True  # gc frozen after warm-up, collected only in slack time
 
 
 @dataclass(frozen=True)
@@ -138,8 +96,7 @@ class InstructionConfig:
     socket: str | None = None  # UNIX socket path for instructions and status
 
     def __post_init__(self) -> None:
-        if self.initial is not None and (not isinstance(self.initial, str) or not self.initial.strip()):
-            raise ConfigError("instruction.initial must be a non-empty string or left out")
+        check_text("instruction.initial", self.initial, "a non-empty string or left out", nullable=True)
 
 
 @dataclass(frozen=True)
@@ -151,13 +108,11 @@ class MetricsConfig:
     host: str = METRICS_HOST
 
     def __post_init__(self) -> None:
-        if not isinstance(self.enabled, bool):
-            raise ConfigError(f"metrics.enabled must be true or false, got {self.enabled!r}")
-        _check_range("metrics.port", self.port, 0, 65535, integer=True)
-        if self.host != METRICS_HOST:
-            raise ConfigError(f"metrics.host must be {METRICS_HOST} (the metrics endpoint has no authentication "
-                              f"and must not leave the robot; scrape it locally or through an SSH tunnel), "
-                              f"got {self.host!r}")
+        check_bool("metrics.enabled", self.enabled)
+        check_range("metrics.port", self.port, 0, 65535, integer=True)
+        check_choice("metrics.host", self.host, (METRICS_HOST,), quote=False,
+                     hint="the metrics endpoint has no authentication and must not leave the robot; "
+                          "scrape it locally or through an SSH tunnel")
 
 
 @dataclass(frozen=True)
@@ -169,7 +124,7 @@ class RobotConfig:
     uncertainty: UncertaintyConfig = field(default_factory=UncertaintyConfig)
     safety: SafetySection = field(default_factory=SafetySection)
     loop: LoopConfig = field(default_factory=LoopConfig)
-    realtime: RealtimeSection = field(default_factory=RealtimeSection)
+    realtime: RealtimeConfig = field(default_factory=RealtimeConfig)
     instruction: InstructionConfig = field(default_factory=InstructionConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
@@ -181,7 +136,7 @@ _SECTIONS = {
     "uncertainty": UncertaintyConfig,
     "safety": SafetySection,
     "loop": LoopConfig,
-    "realtime": RealtimeSection,
+    "realtime": RealtimeConfig,
     "instruction": InstructionConfig,
     "metrics": MetricsConfig,
 }
