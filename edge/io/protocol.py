@@ -1,39 +1,77 @@
-"""Wire protocol between the runtime (host) and the motor controller.
+"""Wire protocol between the runtime (host) and the motor controller: the messages.
 
 The byte-level specification a firmware engineer implements from is docs/serial-protocol.md; this
-module is its reference implementation, shared by the host link and the simulated controller.
+module and edge.io.framing are its reference implementation, shared by the host link and the simulated
+controller. A frame is ``COBS(header + payload + crc16_be) + b"\\x00"``; edge.io.framing seals and
+opens frames (header, CRC, COBS) and numbers them, this module gives the payloads their meaning:
 
-A frame on the wire is ``COBS(header + payload + crc16_be) + b"\\x00"``:
+* message types and status flags;
+* payload per message type, little-endian, exact length (see the ``_encode_*`` functions);
+* ``encode``/``decode`` of whole frames, and the streaming ``FrameDecoder`` a reader thread owns.
 
-* header: ``<BBH`` = protocol version, message type, sequence number (little-endian u16, wraps);
-* payload: per message type, little-endian, exact length (see the ``_encode_*`` functions);
-* CRC-16/CCITT-FALSE (poly 0x1021, init 0xFFFF, no reflection, no xorout) over header + payload,
-  appended big-endian;
-* COBS removes every zero byte so that 0x00 only ever delimits frames, and a reader that joins a
-  stream mid-frame or hits noise resynchronises at the next 0x00.
-
-Pure functions and one small streaming decoder; no threads, no I/O. ``decode`` raises only
-ProtocolError (or its subclasses below) for any input, so one bad frame never kills a loop.
+The framing names (errors, CRC, sequence numbers, PROTOCOL_VERSION) are re-exported here, so callers
+import every protocol name from this module. Pure functions and one small streaming decoder; no
+threads, no I/O. ``decode`` raises only ProtocolError (or its subclasses) for any input, so one bad
+frame never kills a loop.
 """
 
 from __future__ import annotations
 
-import binascii
 import enum
 import logging
 import math
 import operator
 import struct
-import threading
 from dataclasses import dataclass
 
-from cobs import cobs
-
 from edge.errors import ProtocolError
+from edge.io.framing import (
+    CRC_BYTES,
+    HEADER_BYTES,
+    PROTOCOL_VERSION,
+    SEQ_MODULUS,
+    CrcError,
+    FramingError,
+    PayloadError,
+    SequenceCounter,
+    VersionMismatchError,
+    check_seq,
+    crc16_ccitt_false,
+    seal,
+    seq_delta,
+    unseal,
+)
+
+__all__ = [
+    "MAX_CHANNELS",
+    "MAX_FRAME_BYTES",
+    "PROTOCOL_VERSION",
+    "SEQ_MODULUS",
+    "TELEMETRY_PERIOD_S",
+    "WATCHDOG_TIMEOUT_S",
+    "ClearEmergencyStop",
+    "CrcError",
+    "DecoderStats",
+    "EmergencyStop",
+    "FrameDecoder",
+    "FramingError",
+    "Message",
+    "MessageType",
+    "PayloadError",
+    "SequenceCounter",
+    "SetVelocity",
+    "StatusFlags",
+    "Telemetry",
+    "UnknownMessageError",
+    "VersionMismatchError",
+    "crc16_ccitt_false",
+    "decode",
+    "encode",
+    "seq_delta",
+]
 
 logger = logging.getLogger(__name__)
 
-PROTOCOL_VERSION: int = 1
 # The controller stops the motors after this long without a valid SetVelocity (see the doc).
 WATCHDOG_TIMEOUT_S: float = 0.3
 # Suggested controller telemetry period (50 Hz): five samples per 10 Hz control tick.
@@ -41,10 +79,6 @@ TELEMETRY_PERIOD_S: float = 0.02
 # Wheel/joint channels per message; bounds every frame so the reader can bound its buffer.
 MAX_CHANNELS: int = 8
 
-SEQ_MODULUS: int = 1 << 16
-
-_HEADER = struct.Struct("<BBH")  # version, message type, sequence number
-_CRC = struct.Struct(">H")  # big-endian, so the CRC over header + payload + crc is 0
 _COUNT = struct.Struct("<B")
 _FLOAT32 = struct.Struct("<f")
 # controller_time_ms, status, last_command_seq, crc_errors, framing_errors, dropped_commands,
@@ -76,27 +110,11 @@ class StatusFlags(enum.IntFlag):
 _STATUS_MASK = 0x0F
 
 
-# --- errors ----------------------------------------------------------------------------------------
-
-
-class FramingError(ProtocolError):
-    """The bytes between two delimiters are not a frame: bad COBS, too short or too long."""
-
-
-class CrcError(ProtocolError):
-    """The frame's CRC does not match its contents (line noise or a truncated frame)."""
-
-
-class VersionMismatchError(ProtocolError):
-    """The frame was written for another major protocol version."""
+# --- errors (the framing ones are edge.io.framing's) ------------------------------------------------
 
 
 class UnknownMessageError(ProtocolError):
     """The message type byte (or the object to encode) is not a message of this protocol."""
-
-
-class PayloadError(ProtocolError):
-    """The payload has the wrong length or carries a value the protocol refuses (NaN, out of range)."""
 
 
 # --- messages ----------------------------------------------------------------------------------------
@@ -163,68 +181,13 @@ _TYPE_BY_CLASS = {
 def _max_raw_frame_bytes() -> int:
     telemetry = _TELEMETRY_FIXED.size + 2 * MAX_CHANNELS * _FLOAT32.size
     set_velocity = _COUNT.size + MAX_CHANNELS * _FLOAT32.size
-    return _HEADER.size + max(telemetry, set_velocity) + _CRC.size
+    return HEADER_BYTES + max(telemetry, set_velocity) + CRC_BYTES
 
 
 _MAX_RAW_BYTES = _max_raw_frame_bytes()
-_MIN_RAW_BYTES = _HEADER.size + _CRC.size
 # COBS adds one code byte per started run of 254 bytes; plus the 0x00 delimiter.
 MAX_FRAME_BYTES: int = _MAX_RAW_BYTES + _MAX_RAW_BYTES // 254 + 1 + 1
 _MAX_ENCODED_BYTES = MAX_FRAME_BYTES - 1  # without the delimiter
-
-
-def crc16_ccitt_false(data: bytes) -> int:
-    """CRC-16/CCITT-FALSE: poly 0x1021, init 0xFFFF, no reflection, no xorout (check 0x29B1)."""
-    return binascii.crc_hqx(data, 0xFFFF)
-
-
-# --- sequence numbers --------------------------------------------------------------------------------
-
-
-class SequenceCounter:
-    """Sender-side u16 sequence numbers; ``next()`` returns start, start+1, ... wrapping at 2**16.
-
-    A lock makes it safe to share between the tick and, say, an e-stop path on another thread:
-    two frames must never carry the same number.
-    """
-
-    def __init__(self, start: int = 0) -> None:
-        self._next = _check_seq(start, "start")
-        self._lock = threading.Lock()
-
-    def next(self) -> int:
-        with self._lock:
-            value = self._next
-            self._next = (value + 1) % SEQ_MODULUS
-            return value
-
-    def peek(self) -> int:
-        """The number the next call to ``next()`` returns."""
-        with self._lock:
-            return self._next
-
-
-def seq_delta(a: int, b: int) -> int:
-    """Signed wrap-aware distance from ``a`` to ``b`` in [-32768, 32767].
-
-    ``seq_delta(65535, 0) == 1``; a delta > 1 between consecutive received frames means
-    ``delta - 1`` frames were lost; a delta <= 0 means a duplicate, reordered or restarted sender.
-    """
-    a = _check_seq(a, "a")
-    b = _check_seq(b, "b")
-    return (b - a + SEQ_MODULUS // 2) % SEQ_MODULUS - SEQ_MODULUS // 2
-
-
-def _check_seq(value: object, name: str) -> int:
-    try:
-        seq = operator.index(value)  # rejects floats and strings, accepts numpy integers
-    except TypeError:
-        raise PayloadError(
-            f"sequence number {name}={value!r} is a {type(value).__name__}; expected an int in 0..65535"
-        ) from None
-    if not 0 <= seq < SEQ_MODULUS:
-        raise PayloadError(f"sequence number {name}={seq} is outside 0..65535 (u16)")
-    return seq
 
 
 # --- encoding ----------------------------------------------------------------------------------------
@@ -243,16 +206,14 @@ def encode(message: Message) -> bytes:
             f"cannot encode a {type(message).__name__}; expected one of "
             f"{', '.join(cls.__name__ for cls in _TYPE_BY_CLASS)}"
         )
-    seq = _check_seq(message.seq, "seq")
+    seq = check_seq(message.seq, "seq")
     if isinstance(message, SetVelocity):
         payload = _encode_set_velocity(message)
     elif isinstance(message, Telemetry):
         payload = _encode_telemetry(message)
     else:
         payload = b""
-    raw = _HEADER.pack(PROTOCOL_VERSION, message_type, seq) + payload
-    raw += _CRC.pack(crc16_ccitt_false(raw))
-    return cobs.encode(raw) + b"\x00"
+    return seal(message_type, seq, payload)
 
 
 def _encode_set_velocity(message: SetVelocity) -> bytes:
@@ -269,7 +230,7 @@ def _encode_telemetry(message: Telemetry) -> bytes:
     fixed = _TELEMETRY_FIXED.pack(
         _uint(message.controller_time_ms, "Telemetry.controller_time_ms", 0xFFFFFFFF),
         status,
-        _check_seq(message.last_command_seq, "last_command_seq"),
+        check_seq(message.last_command_seq, "last_command_seq"),
         _uint(message.crc_errors, "Telemetry.crc_errors", 0xFFFF),
         _uint(message.framing_errors, "Telemetry.framing_errors", 0xFFFF),
         _uint(message.dropped_commands, "Telemetry.dropped_commands", 0xFFFF),
@@ -318,35 +279,7 @@ def decode(frame: bytes) -> Message:
     Raises only ProtocolError subclasses, whatever the bytes: FramingError, CrcError,
     VersionMismatchError, UnknownMessageError or PayloadError.
     """
-    if not isinstance(frame, (bytes, bytearray, memoryview)):
-        raise FramingError(f"a frame is bytes; got a {type(frame).__name__}")
-    frame = bytes(frame)
-    if not frame:
-        raise FramingError("empty frame")
-    if len(frame) > _MAX_ENCODED_BYTES:
-        raise FramingError(f"frame of {len(frame)} bytes exceeds the {_MAX_ENCODED_BYTES}-byte maximum")
-    if 0 in frame:
-        raise FramingError("frame contains a 0x00 byte (pass one frame without its delimiter)")
-    try:
-        raw = cobs.decode(frame)
-    except cobs.DecodeError as exc:
-        raise FramingError(f"invalid COBS encoding: {exc}") from None
-    if len(raw) < _MIN_RAW_BYTES:
-        raise FramingError(f"frame of {len(raw)} bytes is shorter than header + CRC ({_MIN_RAW_BYTES})")
-    body, (received_crc,) = raw[: -_CRC.size], _CRC.unpack(raw[-_CRC.size :])
-    computed_crc = crc16_ccitt_false(body)
-    if received_crc != computed_crc:
-        raise CrcError(
-            f"CRC mismatch: frame carries 0x{received_crc:04x}, contents give 0x{computed_crc:04x}"
-        )
-    # Checked only after the CRC, so line noise is reported as noise and not as a version problem.
-    version, type_byte, seq = _HEADER.unpack_from(body)
-    if version != PROTOCOL_VERSION:
-        raise VersionMismatchError(
-            f"frame uses protocol version {version}, this runtime speaks version {PROTOCOL_VERSION}: "
-            "update the motor controller firmware or the runtime so both speak the same version"
-        )
-    payload = body[_HEADER.size :]
+    type_byte, seq, payload = unseal(frame, _MAX_ENCODED_BYTES)
     if type_byte == MessageType.SET_VELOCITY:
         return _decode_set_velocity(seq, payload)
     if type_byte == MessageType.TELEMETRY:
