@@ -4,14 +4,15 @@ Every tick sends a command: the policy's (clamped, slew-limited) action when the
 the instruction's embedding is ready and the uncertainty gate is calm; otherwise a controlled stop.
 A tick never waits on the camera, the motor link or the language encoder.
 
-Per-tick records (timestamps, stage timings, score, mode, command) go into a preallocated ring
-buffer; a summary line is logged periodically; `on_deadline_met` is called only for ticks that met
-their deadline (the systemd watchdog ping).
+Per-tick records (timestamps, named stage timings, score, mode, command) go into a preallocated ring
+buffer; at the end of every tick the loop publishes one frozen `LoopStatus` snapshot, which is all that
+other threads read (`status()`, edge/control/status.py). A summary line is logged periodically;
+`on_deadline_met` is called only for ticks that met their deadline (the systemd watchdog ping).
 """
 
 from __future__ import annotations
 
-import enum
+import dataclasses
 import logging
 import threading
 import time
@@ -22,6 +23,18 @@ import numpy as np
 from edge.control.ratekeeper import RateKeeper
 from edge.control.realtime import collect_in_slack
 from edge.control.safety import SafetyLayer
+from edge.control.status import (
+    CameraHealth,
+    LastTick,
+    LinkHealth,
+    LoopStatus,
+    Mode,
+    StageTimer,
+    TickRecorder,
+    Timing,
+    Window,
+    tick_dtype,
+)
 from edge.control.uncertainty_gate import UncertaintyGate
 from edge.errors import EdgeError, InputError
 from edge.io.protocol import WATCHDOG_TIMEOUT_S
@@ -29,53 +42,8 @@ from edge.ratelimit import RateLimitedWarnings
 
 logger = logging.getLogger(__name__)
 
-
-class Mode(enum.IntEnum):
-    NOMINAL = 0
-    FALLBACK = 1  # uncertainty gate or stale/failed inputs: controlled stop (or damped)
-    HOLD = 2  # no instruction, or its embedding is not ready yet
-    ESTOP = 3
-
-
-def tick_dtype(action_dim: int) -> np.dtype:
-    return np.dtype([
-        ("tick", np.int64),
-        ("start_s", np.float64),
-        ("frame_time_s", np.float64),
-        ("telemetry_time_s", np.float64),
-        ("resize_ms", np.float32),
-        ("vision_ms", np.float32),
-        ("head_ms", np.float32),
-        ("policy_ms", np.float32),  # resize + vision + head + reduce
-        ("tick_ms", np.float32),  # frame ready -> command bytes handed to the link
-        ("lag_ms", np.float32),
-        ("score", np.float32),
-        ("mode", np.int8),
-        ("reasons", np.int32),
-        ("command", np.float32, (action_dim,)),
-        ("delivered", np.bool_),
-    ])
-
-
-class TickRecorder:
-    """Fixed-size ring buffer of tick records; no allocation per tick."""
-
-    def __init__(self, capacity: int, action_dim: int = 2):
-        self.records = np.zeros(capacity, dtype=tick_dtype(action_dim))
-        self.count = 0
-
-    def next(self) -> np.void:
-        row = self.records[self.count % len(self.records)]
-        self.count += 1
-        return row
-
-    def latest(self, n: int | None = None) -> np.ndarray:
-        """The last n records in time order (a copy)."""
-        size = min(self.count, len(self.records))
-        n = size if n is None else min(n, size)
-        end = self.count % len(self.records)
-        idx = (np.arange(end - n, end)) % len(self.records)
-        return self.records[idx].copy()
+__all__ = ["ControlLoop", "Mode", "TickRecorder", "tick_dtype"]
+JITTER_PERCENTILES = (50.0, 90.0, 99.0, 100.0)
 
 
 class ControlLoop:
@@ -96,6 +64,7 @@ class ControlLoop:
         frame_shape: tuple[int, int, int] | None = None,
         on_deadline_met: Callable[[], None] | None = None,
         gc_min_slack_s: float = 0.02,
+        window_refresh_ticks: int = 10,
     ):
         self.pipeline = pipeline
         self.camera = camera
@@ -125,6 +94,55 @@ class ControlLoop:
         self.counters = {"ticks": 0, "nominal": 0, "fallback": 0, "hold": 0, "estop": 0, "inference_errors": 0,
                          "undelivered": 0, "transitions": 0}
         self.last_output = None
+        self.timer = StageTimer(clock)
+        # The window's quantiles cost a few hundred microseconds: refreshed every N ticks, not every tick.
+        self.window_refresh_ticks = max(1, int(window_refresh_ticks))
+        self._window = Window()
+        self._jitter_s: dict[float, float] = {}
+        self._status_lock = threading.Lock()  # orders the loop's publish and other threads' quick updates
+        self._status = self._snapshot(None)
+
+    # -- the one snapshot other threads read ----------------------------------------------------------
+    def status(self) -> LoopStatus:
+        """The snapshot published at the end of the last completed tick (safe from any thread)."""
+        return self._status
+
+    def _snapshot(self, row: np.void | None) -> LoopStatus:
+        estop = bool(self.safety.estopped)
+        tick = None
+        if row is not None:
+            output = self.last_output if int(row["samples"]) > 0 else None
+            tick = LastTick.from_record(row, Mode(int(row["mode"])).name.lower(),
+                                        None if output is None else output.action,
+                                        None if output is None else output.spread)
+        mode = "estop" if estop else (tick.mode if tick is not None else "starting")
+        keeper = self.keeper
+        timing = Timing(period_s=keeper.period_s, overruns=int(keeper.overruns),
+                        missed_deadlines=int(keeper.missed_deadlines), max_lag_s=float(keeper.max_lag_s),
+                        jitter_s=self._jitter_s)
+        link = LinkHealth.of(self.link) if hasattr(self.link, "stats") else None
+        camera = CameraHealth.of(self.camera) if hasattr(self.camera, "frame_age_s") else None
+        gate = self.gate.config
+        return LoopStatus(mode=mode, estop=estop, instruction=self._instruction, tick=tick,
+                          counters=dict(self.counters), threshold=float(gate.threshold),
+                          hard_ceiling=float(gate.hard_ceiling), timing=timing, window=self._window,
+                          link=link, camera=camera)
+
+    def _publish(self, row: np.void) -> None:
+        if self.counters["ticks"] % self.window_refresh_ticks == 0:
+            self._refresh_window()
+        status = self._snapshot(row)
+        with self._status_lock:
+            self._status = status
+
+    def _refresh_window(self) -> None:
+        self._window = Window.of(self.recorder.latest())
+        self._jitter_s = self.keeper.jitter_percentiles(list(JITTER_PERCENTILES))
+
+    def _amend_status(self, **changes) -> None:
+        """An e-stop or an instruction from another thread shows at once, not only after the next tick."""
+        with self._status_lock:
+            self._status = dataclasses.replace(self._status, **changes)
 
     # -- commands from other threads (instruction socket, signal handlers) --------------------------
     def set_instruction(self, text: str | None) -> None:
@@ -134,6 +152,7 @@ class ControlLoop:
             self.pipeline.tokenizer.encode(text)  # refuse here, before the robot drops what it is doing
         with self._instruction_lock:
             self._instruction = text
+        self._amend_status(instruction=text)
         logger.info("instruction set: %r", text)
 
     @property
@@ -143,6 +162,7 @@ class ControlLoop:
     def emergency_stop(self) -> None:
         self.safety.estop()
         self.link.emergency_stop()
+        self._amend_status(mode="estop", estop=True)
         logger.warning("emergency stop latched")
 
     def clear_emergency_stop(self) -> None:
@@ -182,9 +202,15 @@ class ControlLoop:
             self.safety.reset()
         self._last_tick_s = now
         row = self.recorder.next()
+        timer = self.timer
+        timer.start(row)
         row["tick"] = self.counters["ticks"]
         row["start_s"] = now
-        frame_time, telemetry_time = self._observe(now)
+        row["start_offset_ms"] = (now - (self.keeper.next_deadline_s - self.period_s)) * 1e3
+        row["lag_ms"] = row["policy_ms"] = np.nan
+        row["samples"] = 0
+        with timer.section("observe"):
+            frame_time, telemetry_time = self._observe(now)
         row["frame_time_s"] = frame_time if frame_time is not None else np.nan
         row["telemetry_time_s"] = telemetry_time if telemetry_time is not None else np.nan
         ready = self.clock()
@@ -193,7 +219,6 @@ class ControlLoop:
         fallback = True
         mode = Mode.HOLD
         score = np.nan
-        row["resize_ms"] = row["vision_ms"] = row["head_ms"] = row["policy_ms"] = np.nan
         embedding = self._embedding()
         fresh = frame_time is not None and now - frame_time <= self.stale_after_s
         if self.safety.estopped:
@@ -208,19 +233,19 @@ class ControlLoop:
             else:
                 self.last_output = out
                 score = out.score
-                decision = self.gate.update(score)
+                with timer.section("gate"):
+                    decision = self.gate.update(score)
                 fallback = decision.fallback
                 mode = Mode.FALLBACK if fallback else Mode.NOMINAL
                 action = out.action
-                t = out.times
-                row["resize_ms"], row["vision_ms"], row["head_ms"] = t.resize_ms, t.vision_ms, t.head_ms
-                row["policy_ms"] = t.resize_ms + t.vision_ms + t.head_ms + t.reduce_ms
+                self._record_policy(row, out.times)
         elif embedding is not None:
             mode = Mode.FALLBACK
             self._warn("no fresh camera frame (age %s): controlled stop",
                        "never" if frame_time is None else f"{now - frame_time:.2f} s")
-        result = self.safety.apply(action, now_s=now, frame_time_s=frame_time, telemetry_time_s=telemetry_time,
-                                   fallback=fallback)
+        with timer.section("safety"):
+            result = self.safety.apply(action, now_s=now, frame_time_s=frame_time,
+                                       telemetry_time_s=telemetry_time, fallback=fallback)
         if mode == Mode.NOMINAL and result.fallback:
             mode = Mode.FALLBACK  # stale telemetry or a NaN action: the safety layer stopped the robot
         command = result.command
@@ -234,7 +259,8 @@ class ControlLoop:
             self.safety.reset()
             command = self._zeros
             mode = Mode.FALLBACK
-        sent = self.link.send_velocity(command)
+        with timer.section("send"):
+            sent = self.link.send_velocity(command)
         done = self.clock()
         row["tick_ms"] = (done - ready) * 1e3
         row["score"] = score
@@ -252,7 +278,16 @@ class ControlLoop:
             logger.info("mode %s -> %s (score %.4f, reasons %s)", self._last_mode.name, mode.name,
                         score, result.reasons)
             self._last_mode = mode
+        self._publish(row)
         return row
+
+    def _record_policy(self, row: np.void, t) -> None:
+        """The pipeline's own stage times (it times them inside infer) into the tick's record."""
+        row["samples"] = self.pipeline.samples
+        row["resize_ms"], row["vision_ms"], row["head_ms"], row["reduce_ms"] = (
+            t.resize_ms, t.vision_ms, t.head_ms, t.reduce_ms)
+        row["h2d_ms"], row["d2h_ms"] = t.h2d_ms, t.d2h_ms
+        row["policy_ms"] = t.resize_ms + t.vision_ms + t.head_ms + t.reduce_ms
 
     def _embedding(self) -> np.ndarray | None:
         text = self._instruction
@@ -282,6 +317,12 @@ class ControlLoop:
             if self.clock() - self._last_summary_s >= self.summary_every_s:
                 logger.info("%s", self.summary_line())
                 self._last_summary_s = self.clock()
+        # Stopped: the last snapshot covers every recorded tick and the keeper's final account.
+        self._refresh_window()
+        timing = dataclasses.replace(self._status.timing, overruns=int(self.keeper.overruns),
+                                     missed_deadlines=int(self.keeper.missed_deadlines),
+                                     max_lag_s=float(self.keeper.max_lag_s), jitter_s=self._jitter_s)
+        self._amend_status(window=self._window, timing=timing)
 
     def stop_motors(self, repeats: int = 3) -> None:
         """Commanded stop at shutdown: zero velocity, a few times in case a frame is lost on the line."""

@@ -1,16 +1,7 @@
-"""The robot service's instruction and status socket: JSON lines over a UNIX stream socket.
+"""The robot service's instruction and status socket server: JSON lines over a UNIX stream socket.
 
-One request per line, one reply line per request, in order::
-
-    {"cmd": "say", "text": "go to the red block"}   set the instruction
-    {"cmd": "stop"}                                   clear the instruction (hold: controlled stop)
-    {"cmd": "estop"}                                  latch the emergency stop
-    {"cmd": "clear"}                                  release the emergency stop
-    {"cmd": "status"}                                 mode, uncertainty, timings, link, camera, counters
-
-Replies are ``{"ok": true, ...}`` or ``{"ok": false, "error": "..."}``; a request may carry an ``"id"``
-(string or integer) that the reply echoes. Every complete line gets exactly one reply, whatever its bytes,
-so a client can always pair replies with requests.
+The requests and replies are in edge/service/control_protocol.py. Every complete line gets exactly one
+reply, whatever its bytes, so a client can always pair replies with requests.
 
 The server is one thread with a selector over non-blocking sockets: a client that stalls mid-line, floods
 requests without reading replies, or disconnects rudely costs the others nothing. The handler runs on
@@ -23,12 +14,8 @@ write permission, so the server chmods it (0660 by default) after ``bind()``.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import grp
-import json
 import logging
-import math
 import os
 import selectors
 import socket
@@ -38,49 +25,29 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from edge.control.loop import Mode
 from edge.errors import ConfigError, EdgeError
 from edge.ratelimit import RateLimitedWarnings
+from edge.service.control_protocol import (
+    RECV_BYTES,
+    ControlHandler,
+    RequestError,
+    decode_request,
+    encode_reply,
+    error_reply,
+    send_request,  # noqa: F401 - until the simulator and fault harness import it from control_protocol
+    validate_request,
+)
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_SOCKET_NAME = "control.sock"
-DEFAULT_RUNTIME_DIR = "/run/vla-edge"
-MAX_TEXT_CHARS = 512
-COMMANDS = ("say", "stop", "estop", "clear", "status")
-_FIELDS = {"say": {"cmd", "id", "text"}, "stop": {"cmd", "id"}, "estop": {"cmd", "id"},
-           "clear": {"cmd", "id"}, "status": {"cmd", "id"}}
 _MAX_UNIX_PATH_BYTES = 107  # sun_path is 108 bytes including the terminating NUL
-_RECV_BYTES = 65536
 # A client that sends requests but does not read replies: stop reading from it once this much is
 # queued for it, so its replies cannot grow without bound; reading resumes when it drains them.
 _MAX_PENDING_REPLY_BYTES = 256 * 1024
 _ACCEPT_PAUSE_S = 0.5  # after accept() fails (e.g. out of file descriptors), instead of spinning on it
 _WARN_INTERVAL_S = 5.0
-
-
-class ControlHandler(Protocol):
-    """What the server calls, on its own thread. Each call must return quickly.
-
-    Raising an EdgeError refuses the request with its message; any other exception is logged, counted
-    and answered with an internal error.
-    """
-
-    def say(self, text: str) -> None: ...
-
-    def stop(self) -> None: ...
-
-    def estop(self) -> None: ...
-
-    def clear(self) -> None: ...
-
-    def status(self) -> dict[str, Any]: ...
-
-
-class _RequestError(Exception):
-    """A request the server refuses; its message is the reply's error."""
 
 
 @dataclass
@@ -352,7 +319,7 @@ class ControlSocketServer:
             self._warn("control socket: refusing a connection, %d clients already connected",
                        len(self._clients))
             client.closing = True
-            self._queue(client, _error(f"too many clients ({self.max_clients} connected); try again later"))
+            self._queue(client, error_reply(f"too many clients ({self.max_clients} connected); try again later"))
             self._clients[sock.fileno()] = client
             self._flush(client)
             return
@@ -375,7 +342,7 @@ class ControlSocketServer:
 
     def _read(self, client: _Client) -> None:
         try:
-            data = client.sock.recv(_RECV_BYTES)
+            data = client.sock.recv(RECV_BYTES)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
@@ -422,10 +389,10 @@ class ControlSocketServer:
     def _oversized(self) -> dict[str, Any]:
         self._count("oversized_lines")
         self._count("bad_requests")
-        return _error(f"request line longer than {self.max_line_bytes} bytes; the rest of it is ignored")
+        return error_reply(f"request line longer than {self.max_line_bytes} bytes; the rest of it is ignored")
 
     def _queue(self, client: _Client, reply: Mapping[str, Any]) -> None:
-        client.outbox += _encode_reply(reply)
+        client.outbox += encode_reply(reply)
 
     def _flush(self, client: _Client) -> None:
         if client.inbox and len(client.outbox) < _MAX_PENDING_REPLY_BYTES:
@@ -483,13 +450,13 @@ class ControlSocketServer:
         self._count("requests")
         request_id = None
         try:
-            request = _decode(line)
+            request = decode_request(line)
             request_id = request.get("id")
-            _validate(request)
+            validate_request(request)
             reply = self._execute(request)
-        except _RequestError as exc:
+        except RequestError as exc:
             self._count("bad_requests")
-            reply = _error(str(exc))
+            reply = error_reply(str(exc))
         if request_id is not None:
             reply["id"] = request_id
         return reply
@@ -514,329 +481,13 @@ class ControlSocketServer:
             reply = {"ok": True}
             reply.update(status)
             reply["ok"] = True
-            _encode_reply(reply)  # refuse an unserialisable status here, as an internal error
+            encode_reply(reply)  # refuse an unserialisable status here, as an internal error
             return reply
         except EdgeError as exc:
             self._count("handler_errors")
             logger.warning("control socket: %s refused: %s", cmd, exc)
-            return _error(str(exc))
+            return error_reply(str(exc))
         except Exception as exc:  # a handler bug must not end the server
             self._count("handler_errors")
             logger.exception("control socket: handler failed on %r", cmd)
-            return _error(f"internal error while handling {cmd!r}: {type(exc).__name__}; see the service log")
-
-
-def _decode(line: bytes) -> dict[str, Any]:
-    """One request line as a JSON object with a valid (or no) id, or _RequestError saying what is wrong."""
-    if line.endswith(b"\r"):
-        line = line[:-1]
-    try:
-        text = line.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise _RequestError(f"request is not valid UTF-8 (byte {exc.start})") from exc
-    if not text.strip():
-        raise _RequestError('empty request; send a JSON object such as {"cmd": "status"}')
-    try:
-        request = json.loads(text)
-    except (ValueError, RecursionError) as exc:
-        raise _RequestError(f"malformed JSON: {exc}") from exc
-    if not isinstance(request, dict):
-        raise _RequestError(f"request must be a JSON object, got {type(request).__name__}")
-    request_id = request.get("id")
-    if request_id is not None and (isinstance(request_id, bool) or not isinstance(request_id, (str, int))
-                                   or (isinstance(request_id, str) and len(request_id) > 64)):
-        raise _RequestError("id must be a string (at most 64 characters) or an integer")
-    return request
-
-
-def _validate(request: dict[str, Any]) -> None:
-    """Check the command and its fields, or raise _RequestError saying what is wrong."""
-    cmd = request.get("cmd")
-    if cmd is None:
-        raise _RequestError(f"request has no 'cmd'; one of {', '.join(COMMANDS)}")
-    if not isinstance(cmd, str):
-        raise _RequestError(f"cmd must be a string, one of {', '.join(COMMANDS)}; got {type(cmd).__name__}")
-    if cmd not in _FIELDS:
-        raise _RequestError(f"unknown cmd {cmd[:40]!r}; one of {', '.join(COMMANDS)}")
-    unknown = sorted(set(request) - _FIELDS[cmd])
-    if unknown:
-        raise _RequestError(f"unknown field(s) for {cmd!r}: {', '.join(k[:40] for k in unknown[:5])}")
-    if cmd == "say":
-        text = request.get("text")
-        if not isinstance(text, str):
-            raise _RequestError(f"say needs 'text', a string; got {type(text).__name__}")
-        if not text.strip():
-            raise _RequestError("say needs a non-empty text; send {\"cmd\": \"stop\"} to clear the instruction")
-        if len(text) > MAX_TEXT_CHARS:
-            raise _RequestError(f"text is {len(text)} characters; at most {MAX_TEXT_CHARS}")
-
-
-def _error(message: str) -> dict[str, Any]:
-    return {"ok": False, "error": message}
-
-
-def _jsonable(value: Any) -> Any:
-    """JSON without NaN/Infinity (which strict parsers such as jq refuse): non-finite floats become null."""
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, bool) or value is None or isinstance(value, str):
-        return value
-    if isinstance(value, int):
-        return value
-    if hasattr(value, "tolist"):  # numpy scalars and arrays
-        return _jsonable(value.tolist())
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
-
-
-def _encode_reply(reply: Mapping[str, Any]) -> bytes:
-    return json.dumps(_jsonable(reply), allow_nan=False, separators=(",", ":")).encode() + b"\n"
-
-
-# -- the adapter to the control loop ----------------------------------------------------------------------
-class LoopControl:
-    """Implements the commands against a running ControlLoop, its camera and its motor link.
-
-    Every call only sets a field or reads counters, so it is safe from the socket thread.
-    """
-
-    def __init__(self, loop, camera, link) -> None:
-        self.loop = loop
-        self.camera = camera
-        self.link = link
-
-    def say(self, text: str) -> None:
-        self.loop.set_instruction(text)
-
-    def stop(self) -> None:
-        self.loop.set_instruction(None)
-
-    def estop(self) -> None:
-        self.loop.emergency_stop()
-
-    def clear(self) -> None:
-        self.loop.clear_emergency_stop()
-
-    def status(self) -> dict[str, Any]:
-        loop = self.loop
-        counters = dict(loop.counters)
-        row = self._last_completed_tick(counters["ticks"])
-        estop = bool(loop.safety.estopped)
-        if row is not None:
-            mode = "estop" if estop else Mode(int(row["mode"])).name.lower()
-            tick = {"index": int(row["tick"]), "policy_ms": float(row["policy_ms"]),
-                    "tick_ms": float(row["tick_ms"]), "resize_ms": float(row["resize_ms"]),
-                    "vision_ms": float(row["vision_ms"]), "head_ms": float(row["head_ms"]),
-                    "reasons": int(row["reasons"]), "command": row["command"].tolist(),
-                    "delivered": bool(row["delivered"])}
-            score = float(row["score"])
-        else:
-            mode = "estop" if estop else "starting"
-            tick = None
-            score = math.nan
-        output = loop.last_output
-        # The pipeline reuses these buffers every tick: a copy taken mid-tick may mix two ticks, which is
-        # harmless for a status display and keeps the socket thread from ever waiting on the loop.
-        policy = None if output is None else {"action": output.action.tolist(), "spread": output.spread.tolist()}
-        link_stats = self.link.stats
-        stats = dataclasses.asdict(link_stats)
-        stats["bad_frames"] = link_stats.bad_frames
-        round_trip_s = getattr(self.link, "last_round_trip_s", None)
-        return {
-            "mode": mode,
-            "estop": estop,
-            "instruction": loop.instruction,
-            "uncertainty": {"score": score, "threshold": float(loop.gate.config.threshold),
-                            "hard_ceiling": float(loop.gate.config.hard_ceiling)},
-            "tick": tick,
-            "policy": policy,
-            "overruns": int(loop.keeper.overruns),
-            "link": {"connected": bool(self.link.is_connected), "telemetry_age_s": float(self.link.telemetry_age_s()),
-                     "round_trip_ms": None if round_trip_s is None else round_trip_s * 1e3, "stats": stats},
-            "camera": {"connected": bool(self.camera.is_connected), "frame_age_s": float(self.camera.frame_age_s()),
-                       "reconnects": int(self.camera.reconnects)},
-            "counters": counters,
-        }
-
-    def _last_completed_tick(self, ticks: int):
-        # recorder.next() hands out a row at the start of a tick and the loop fills it during the tick,
-        # so latest(1) may be half written; the last completed tick is the one numbered ticks - 1.
-        if ticks <= 0:
-            return None
-        for row in self.loop.recorder.latest(2)[::-1]:
-            if int(row["tick"]) == ticks - 1:
-                return row
-        return None  # the loop moved on twice while we read: rare, and the next status call has it
-
-
-# -- the client ------------------------------------------------------------------------------------------
-def default_socket_path(environ: Mapping[str, str] | None = None) -> str:
-    """$RUNTIME_DIRECTORY/control.sock (set by systemd for the service) or /run/vla-edge/control.sock."""
-    env = os.environ if environ is None else environ
-    runtime_dir = env.get("RUNTIME_DIRECTORY", "").split(":")[0] or DEFAULT_RUNTIME_DIR
-    return os.path.join(runtime_dir, DEFAULT_SOCKET_NAME)
-
-
-def send_request(path: str | os.PathLike[str], request: dict[str, Any], timeout_s: float = 2.0) -> dict[str, Any]:
-    """Send one request and return the reply (``{"ok": false, ...}`` replies are returned, not raised).
-
-    Raises EdgeError when the service cannot be reached or does not answer.
-    """
-    path = os.fspath(path)
-    payload = json.dumps(request, separators=(",", ":")).encode() + b"\n"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    sock.settimeout(timeout_s)
-    try:
-        try:
-            sock.connect(path)
-        except FileNotFoundError as exc:
-            raise EdgeError(f"no control socket at {path}: is the service running? (systemctl status vla-edge; "
-                            f"or pass --socket)") from exc
-        except PermissionError as exc:
-            raise EdgeError(f"permission denied on {path}: add this user to the vla-edge group "
-                            f"(sudo usermod -aG vla-edge $USER, then log in again)") from exc
-        except ConnectionRefusedError as exc:
-            raise EdgeError(f"nothing listens on {path}: the service is not running "
-                            f"(systemctl status vla-edge)") from exc
-        except OSError as exc:
-            raise EdgeError(f"cannot connect to the control socket {path}: {exc}") from exc
-        try:
-            sock.sendall(payload)
-            reply = bytearray()
-            while not reply.endswith(b"\n"):
-                chunk = sock.recv(_RECV_BYTES)
-                if not chunk:
-                    break
-                reply += chunk
-        except TimeoutError as exc:
-            raise EdgeError(f"the service did not answer on {path} within {timeout_s:g} s") from exc
-        except OSError as exc:  # e.g. ECONNRESET: the service went away mid-request
-            raise EdgeError(f"control socket {path} failed before the reply: {exc}") from exc
-    finally:
-        sock.close()
-    line = bytes(reply).split(b"\n", 1)[0]
-    if not line:
-        raise EdgeError(f"the service closed {path} without answering")
-    try:
-        decoded = json.loads(line)
-    except ValueError as exc:
-        raise EdgeError(f"the service sent an unreadable reply on {path}: {line[:80]!r}") from exc
-    if not isinstance(decoded, dict) or "ok" not in decoded:
-        raise EdgeError(f"the service sent an unexpected reply on {path}: {line[:80]!r}")
-    return decoded
-
-
-# -- command line -----------------------------------------------------------------------------------------
-def add_control_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``say``, ``stop``, ``estop``, ``clear`` and ``status`` on the vla-edge command line."""
-
-    def common(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--socket", default=None, metavar="PATH",
-                            help="control socket (default: $RUNTIME_DIRECTORY/control.sock, else "
-                                 f"{DEFAULT_RUNTIME_DIR}/{DEFAULT_SOCKET_NAME})")
-        parser.add_argument("--timeout", type=float, default=2.0, metavar="SECONDS",
-                            help="how long to wait for the service's reply (default 2)")
-
-    say = subparsers.add_parser("say", help="give the running robot a new instruction")
-    say.add_argument("text", nargs="+", help="the instruction, e.g. \"go to the red block\"")
-    common(say)
-    say.set_defaults(handler=_cli_say)
-    stop = subparsers.add_parser("stop", help="clear the instruction: the robot holds (controlled stop)")
-    common(stop)
-    stop.set_defaults(handler=_cli_simple, control_cmd="stop")
-    estop = subparsers.add_parser("estop", help="latch the emergency stop (motors stop until `vla-edge clear`)")
-    common(estop)
-    estop.set_defaults(handler=_cli_simple, control_cmd="estop")
-    clear = subparsers.add_parser("clear", help="release the emergency stop")
-    common(clear)
-    clear.set_defaults(handler=_cli_simple, control_cmd="clear")
-    status = subparsers.add_parser("status", help="show the running robot's mode, timings, link and camera")
-    common(status)
-    status.add_argument("--json", action="store_true", help="print the raw JSON reply")
-    status.set_defaults(handler=_cli_status)
-
-
-def _socket_of(args: argparse.Namespace) -> str:
-    return args.socket or default_socket_path()
-
-
-def _report(reply: dict[str, Any], done: str) -> int:
-    if not reply.get("ok"):
-        print(f"refused: {reply.get('error', 'no reason given')}")
-        return 1
-    print(done)
-    return 0
-
-
-def _cli_say(args: argparse.Namespace) -> int:
-    text = " ".join(args.text)
-    reply = send_request(_socket_of(args), {"cmd": "say", "text": text}, timeout_s=args.timeout)
-    return _report(reply, f"instruction set: {reply.get('instruction', text)!r}")
-
-
-_DONE = {"stop": "instruction cleared: holding (controlled stop)",
-         "estop": "emergency stop latched; release it with `vla-edge clear`",
-         "clear": "emergency stop released; commands slew up from zero"}
-
-
-def _cli_simple(args: argparse.Namespace) -> int:
-    reply = send_request(_socket_of(args), {"cmd": args.control_cmd}, timeout_s=args.timeout)
-    return _report(reply, _DONE[args.control_cmd])
-
-
-def _cli_status(args: argparse.Namespace) -> int:
-    reply = send_request(_socket_of(args), {"cmd": "status"}, timeout_s=args.timeout)
-    if args.json:
-        print(json.dumps(reply, indent=2, sort_keys=True))
-        return 0 if reply.get("ok") else 1
-    if not reply.get("ok"):
-        print(f"refused: {reply.get('error', 'no reason given')}")
-        return 1
-    print(format_status(reply))
-    return 0
-
-
-def format_status(status: Mapping[str, Any]) -> str:
-    """A readable block from a status reply; tolerant of missing fields."""
-
-    def num(value: Any, fmt: str, unit: str = "") -> str:
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            return f"{value:{fmt}}{unit}"
-        return "-"
-
-    def section(name: str) -> Mapping[str, Any]:
-        value = status.get(name)
-        return value if isinstance(value, Mapping) else {}
-
-    lines = []
-    estop = status.get("estop")
-    lines.append(f"mode         {status.get('mode', '-')}" + ("  (E-STOP LATCHED)" if estop else ""))
-    instruction = status.get("instruction")
-    lines.append(f"instruction  {instruction!r}" if instruction else "instruction  (none: holding)")
-    unc = section("uncertainty")
-    lines.append(f"uncertainty  score {num(unc.get('score'), '.4f')} (threshold {num(unc.get('threshold'), '.4f')}, "
-                 f"ceiling {num(unc.get('hard_ceiling'), '.4f')})")
-    tick = section("tick")
-    lines.append(f"last tick    #{tick.get('index', '-')}: policy {num(tick.get('policy_ms'), '.1f', ' ms')}, "
-                 f"tick {num(tick.get('tick_ms'), '.1f', ' ms')}, overruns {status.get('overruns', '-')}")
-    link = section("link")
-    link_stats = link.get("stats") if isinstance(link.get("stats"), Mapping) else {}
-    state = {True: "connected", False: "DOWN"}.get(link.get("connected"), "-")
-    lines.append(f"motor link   {state}, telemetry age {num(link.get('telemetry_age_s'), '.2f', ' s')}, "
-                 f"round trip {num(link.get('round_trip_ms'), '.1f', ' ms')}")
-    if link_stats:
-        lines.append("             " + ", ".join(
-            f"{key.replace('_', ' ')} {link_stats[key]}"
-            for key in ("bad_frames", "crc_errors", "framing_errors", "telemetry_lost", "write_failures",
-                        "undelivered", "reconnects") if key in link_stats))
-    camera = section("camera")
-    cam_state = {True: "connected", False: "DOWN"}.get(camera.get("connected"), "-")
-    lines.append(f"camera       {cam_state}, frame age {num(camera.get('frame_age_s'), '.2f', ' s')}, "
-                 f"reconnects {camera.get('reconnects', '-')}")
-    counters = section("counters")
-    if counters:
-        lines.append("counters     " + ", ".join(f"{k} {v}" for k, v in counters.items()))
-    return "\n".join(lines)
+            return error_reply(f"internal error while handling {cmd!r}: {type(exc).__name__}; see the service log")

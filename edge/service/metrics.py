@@ -1,12 +1,13 @@
 """Optional Prometheus metrics of the robot service, on 127.0.0.1 only (config section `metrics:`).
 
-Nothing here runs in the control tick. A custom collector reads the loop's own state when Prometheus
-scrapes (the loop's counters, its rate keeper, the tick recorder's ring buffer, the motor link's
-statistics and the camera's counters) in the HTTP server's thread, so an unscraped robot pays nothing
-and a scrape costs the loop only the GIL for the time of one percentile over the recorded ticks.
+Nothing here runs in the control tick. A custom collector reads the loop's published snapshot
+(`ControlLoop.status()`: counters, rate keeper, last completed tick, stage-latency window, motor link
+and camera health) when Prometheus scrapes, in the HTTP server's thread, so an unscraped robot pays
+nothing and a scrape never touches the loop's internals.
 
-Latency quantiles are gauges over the ticks the recorder holds (`loop.record_ticks`), not a Prometheus
-summary: the ring buffer forgets old ticks, so a cumulative _sum/_count would be a lie.
+Latency quantiles are gauges over the ticks the recorder holds (`loop.record_ticks`), refreshed by the
+loop once a second (edge/control/status.py), not a Prometheus summary: the ring buffer forgets old
+ticks, so a cumulative _sum/_count would be a lie.
 
 `prometheus-client` is an optional dependency (`pip install 'vla-edge[metrics]'`), imported when the
 metrics are enabled.
@@ -14,7 +15,6 @@ metrics are enabled.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import socketserver
@@ -23,9 +23,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-import numpy as np
-
-from edge.control.loop import Mode
+from edge.control.status import CameraHealth, LinkHealth, Mode
 from edge.errors import ConfigError
 from edge.service.config import METRICS_HOST
 
@@ -33,10 +31,6 @@ logger = logging.getLogger(__name__)
 
 PREFIX = "vla_edge"
 INSTALL_HINT = "pip install 'vla-edge[metrics]' (the prometheus-client package)"
-QUANTILES = (0.5, 0.9, 0.99, 1.0)
-# recorder field -> stage label of the latency gauges
-_STAGES = {"tick_ms": "tick", "policy_ms": "policy", "resize_ms": "resize", "vision_ms": "vision",
-           "head_ms": "head"}
 
 
 def load_prometheus_client():
@@ -49,16 +43,11 @@ def load_prometheus_client():
 
 
 class LoopCollector:
-    """Reads a running ControlLoop (and its camera and motor link) at scrape time.
+    """Reads the loop's published snapshot (`ControlLoop.status()`) at scrape time, in the HTTP server's
+    thread; `labels` become an info metric."""
 
-    `loop`, `camera` and `link` are the service's objects; only attributes they expose to other threads
-    are read (counters, keeper, recorder, link.stats, camera counters). `labels` become an info metric.
-    """
-
-    def __init__(self, loop, camera=None, link=None, *, labels: Mapping[str, str] | None = None):
+    def __init__(self, loop, *, labels: Mapping[str, str] | None = None):
         self.loop = loop
-        self.camera = camera
-        self.link = link
         self.labels = dict(labels or {})
         self.scrapes = 0
 
@@ -71,14 +60,13 @@ class LoopCollector:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 
         self.scrapes += 1
-        loop = self.loop
-        counters = dict(loop.counters)  # one consistent-enough snapshot; values are ints the loop replaces
-        ticks = counters.get("ticks", 0)
+        status = self.loop.status()
+        counters = status.counters
 
         if self.labels:
             yield InfoMetricFamily(f"{PREFIX}_policy", "What the service runs", value=self.labels)
 
-        yield _counter(CounterMetricFamily, "ticks", "Control ticks run", ticks)
+        yield _counter(CounterMetricFamily, "ticks", "Control ticks run", status.ticks)
         modes = CounterMetricFamily(f"{PREFIX}_mode_ticks", "Ticks per mode", labels=["mode"])
         for mode in Mode:
             modes.add_metric([mode.name.lower()], counters.get(mode.name.lower(), 0))
@@ -89,82 +77,67 @@ class LoopCollector:
         yield _counter(CounterMetricFamily, "undelivered_commands", "Ticks whose command did not reach the link",
                        counters.get("undelivered", 0))
 
-        keeper = loop.keeper
-        yield _counter(CounterMetricFamily, "overruns", "Ticks that ran past their deadline", keeper.overruns)
+        timing = status.timing
+        yield _counter(CounterMetricFamily, "overruns", "Ticks that ran past their deadline", timing.overruns)
         yield _counter(CounterMetricFamily, "missed_deadlines", "Deadlines skipped after overruns",
-                       keeper.missed_deadlines)
-        yield _gauge(GaugeMetricFamily, "max_lag_seconds", "Largest lag behind a deadline", keeper.max_lag_s)
-        yield _gauge(GaugeMetricFamily, "period_seconds", "Control period", keeper.period_s)
+                       timing.missed_deadlines)
+        yield _gauge(GaugeMetricFamily, "max_lag_seconds", "Largest lag behind a deadline", timing.max_lag_s)
+        yield _gauge(GaugeMetricFamily, "period_seconds", "Control period", timing.period_s)
         jitter = GaugeMetricFamily(f"{PREFIX}_tick_start_jitter_seconds",
                                    "Tick start offset from its deadline, over the keeper's window",
                                    labels=["quantile"])
-        for q, value in keeper.jitter_percentiles([q * 100 for q in QUANTILES]).items():
-            jitter.add_metric([_quantile_label(q / 100)], value)
+        for percentile, value in timing.jitter_s.items():
+            jitter.add_metric([_quantile_label(percentile / 100)], value)
         yield jitter
 
-        records = self._completed_records(ticks)
-        current = Mode(int(records["mode"][-1])) if len(records) else None
+        tick = status.tick
         mode_now = GaugeMetricFamily(f"{PREFIX}_mode", "1 for the mode of the last completed tick",
                                      labels=["mode"])
         for mode in Mode:
-            mode_now.add_metric([mode.name.lower()], 1.0 if mode is current else 0.0)
+            mode_now.add_metric([mode.name.lower()], 1.0 if tick is not None and mode.name.lower() == tick.mode
+                                else 0.0)
         yield mode_now
-        score = float(records["score"][-1]) if len(records) else math.nan
         yield _gauge(GaugeMetricFamily, "uncertainty_score", "Uncertainty score of the last completed tick "
-                     "(NaN when the policy did not run)", score)
-        gate = getattr(loop, "gate", None)
-        if gate is not None:
-            yield _gauge(GaugeMetricFamily, "uncertainty_threshold", "Score above which a tick is uncertain",
-                         float(gate.config.threshold))
+                     "(NaN when the policy did not run)", tick.score if tick is not None else math.nan)
+        yield _gauge(GaugeMetricFamily, "uncertainty_threshold", "Score above which a tick is uncertain",
+                     status.threshold)
+        window = status.window
         yield _gauge(GaugeMetricFamily, "latency_window_ticks", "Completed ticks the latency quantiles cover",
-                     len(records))
+                     window.ticks)
         latency = GaugeMetricFamily(f"{PREFIX}_tick_latency_seconds",
                                     "Stage latency over the recorded ticks (tick: frame ready to command "
                                     "handed to the link)", labels=["stage", "quantile"])
-        for field, stage in _STAGES.items():
-            values = records[field].astype(np.float64) if len(records) else np.empty(0)
-            values = values[np.isfinite(values)]
-            points = np.quantile(values, QUANTILES) / 1e3 if len(values) else [math.nan] * len(QUANTILES)
-            for q, value in zip(QUANTILES, points):
-                latency.add_metric([stage, _quantile_label(q)], float(value))
+        for stage, quantiles in window.quantiles_ms.items():
+            for q, value in quantiles.items():
+                latency.add_metric([stage, _quantile_label(q)], value / 1e3)
         yield latency
 
-        if self.link is not None:
-            yield from self._link_metrics(CounterMetricFamily, GaugeMetricFamily)
-        if self.camera is not None:
-            yield from self._camera_metrics(CounterMetricFamily, GaugeMetricFamily)
+        if status.link is not None:
+            yield from _link_metrics(status.link, CounterMetricFamily, GaugeMetricFamily)
+        if status.camera is not None:
+            yield from _camera_metrics(status.camera, CounterMetricFamily, GaugeMetricFamily)
 
-    def _completed_records(self, ticks: int) -> np.ndarray:
-        # The row of the tick in progress is handed out before it is filled: keep only finished ticks.
-        records = self.loop.recorder.latest()
-        return records[records["tick"] < ticks] if len(records) else records
 
-    def _link_metrics(self, counter, gauge) -> Iterator[Any]:
-        link = self.link
-        yield _gauge(gauge, "link_connected", "1 while the motor link's port is open", float(link.is_connected))
-        yield _gauge(gauge, "link_telemetry_age_seconds", "Age of the latest telemetry (+Inf before the first)",
-                     float(link.telemetry_age_s()))
-        round_trip = getattr(link, "last_round_trip_s", None)
-        yield _gauge(gauge, "link_round_trip_seconds", "Last command -> telemetry echo round trip",
-                     math.nan if round_trip is None else float(round_trip))
-        stats = link.stats
-        for field in dataclasses.fields(stats):
-            yield _counter(counter, f"link_{field.name}", f"Motor link {field.name.replace('_', ' ')}",
-                           getattr(stats, field.name))
+def _link_metrics(link: LinkHealth, counter, gauge) -> Iterator[Any]:
+    yield _gauge(gauge, "link_connected", "1 while the motor link's port is open", float(link.connected))
+    yield _gauge(gauge, "link_telemetry_age_seconds", "Age of the latest telemetry (+Inf before the first)",
+                 link.telemetry_age_s)
+    yield _gauge(gauge, "link_round_trip_seconds", "Last command -> telemetry echo round trip",
+                 math.nan if link.round_trip_s is None else link.round_trip_s)
+    for name, value in link.stats.items():
+        if name != "bad_frames":  # the sum of the error counters, which are exported one by one
+            yield _counter(counter, f"link_{name}", f"Motor link {name.replace('_', ' ')}", value)
 
-    def _camera_metrics(self, counter, gauge) -> Iterator[Any]:
-        camera = self.camera
-        yield _gauge(gauge, "camera_connected", "1 between camera connect and disconnect",
-                     float(camera.is_connected))
-        yield _gauge(gauge, "camera_streaming", "1 while the capture thread has a live stream",
-                     float(camera.is_streaming))
-        yield _gauge(gauge, "camera_frame_age_seconds", "Age of the latest frame (+Inf before the first)",
-                     float(camera.frame_age_s()))
-        yield _counter(counter, "camera_frames", "Frames captured", camera.frame_count)
-        yield _counter(counter, "camera_reconnects", "Times the stream came back after a loss", camera.reconnects)
-        yield _counter(counter, "camera_read_failures", "Reads that failed on an open stream",
-                       camera.read_failures)
-        yield _counter(counter, "camera_open_failures", "Failed attempts to open the source", camera.open_failures)
+
+def _camera_metrics(camera: CameraHealth, counter, gauge) -> Iterator[Any]:
+    yield _gauge(gauge, "camera_connected", "1 between camera connect and disconnect", float(camera.connected))
+    yield _gauge(gauge, "camera_streaming", "1 while the capture thread has a live stream", float(camera.streaming))
+    yield _gauge(gauge, "camera_frame_age_seconds", "Age of the latest frame (+Inf before the first)",
+                 camera.frame_age_s)
+    yield _counter(counter, "camera_frames", "Frames captured", camera.frames)
+    yield _counter(counter, "camera_reconnects", "Times the stream came back after a loss", camera.reconnects)
+    yield _counter(counter, "camera_read_failures", "Reads that failed on an open stream", camera.read_failures)
+    yield _counter(counter, "camera_open_failures", "Failed attempts to open the source", camera.open_failures)
 
 
 def _counter(cls, name: str, documentation: str, value: float):

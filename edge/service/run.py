@@ -32,15 +32,14 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.control.loop import ControlLoop, Mode
+from edge.control.loop import ControlLoop
 from edge.control.realtime import RealtimeConfig, configure_realtime
-from edge.control.safety import SafetyConfig, SafetyLayer
-from edge.control.uncertainty_gate import GateConfig, UncertaintyGate
 from edge.errors import BundleError, ConfigError, EdgeError
 from edge.inference.bundle import REBUILD, Bundle
-from edge.inference.pipeline import PolicyPipeline, onnxruntime_factory
+from edge.inference.pipeline import PolicyPipeline
 from edge.io.camera import Camera
 from edge.io.motor_link import SerialMotorLink
+from edge.service import wiring
 from edge.service.config import RobotConfig, load_config
 from edge.service.sdnotify import SystemdNotifier
 
@@ -55,57 +54,6 @@ STATUS_EVERY_S = 10.0  # STATUS= while running: often enough for `systemctl stat
 def exit_code_for(exc: EdgeError) -> int:
     """78 for errors that a restart cannot fix (config, bundle), 2 for the rest."""
     return EXIT_CONFIG if isinstance(exc, (ConfigError, BundleError)) else EXIT_RUNTIME_ERROR
-
-
-def backend_factory(bundle: Bundle, config: RobotConfig, *, trt=None, cudart=None):
-    """Backends for the configured target; `trt`/`cudart` replace the TensorRT and CUDA modules (tests)."""
-    policy = config.policy
-    if policy.backend == "onnxruntime":
-        return onnxruntime_factory(bundle, device=policy.device, threads=policy.threads)
-    from edge.inference.backends.tensorrt import TensorRTBackend
-    from edge.inference.engine_key import EngineKey
-
-    engines = {(e.graph, e.variant): e for e in bundle.engines}
-
-    def make(graph, variant, inputs, outputs, max_batch):
-        entry = engines.get((graph, variant))
-        if entry is None:
-            raise BundleError(
-                f"bundle {bundle.root} has no TensorRT engine for the {variant} {graph} graph; build engines on "
-                f"this device with: build-engines --int8 --out {bundle.root} --force"
-            )
-        key = EngineKey.from_dict({"source_sha256": entry.source_sha256, "tensorrt_version": entry.tensorrt_version,
-                                   "compute_capability": entry.compute_capability, "precision": entry.precision})
-        return TensorRTBackend(bundle.path(entry.path), key, inputs, outputs, max_batch, trt=trt, cudart=cudart)
-
-    return make
-
-
-def safety_config(bundle: Bundle, config: RobotConfig) -> SafetyConfig:
-    action = bundle.action
-    dim = int(action["dim"])
-    slew = config.safety.max_slew_per_s
-    slew_per_dim = tuple([slew] * dim) if slew is not None else tuple(float(v) for v in action["max_slew_per_s"])
-    return SafetyConfig(
-        action_low=tuple(float(v) for v in action["low"]),
-        action_high=tuple(float(v) for v in action["high"]),
-        max_slew_per_s=slew_per_dim,
-        decel_per_s=tuple(min(config.safety.decel_per_s, s) for s in slew_per_dim),
-        period_s=config.loop.period_s,
-        stale_after_periods=config.safety.stale_after_periods,
-        fallback_behaviour=config.safety.fallback_behaviour,
-        damping=config.safety.damping,
-    )
-
-
-def gate_config(bundle: Bundle, config: RobotConfig) -> GateConfig:
-    target = config.policy.target
-    threshold = config.uncertainty.threshold or bundle.uncertainty_threshold(target)
-    ceiling = config.uncertainty.hard_ceiling
-    if ceiling is None:
-        ceiling = float(bundle.manifest["uncertainty"].get("hard_ceiling", {}).get(target, 3.0 * threshold))
-    return GateConfig(threshold=threshold, hard_ceiling=max(ceiling, threshold),
-                      enter_ticks=config.uncertainty.enter_ticks, exit_ticks=config.uncertainty.exit_ticks)
 
 
 class RobotService:
@@ -146,9 +94,7 @@ class RobotService:
         logger.info("bundle %s verified (%d files)", cfg.bundle, len(self.bundle.manifest["files"]))
         if not self._step(f"activating {cfg.policy.backend} backends for target {cfg.policy.target}"):
             return False
-        self.pipeline = PolicyPipeline(self.bundle, target=cfg.policy.target, mc_samples=cfg.policy.mc_samples,
-                                       mask_seed=cfg.policy.mask_seed,
-                                       backend_factory=backend_factory(self.bundle, cfg))
+        self.pipeline = wiring.build_pipeline(self.bundle, cfg)
         self.pipeline.activate()
         if not self._step(f"connecting camera {cfg.camera.source}"):
             return False
@@ -161,20 +107,15 @@ class RobotService:
         if not self._step(f"warming up ({cfg.loop.warmup_ticks} inference passes)"):
             return False
         self._warm_up()
-        self.loop = ControlLoop(
-            self.pipeline, self.camera, self.link, SafetyLayer(safety_config(self.bundle, cfg)),
-            UncertaintyGate(gate_config(self.bundle, cfg)), cfg.loop.period_s,
-            stale_after_s=cfg.safety.stale_after_periods * cfg.loop.period_s,
-            record_ticks=cfg.loop.record_ticks, summary_every_s=cfg.loop.summary_every_s,
-            on_deadline_met=self._on_deadline_met,
-        )
+        self.loop = wiring.build_loop(self.pipeline, self.camera, self.link, self.bundle, cfg,
+                                      on_deadline_met=self._on_deadline_met)
         if cfg.instruction.initial:
             self.loop.set_instruction(cfg.instruction.initial)
         if cfg.instruction.socket:
-            from edge.service.control_socket import ControlSocketServer, LoopControl
+            from edge.service.control_socket import ControlSocketServer
+            from edge.service.loop_control import LoopControl
 
-            self.control_socket = ControlSocketServer(cfg.instruction.socket,
-                                                      LoopControl(self.loop, self.camera, self.link))
+            self.control_socket = ControlSocketServer(cfg.instruction.socket, LoopControl(self.loop))
             self.control_socket.start()
         if cfg.metrics.enabled:
             from edge import __version__
@@ -182,7 +123,7 @@ class RobotService:
 
             labels = {"version": __version__, "target": cfg.policy.target, "backend": cfg.policy.backend,
                       "bundle": str(cfg.bundle)}
-            self.metrics = MetricsServer(LoopCollector(self.loop, self.camera, self.link, labels=labels),
+            self.metrics = MetricsServer(LoopCollector(self.loop, labels=labels),
                                          port=cfg.metrics.port, host=cfg.metrics.host)
             self.metrics.start()
         self._check_watchdog_interval()
@@ -234,17 +175,8 @@ class RobotService:
             self.notifier.status(self.status_line())
 
     def status_line(self) -> str:
-        loop = self.loop
-        if loop is None:
-            return "starting"
-        counters = loop.counters
-        # Called between ticks on the loop's thread, so the latest record is a finished tick.
-        latest = loop.recorder.latest(1)
-        mode = Mode(int(latest["mode"][0])) if len(latest) else Mode.HOLD
-        instruction = loop.instruction
-        return (f"{mode.name.lower()} | {counters['ticks']} ticks, {loop.keeper.overruns} overruns, "
-                f"{counters['fallback']} fallback | instruction: "
-                + (repr(instruction[:60]) if instruction else "none (holding)"))
+        """The STATUS= line, from the loop's published snapshot."""
+        return "starting" if self.loop is None else self.loop.status().line()
 
     def run(self) -> None:
         self.loop.run(self.stop_event)

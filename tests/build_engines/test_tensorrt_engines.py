@@ -15,7 +15,7 @@ from edge.inference.backends.base import TensorSpec
 from edge.inference.bundle import Bundle
 from edge.inference.pipeline import PolicyPipeline
 from edge.service.config import config_from_dict
-from edge.service.run import backend_factory
+from edge.service.wiring import backend_factory
 from reference_world.world import TabletopWorld
 from tests.fakes.conftest_fakes import fake_gpu
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import grp
 import json
 import os
@@ -19,18 +20,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from edge.cli.control import add_control_commands, format_status
 from edge.control.loop import Mode, TickRecorder
+from edge.control.status import CameraHealth, LastTick, LinkHealth, LoopStatus, Timing, Window
 from edge.errors import ConfigError, EdgeError, InputError
 from edge.io.motor_link import LinkStats
-from edge.service.control_socket import (
-    MAX_TEXT_CHARS,
-    ControlSocketServer,
-    LoopControl,
-    add_control_commands,
-    default_socket_path,
-    format_status,
-    send_request,
-)
+from edge.service.control_protocol import MAX_TEXT_CHARS, default_socket_path, send_request
+from edge.service.control_socket import ControlSocketServer
+from edge.service.loop_control import LoopControl
 from tests.waiting import HANG_GUARD_S
 
 
@@ -571,19 +568,23 @@ def test_loop_control_reports_the_last_completed_tick_not_the_one_in_progress():
     in_progress = recorder.next()  # the loop has started tick 3 and filled only part of it
     in_progress["tick"] = 3
     in_progress["mode"] = Mode.FALLBACK
+    # What the loop published at the end of tick 2, the last completed one.
+    completed = recorder.latest(2)[0]
+    link = SimpleNamespace(stats=LinkStats(crc_errors=2, reconnects=1), is_connected=True,
+                           telemetry_age_s=lambda: 0.05, last_round_trip_s=0.004)
+    camera = SimpleNamespace(is_connected=True, frame_age_s=lambda: 0.03, reconnects=4)
+    snapshot = LoopStatus(mode="nominal", estop=False, instruction="pick up the cup",
+                          tick=LastTick.from_record(completed, "nominal", None, None), counters=counters,
+                          threshold=0.05, hard_ceiling=0.2, timing=Timing(period_s=0.1, overruns=1), window=Window(),
+                          link=LinkHealth.of(link), camera=CameraHealth.of(camera))
     calls = []
     loop = SimpleNamespace(
-        counters=counters, recorder=recorder, last_output=None, instruction="pick up the cup",
-        safety=SimpleNamespace(estopped=False), keeper=SimpleNamespace(overruns=1),
-        gate=SimpleNamespace(config=SimpleNamespace(threshold=0.05, hard_ceiling=0.2)),
+        status=lambda: snapshot,
         set_instruction=lambda text: calls.append(("set_instruction", text)),
         emergency_stop=lambda: calls.append(("emergency_stop",)),
         clear_emergency_stop=lambda: calls.append(("clear_emergency_stop",)),
     )
-    link = SimpleNamespace(stats=LinkStats(crc_errors=2, reconnects=1), is_connected=True,
-                           telemetry_age_s=lambda: 0.05, last_round_trip_s=0.004)
-    camera = SimpleNamespace(is_connected=True, frame_age_s=lambda: 0.03, reconnects=4)
-    control = LoopControl(loop, camera, link)
+    control = LoopControl(loop)
     status = control.status()
     assert status["mode"] == "nominal"
     assert status["tick"]["index"] == 2 and status["tick"]["policy_ms"] == pytest.approx(12)
@@ -592,7 +593,7 @@ def test_loop_control_reports_the_last_completed_tick_not_the_one_in_progress():
     assert status["link"]["round_trip_ms"] == pytest.approx(4.0)
     assert status["camera"] == {"connected": True, "frame_age_s": 0.03, "reconnects": 4}
     assert status["instruction"] == "pick up the cup" and status["overruns"] == 1
-    loop.safety.estopped = True
+    snapshot = dataclasses.replace(snapshot, mode="estop", estop=True)
     assert control.status()["mode"] == "estop"
     control.say("go")
     control.stop()

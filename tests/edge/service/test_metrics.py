@@ -44,7 +44,7 @@ def rig(reference_bundle):
         gate = UncertaintyGate(GateConfig(threshold=5.0, hard_ceiling=10.0))  # calm: this is not about gating
         loop = ControlLoop(pipeline, camera, link, safety, gate, PERIOD_S, stale_after_s=3 * PERIOD_S)
         loop.set_instruction(controller.ground_truth().instruction)
-        collector = LoopCollector(loop, camera, link, labels={"target": "cpu", "backend": "onnxruntime"})
+        collector = LoopCollector(loop, labels={"target": "cpu", "backend": "onnxruntime"})
         yield loop, camera, link, collector
     finally:
         link.disconnect()

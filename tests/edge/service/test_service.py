@@ -261,7 +261,7 @@ def test_service_under_systemd_notify_watchdog_and_commanded_stop(reference_bund
         assert any(m.startswith("STATUS=") and "ticks" in m for m in notify.messages), "running STATUS= line"
 
         # The control socket in RUNTIME_DIRECTORY and the metrics endpoint on 127.0.0.1 are served.
-        from edge.service.control_socket import send_request
+        from edge.service.control_protocol import send_request
 
         reply = send_request(runtime / "control.sock", {"cmd": "status"}, timeout_s=10.0)
         assert reply["ok"] and reply["instruction"] == instruction

@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vla-edge {__version__}")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     commands = parser.add_subparsers(dest="command", required=True)
-    from edge.service.control_socket import add_control_commands
+    from edge.cli.control import add_control_commands
 
     add_control_commands(commands)
     run = commands.add_parser("run", help="run the robot service (camera + policy + motor link at 10 Hz)")
@@ -97,6 +97,3 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + 13
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

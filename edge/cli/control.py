@@ -1,0 +1,128 @@
+"""`vla-edge say|stop|estop|clear|status`: the control-socket client's commands and the status display."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from edge.service.control_protocol import (
+    DEFAULT_RUNTIME_DIR,
+    DEFAULT_SOCKET_NAME,
+    default_socket_path,
+    send_request,
+)
+
+
+def add_control_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``say``, ``stop``, ``estop``, ``clear`` and ``status`` on the vla-edge command line."""
+
+    def common(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--socket", default=None, metavar="PATH",
+                            help="control socket (default: $RUNTIME_DIRECTORY/control.sock, else "
+                                 f"{DEFAULT_RUNTIME_DIR}/{DEFAULT_SOCKET_NAME})")
+        parser.add_argument("--timeout", type=float, default=2.0, metavar="SECONDS",
+                            help="how long to wait for the service's reply (default 2)")
+
+    say = subparsers.add_parser("say", help="give the running robot a new instruction")
+    say.add_argument("text", nargs="+", help="the instruction, e.g. \"go to the red block\"")
+    common(say)
+    say.set_defaults(handler=_cli_say)
+    stop = subparsers.add_parser("stop", help="clear the instruction: the robot holds (controlled stop)")
+    common(stop)
+    stop.set_defaults(handler=_cli_simple, control_cmd="stop")
+    estop = subparsers.add_parser("estop", help="latch the emergency stop (motors stop until `vla-edge clear`)")
+    common(estop)
+    estop.set_defaults(handler=_cli_simple, control_cmd="estop")
+    clear = subparsers.add_parser("clear", help="release the emergency stop")
+    common(clear)
+    clear.set_defaults(handler=_cli_simple, control_cmd="clear")
+    status = subparsers.add_parser("status", help="show the running robot's mode, timings, link and camera")
+    common(status)
+    status.add_argument("--json", action="store_true", help="print the raw JSON reply")
+    status.set_defaults(handler=_cli_status)
+
+
+def _socket_of(args: argparse.Namespace) -> str:
+    return args.socket or default_socket_path()
+
+
+def _report(reply: dict[str, Any], done: str) -> int:
+    if not reply.get("ok"):
+        print(f"refused: {reply.get('error', 'no reason given')}")
+        return 1
+    print(done)
+    return 0
+
+
+def _cli_say(args: argparse.Namespace) -> int:
+    text = " ".join(args.text)
+    reply = send_request(_socket_of(args), {"cmd": "say", "text": text}, timeout_s=args.timeout)
+    return _report(reply, f"instruction set: {reply.get('instruction', text)!r}")
+
+
+_DONE = {"stop": "instruction cleared: holding (controlled stop)",
+         "estop": "emergency stop latched; release it with `vla-edge clear`",
+         "clear": "emergency stop released; commands slew up from zero"}
+
+
+def _cli_simple(args: argparse.Namespace) -> int:
+    reply = send_request(_socket_of(args), {"cmd": args.control_cmd}, timeout_s=args.timeout)
+    return _report(reply, _DONE[args.control_cmd])
+
+
+def _cli_status(args: argparse.Namespace) -> int:
+    reply = send_request(_socket_of(args), {"cmd": "status"}, timeout_s=args.timeout)
+    if args.json:
+        print(json.dumps(reply, indent=2, sort_keys=True))
+        return 0 if reply.get("ok") else 1
+    if not reply.get("ok"):
+        print(f"refused: {reply.get('error', 'no reason given')}")
+        return 1
+    print(format_status(reply))
+    return 0
+
+
+def format_status(status: Mapping[str, Any]) -> str:
+    """A readable block from a status reply; tolerant of missing fields."""
+
+    def num(value: Any, fmt: str, unit: str = "") -> str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return f"{value:{fmt}}{unit}"
+        return "-"
+
+    def section(name: str) -> Mapping[str, Any]:
+        value = status.get(name)
+        return value if isinstance(value, Mapping) else {}
+
+    lines = []
+    estop = status.get("estop")
+    lines.append(f"mode         {status.get('mode', '-')}" + ("  (E-STOP LATCHED)" if estop else ""))
+    instruction = status.get("instruction")
+    lines.append(f"instruction  {instruction!r}" if instruction else "instruction  (none: holding)")
+    unc = section("uncertainty")
+    lines.append(f"uncertainty  score {num(unc.get('score'), '.4f')} (threshold {num(unc.get('threshold'), '.4f')}, "
+                 f"ceiling {num(unc.get('hard_ceiling'), '.4f')})")
+    tick = section("tick")
+    lines.append(f"last tick    #{tick.get('index', '-')}: policy {num(tick.get('policy_ms'), '.1f', ' ms')}, "
+                 f"tick {num(tick.get('tick_ms'), '.1f', ' ms')}, overruns {status.get('overruns', '-')}")
+    link = section("link")
+    link_stats = link.get("stats") if isinstance(link.get("stats"), Mapping) else {}
+    state = {True: "connected", False: "DOWN"}.get(link.get("connected"), "-")
+    lines.append(f"motor link   {state}, telemetry age {num(link.get('telemetry_age_s'), '.2f', ' s')}, "
+                 f"round trip {num(link.get('round_trip_ms'), '.1f', ' ms')}")
+    if link_stats:
+        lines.append("             " + ", ".join(
+            f"{key.replace('_', ' ')} {link_stats[key]}"
+            for key in ("bad_frames", "crc_errors", "framing_errors", "telemetry_lost", "write_failures",
+                        "undelivered", "reconnects") if key in link_stats))
+    camera = section("camera")
+    cam_state = {True: "connected", False: "DOWN"}.get(camera.get("connected"), "-")
+    lines.append(f"camera       {cam_state}, frame age {num(camera.get('frame_age_s'), '.2f', ' s')}, "
+                 f"reconnects {camera.get('reconnects', '-')}")
+    counters = section("counters")
+    if counters:
+        lines.append("counters     " + ", ".join(f"{k} {v}" for k, v in counters.items()))
+    return "\n".join(lines)

@@ -1,0 +1,187 @@
+"""The one place that turns a policy bundle and a robot config into the runtime's parts.
+
+`vla-edge run`, `vla-edge doctor`, the latency benchmark and the tests all build the system through
+these functions, so what doctor checks is what run builds (docs/architecture.md, "Parts"):
+
+    check_policy(bundle, config)          target and T fit the bundle          (doctor, run)
+    engine_fit(bundle, target, ...)       each TensorRT engine fits this GPU     (doctor; the backend
+                                                                                 checks the same key)
+    backend_factory(bundle, config)       backends for the configured target
+    build_pipeline(bundle, config)        the policy pipeline (not yet activated)
+    safety_config(bundle, config)         the safety layer's limits: bundle's action spec + config
+    gate_config(bundle, config)           the uncertainty gate: bundle's threshold unless overridden
+    build_loop(pipeline, camera, link, bundle, config)   the control loop with its gate and safety
+
+Nothing here opens a device: the caller connects the camera and the motor link (run does, doctor
+only checks them), so every check above happens before any device is armed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from edge.control.loop import ControlLoop
+from edge.control.safety import SafetyConfig, SafetyLayer
+from edge.control.uncertainty_gate import GateConfig, UncertaintyGate
+from edge.errors import BundleError, ConfigError
+from edge.inference.backends.base import InferenceBackend
+from edge.inference.bundle import Bundle
+from edge.inference.engine_key import EngineKey, key_path
+from edge.inference.pipeline import BackendFactory, PolicyPipeline, onnxruntime_factory
+from edge.service.config import RobotConfig
+
+
+def rebuild_command(bundle_dir) -> str:
+    return f"build-engines --int8 --out {bundle_dir} --force"
+
+
+def check_policy(bundle: Bundle, config: RobotConfig) -> None:
+    """The configured target and T against the bundle; raises ConfigError naming the key to change."""
+    policy = config.policy
+    targets = sorted(bundle.manifest["targets"])
+    if policy.target not in targets:
+        raise ConfigError(f"policy.target: the bundle has no target {policy.target!r} (it has {targets}); set "
+                          f"policy.target to one of them, or rebuild with the options that make it: "
+                          f"{rebuild_command(config.bundle)}")
+    max_samples = int(bundle.dropout["max_samples"])
+    if policy.mc_samples > max_samples:
+        raise ConfigError(f"policy.mc_samples {policy.mc_samples} exceeds the bundle's max_samples {max_samples} "
+                          f"(the engine profile's largest batch); set policy.mc_samples <= {max_samples}, or "
+                          f"rebuild with a larger maximum")
+
+
+# -- backends ---------------------------------------------------------------------------------------------
+
+
+def engine_key(bundle: Bundle, graph: str, variant: str) -> EngineKey:
+    """The key the bundle's manifest records for the engine of one graph variant (BundleError if none)."""
+    entry = {(e.graph, e.variant): e for e in bundle.engines}.get((graph, variant))
+    if entry is None:
+        raise BundleError(f"bundle {bundle.root} has no TensorRT engine for the {variant} {graph} graph; build "
+                          f"engines on this device with: {rebuild_command(bundle.root)}")
+    return EngineKey.from_dict({"source_sha256": entry.source_sha256, "tensorrt_version": entry.tensorrt_version,
+                                "compute_capability": entry.compute_capability, "precision": entry.precision})
+
+
+@dataclass(frozen=True)
+class EngineFit:
+    """Whether one engine of the target can run here; `problem` is None when it can."""
+
+    graph: str
+    variant: str
+    path: str | None
+    problem: str | None
+    precision: str | None = None
+
+
+def engine_fit(bundle: Bundle, target: str, tensorrt_version: str, compute_capability: str) -> list[EngineFit]:
+    """Each engine of `target` against this TensorRT version and GPU: present, its key file agreeing with
+    the manifest, built from the graph the bundle ships, by this TensorRT for this compute capability."""
+    fits = []
+    engines = {(e.graph, e.variant): e for e in bundle.engines}
+    for graph, variant in sorted(bundle.target_variants(target).items()):
+        entry = engines.get((graph, variant))
+        if entry is None:
+            fits.append(EngineFit(graph, variant, None, f"the bundle has no TensorRT engine for the {variant} "
+                                  f"{graph} graph (target {target})"))
+            continue
+        engine_path = bundle.root / entry.path
+        if not engine_path.is_file():
+            fits.append(EngineFit(graph, variant, entry.path, f"{engine_path} is missing"))
+            continue
+        try:
+            built = engine_key(bundle, graph, variant)
+            sidecar = key_path(engine_path)
+            if sidecar.is_file():
+                on_disk = EngineKey.load(sidecar)
+                if on_disk != built:
+                    raise BundleError(f"key file {sidecar.name} disagrees with the manifest: "
+                                      + "; ".join(on_disk.mismatch(built)))
+        except BundleError as exc:
+            fits.append(EngineFit(graph, variant, entry.path, str(exc)))
+            continue
+        source = bundle.graphs[graph].files.get(variant) if graph in bundle.graphs else None
+        source_sha256 = bundle.manifest["files"].get(source, built.source_sha256) if source else built.source_sha256
+        required = replace(built, source_sha256=source_sha256, tensorrt_version=tensorrt_version,
+                           compute_capability=compute_capability)
+        problems = built.mismatch(required)
+        fits.append(EngineFit(graph, variant, entry.path,
+                              f"{entry.path} does not fit: {'; '.join(problems)} (engines run only on the TensorRT "
+                              f"version and GPU that built them)" if problems else None, entry.precision))
+    return fits
+
+
+def backend_factory(bundle: Bundle, config: RobotConfig, *, trt=None, cudart=None) -> BackendFactory:
+    """Backends for the configured target; `trt`/`cudart` replace the TensorRT and CUDA modules (tests)."""
+    policy = config.policy
+    if policy.backend == "onnxruntime":
+        return onnxruntime_factory(bundle, device=policy.device, threads=policy.threads)
+    from edge.inference.backends.tensorrt import TensorRTBackend
+
+    def make(graph: str, variant: str, inputs, outputs, max_batch: int) -> InferenceBackend:
+        key = engine_key(bundle, graph, variant)
+        entry = {(e.graph, e.variant): e for e in bundle.engines}[(graph, variant)]
+        return TensorRTBackend(bundle.path(entry.path), key, inputs, outputs, max_batch, trt=trt, cudart=cudart)
+
+    return make
+
+
+def build_pipeline(bundle: Bundle, config: RobotConfig, *, trt=None, cudart=None) -> PolicyPipeline:
+    """The policy pipeline of the configured target and T (call `activate()` before the first tick)."""
+    check_policy(bundle, config)
+    policy = config.policy
+    return PolicyPipeline(bundle, target=policy.target, mc_samples=policy.mc_samples, mask_seed=policy.mask_seed,
+                          backend_factory=backend_factory(bundle, config, trt=trt, cudart=cudart))
+
+
+# -- control ----------------------------------------------------------------------------------------------
+
+
+def safety_config(bundle: Bundle, config: RobotConfig) -> SafetyConfig:
+    """The bundle's action limits and slew limits, with the config's overrides (safety.*)."""
+    action = bundle.action
+    dim = int(action["dim"])
+    slew = config.safety.max_slew_per_s
+    slew_per_dim = tuple([slew] * dim) if slew is not None else tuple(float(v) for v in action["max_slew_per_s"])
+    return SafetyConfig(
+        action_low=tuple(float(v) for v in action["low"]),
+        action_high=tuple(float(v) for v in action["high"]),
+        max_slew_per_s=slew_per_dim,
+        decel_per_s=tuple(min(config.safety.decel_per_s, s) for s in slew_per_dim),
+        period_s=config.loop.period_s,
+        stale_after_periods=config.safety.stale_after_periods,
+        fallback_behaviour=config.safety.fallback_behaviour,
+        damping=config.safety.damping,
+    )
+
+
+def gate_config(bundle: Bundle, config: RobotConfig) -> GateConfig:
+    """The bundle's calibrated threshold and ceiling for the target, unless the config sets them."""
+    target = config.policy.target
+    threshold = config.uncertainty.threshold or bundle.uncertainty_threshold(target)
+    ceiling = config.uncertainty.hard_ceiling
+    if ceiling is None:
+        ceiling = float(bundle.manifest["uncertainty"].get("hard_ceiling", {}).get(target, 3.0 * threshold))
+    if not math.isfinite(ceiling):
+        ceiling = threshold
+    return GateConfig(threshold=threshold, hard_ceiling=max(ceiling, threshold),
+                      enter_ticks=config.uncertainty.enter_ticks, exit_ticks=config.uncertainty.exit_ticks)
+
+
+def build_loop(pipeline: PolicyPipeline, camera, link, bundle: Bundle, config: RobotConfig, *,
+               on_deadline_met: Callable[[], None] | None = None, loop_class: type[ControlLoop] = ControlLoop,
+               **loop_options) -> ControlLoop:
+    """The control loop of the config, with the bundle's safety layer and uncertainty gate.
+
+    `loop_options` go to the loop unchanged (clock, sleep, frame_shape ...: tests and the benchmark);
+    `loop_class` lets the benchmark drive a subclass that adds its own per-tick bookkeeping.
+    """
+    loop_cfg = config.loop
+    return loop_class(
+        pipeline, camera, link, SafetyLayer(safety_config(bundle, config)), UncertaintyGate(gate_config(bundle, config)),
+        loop_cfg.period_s, stale_after_s=config.safety.stale_after_periods * loop_cfg.period_s,
+        record_ticks=loop_cfg.record_ticks, summary_every_s=loop_cfg.summary_every_s,
+        on_deadline_met=on_deadline_met, **loop_options,
+    )
