@@ -16,9 +16,6 @@ import argparse
 import contextlib
 import json
 import logging
-import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +29,14 @@ from edge.service.control_socket import send_request
 from reference_world.episodes import EpisodeResult, draw_trajectories
 from reference_world.instructions import heldout_instruction
 from reference_world.world import WorldConfig
+from simulator.process import (
+    GroundTruthClient,
+    SimulatorConfig,
+    SimulatorPaths,
+    SimulatorProcess,
+    child_env,
+    stop_process,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -46,28 +51,6 @@ EPISODES = (
     {"label": "OOD: novel colour", "target": "green triangle", "variant": "novel_colour"},
     {"label": "OOD: named object absent", "target": "blue ball", "variant": "absent_object"},
 )
-
-
-class GroundTruthClient:
-    def __init__(self, address: str):
-        host, port = address.rsplit(":", 1)  # "127.0.0.1:PORT", as `python -m simulator` prints it
-        self.sock = socket.create_connection((host, int(port)), timeout=5.0)
-        self.reader = self.sock.makefile("r", encoding="utf-8")
-
-    def request(self, payload: dict | str = "ground_truth") -> dict:
-        line = payload if isinstance(payload, str) else json.dumps(payload)
-        self.sock.sendall(line.encode() + b"\n")
-        reply = json.loads(self.reader.readline())
-        if not reply.get("ok"):
-            raise RuntimeError(f"simulator refused {line}: {reply.get('error')}")
-        return reply
-
-    def truth(self) -> dict:
-        return self.request()["ground_truth"]
-
-    def close(self) -> None:
-        self.reader.close()
-        self.sock.close()
 
 
 def _wait_for(predicate, timeout_s: float, what: str, poll_s: float = 0.05):
@@ -134,10 +117,9 @@ def write_config(path: Path, bundle: Path, serial: str, camera_url: str, socket_
 def run_episode(spec: dict, seed: int, sim: GroundTruthClient, socket_path: Path, rng) -> tuple[dict, EpisodeResult,
                                                                                                list[float]]:
     send_request(socket_path, {"cmd": "stop"})
-    _wait_for(lambda: sim.truth()["motors_stopped"], 5.0, "the robot to stop before the episode")
-    sim.request({"cmd": "reset_episode", "args": {"seed": seed, "target": spec["target"],
-                                                  "variant": spec.get("variant")}})
-    truth = sim.truth()
+    _wait_for(lambda: sim.ground_truth()["motors_stopped"], 5.0, "the robot to stop before the episode")
+    sim.command("reset_episode", seed=seed, target=spec["target"], variant=spec.get("variant"))
+    truth = sim.ground_truth()
     instruction = heldout_instruction(spec["target"], rng) if spec.get("paraphrase") else truth["instruction"]
     before = _status(socket_path)["counters"]
     reply = send_request(socket_path, {"cmd": "say", "text": instruction})
@@ -146,7 +128,7 @@ def run_episode(spec: dict, seed: int, sim: GroundTruthClient, socket_path: Path
     started = time.monotonic()
     poses, ticks, modes, round_trips = [truth["pose"]], {}, [], []
     while time.monotonic() - started < EPISODE_TIMEOUT_S:
-        truth = sim.truth()
+        truth = sim.ground_truth()
         poses.append(truth["pose"])
         status = _status(socket_path)
         if status and status.get("tick"):
@@ -198,51 +180,32 @@ def latency_histogram(tick_ms: list[float], path: Path) -> None:
 class Rig:
     """A running simulator process and `vla-edge run` process, wired as on a robot."""
 
-    paths: dict  # what `python -m simulator --print-paths` printed: serial, camera_url, ground_truth
+    paths: SimulatorPaths  # the simulator's serial path, camera URL and ground-truth address
     socket_path: Path
     sim: GroundTruthClient
     startup_s: float  # service launch -> its control socket answers
 
 
-def _terminate(proc: subprocess.Popen | None) -> None:
-    if proc is not None and proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
 @contextlib.contextmanager
 def closed_loop_rig(bundle: Path, out: Path, name: str, seed: int, target: str = "cpu") -> Iterator[Rig]:
     """Start the simulator, write a config for it, start the real service; stop both (SIGTERM) on exit."""
-    python = sys.executable
-    sim = subprocess.Popen([python, "-m", "simulator", "--seed", str(seed), "--print-paths",
-                            "--ground-truth-port", "0", "--log-level", "WARNING"],
-                           stdout=subprocess.PIPE, text=True)
-    service = None
-    client = None
     log_path = out / f"service{name}.log"
-    log = open(log_path, "w")  # noqa: SIM115 - closed in finally
-    try:
-        paths = json.loads(sim.stdout.readline())
+    with SimulatorProcess(SimulatorConfig(seed=seed), out / f"simulator{name}.log") as simulator, \
+            GroundTruthClient(simulator.paths.ground_truth) as client, open(log_path, "w") as log:
+        paths = simulator.paths
         socket_path = out / f"control{name}.sock"
         config_path = out / f"robot{name}.yaml"
-        write_config(config_path, bundle, paths["serial"], paths["camera_url"], socket_path, target=target)
+        write_config(config_path, bundle, paths.serial, paths.camera_url, socket_path, target=target)
         started = time.monotonic()
-        service = subprocess.Popen([python, "-m", "edge.cli", "run", "--config", str(config_path)],
-                                   stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
-        _wait_for(lambda: service.poll() is not None or _status(socket_path), 60.0, "the service to start")
-        if service.poll() is not None:
-            raise SystemExit(f"the service exited with code {service.returncode}; see {log_path}")
-        client = GroundTruthClient(paths["ground_truth"])
-        yield Rig(paths, socket_path, client, time.monotonic() - started)
-    finally:
-        if client is not None:
-            client.close()
-        _terminate(service)
-        _terminate(sim)
-        log.close()
+        service = subprocess.Popen([sys.executable, "-m", "edge.cli", "run", "--config", str(config_path)],
+                                   stdout=log, stderr=subprocess.STDOUT, env=child_env())
+        try:
+            _wait_for(lambda: service.poll() is not None or _status(socket_path), 60.0, "the service to start")
+            if service.poll() is not None:
+                raise SystemExit(f"the service exited with code {service.returncode}; see {log_path}")
+            yield Rig(paths, socket_path, client, time.monotonic() - started)
+        finally:
+            stop_process(service, "vla-edge run")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -256,8 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     ensure_bundle(args.bundle, args.gate_seeds)
 
     with closed_loop_rig(args.bundle, args.out, "", DEMO_SEED_BASE) as rig:
-        print(f"service up {rig.startup_s:.1f} s after launch; camera {rig.paths['camera_url']}, "
-              f"serial {rig.paths['serial']}")
+        print(f"service up {rig.startup_s:.1f} s after launch; camera {rig.paths.camera_url}, "
+              f"serial {rig.paths.serial}")
         socket_path = rig.socket_path
         rng = np.random.default_rng(DEMO_SEED_BASE)
         rows, all_ticks = [], []
@@ -287,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "demo.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
         print(f"\nsuccess {summary['success_in_distribution']} on in-distribution episodes; "
               f"tick latency p50 {p50:.1f} ms, p90 {p90:.1f} ms, p99 {p99:.1f} ms ({len(all_ticks)} ticks)")
-        print(f"pictures, demo.json and service.log in {args.out}")
+        print(f"pictures, demo.json, service.log and simulator.log in {args.out}")
     return 0
 
 

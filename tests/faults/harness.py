@@ -15,19 +15,15 @@ Every wait is bounded (a hang guard, never a timing assertion); every process is
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import json
 import logging
 import math
 import os
-import select
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -41,11 +37,20 @@ from edge.io.protocol import WATCHDOG_TIMEOUT_S
 from edge.service.control_socket import send_request
 from reference_world.world import WorldConfig
 from simulator.controller import MOTOR_STOPPED_EPSILON
+from simulator.process import (
+    GroundTruthClient,
+    SimulatorConfig,
+    SimulatorError,
+    SimulatorProcess,
+    child_env,
+    die_with_parent,
+    log_tail,
+    stop_process,
+)
 
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 RESULTS_ENV = "VLA_EDGE_FAULTS_JSON"  # path of the JSON results file; a Markdown table is written beside it
 
 # -- how long things may take ------------------------------------------------------------------------------
@@ -117,70 +122,39 @@ def seq_delta(earlier: int, later: int) -> int:
 
 
 # -- the simulator -------------------------------------------------------------------------------------------
-class SimulatorProcess:
-    """``python -m simulator`` as a child process, with a client for its ground-truth port."""
+class SimulatedRobot:
+    """The simulator process (simulator.process) and a client for its ground-truth port and fault hooks."""
 
-    def __init__(self, workdir: Path, seed: int, target: str, *, extra_args: tuple[str, ...] = ()) -> None:
-        self.workdir = workdir
+    def __init__(self, workdir: Path, seed: int, target: str) -> None:
         self.seed = seed
         self.target = target
-        self.extra_args = extra_args
-        self.log_path = workdir / f"simulator-{seed}.log"
-        self.proc: subprocess.Popen | None = None
-        self.serial = ""
-        self.camera_url = ""
-        self._address: tuple[str, int] | None = None
-        self._sock: socket.socket | None = None
-        self._reader = None
-        self._lock = threading.Lock()  # one request/reply in flight on the shared connection
+        config = SimulatorConfig(seed=seed, target=target, log_level="INFO", ready_timeout_s=SIMULATOR_START_TIMEOUT_S)
+        self.process = SimulatorProcess(config, workdir / f"simulator-{seed}.log")
+        self._client: GroundTruthClient | None = None
 
-    def start(self) -> SimulatorProcess:
-        cmd = [sys.executable, "-m", "simulator", "--seed", str(self.seed), "--target", self.target,
-               "--print-paths", "--ground-truth-port", "0", *self.extra_args]
-        with open(self.log_path, "ab") as log:
-            # stdout carries the one JSON line with the paths; logs go to stderr (the file).
-            self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=log,
-                                         env=_child_env(), start_new_session=True,
-                                         preexec_fn=_die_with_parent(signal.SIGTERM))
+    @property
+    def serial(self) -> str:
+        return self.process.paths.serial
+
+    @property
+    def camera_url(self) -> str:
+        return self.process.paths.camera_url
+
+    def start(self) -> SimulatedRobot:
+        self.process.start()
         try:
-            paths = json.loads(self._first_line(SIMULATOR_START_TIMEOUT_S))
-            self.serial = paths["serial"]
-            self.camera_url = paths["camera_url"]
-            host, port = paths["ground_truth"].rsplit(":", 1)
-            self._address = (host, int(port))
-            self._connect()
+            self._client = GroundTruthClient(self.process.paths.ground_truth)
         except BaseException:
-            self.stop()
+            self.process.stop()
             raise
-        logger.info("simulator pid %d: serial %s, camera %s", self.proc.pid, self.serial, self.camera_url)
         return self
 
-    def _first_line(self, timeout_s: float) -> str:
-        assert self.proc is not None and self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout_s)
-        if not ready:
-            raise WaitTimeout(f"simulator printed no paths within {timeout_s:g} s\n{self.log_tail()}")
-        line = self.proc.stdout.readline().decode()
-        if not line.strip():
-            raise AssertionError(f"simulator exited (rc {self.proc.poll()}) before printing its paths\n"
-                                 f"{self.log_tail()}")
-        return line
-
-    def _connect(self) -> None:
-        assert self._address is not None
-        self._sock = socket.create_connection(self._address, timeout=5.0)
-        self._reader = self._sock.makefile("rb")
-
     def request(self, payload: str) -> dict:
-        with self._lock:
-            if self._sock is None:
-                self._connect()
-            assert self._sock is not None and self._reader is not None
-            self._sock.sendall(payload.encode() + b"\n")
-            line = self._reader.readline()
-        if not line:
-            raise AssertionError(f"the simulator closed its ground-truth port\n{self.log_tail()}")
-        return json.loads(line)
+        assert self._client is not None, "simulator not started"
+        try:
+            return self._client.ask(payload)
+        except SimulatorError as exc:
+            raise AssertionError(f"{exc}\n{self.log_tail()}") from exc
 
     def ground_truth(self) -> dict:
         reply = self.request("ground_truth")
@@ -207,18 +181,13 @@ class SimulatorProcess:
         self.command("unfreeze_camera")
 
     def log_tail(self, lines: int = 30) -> str:
-        return _tail(self.log_path, lines, "simulator")
+        return self.process.log_tail(lines)
 
     def stop(self) -> None:
-        for closable in (self._reader, self._sock):
-            if closable is not None:
-                with contextlib.suppress(OSError):
-                    closable.close()
-        self._reader = self._sock = None
-        if self.proc is not None:
-            _terminate(self.proc, "simulator")
-            if self.proc.stdout is not None:
-                self.proc.stdout.close()
+        client, self._client = self._client, None
+        if client is not None:
+            client.close()
+        self.process.stop()
 
 
 # -- the robot service ---------------------------------------------------------------------------------------
@@ -265,8 +234,8 @@ class ServiceProcess:
         with open(self.log_path, "ab") as log:
             # SIGKILL if the test run dies: a service stopped by SIGSTOP would never act on SIGTERM.
             self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, env=_child_env(), start_new_session=True,
-                                         preexec_fn=_die_with_parent(signal.SIGKILL))
+                                         stdin=subprocess.DEVNULL, env=child_env(), start_new_session=True,
+                                         preexec_fn=die_with_parent(signal.SIGKILL))
         try:
             wait_for(self._ticking, timeout_s, f"{self.name} to answer status with a completed tick",
                      interval_s=0.1, describe=self.log_tail)
@@ -334,11 +303,11 @@ class ServiceProcess:
             return ""
 
     def log_tail(self, lines: int = 40) -> str:
-        return _tail(self.log_path, lines, self.name)
+        return log_tail(self.log_path, lines, self.name)
 
     def stop(self) -> None:
         if self.proc is not None:
-            _terminate(self.proc, self.name)
+            stop_process(self.proc, self.name)
 
 
 def short_tempdir(prefix: str = "vla-faults-") -> Path:
@@ -346,54 +315,8 @@ def short_tempdir(prefix: str = "vla-faults-") -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix))
 
 
-def _die_with_parent(signum: int) -> Callable[[], None]:
-    """preexec_fn: the child gets ``signum`` when the test process dies, so a killed run leaves no robot
-    running. Children get their own session (so a terminal's Ctrl-C reaches only the test run, which
-    then stops them in order), which also means they would otherwise outlive it."""
-
-    def set_death_signal() -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-
-    return set_death_signal
-
-
-def _child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONUNBUFFERED"] = "1"
-    # Never let the service under test talk to a systemd that may be supervising the test run.
-    for key in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
-        env.pop(key, None)
-    root = str(REPO_ROOT)
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
-
-
-def _terminate(proc: subprocess.Popen, name: str) -> None:
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        proc.send_signal(signal.SIGCONT)  # a test may have left it stopped; SIGTERM waits for SIGCONT
-        proc.terminate()
-    try:
-        proc.wait(10.0)
-    except subprocess.TimeoutExpired:
-        logger.warning("%s (pid %d) ignored SIGTERM for 10 s; killing it", name, proc.pid)
-        proc.kill()
-        proc.wait(10.0)
-
-
-def _tail(path: Path, lines: int, name: str) -> str:
-    try:
-        text = path.read_text(errors="replace").splitlines()
-    except FileNotFoundError:
-        return f"({name} log {path} does not exist)"
-    return f"--- last {min(lines, len(text))} lines of {path} ---\n" + "\n".join(text[-lines:])
-
-
 # -- measurements --------------------------------------------------------------------------------------------
-def wait_driving(sim: SimulatorProcess, what: str, timeout_s: float = MOVE_TIMEOUT_S,
+def wait_driving(sim: SimulatedRobot, what: str, timeout_s: float = MOVE_TIMEOUT_S,
                  describe: Callable[[], str] | None = None) -> dict:
     """Wait until the wheels turn; returns that ground-truth sample."""
 
@@ -404,7 +327,7 @@ def wait_driving(sim: SimulatorProcess, what: str, timeout_s: float = MOVE_TIMEO
     return wait_for(probe, timeout_s, f"the robot to drive ({what})", describe=describe)
 
 
-def wait_stopped_since(sim: SimulatorProcess, since_s: float, timeout_s: float,
+def wait_stopped_since(sim: SimulatedRobot, since_s: float, timeout_s: float,
                        describe: Callable[[], str] | None = None) -> dict:
     """Wait for a stopped stretch that began after ``since_s``; returns that ground-truth sample."""
 

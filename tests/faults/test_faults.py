@@ -39,7 +39,7 @@ from tests.faults.harness import (
     FaultResult,
     ResultsBook,
     ServiceProcess,
-    SimulatorProcess,
+    SimulatedRobot,
     is_driving,
     seq_delta,
     short_tempdir,
@@ -73,7 +73,7 @@ class Rig:
 
     def __init__(self, workdir: Path, bundle: Path) -> None:
         self.workdir = workdir
-        self.sim = SimulatorProcess(workdir, SEED, TARGET).start()
+        self.sim = SimulatedRobot(workdir, SEED, TARGET).start()
         self.bundle = bundle
         try:
             self.instruction = self.sim.ground_truth()["instruction"]
