@@ -14,15 +14,15 @@ the controller's own watchdog stops the motors 300 ms after the last command tha
 
 Ports: device paths (``/dev/ttyUSB0``, ``/dev/ttyACM0``, ``/dev/serial/by-id/...``, ptys) and any
 pyserial URL handler (``loop://``, ``socket://host:port``, ``rfc2217://...``).
+
+The state the threads share (newest telemetry, round trips, counters, ``LinkStats``) is
+edge.io.link_state; this module owns the port, the reader thread and reconnection.
 """
 
 from __future__ import annotations
 
-import collections
-import dataclasses
 import errno
 import logging
-import math
 import os
 import threading
 import time
@@ -34,10 +34,10 @@ import numpy as np
 import serial
 
 from edge.errors import InputError, LinkError
+from edge.io.link_state import LinkState, LinkStats
 from edge.io.protocol import (
     MAX_CHANNELS,
     ClearEmergencyStop,
-    DecoderStats,
     EmergencyStop,
     FrameDecoder,
     Message,
@@ -46,10 +46,11 @@ from edge.io.protocol import (
     SetVelocity,
     Telemetry,
     encode,
-    seq_delta,
 )
 from edge.ratelimit import RateLimitedWarnings
 from edge.validation import check_backoff, check_bool, check_range, check_text
+
+__all__ = ["LinkStats", "MotorLinkConfig", "SentCommand", "SerialMotorLink"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,9 +59,6 @@ _READ_TIMEOUT_S = 0.05
 _READ_CHUNK_BYTES = 4096
 _WARN_INTERVAL_S = 5.0
 _JOIN_TIMEOUT_S = 2.0
-# Commands awaiting a telemetry echo, for the round-trip measurement; older ones are forgotten.
-_PENDING_COMMANDS = 64
-_TIME_MS_MODULUS = 1 << 32
 
 _MISSING_PORT_HINT = (
     "check the cable and that the adapter is listed in /dev/serial/by-id/ (`ls -l /dev/serial/by-id/`); "
@@ -121,30 +119,6 @@ class SentCommand:
     delivered: bool  # False: the link was down or the write failed; nothing reached the controller
 
 
-@dataclass(frozen=True)
-class LinkStats:
-    """Counters since the link was created; decoder counts add up over reconnections."""
-
-    telemetry_frames: int = 0
-    telemetry_lost: int = 0  # from gaps in the telemetry seq within one connection
-    crc_errors: int = 0
-    framing_errors: int = 0  # bad COBS, too short or too long, unknown type, bad payload
-    version_errors: int = 0  # frames for another protocol version (firmware/runtime mismatch)
-    ignored_frames: int = 0  # valid frames that are not telemetry (e.g. our own commands echoed back)
-    bytes_received: int = 0
-    commands_sent: int = 0  # frames written in full
-    write_failures: int = 0  # writes that timed out or failed (each took the link down)
-    undelivered: int = 0  # send calls while the link was down (nothing written)
-    disconnects: int = 0
-    reconnects: int = 0
-    open_failures: int = 0  # failed reopen attempts while down
-    controller_resets: int = 0  # controller_time_ms went backwards
-
-    @property
-    def bad_frames(self) -> int:
-        return self.crc_errors + self.framing_errors + self.version_errors
-
-
 # --- the link ----------------------------------------------------------------------------------------
 
 
@@ -170,16 +144,8 @@ class SerialMotorLink:
         self._stop = threading.Event()
         self._reconnect_now = threading.Event()  # a failed write asks the reader to reopen the port
         self._thread: threading.Thread | None = None
-        # Guards everything below: telemetry, round trips and counters, written by the reader thread.
-        self._state_lock = threading.Lock()
-        self._telemetry: Telemetry | None = None
-        self._telemetry_stamp_s = -math.inf
-        self._previous_seq: int | None = None  # last telemetry seq on this connection, for loss counting
-        self._pending: collections.deque[tuple[int, float]] = collections.deque(maxlen=_PENDING_COMMANDS)
-        self._last_round_trip_s: float | None = None
-        self._counts = {name: 0 for name in LinkStats.__dataclass_fields__}
-        self._decoder_base = DecoderStats()  # totals of the decoders of earlier connections
-        self._decoder: FrameDecoder | None = None
+        # Telemetry, round trips and counters: written by the reader thread and the sender, read by anyone.
+        self._state = LinkState()
         self._warn = RateLimitedWarnings(logger, _WARN_INTERVAL_S)
         self._warn_frames = RateLimitedWarnings(logger, _WARN_INTERVAL_S)
 
@@ -195,9 +161,7 @@ class SerialMotorLink:
             )
         port = self._open()
         self._stop.clear()
-        with self._state_lock:
-            self._previous_seq = None
-            self._pending.clear()
+        self._state.new_connection()
         self._install(port)
         self._thread = threading.Thread(target=self._run, name=f"motor-link:{self.config.port}", daemon=True)
         self._thread.start()
@@ -223,13 +187,13 @@ class SerialMotorLink:
                 self._thread = None
         self._close_port("disconnect")
         self._connected = False
-        stats = self.stats
+        stats, round_trip_s = self.stats, self.last_round_trip_s
         logger.info(
             "motor link %s disconnected: %d commands sent, %d telemetry frames, %d bad frames, "
             "%d reconnects, last round trip %s",
             self.config.port, stats.commands_sent, stats.telemetry_frames, stats.bad_frames,
             stats.reconnects,
-            "n/a" if self._last_round_trip_s is None else f"{self._last_round_trip_s * 1e3:.1f} ms",
+            "n/a" if round_trip_s is None else f"{round_trip_s * 1e3:.1f} ms",
         )
 
     def __enter__(self) -> SerialMotorLink:
@@ -299,14 +263,12 @@ class SerialMotorLink:
                     delivered = True
                     reason = ""
         sent_at_s = self._clock()
-        with self._state_lock:
-            if delivered:
-                self._counts["commands_sent"] += 1
-                self._pending.append((seq, sent_at_s))
-            elif reason == "link down":
-                self._counts["undelivered"] += 1
-            else:
-                self._counts["write_failures"] += 1
+        if delivered:
+            self._state.sent(seq, sent_at_s)
+        elif reason == "link down":
+            self._state.count("undelivered")
+        else:
+            self._state.count("write_failures")
         if not delivered:
             if reason != "link down":
                 self._warn("motor link %s: %s; link down, reconnecting (the controller's watchdog stops "
@@ -318,50 +280,29 @@ class SerialMotorLink:
     # telemetry (any thread) ----------------------------------------------------------------------------
     def latest_telemetry(self) -> tuple[Telemetry | None, float]:
         """The newest valid Telemetry and its receive time on the link's clock; (None, -inf) before one."""
-        with self._state_lock:
-            return self._telemetry, self._telemetry_stamp_s
+        return self._state.latest()
 
     def telemetry_age_s(self, now: float | None = None) -> float:
         """Seconds since the newest telemetry arrived; inf before the first."""
         if now is None:
             now = self._clock()
-        with self._state_lock:
-            return now - self._telemetry_stamp_s
+        return self._state.age_s(now)
 
     def has_fresh_telemetry(self, now: float | None = None) -> bool:
         return self.telemetry_age_s(now) <= self.config.telemetry_stale_after_s
 
     def is_confirmed(self, command: SentCommand) -> bool:
         """True once telemetry received after ``command`` echoes its seq (or a later one)."""
-        if not command.delivered:
-            return False
-        with self._state_lock:
-            telemetry, stamp = self._telemetry, self._telemetry_stamp_s
-        return (
-            telemetry is not None
-            and stamp >= command.sent_at_s
-            and seq_delta(command.seq, telemetry.last_command_seq) >= 0
-        )
+        return command.delivered and self._state.echoes(command.seq, command.sent_at_s)
 
     @property
     def last_round_trip_s(self) -> float | None:
         """From a command's send time to the first telemetry echoing its seq; None until one is measured."""
-        with self._state_lock:
-            return self._last_round_trip_s
+        return self._state.last_round_trip_s
 
     @property
     def stats(self) -> LinkStats:
-        with self._state_lock:
-            counts = dict(self._counts)
-            decoder = self._decoder_base
-            if self._decoder is not None:
-                decoder = _add_stats(decoder, self._decoder.stats)
-        counts["crc_errors"] = decoder.crc_errors
-        counts["framing_errors"] = (
-            decoder.framing_errors + decoder.oversized + decoder.unknown_messages + decoder.payload_errors
-        )
-        counts["version_errors"] = decoder.version_errors
-        return LinkStats(**counts)
+        return self._state.stats
 
     # reader thread -------------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -382,25 +323,20 @@ class SerialMotorLink:
                 try:
                     port = self._open(reconnecting=True)
                 except LinkError as exc:
-                    with self._state_lock:
-                        self._counts["open_failures"] += 1
+                    self._state.count("open_failures")
                     self._warn("motor link %s still down (%s); next try in %.2f s", self.config.port, exc,
                                backoff_s)
                     self._stop.wait(backoff_s)
                     backoff_s = min(2.0 * backoff_s, longest_s)
                     continue
-                with self._state_lock:
-                    self._counts["reconnects"] += 1
-                    self._previous_seq = None  # the controller kept sending while we were away
-                    self._pending.clear()  # commands of the old connection will never be echoed
+                self._state.new_connection(reconnect=True)
                 self._install(port)
                 backoff_s = first_s
                 logger.warning("motor link %s reconnected on %s", self.config.port, self._describe(port))
             reason = self._pump(port)
             self._close_port(reason)
             if reason != "stopped":
-                with self._state_lock:
-                    self._counts["disconnects"] += 1
+                self._state.count("disconnects")
                 self._warn("motor link %s down: %s; reconnecting every %.2f-%.2f s", self.config.port,
                            reason, first_s, longest_s)
                 # A vanished device often needs a moment to re-enumerate; the first try is not immediate.
@@ -409,8 +345,7 @@ class SerialMotorLink:
     def _pump(self, port: Any) -> str:
         """Read and decode until the port fails, a write failed, or disconnect(); returns why it ended."""
         decoder = FrameDecoder()
-        with self._state_lock:
-            self._decoder = decoder
+        self._state.attach_decoder(decoder)
         seen = decoder.stats
         while not self._stop.is_set():
             if self._reconnect_now.is_set():
@@ -435,38 +370,10 @@ class SerialMotorLink:
         return "stopped"
 
     def _handle(self, messages: list[Message], now: float, n_bytes: int) -> None:
-        with self._state_lock:
-            self._counts["bytes_received"] += n_bytes
-            for message in messages:
-                if not isinstance(message, Telemetry):
-                    # A host frame coming back (loopback, echoing adapter): harmless, counted, ignored.
-                    self._counts["ignored_frames"] += 1
-                    continue
-                self._counts["telemetry_frames"] += 1
-                previous = self._telemetry
-                if self._previous_seq is not None:
-                    delta = seq_delta(self._previous_seq, message.seq)
-                    if delta > 1:
-                        self._counts["telemetry_lost"] += delta - 1
-                if previous is not None:
-                    elapsed_ms = (message.controller_time_ms - previous.controller_time_ms) % _TIME_MS_MODULUS
-                    if elapsed_ms >= _TIME_MS_MODULUS // 2:  # went backwards: the controller restarted
-                        self._counts["controller_resets"] += 1
-                        logger.warning("motor link %s: controller restarted (its clock went back from %d to "
-                                       "%d ms); an emergency stop latch, if any, is gone",
-                                       self.config.port, previous.controller_time_ms,
-                                       message.controller_time_ms)
-                self._previous_seq = message.seq
-                self._telemetry = message
-                self._telemetry_stamp_s = now
-                self._confirm_locked(message.last_command_seq, now)
-
-    def _confirm_locked(self, echoed_seq: int, now: float) -> None:
-        confirmed: tuple[int, float] | None = None
-        while self._pending and seq_delta(self._pending[0][0], echoed_seq) >= 0:
-            confirmed = self._pending.popleft()
-        if confirmed is not None:
-            self._last_round_trip_s = now - confirmed[1]
+        for restart in self._state.receive(messages, now, n_bytes):
+            logger.warning("motor link %s: controller restarted (its clock went back from %d to %d ms); an "
+                           "emergency stop latch, if any, is gone", self.config.port, restart.previous_time_ms,
+                           restart.time_ms)
 
     # port handling -------------------------------------------------------------------------------------
     def _open(self, reconnecting: bool = False) -> Any:
@@ -530,10 +437,7 @@ class SerialMotorLink:
                 port.close()
             except (serial.SerialException, OSError) as exc:  # the device is already gone
                 logger.debug("motor link %s: close after %s failed: %s", self.config.port, reason, exc)
-        with self._state_lock:
-            if self._decoder is not None:
-                self._decoder_base = _add_stats(self._decoder_base, self._decoder.stats)
-                self._decoder = None
+        self._state.detach_decoder()
 
     def _describe(self, port: Any) -> str:
         name = getattr(port, "name", None) or self.config.port
@@ -541,6 +445,3 @@ class SerialMotorLink:
             return f"{self.config.port} -> {os.path.realpath(self.config.port)}"
         return str(name)
 
-
-def _add_stats(a: DecoderStats, b: DecoderStats) -> DecoderStats:
-    return DecoderStats(**{f.name: getattr(a, f.name) + getattr(b, f.name) for f in dataclasses.fields(a)})

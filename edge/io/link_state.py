@@ -1,0 +1,177 @@
+"""What the motor link knows about the controller: the newest telemetry, round trips and counters.
+
+``SerialMotorLink`` (edge.io.motor_link) owns the port, its reader thread and reconnection; this is the
+state those threads share, behind one lock. The reader thread feeds it the telemetry it decodes
+(``receive``) and hands over each connection's decoder; the caller's thread records the commands it
+sent; any thread reads the latest sample, the last round trip and the counters. No I/O, no clock and
+no logging: times come in as arguments and what deserves a log line is returned to the link.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import threading
+from dataclasses import dataclass
+
+from edge.io.protocol import DecoderStats, FrameDecoder, Message, Telemetry, seq_delta
+
+# Commands awaiting a telemetry echo, for the round-trip measurement; older ones are forgotten.
+_PENDING_COMMANDS = 64
+_TIME_MS_MODULUS = 1 << 32
+
+
+@dataclass(frozen=True)
+class LinkStats:
+    """Counters since the link was created; decoder counts add up over reconnections."""
+
+    telemetry_frames: int = 0
+    telemetry_lost: int = 0  # from gaps in the telemetry seq within one connection
+    crc_errors: int = 0
+    framing_errors: int = 0  # bad COBS, too short or too long, unknown type, bad payload
+    version_errors: int = 0  # frames for another protocol version (firmware/runtime mismatch)
+    ignored_frames: int = 0  # valid frames that are not telemetry (e.g. our own commands echoed back)
+    bytes_received: int = 0
+    commands_sent: int = 0  # frames written in full
+    write_failures: int = 0  # writes that timed out or failed (each took the link down)
+    undelivered: int = 0  # send calls while the link was down (nothing written)
+    disconnects: int = 0
+    reconnects: int = 0
+    open_failures: int = 0  # failed reopen attempts while down
+    controller_resets: int = 0  # controller_time_ms went backwards
+
+    @property
+    def bad_frames(self) -> int:
+        return self.crc_errors + self.framing_errors + self.version_errors
+
+
+@dataclass(frozen=True)
+class ControllerRestart:
+    """The controller's clock went backwards between two telemetry samples: it restarted."""
+
+    previous_time_ms: int
+    time_ms: int
+
+
+class LinkState:
+    """Telemetry, round trips and counters of one motor link; every method is safe from any thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._telemetry: Telemetry | None = None
+        self._telemetry_stamp_s = -math.inf
+        self._previous_seq: int | None = None  # last telemetry seq on this connection, for loss counting
+        self._pending: collections.deque[tuple[int, float]] = collections.deque(maxlen=_PENDING_COMMANDS)
+        self._last_round_trip_s: float | None = None
+        self._counts = {name: 0 for name in LinkStats.__dataclass_fields__}
+        self._decoder_base = DecoderStats()  # totals of the decoders of earlier connections
+        self._decoder: FrameDecoder | None = None
+
+    # connections (reader thread, connect) ------------------------------------------------------------
+    def new_connection(self, reconnect: bool = False) -> None:
+        """Forget the sequence and the pending commands of the previous connection."""
+        with self._lock:
+            if reconnect:
+                self._counts["reconnects"] += 1
+            self._previous_seq = None  # the controller kept sending while we were away
+            self._pending.clear()  # commands of the old connection will never be echoed
+
+    def attach_decoder(self, decoder: FrameDecoder) -> None:
+        """The decoder of the connection now open; its counts show in ``stats`` from now on."""
+        with self._lock:
+            self._decoder = decoder
+
+    def detach_decoder(self) -> None:
+        """The connection closed: keep its decoder's counts in the totals."""
+        with self._lock:
+            if self._decoder is not None:
+                self._decoder_base = _add_stats(self._decoder_base, self._decoder.stats)
+                self._decoder = None
+
+    def count(self, name: str) -> None:
+        """One more of the LinkStats counter ``name``."""
+        with self._lock:
+            self._counts[name] += 1
+
+    # commands (caller's thread) ------------------------------------------------------------------------
+    def sent(self, seq: int, sent_at_s: float) -> None:
+        """A command was written in full; its echo in telemetry gives the round trip."""
+        with self._lock:
+            self._counts["commands_sent"] += 1
+            self._pending.append((seq, sent_at_s))
+
+    # telemetry (reader thread) -------------------------------------------------------------------------
+    def receive(self, messages: list[Message], now: float, n_bytes: int) -> list[ControllerRestart]:
+        """Take the messages decoded from ``n_bytes`` received at ``now``; returns the controller restarts
+        they show (for the link to log)."""
+        restarts = []
+        with self._lock:
+            self._counts["bytes_received"] += n_bytes
+            for message in messages:
+                if not isinstance(message, Telemetry):
+                    # A host frame coming back (loopback, echoing adapter): harmless, counted, ignored.
+                    self._counts["ignored_frames"] += 1
+                    continue
+                self._counts["telemetry_frames"] += 1
+                previous = self._telemetry
+                if self._previous_seq is not None:
+                    delta = seq_delta(self._previous_seq, message.seq)
+                    if delta > 1:
+                        self._counts["telemetry_lost"] += delta - 1
+                if previous is not None:
+                    elapsed_ms = (message.controller_time_ms - previous.controller_time_ms) % _TIME_MS_MODULUS
+                    if elapsed_ms >= _TIME_MS_MODULUS // 2:  # went backwards: the controller restarted
+                        self._counts["controller_resets"] += 1
+                        restarts.append(ControllerRestart(previous.controller_time_ms, message.controller_time_ms))
+                self._previous_seq = message.seq
+                self._telemetry = message
+                self._telemetry_stamp_s = now
+                self._confirm_locked(message.last_command_seq, now)
+        return restarts
+
+    def _confirm_locked(self, echoed_seq: int, now: float) -> None:
+        confirmed: tuple[int, float] | None = None
+        while self._pending and seq_delta(self._pending[0][0], echoed_seq) >= 0:
+            confirmed = self._pending.popleft()
+        if confirmed is not None:
+            self._last_round_trip_s = now - confirmed[1]
+
+    # reading (any thread) ------------------------------------------------------------------------------
+    def latest(self) -> tuple[Telemetry | None, float]:
+        """The newest Telemetry and its receive time; (None, -inf) before the first."""
+        with self._lock:
+            return self._telemetry, self._telemetry_stamp_s
+
+    def age_s(self, now: float) -> float:
+        with self._lock:
+            return now - self._telemetry_stamp_s
+
+    def echoes(self, seq: int, sent_at_s: float) -> bool:
+        """True once telemetry received at or after ``sent_at_s`` echoes ``seq`` (or a later one)."""
+        with self._lock:
+            telemetry, stamp = self._telemetry, self._telemetry_stamp_s
+        return telemetry is not None and stamp >= sent_at_s and seq_delta(seq, telemetry.last_command_seq) >= 0
+
+    @property
+    def last_round_trip_s(self) -> float | None:
+        with self._lock:
+            return self._last_round_trip_s
+
+    @property
+    def stats(self) -> LinkStats:
+        with self._lock:
+            counts = dict(self._counts)
+            decoder = self._decoder_base
+            if self._decoder is not None:
+                decoder = _add_stats(decoder, self._decoder.stats)
+        counts["crc_errors"] = decoder.crc_errors
+        counts["framing_errors"] = (
+            decoder.framing_errors + decoder.oversized + decoder.unknown_messages + decoder.payload_errors
+        )
+        counts["version_errors"] = decoder.version_errors
+        return LinkStats(**counts)
+
+
+def _add_stats(a: DecoderStats, b: DecoderStats) -> DecoderStats:
+    return DecoderStats(**{f.name: getattr(a, f.name) + getattr(b, f.name) for f in dataclasses.fields(a)})

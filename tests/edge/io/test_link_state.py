@@ -1,0 +1,76 @@
+"""LinkState, the motor link's shared telemetry state, on its own: no port, no thread, times as arguments."""
+
+from __future__ import annotations
+
+import math
+
+from edge.io.link_state import ControllerRestart, LinkState
+from edge.io.protocol import FrameDecoder, SetVelocity, StatusFlags, Telemetry, encode
+
+
+def telemetry(seq: int, time_ms: int = 1000, echoed: int = 0) -> Telemetry:
+    return Telemetry(seq=seq, controller_time_ms=time_ms, velocities=(0.0,), positions=(0.0,),
+                     status=StatusFlags.MOTORS_ENABLED, last_command_seq=echoed, crc_errors=0,
+                     framing_errors=0, dropped_commands=0)
+
+
+def test_before_any_telemetry_nothing_is_known():
+    state = LinkState()
+    assert state.latest() == (None, -math.inf)
+    assert state.age_s(5.0) == math.inf
+    assert state.last_round_trip_s is None and not state.echoes(0, 0.0)
+
+
+def test_gaps_in_telemetry_seq_count_as_lost_within_one_connection_only():
+    state = LinkState()
+    state.receive([telemetry(1), telemetry(4)], now=1.0, n_bytes=60)
+    assert state.stats.telemetry_lost == 2 and state.stats.telemetry_frames == 2
+    state.new_connection(reconnect=True)  # the controller kept counting while we were away
+    state.receive([telemetry(40)], now=2.0, n_bytes=30)
+    stats = state.stats
+    assert (stats.telemetry_lost, stats.reconnects, stats.bytes_received) == (2, 1, 90)
+    assert state.latest() == (telemetry(40), 2.0) and state.age_s(2.5) == 0.5
+
+
+def test_a_clock_going_back_is_returned_as_a_controller_restart():
+    state = LinkState()
+    assert state.receive([telemetry(1, time_ms=5000), telemetry(2, time_ms=5020)], now=1.0, n_bytes=0) == []
+    assert state.receive([telemetry(3, time_ms=10)], now=1.1, n_bytes=0) == [ControllerRestart(5020, 10)]
+    assert state.stats.controller_resets == 1
+    # A wrap of the u32 millisecond clock is time going on, not a restart.
+    assert state.receive([telemetry(4, time_ms=0xFFFFFFF0), telemetry(5, time_ms=5)], now=1.2, n_bytes=0) == [
+        ControllerRestart(10, 0xFFFFFFF0)]
+
+
+def test_round_trip_and_echo_come_from_the_first_telemetry_that_echoes_a_command():
+    state = LinkState()
+    state.sent(7, sent_at_s=10.0)
+    state.sent(8, sent_at_s=10.1)
+    state.receive([telemetry(1, echoed=6)], now=10.05, n_bytes=0)
+    assert state.last_round_trip_s is None and not state.echoes(7, 10.0)
+    state.receive([telemetry(2, echoed=8)], now=10.3, n_bytes=0)
+    assert math.isclose(state.last_round_trip_s, 0.2)  # from seq 8, the newest one it confirms
+    assert state.echoes(7, 10.0) and state.echoes(8, 10.1) and not state.echoes(9, 10.2)
+    assert not state.echoes(8, 10.4)  # sent after the telemetry arrived: not confirmed by it
+    assert state.stats.commands_sent == 2
+
+
+def test_non_telemetry_frames_are_counted_and_ignored():
+    state = LinkState()
+    state.receive([SetVelocity(seq=1, targets=(0.0,))], now=1.0, n_bytes=10)
+    assert state.stats.ignored_frames == 1 and state.latest()[0] is None
+
+
+def test_decoder_counts_add_up_over_connections():
+    state = LinkState()
+    bad = bytearray(encode(telemetry(1)))
+    bad[3] ^= 0xFF  # breaks the CRC
+    for _ in range(2):
+        decoder = FrameDecoder()
+        state.attach_decoder(decoder)
+        decoder.feed(bytes(bad))
+        assert state.stats.crc_errors >= 1
+        state.detach_decoder()
+    assert state.stats.crc_errors == 2 and state.stats.bad_frames == 2
+    state.count("open_failures")
+    assert state.stats.open_failures == 1
