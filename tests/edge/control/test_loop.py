@@ -7,13 +7,12 @@ import time
 import numpy as np
 import pytest
 
-from edge.control.loop import ControlLoop, Mode
-from edge.control.safety import SafetyConfig, SafetyLayer
-from edge.control.uncertainty_gate import GateConfig, UncertaintyGate
+from edge.control.loop import Mode
 from edge.inference.bundle import Bundle
-from edge.inference.pipeline import PolicyPipeline
-from edge.io.camera import Camera, CameraConfig
-from edge.io.motor_link import MotorLinkConfig, SerialMotorLink
+from edge.io.camera import Camera
+from edge.io.motor_link import SerialMotorLink
+from edge.service import wiring
+from edge.service.config import config_from_dict
 from simulator.controller import SimulatedController
 
 PERIOD_S = 0.1
@@ -23,18 +22,23 @@ PERIOD_S = 0.1
 def rig(reference_bundle):
     bundle = Bundle.load(reference_bundle[0])
     controller = SimulatedController(seed=1_234_567, target="blue ball").start()
-    camera = Camera(CameraConfig(source=controller.camera_url, open_timeout_s=10.0))
-    link = SerialMotorLink(MotorLinkConfig(port=controller.link_path))
-    pipeline = PolicyPipeline(bundle, target="cpu", mc_samples=8)
+    config = config_from_dict({
+        "bundle": str(reference_bundle[0]),
+        "camera": {"source": controller.camera_url, "open_timeout_s": 10.0},
+        "motor": {"port": controller.link_path},
+        "policy": {"target": "cpu", "mc_samples": 8},
+        "safety": {"max_slew_per_s": 4.0, "decel_per_s": 2.0},
+        "uncertainty": {"threshold": bundle.uncertainty_threshold("cpu") * 4, "hard_ceiling": 1.0},
+        "loop": {"rate_hz": 1.0 / PERIOD_S},
+    })
+    camera = Camera(config.camera)
+    link = SerialMotorLink(config.motor)
+    pipeline = wiring.build_pipeline(bundle, config)
     pipeline.activate()
     camera.connect()
     link.connect()
-    safety = SafetyLayer(SafetyConfig(action_low=(-1.0, -1.0), action_high=(1.0, 1.0), max_slew_per_s=(4.0, 4.0),
-                                      decel_per_s=(2.0, 2.0), period_s=PERIOD_S))
-    gate = UncertaintyGate(GateConfig(threshold=bundle.uncertainty_threshold("cpu") * 4, hard_ceiling=1.0))
     pings = []
-    loop = ControlLoop(pipeline, camera, link, safety, gate, PERIOD_S, stale_after_s=3 * PERIOD_S,
-                       on_deadline_met=lambda: pings.append(time.monotonic()))
+    loop = wiring.build_loop(pipeline, camera, link, bundle, config, on_deadline_met=lambda: pings.append(time.monotonic()))
     yield controller, loop, pings
     link.disconnect()
     camera.disconnect()
