@@ -1,7 +1,7 @@
 """Reference VLA policy: frozen encoders + FiLM fusion + an action head with explicit dropout masks.
 
-Export contract (design brief): the head takes one mask per dropout layer, shape [T, width], values
-0 or 1/(1-p). Everything before the first dropout layer is deterministic and runs once, at batch 1;
+Export contract (docs/architecture.md, "Contracts: Export contract"): the head takes one mask per
+dropout layer, shape [T, width], values 0 or 1/(1-p). Everything before the first dropout layer is deterministic and runs once, at batch 1;
 only the layers after it see the T Monte-Carlo samples. A mask of ones is the eval-mode policy.
 """
 

@@ -1,4 +1,5 @@
-"""Real-time setup of the control process, done once at start-up (design decision 9).
+"""Real-time setup of the control process, done once at start-up (docs/architecture.md, "Decisions: 9.
+Real-time hygiene").
 
 ``configure_realtime`` applies, each only when asked for:
 

@@ -1,7 +1,7 @@
 """Safety layer: the last step between the policy's action and the serial frame.
 
-One of three layers (design decision 8): this one (limits, slew rate, NaN/Inf guard, stale
-inputs), the motor controller's own watchdog, and systemd's watchdog. Per tick, in order:
+One of three layers (docs/architecture.md, "Decisions: 8. Layered safety"): this one (limits, slew
+rate, NaN/Inf guard, stale inputs), the motor controller's own watchdog, and systemd's watchdog. Per tick, in order:
 
 1. E-stop latched -> command is zero at once, regardless of slew (an e-stop is a stop).
 2. Fallback is forced by any of: the caller's ``fallback`` (uncertainty gate), a non-finite

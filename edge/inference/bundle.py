@@ -1,4 +1,5 @@
-"""The policy bundle: one directory the build writes and the runtime loads (design brief, Contracts).
+"""The policy bundle: one directory the build writes and the runtime loads (docs/architecture.md,
+"Contracts: Policy bundle").
 
     manifest.json          schema version, graphs per precision and target, IO specs, tokenizer, action
                            and dropout description, uncertainty threshold, accuracy summary, engines,

@@ -1,4 +1,4 @@
-"""The policy pipeline of one control tick (design brief, "One control tick").
+"""The policy pipeline of one control tick (docs/architecture.md, "One control tick").
 
     frame -> resize into the vision input buffer -> vision graph/engine
           -> head with T Monte-Carlo dropout masks in ONE batch -> mean action, spread, score

@@ -1,4 +1,4 @@
-"""The head's dropout-mask contract (design brief, export contract) and checkpoint handling."""
+"""The head's dropout-mask contract (docs/architecture.md, "Contracts: Export contract") and checkpoint handling."""
 
 import numpy as np
 import pytest

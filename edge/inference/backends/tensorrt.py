@@ -12,8 +12,8 @@ host, one synchronise; events between the stages give the RunTiming.
 
 Optional (``cuda_graph_batch``): for the fixed Monte-Carlo sample count the whole run (copies and
 engine) is captured once as a CUDA graph and replayed with one launch, which removes the per-kernel
-launch overhead (design decision 5). A run at another batch size drops the graph for good (with a
-warning) and continues on the ordinary path, since TensorRT's state then no longer matches what was
+launch overhead (docs/architecture.md, "Decisions: 5. TensorRT is a thin adapter"). A run at another
+batch size drops the graph for good (with a warning) and continues on the ordinary path, since TensorRT's state then no longer matches what was
 captured. If capture is not possible for this engine the backend logs why and keeps the ordinary path.
 
 TensorRT is imported lazily: on a Jetson it comes with JetPack into the system site-packages.
