@@ -17,6 +17,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -39,11 +40,32 @@ from edge.control.uncertainty_gate import UncertaintyGate
 from edge.errors import EdgeError, InputError
 from edge.io.protocol import WATCHDOG_TIMEOUT_S
 from edge.ratelimit import RateLimitedWarnings
+from edge.validation import check_range
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ControlLoop", "Mode", "TickRecorder", "tick_dtype"]
+__all__ = ["ControlLoop", "LoopConfig", "Mode", "TickRecorder", "tick_dtype"]
 JITTER_PERCENTILES = (50.0, 90.0, 99.0, 100.0)
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """The ``loop:`` section of the robot config."""
+
+    rate_hz: float = 10.0  # control rate
+    summary_every_s: float = 60.0  # one summary line this often
+    record_ticks: int = 1200  # per-tick records kept in the ring buffer
+    warmup_ticks: int = 5  # inference passes before the first command (fills caches, JIT, pages)
+
+    def __post_init__(self) -> None:
+        check_range("loop.rate_hz", self.rate_hz, 1.0, 200.0, unit="Hz")
+        check_range("loop.summary_every_s", self.summary_every_s, 1.0, 3600.0, unit="s")
+        check_range("loop.record_ticks", self.record_ticks, 10, 1_000_000, integer=True)
+        check_range("loop.warmup_ticks", self.warmup_ticks, 0, 1000, integer=True)
+
+    @property
+    def period_s(self) -> float:
+        return 1.0 / self.rate_hz
 
 
 class ControlLoop:

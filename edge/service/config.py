@@ -1,8 +1,8 @@
 """The robot's one configuration file (YAML) loaded into frozen dataclasses and validated at start-up.
 
 Each section is a frozen dataclass; a component's section lives beside the component (camera and motor
-in edge.io, policy in edge.inference.pipeline, uncertainty, safety and realtime in edge.control) and is
-imported here, where the sections are composed into RobotConfig and the file is loaded. Every error
+in edge.io, policy in edge.inference.pipeline, loop, uncertainty, safety and realtime in edge.control,
+instruction beside the control socket, metrics beside the metrics endpoint) and is imported here, where the sections are composed into RobotConfig and the file is loaded. Every error
 names the key (as `section.key`) and the allowed range (edge.validation). Unknown keys are errors too:
 a misspelt safety limit must not silently fall back to a default.
 
@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edge.control.loop import LoopConfig
 from edge.control.realtime import RealtimeConfig
 from edge.control.safety import SafetySection
 from edge.control.uncertainty_gate import UncertaintyConfig
@@ -36,7 +37,8 @@ from edge.errors import ConfigError
 from edge.inference.pipeline import BACKENDS, TARGETS, PolicyConfig
 from edge.io.camera import CameraConfig
 from edge.io.motor_link import MotorLinkConfig
-from edge.validation import check_bool, check_choice, check_range, check_text
+from edge.service.control_socket import InstructionConfig
+from edge.service.metrics import METRICS_HOST, MetricsConfig
 
 __all__ = [
     "BACKENDS",
@@ -61,7 +63,6 @@ __all__ = [
 
 # The realtime section is the component's own config (the same four settings); the old name stays.
 RealtimeSection = RealtimeConfig
-METRICS_HOST = "127.0.0.1"
 # systemd's per-unit directories (RuntimeDirectory=, StateDirectory=, CacheDirectory=) and where the
 # shipped unit puts them, used when the variable is unset.
 DIRECTORY_DEFAULTS = {
@@ -70,49 +71,6 @@ DIRECTORY_DEFAULTS = {
     "CACHE_DIRECTORY": "/var/cache/vla-edge",
 }
 _PLACEHOLDER = re.compile(r"\$\{([^}]*)\}")
-
-
-@dataclass(frozen=True)
-class LoopConfig:
-    rate_hz: float = 10.0  # control rate
-    summary_every_s: float = 60.0  # one summary line this often
-    record_ticks: int = 1200  # per-tick records kept in the ring buffer
-    warmup_ticks: int = 5  # inference passes before the first command (fills caches, JIT, pages)
-
-    def __post_init__(self) -> None:
-        check_range("loop.rate_hz", self.rate_hz, 1.0, 200.0, unit="Hz")
-        check_range("loop.summary_every_s", self.summary_every_s, 1.0, 3600.0, unit="s")
-        check_range("loop.record_ticks", self.record_ticks, 10, 1_000_000, integer=True)
-        check_range("loop.warmup_ticks", self.warmup_ticks, 0, 1000, integer=True)
-
-    @property
-    def period_s(self) -> float:
-        return 1.0 / self.rate_hz
-
-
-@dataclass(frozen=True)
-class InstructionConfig:
-    initial: str | None = None  # instruction at start; None: hold until one arrives on the socket
-    socket: str | None = None  # UNIX socket path for instructions and status
-
-    def __post_init__(self) -> None:
-        check_text("instruction.initial", self.initial, "a non-empty string or left out", nullable=True)
-
-
-@dataclass(frozen=True)
-class MetricsConfig:
-    enabled: bool = False  # serve Prometheus metrics (needs the 'metrics' extra: prometheus-client)
-    port: int = 9310  # TCP port on 127.0.0.1; 0 lets the kernel pick a free one (tests)
-    # Fixed: the endpoint has no authentication, so it never listens beyond the robot itself. Scrape it
-    # with an agent on the robot or through an SSH tunnel.
-    host: str = METRICS_HOST
-
-    def __post_init__(self) -> None:
-        check_bool("metrics.enabled", self.enabled)
-        check_range("metrics.port", self.port, 0, 65535, integer=True)
-        check_choice("metrics.host", self.host, (METRICS_HOST,), quote=False,
-                     hint="the metrics endpoint has no authentication and must not leave the robot; "
-                          "scrape it locally or through an SSH tunnel")
 
 
 @dataclass(frozen=True)

@@ -20,15 +20,17 @@ import math
 import socketserver
 import threading
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from edge.control.status import CameraHealth, LinkHealth, Mode
 from edge.errors import ConfigError
-from edge.service.config import METRICS_HOST
+from edge.validation import check_bool, check_choice, check_range
 
 logger = logging.getLogger(__name__)
 
+METRICS_HOST = "127.0.0.1"
 PREFIX = "vla_edge"
 INSTALL_HINT = "pip install 'vla-edge[metrics]' (the prometheus-client package)"
 
@@ -40,6 +42,24 @@ def load_prometheus_client():
         raise ConfigError(f"metrics.enabled is true but prometheus-client is not installed: {INSTALL_HINT}, "
                           "or set metrics.enabled: false") from exc
     return prometheus_client
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """The ``metrics:`` section of the robot config."""
+
+    enabled: bool = False  # serve Prometheus metrics (needs the 'metrics' extra: prometheus-client)
+    port: int = 9310  # TCP port on 127.0.0.1; 0 lets the kernel pick a free one (tests)
+    # Fixed: the endpoint has no authentication, so it never listens beyond the robot itself. Scrape it
+    # with an agent on the robot or through an SSH tunnel.
+    host: str = METRICS_HOST
+
+    def __post_init__(self) -> None:
+        check_bool("metrics.enabled", self.enabled)
+        check_range("metrics.port", self.port, 0, 65535, integer=True)
+        check_choice("metrics.host", self.host, (METRICS_HOST,), quote=False,
+                     hint="the metrics endpoint has no authentication and must not leave the robot; "
+                          "scrape it locally or through an SSH tunnel")
 
 
 class LoopCollector:
