@@ -2,14 +2,14 @@
 
 Sub-packages by concern (docs/architecture.md, "Parts"):
 
-- ``edge.io``         devices: camera, serial protocol, motor link;
+- ``edge.io``         devices: camera, serial protocol (framing, messages), motor link;
 - ``edge.inference``  bundle, backends (ONNX Runtime, TensorRT), CUDA layer, engine key, tokenizer,
                       frame preparation, policy pipeline;
 - ``edge.control``    control loop, rate keeper, real-time set-up, uncertainty gate, safety layer;
 - ``edge.service``    config, wiring, run, doctor, control-socket server, sd_notify, metrics;
 - ``edge.cli``        the ``vla-edge`` command and the control-socket client.
 
-Shared by all: ``edge.errors``, ``edge.fileio``, ``edge.ratelimit``.
+Shared by all: ``edge.errors``, ``edge.fileio``, ``edge.ratelimit``, ``edge.validation``.
 
 Dependency rule, enforced by the import-linter contracts in pyproject.toml (tests/test_architecture.py):
 cli > service > control > io | inference. A layer imports only the layers below it; io and inference

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from edge.control.loop import ControlLoop
-from edge.control.realtime import RealtimeConfig, configure_realtime
+from edge.control.realtime import configure_realtime
 from edge.errors import BundleError, ConfigError, EdgeError
 from edge.inference.bundle import REBUILD, Bundle
 from edge.inference.pipeline import PolicyPipeline
@@ -129,12 +129,9 @@ class RobotService:
         self._check_watchdog_interval()
         if self.stop_event.is_set():
             return False
-        rt = cfg.realtime
         # Last, on this (the control) thread: the helper threads above keep normal priority, and gc is
         # frozen only once every start-up object exists.
-        report = configure_realtime(RealtimeConfig(sched_fifo_priority=rt.sched_fifo_priority,
-                                                   cpu_affinity=rt.cpu_affinity, lock_memory=rt.lock_memory,
-                                                   freeze_gc=rt.freeze_gc))
+        report = configure_realtime(cfg.realtime)
         logger.info("real-time set-up: applied %s, refused %s", report.applied, report.refused)
         self.notifier.ready(status=f"running {cfg.policy.target} policy at {cfg.loop.rate_hz:g} Hz")
         logger.info("ready %.2f s after start", time.monotonic() - self.started_s)
