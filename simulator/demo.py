@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.service.control_socket import send_request
+from edge.service.control_protocol import send_request
 from reference_world.episodes import EpisodeResult, draw_trajectories
 from reference_world.instructions import heldout_instruction
 from reference_world.world import WorldConfig

@@ -34,7 +34,7 @@ import yaml
 
 from edge.errors import EdgeError
 from edge.io.protocol import WATCHDOG_TIMEOUT_S
-from edge.service.control_socket import send_request
+from edge.service.control_protocol import send_request
 from reference_world.world import WorldConfig
 from simulator.controller import MOTOR_STOPPED_EPSILON
 from simulator.process import (
@@ -65,7 +65,7 @@ POLL_S = 0.02  # ground-truth polling period: well under the 100 ms physics step
 # A wheel counts as driving above this normalised speed (the simulator's "stopped" is below 0.02).
 MOVING_SPEED = 0.1
 
-# -- bounds on time-to-stop, from the parts the design brief names (decision 8) -----------------------------
+# -- bounds on time-to-stop, from the parts docs/architecture.md names (decision 8) --------------------------
 _WORLD = WorldConfig()
 CONTROL_PERIOD_S = 0.1  # loop.rate_hz 10 (the config's default, which the suite keeps)
 STALE_AFTER_S = 3 * CONTROL_PERIOD_S  # safety.stale_after_periods 3 (default)
