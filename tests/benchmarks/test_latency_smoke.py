@@ -14,27 +14,15 @@ import cv2
 import numpy as np
 import pytest
 
-from benchmarks.latency import (
-    _TICK_RECORD,
-    LOADS,
-    NORMAL_PRIORITY,
-    POLICY_STAGES,
-    TICK_STAGES,
-    BenchSettings,
-    Config,
-    CpuBurner,
-    _fifo_refusal,
-    _thread_scheduling,
-    closed_loop_conditions,
-    compute_ratios,
-    policy_ms,
-    run_interleaved,
-    segment_plan,
-    steal_ms,
-    steal_split,
-    summarize,
-    tail_attribution,
-)
+from benchmarks.configs import Config
+from benchmarks.cpu_load import CpuBurner
+from benchmarks.interleaved import run_interleaved
+from benchmarks.ratios import compute_ratios
+from benchmarks.scheduling import NORMAL_PRIORITY, closed_loop_conditions, fifo_refusal, thread_scheduling
+from benchmarks.segments import segment_plan, steal_ms, steal_split
+from benchmarks.settings import LOADS, POLICY_STAGES, TICK_STAGES, BenchSettings
+from benchmarks.stats import summarize
+from benchmarks.tick_analysis import TICK_RECORD, policy_ms, tail_attribution
 from edge.inference.bundle import file_sha256
 
 REPO = Path(__file__).resolve().parents[2]
@@ -119,7 +107,7 @@ def test_ratios_are_the_quotients_the_goals_are_stated_in():
 
 
 def _ticks(count: int, rng: np.random.Generator) -> np.ndarray:
-    records = np.zeros(count, dtype=_TICK_RECORD)
+    records = np.zeros(count, dtype=TICK_RECORD)
     for stage in TICK_STAGES:
         records[stage] = rng.uniform(0.1, 0.3, count)
     records["vision"] = rng.uniform(9.0, 11.0, count)
@@ -166,7 +154,7 @@ def test_closed_loop_conditions_run_the_deployed_scheduling_first():
         (f"unloaded, {NORMAL_PRIORITY}", "unloaded", None), (f"loaded, {NORMAL_PRIORITY}", "loaded", None)]
     # FIFO refused (or not asked for): one run per load, at normal priority, under the plain keys.
     assert closed_loop_conditions(LOADS[:1], "refused", 50) == [("unloaded", "unloaded", None)]
-    assert _fifo_refusal(None) == "not asked for (--no-fifo)"
+    assert fifo_refusal(None) == "not asked for (--no-fifo)"
 
 
 def test_segment_plan_interleaves_the_conditions_and_runs_each_in_full():
@@ -202,17 +190,17 @@ def test_steal_counter_reads_proc_stat():
 
 
 def test_thread_scheduling_is_fifo_inside_and_normal_after():
-    refused = _fifo_refusal(10)
+    refused = fifo_refusal(10)
     if refused is not None:
         with pytest.raises(OSError):
-            with _thread_scheduling(10):
+            with thread_scheduling(10):
                 pass
         pytest.skip(refused)
-    with _thread_scheduling(10) as label:
+    with thread_scheduling(10) as label:
         assert label == "SCHED_FIFO 10"
         assert os.sched_getscheduler(0) == os.SCHED_FIFO and os.sched_getparam(0).sched_priority == 10
     assert os.sched_getscheduler(0) == os.SCHED_OTHER
-    with pytest.raises(RuntimeError), _thread_scheduling(10):
+    with pytest.raises(RuntimeError), thread_scheduling(10):
         raise RuntimeError("a failing run still gives the priority back")
     assert os.sched_getscheduler(0) == os.SCHED_OTHER
 
