@@ -9,41 +9,16 @@ import pytest
 
 from edge.control.loop import Mode
 from edge.inference.bundle import Bundle
-from edge.io.camera import Camera
-from edge.io.motor_link import SerialMotorLink
-from edge.service import wiring
-from edge.service.config import config_from_dict
-from simulator.controller import SimulatedController
-
-PERIOD_S = 0.1
+from tests.edge.control.closed_loop import closed_loop
 
 
 @pytest.fixture()
 def rig(reference_bundle):
-    bundle = Bundle.load(reference_bundle[0])
-    controller = SimulatedController(seed=1_234_567, target="blue ball").start()
-    config = config_from_dict({
-        "bundle": str(reference_bundle[0]),
-        "camera": {"source": controller.camera_url, "open_timeout_s": 10.0},
-        "motor": {"port": controller.link_path},
-        "policy": {"target": "cpu", "mc_samples": 8},
-        "safety": {"max_slew_per_s": 4.0, "decel_per_s": 2.0},
-        "uncertainty": {"threshold": bundle.uncertainty_threshold("cpu") * 4, "hard_ceiling": 1.0},
-        "loop": {"rate_hz": 1.0 / PERIOD_S},
-    })
-    camera = Camera(config.camera)
-    link = SerialMotorLink(config.motor)
-    pipeline = wiring.build_pipeline(bundle, config)
-    pipeline.activate()
-    camera.connect()
-    link.connect()
+    threshold = Bundle.load(reference_bundle[0]).uncertainty_threshold("cpu") * 4
     pings = []
-    loop = wiring.build_loop(pipeline, camera, link, bundle, config, on_deadline_met=lambda: pings.append(time.monotonic()))
-    yield controller, loop, pings
-    link.disconnect()
-    camera.disconnect()
-    pipeline.close()
-    controller.stop()
+    with closed_loop(reference_bundle[0], uncertainty={"threshold": threshold, "hard_ceiling": 1.0},
+                     on_deadline_met=lambda: pings.append(time.monotonic())) as (controller, loop):
+        yield controller, loop, pings
 
 
 def _run(loop, seconds, until=None):

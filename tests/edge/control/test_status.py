@@ -1,6 +1,6 @@
 """The loop's one status snapshot and its stage timing, on the real parts (simulated controller on a pty,
 its MJPEG camera, the reference bundle on ONNX Runtime), wired by edge.service.wiring as `vla-edge run`
-wires them."""
+wires them (tests/edge/control/closed_loop.py)."""
 
 from __future__ import annotations
 
@@ -13,13 +13,9 @@ import numpy as np
 import pytest
 
 from edge.control.status import TICK_STAGES, LoopStatus
-from edge.inference.bundle import Bundle
 from edge.io.camera import Camera
-from edge.io.motor_link import SerialMotorLink
-from edge.service import wiring
-from edge.service.config import config_from_dict
 from edge.service.loop_control import status_reply
-from simulator.controller import SimulatedController
+from tests.edge.control.closed_loop import closed_loop
 from tests.waiting import HANG_GUARD_S
 
 
@@ -42,29 +38,12 @@ class StatusProbe:
 
 @pytest.fixture()
 def rig(reference_bundle):
-    controller = SimulatedController(seed=1_234_567, target="blue ball").start()
-    config = config_from_dict({
-        "bundle": str(reference_bundle[0]),
-        "camera": {"source": controller.camera_url, "open_timeout_s": 10.0},
-        "motor": {"port": controller.link_path},
-        "policy": {"target": "cpu", "mc_samples": 8},
-        "uncertainty": {"threshold": 1.0, "hard_ceiling": 2.0},  # calm: this is not about gating
-    })
-    bundle = Bundle.load(config.bundle)
-    pipeline = wiring.build_pipeline(bundle, config)
-    pipeline.activate()
-    camera = StatusProbe(Camera(config.camera))
-    link = SerialMotorLink(config.motor)
-    camera.connect()
-    link.connect()
-    loop = wiring.build_loop(pipeline, camera, link, bundle, config, window_refresh_ticks=5)
-    camera.loop = loop
-    loop.set_instruction(controller.ground_truth().instruction)
-    yield loop
-    link.disconnect()
-    camera.disconnect()
-    pipeline.close()
-    controller.stop()
+    # A calm gate: this is not about gating. The window is refreshed every 5 ticks to see it move.
+    with closed_loop(reference_bundle[0], uncertainty={"threshold": 1.0, "hard_ceiling": 2.0},
+                     wrap_camera=StatusProbe, window_refresh_ticks=5) as (controller, loop):
+        loop.camera.loop = loop
+        loop.set_instruction(controller.ground_truth().instruction)
+        yield loop
 
 
 def run_ticks(loop, ticks: int) -> None:
