@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+MAX_LINES = {"edge": 500, "benchmarks": 400}  # no module over this many lines, per package
 
 
 def test_import_linter_contracts_are_kept():
@@ -37,3 +38,11 @@ def test_an_import_against_the_layers_is_caught(tmp_path):
                             env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"})
     assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
     assert "edge.io.camera -> edge.service.run" in result.stdout
+
+
+@pytest.mark.parametrize("package", sorted(MAX_LINES))
+def test_no_module_is_over_its_size_limit(package):
+    limit = MAX_LINES[package]
+    too_long = {str(path.relative_to(REPO)): n for path in sorted((REPO / package).rglob("*.py"))
+                if (n := len(path.read_text().splitlines())) > limit}
+    assert not too_long, f"modules over {limit} lines in {package}/: {too_long}"

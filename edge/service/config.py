@@ -2,9 +2,10 @@
 
 Each section is a frozen dataclass; a component's section lives beside the component (camera and motor
 in edge.io, policy in edge.inference.pipeline, loop, uncertainty, safety and realtime in edge.control,
-instruction beside the control socket, metrics beside the metrics endpoint) and is imported here, where the sections are composed into RobotConfig and the file is loaded. Every error
-names the key (as `section.key`) and the allowed range (edge.validation). Unknown keys are errors too:
-a misspelt safety limit must not silently fall back to a default.
+instruction beside the control socket's protocol, metrics beside the metrics endpoint) and is imported
+here, where the sections are composed into RobotConfig and the file is loaded. Every error names the
+key (as `section.key`) and the allowed range (edge.validation). Unknown keys are errors too: a misspelt
+safety limit must not silently fall back to a default.
 
 Paths. A relative `bundle:` is taken relative to the config file's directory, never to the working
 directory or to systemd's directories: what a path means must not depend on how the process was
@@ -37,7 +38,7 @@ from edge.errors import ConfigError
 from edge.inference.pipeline import BACKENDS, TARGETS, PolicyConfig
 from edge.io.camera import CameraConfig
 from edge.io.motor_link import MotorLinkConfig
-from edge.service.control_socket import InstructionConfig
+from edge.service.control_protocol import InstructionConfig
 from edge.service.metrics import METRICS_HOST, MetricsConfig
 
 __all__ = [

@@ -20,9 +20,11 @@ import math
 import os
 import socket
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from edge.errors import EdgeError
+from edge.validation import check_text
 
 DEFAULT_SOCKET_NAME = "control.sock"
 DEFAULT_RUNTIME_DIR = "/run/vla-edge"
@@ -31,6 +33,18 @@ COMMANDS = ("say", "stop", "estop", "clear", "status")
 _FIELDS = {"say": {"cmd", "id", "text"}, "stop": {"cmd", "id"}, "estop": {"cmd", "id"},
            "clear": {"cmd", "id"}, "status": {"cmd", "id"}}
 RECV_BYTES = 65536
+
+
+@dataclass(frozen=True)
+class InstructionConfig:
+    """The ``instruction:`` section of the robot config: the instruction at start and the socket that
+    takes new ones."""
+
+    initial: str | None = None  # instruction at start; None: hold until one arrives on the socket
+    socket: str | None = None  # UNIX socket path for instructions and status
+
+    def __post_init__(self) -> None:
+        check_text("instruction.initial", self.initial, "a non-empty string or left out", nullable=True)
 
 
 class ControlHandler(Protocol):

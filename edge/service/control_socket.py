@@ -36,24 +36,10 @@ from edge.service.control_protocol import (
     decode_request,
     encode_reply,
     error_reply,
-    send_request,  # noqa: F401 - until the simulator and fault harness import it from control_protocol
     validate_request,
 )
-from edge.validation import check_text
 
 logger = logging.getLogger(__name__)
-
-@dataclass(frozen=True)
-class InstructionConfig:
-    """The ``instruction:`` section of the robot config: the instruction at start and the socket that
-    takes new ones."""
-
-    initial: str | None = None  # instruction at start; None: hold until one arrives on the socket
-    socket: str | None = None  # UNIX socket path for instructions and status
-
-    def __post_init__(self) -> None:
-        check_text("instruction.initial", self.initial, "a non-empty string or left out", nullable=True)
-
 
 _MAX_UNIX_PATH_BYTES = 107  # sun_path is 108 bytes including the terminating NUL
 # A client that sends requests but does not read replies: stop reading from it once this much is

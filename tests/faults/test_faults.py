@@ -2,10 +2,11 @@
 the robot drives, and the simulator's ground truth says when the motors stopped and whether the robot
 drives again once the fault clears.
 
-Layers under test (design decision 8): the runtime's safety layer (stale inputs and NaN -> controlled
-stop), the motor controller's watchdog (no valid command for 300 ms -> stop), the serial link's
-resynchronisation and reconnection (decision 10), the rate keeper's skip-ahead after a stall (decision 9)
-and the service's signal handling. Bounds on time-to-stop are derived in tests/faults/harness.py; they
+Layers under test (docs/architecture.md, "Decisions: 8. Layered safety"): the runtime's safety layer
+(stale inputs and NaN -> controlled stop), the motor controller's watchdog (no valid command for 300 ms
+-> stop), the serial link's resynchronisation and reconnection ("Decisions: 10. Serial hygiene"), the
+rate keeper's skip-ahead after a stall ("Decisions: 9. Real-time hygiene") and the service's signal
+handling. Bounds on time-to-stop are derived in tests/faults/harness.py; they
 catch a stop that does not happen or takes several times its budget. Set VLA_EDGE_FAULTS_JSON=PATH to
 write the measured times (JSON, plus a Markdown table beside it); docs/faults.md shows one such table.
 """

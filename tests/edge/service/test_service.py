@@ -8,7 +8,6 @@ Every wait has a timeout that only guards against a hang; nothing asserts how lo
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -23,6 +22,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from simulator.process import GroundTruthClient, SimulatorConfig, SimulatorProcess, stop_process
 
 REPO = Path(__file__).resolve().parents[3]
 EX_CONFIG = 78
@@ -105,19 +106,6 @@ def start_service(config: Path, env: dict[str, str], log: Path) -> subprocess.Po
                                 env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
-def stop_process(process: subprocess.Popen) -> None:
-    """Make sure a child is gone (the finally of every test that starts one)."""
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            process.send_signal(signal.SIGCONT)  # a stopped process cannot act on SIGTERM
-            process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
-
-
 def process_state(pid: int) -> str:
     """The scheduler state letter from /proc (R, S, T for stopped, ...)."""
     stat = Path(f"/proc/{pid}/stat").read_text()
@@ -136,41 +124,15 @@ def write_config(path: Path, raw: dict) -> Path:
 def simulator(tmp_path):
     """`python -m simulator` with a 60 s controller watchdog, so that within this test motors stop only when
     commanded to; yields (paths, ground_truth())."""
-    log = open(tmp_path / "simulator.log", "wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "simulator", "--seed", "11", "--print-paths", "--ground-truth-port", "0",
-         "--watchdog-timeout-s", "60", "--log-level", "WARNING"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=log)
-    try:
-        line = _read_line(process, timeout_s=60.0)
-        paths = json.loads(line)
-        host, port = paths["ground_truth"].split(":")
+    config = SimulatorConfig(seed=11, watchdog_timeout_s=60.0, log_level="WARNING", ready_timeout_s=60.0)
+    with SimulatorProcess(config, log_path=tmp_path / "simulator.log") as sim:
+        paths = {"serial": sim.paths.serial, "camera_url": sim.paths.camera_url}
 
         def ground_truth() -> dict:
-            with socket.create_connection((host, int(port)), timeout=10.0) as conn:
-                conn.sendall(b"ground_truth\n")
-                reply = conn.makefile("rb").readline()
-            answer = json.loads(reply)
-            assert answer["ok"], answer
-            return answer["ground_truth"]
+            with GroundTruthClient(sim.paths.ground_truth, timeout_s=10.0) as truth:
+                return truth.ground_truth()
 
         yield paths, ground_truth
-    finally:
-        stop_process(process)
-        process.stdout.close()
-        log.close()
-
-
-def _read_line(process: subprocess.Popen, timeout_s: float) -> str:
-    import selectors
-
-    with selectors.DefaultSelector() as selector:
-        selector.register(process.stdout, selectors.EVENT_READ)
-        if not selector.select(timeout_s):
-            raise AssertionError(f"simulator printed nothing within {timeout_s} s")
-    line = process.stdout.readline().decode()
-    assert line, f"simulator exited with {process.poll()}"
-    return line
 
 
 def wait_until(predicate, timeout_s: float, what: str):
@@ -294,7 +256,7 @@ def test_service_under_systemd_notify_watchdog_and_commanded_stop(reference_bund
         assert "STATUS=commanded stop" in stopping.split("\n")
         assert service.wait(timeout=15.0) == 0
     finally:
-        stop_process(service)
+        stop_process(service, "vla-edge run")
     output = log.read_text()
     assert "commanded stop sent (zero velocity)" in output, output[-3000:]
     assert "Traceback" not in output, output[-3000:]
@@ -315,7 +277,7 @@ def _run_to_exit(config: Path, notify: NotifySocket, log: Path, timeout_s: float
     try:
         code = service.wait(timeout=timeout_s)
     finally:
-        stop_process(service)
+        stop_process(service, "vla-edge run")
     notify.drain()
     return code, log.read_text()
 
