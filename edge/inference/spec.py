@@ -11,7 +11,7 @@ describes every field. The YAML / manifest form::
     language: {tokenizer: tokenizer.json, max_tokens: 32}      # or null: a single-task policy
     proprio:                       # what the head gets from telemetry, in order
       names: [left_wheel_vel, right_wheel_vel]
-      sources: [velocities[0], velocities[1]]                  # positions[i] or velocities[i]
+      sources: ["velocities[0]", "velocities[1]"]              # positions[i] or velocities[i], quoted
     action:
       names: [left_wheel, right_wheel]
       horizon: 1                   # H: actions per inference (a chunk when > 1)
