@@ -69,3 +69,14 @@ def test_a_bad_action_field_is_named(action, message):
     raw["action"] = {**raw["action"], **action}
     with pytest.raises(ConfigError, match=message):
         PolicySpec.from_dict(raw)
+
+
+def test_the_documented_yaml_example_loads():
+    import yaml
+
+    from edge.inference import spec as module
+
+    doc = module.__doc__
+    example = doc[doc.index("form::") + len("form::"):doc.index("Every field is checked")]
+    spec = PolicySpec.from_dict(yaml.safe_load(example))
+    assert spec.action.dim == 2 and spec.proprio.sources == (("velocities", 0), ("velocities", 1))
