@@ -130,6 +130,9 @@ def load_onnx_spec(path: str | os.PathLike[str], *, uncertainty: str = "mc_dropo
     width = check_language(models["language"], spec, str(sources["language"])) if "language" in models else None
     head, masks = rewrite_dropout(models["head"], spec, str(sources["head"]), uncertainty)
     check_head(head, spec, outputs, width, str(sources["head"]))
+    if masks and any(m.node for m in masks):
+        plain, _ = rewrite_dropout(models["head"], spec, str(sources["head"]), "none")
+        verify_masks(head, plain, masks, spec, str(sources["head"]))
     models["head"] = head
     logger.info("imported %s: %d camera(s), %d dropout mask(s)", path, len(spec.cameras), len(masks))
     return ImportedPolicy(spec=spec, graphs=models, sources=sources, tokenizer=tokenizer, masks=tuple(masks),
@@ -337,6 +340,45 @@ def rewrite_dropout(model: Any, spec: PolicySpec, where: str, uncertainty: str) 
     except onnx.checker.ValidationError as exc:
         raise OnnxImportError(f"head graph {where}: the graph with dropout masks fails onnx.checker ({exc})") from exc
     return head, masks
+
+
+def verify_masks(masked: Any, plain: Any, masks: list[DropoutMask], spec: PolicySpec, where: str) -> None:
+    """Run the rewritten head once: masks of ones must give exactly the head without dropout, and random
+    masks must change the actions (a Dropout on a branch that never reaches them samples nothing)."""
+    import onnxruntime as ort
+
+    def session(model: Any) -> Any:
+        return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for name, value in _inputs(plain).items():
+        dims = [d if isinstance(d, int) and d > 0 else 1 for d in _dims(value)]
+        feeds[name] = rng.normal(size=dims).astype(onnx_numpy_type(value))
+    output = masked.graph.output[0].name
+    expected = session(plain).run([output], feeds)[0]
+    runner = session(masked)
+    ones = {m.input: np.ones([1 if d == "T" else d for d in m.shape], np.float32) for m in masks}
+    got = runner.run([output], {**feeds, **ones})[0]
+    if got.shape != expected.shape or not np.array_equal(got, expected):
+        raise OnnxImportError(f"head graph {where}: with dropout masks of ones the head does not reproduce its "
+                              "inference-mode output; report this with the graph")
+    keep = 1.0 - float(spec.dropout_rate or 0.0)
+    samples = 8
+    drawn = {m.input: (rng.random([samples if d == "T" else d for d in m.shape]) < keep).astype(np.float32) / keep
+             for m in masks}
+    sampled = runner.run([output], {**feeds, **drawn})[0]
+    if sampled.shape[0] != samples or np.array_equal(sampled, np.broadcast_to(got, sampled.shape)):
+        raise OnnxImportError(f"head graph {where}: {samples} random dropout masks give {list(sampled.shape)} "
+                              "actions all equal to the unmasked ones; the Dropout nodes "
+                              f"{[m.node for m in masks]} do not reach the actions, or the head does not "
+                              "broadcast a batch of one to T samples")
+
+
+def onnx_numpy_type(value: Any) -> np.dtype:
+    import onnx
+
+    return onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
 
 
 def _check_ratio(model: Any, node: Any, rate: float | None, where: str, label: str) -> None:

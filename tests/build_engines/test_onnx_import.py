@@ -184,3 +184,37 @@ def test_imported_graphs_with_language_run_in_the_replay_gate(tmp_path, vision):
     frames = {"front": np.full((12, 16, 3), 90, np.uint8), "wrist": np.full((16, 16, 3), 30, np.uint8)}
     out = variant.run(Observation(frames, np.zeros(P, np.float32), variant.embed("pick the cube")))
     assert out.actions.shape == (H, A) and out.score is not None and out.score > 0
+
+
+class DeadDropHead(DropHead):
+    def forward(self, vision_features, proprio):
+        h = torch.relu(self.fc1(torch.cat([vision_features, proprio], dim=-1)))
+        out = torch.tanh(self.fc2(h)).reshape(-1, H, A)
+        return out + 0.0 * self.drops[0](h).sum()  # the Dropout's result never changes the actions
+
+
+def test_a_dropout_that_does_not_reach_the_actions_is_refused(tmp_path, vision):
+    export_head(DeadDropHead(), tmp_path / "head.onnx")
+    assert "Dropout" in [n.op_type for n in onnx.load(str(tmp_path / "head.onnx")).graph.node]
+    with pytest.raises(OnnxImportError, match="random dropout masks give .* all equal to the unmasked ones"):
+        load_onnx_spec(write_spec(tmp_path, {"vision": "vision.onnx", "head": "head.onnx"}))
+
+
+def test_language_and_proprio_widths_are_checked(tmp_path, vision):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Language().eval(), (torch.zeros(1, 6, dtype=torch.int64), torch.ones(1, 6, dtype=torch.int64)),
+                          str(tmp_path / "language.onnx"), input_names=["input_ids", "attention_mask"],
+                          output_names=["language_features"], opset_version=17, dynamo=False)
+    export_head(DropHead(language=True), tmp_path / "head.onnx", language=True)
+    tokenizer_json(tmp_path / "tok.json")
+    graphs = {"vision": "vision.onnx", "head": "head.onnx", "language": "language.onnx"}
+    with pytest.raises(OnnxImportError, match=r"input 'input_ids' is int64 \[1, 6\], expected int64 \[N, 8\]"):
+        load_onnx_spec(write_spec(tmp_path, graphs, language={"tokenizer": "tok.json", "max_tokens": 8}))
+    export_head(DropHead(), tmp_path / "plain_head.onnx")
+    path = write_spec(tmp_path, {"vision": "vision.onnx", "head": "plain_head.onnx"})
+    raw = yaml.safe_load(path.read_text())
+    raw["proprio"] = {"names": ["a", "b"], "sources": ["positions[0]", "positions[1]"]}
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(OnnxImportError, match=r"input 'proprio' is float32 \[1, 3\], expected float32 \[1, 2\]"):
+        load_onnx_spec(path)
