@@ -243,90 +243,135 @@ def _failures(name: str, entry: Mapping[str, Any], tol: ReplayTolerances, is_ref
 
 
 # -- runners from ONNX graphs ----------------------------------------------------------------------------
-def onnx_variant(graphs: Mapping[str, str | os.PathLike[str]], spec: PolicySpec, *, tokenizer: str | os.PathLike[str]
-                 | None = None, mc_samples: int = 16, mask_seed: int = 0) -> ReplayVariant:
-    """A variant from its ONNX graphs ({'vision', 'head'} and 'language' when the spec has language).
+class OnnxPolicy:
+    """A policy's ONNX graphs ({'vision', 'head'} and 'language' when the spec has language) on ONNX Runtime.
 
     Vision: one uint8 input per camera (``spec.camera_input``), [H, W, 3] or [1, H, W, 3]. Head inputs are
     fed by name: the vision graph's outputs, ``language_features`` (the language graph's output),
-    ``proprio`` [1, P] and ``dropout_mask_<i>`` [T, width]; its first output is the actions, [T, H, A] or
-    [T, A]. The chunk is the head with masks of ones (T = 1); with ``mc_samples`` > 0 and masks, the score
-    comes from that many masked samples (keep probability 1 - spec.dropout_rate, kept units scaled by
-    1/keep, as the runtime's mask bank does).
+    ``proprio`` [1, P] and ``dropout_mask_<i>`` [T, width] (or [T, 1, ..., width]); its first output is
+    the actions, [T, H, A] or [T, A]. The chunk is the head with masks of ones (T = 1); with
+    ``mc_samples`` > 0 and masks, the score comes from that many masked samples (keep probability
+    1 - spec.dropout_rate, kept units scaled by 1/keep, as the runtime's mask bank does).
     """
-    import onnxruntime as ort
 
-    from edge.inference.tokenizer import InstructionTokenizer
+    def __init__(self, graphs: Mapping[str, str | os.PathLike[str]], spec: PolicySpec, *,
+                 tokenizer: str | os.PathLike[str] | None = None, mc_samples: int = 16, mask_seed: int = 0) -> None:
+        import onnxruntime as ort
 
-    def session(role: str) -> Any:
-        path = graphs.get(role)
-        if path is None:
-            raise BuildError(f"the replay gate needs the {role} graph; given: {sorted(graphs)}")
-        if not Path(path).is_file():
-            raise BuildError(f"{role} graph {path} does not exist")
-        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        from edge.inference.tokenizer import InstructionTokenizer
 
-    vision, head = session("vision"), session("head")
-    vision_inputs = {i.name: i for i in vision.get_inputs()}
-    for camera in spec.cameras:
-        if spec.camera_input(camera) not in vision_inputs:
-            raise BuildError(f"vision graph {graphs['vision']} has no input '{spec.camera_input(camera)}' for camera "
-                             f"'{camera.name}'; its inputs: {sorted(vision_inputs)}")
-    batched = {name: len(i.shape) == 4 for name, i in vision_inputs.items()}
-    vision_outputs = [o.name for o in vision.get_outputs()]
-    masks: list[tuple[str, int]] = []
-    for i in head.get_inputs():
-        if i.name.startswith("dropout_mask_"):
-            width = i.shape[-1]
-            if not isinstance(width, int):
-                raise BuildError(f"head input {i.name} has no fixed width ({i.shape}); declare it [T, width]")
-            masks.append((i.name, width))
-        elif i.name not in (*vision_outputs, "language_features", "proprio"):
-            raise BuildError(f"head input '{i.name}' is none of the vision outputs {vision_outputs}, "
-                             "language_features, proprio or dropout_mask_<i>")
-    masks.sort(key=lambda m: int(m[0].rsplit("_", 1)[1]))
-    head_inputs = {i.name for i in head.get_inputs()}
-    action_out = head.get_outputs()[0].name
-    if masks and spec.dropout_rate is None:
-        raise BuildError("the head has dropout mask inputs but spec.dropout_rate is null; state the dropout rate")
-    keep = 1.0 - (spec.dropout_rate or 0.0)
-    rng = np.random.default_rng(mask_seed)
-    action_range = float(np.max(np.asarray(spec.action.high) - np.asarray(spec.action.low)))
-    shape = (spec.action.horizon, spec.action.dim)
+        def session(role: str) -> Any:
+            path = graphs.get(role)
+            if path is None:
+                raise BuildError(f"the replay gate needs the {role} graph; given: {sorted(graphs)}")
+            if not Path(path).is_file():
+                raise BuildError(f"{role} graph {path} does not exist")
+            return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
-    def run(observation: Observation) -> RunnerOutput:
-        feeds = {}
+        self.spec = spec
+        self.mc_samples = mc_samples
+        self.vision, self.head = session("vision"), session("head")
+        vision_inputs = {i.name: i for i in self.vision.get_inputs()}
         for camera in spec.cameras:
-            name = spec.camera_input(camera)
-            image = np.ascontiguousarray(observation.frames[camera.name], np.uint8)
-            feeds[name] = image[None] if batched[name] else image
-        features = dict(zip(vision_outputs, vision.run(None, feeds)))
-        base = {k: v for k, v in features.items() if k in head_inputs}
-        base["proprio"] = np.asarray(observation.proprio, np.float32)[None]
-        if "language_features" in head_inputs:
-            base["language_features"] = np.asarray(observation.language, np.float32)
-        base = {k: v for k, v in base.items() if k in head_inputs}
-        ones = {name: np.ones((1, width), np.float32) for name, width in masks}
-        actions = head.run([action_out], {**base, **ones})[0]
-        chunk = np.asarray(actions[0], np.float64).reshape(shape)
-        if not masks or mc_samples < 1:
+            if spec.camera_input(camera) not in vision_inputs:
+                raise BuildError(f"vision graph {graphs['vision']} has no input '{spec.camera_input(camera)}' for "
+                                 f"camera '{camera.name}'; its inputs: {sorted(vision_inputs)}")
+        self._batched = {name: len(i.shape) == 4 for name, i in vision_inputs.items()}
+        self.vision_outputs = [o.name for o in self.vision.get_outputs()]
+        self.masks: list[tuple[str, tuple[int, ...]]] = []  # name, shape after the T axis
+        for i in self.head.get_inputs():
+            if i.name.startswith("dropout_mask_"):
+                rest = tuple(i.shape[1:])
+                if not rest or not all(isinstance(d, int) for d in rest):
+                    raise BuildError(f"head input {i.name} has shape {i.shape}; declare it [T, width]")
+                self.masks.append((i.name, rest))
+            elif i.name not in (*self.vision_outputs, "language_features", "proprio"):
+                raise BuildError(f"head input '{i.name}' is none of the vision outputs {self.vision_outputs}, "
+                                 "language_features, proprio or dropout_mask_<i>")
+        self.masks.sort(key=lambda m: int(m[0].rsplit("_", 1)[1]))
+        self.head_inputs = {i.name for i in self.head.get_inputs()}
+        self.action_output = self.head.get_outputs()[0].name
+        if self.masks and spec.dropout_rate is None:
+            raise BuildError("the head has dropout mask inputs but spec.dropout_rate is null; state the dropout rate")
+        self._keep = 1.0 - (spec.dropout_rate or 0.0)
+        self._rng = np.random.default_rng(mask_seed)
+        self._action_range = float(np.max(np.asarray(spec.action.high) - np.asarray(spec.action.low)))
+        self.language = None
+        if spec.language is not None:
+            self.language = session("language")
+            if tokenizer is None:
+                raise BuildError("the spec has language: pass the tokenizers JSON (spec.language.tokenizer)")
+            self.tokenizer = InstructionTokenizer(tokenizer, max_tokens=spec.language.max_tokens)
+            self._language_output = self.language.get_outputs()[0].name
+
+    # -- feeds ----------------------------------------------------------------------------------------
+    def tokens(self, text: str) -> dict[str, np.ndarray]:
+        ids, attention = self.tokenizer.encode(text)
+        return {"input_ids": ids, "attention_mask": attention}
+
+    def embed(self, text: str) -> np.ndarray:
+        assert self.language is not None
+        return self.language.run([self._language_output], self.tokens(text))[0]
+
+    def vision_feeds(self, frames: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feeds = {}
+        for camera in self.spec.cameras:
+            name = self.spec.camera_input(camera)
+            image = np.ascontiguousarray(frames[camera.name], np.uint8)
+            feeds[name] = image[None] if self._batched[name] else image
+        return feeds
+
+    def head_feeds(self, observation: Observation, samples: int = 0) -> dict[str, np.ndarray]:
+        """The head's inputs; masks of ones with ``samples`` = 0, else that many random masks."""
+        features = dict(zip(self.vision_outputs, self.vision.run(None, self.vision_feeds(observation.frames))))
+        feeds = {k: v for k, v in features.items() if k in self.head_inputs}
+        if "proprio" in self.head_inputs:
+            feeds["proprio"] = np.asarray(observation.proprio, np.float32)[None]
+        if "language_features" in self.head_inputs:
+            feeds["language_features"] = np.asarray(observation.language, np.float32)
+        return {**feeds, **self.mask_feeds(samples)}
+
+    def mask_feeds(self, samples: int) -> dict[str, np.ndarray]:
+        if samples == 0:
+            return {name: np.ones((1, *rest), np.float32) for name, rest in self.masks}
+        return {name: (self._rng.random((samples, *rest)) < self._keep).astype(np.float32) / np.float32(self._keep)
+                for name, rest in self.masks}
+
+    def calibration_feeds(self, steps: Sequence[Any], mask_samples: int = 8) -> dict[str, list[dict[str, np.ndarray]]]:
+        """Per graph, the input dicts of ``steps`` (``EpisodeStep`` s) for INT8 calibration
+        (``build_engines.quantize.calibrate``). The head's come with ``mask_samples`` random dropout masks,
+        as the runtime runs it (the reference build calibrates its head the same way); 0 gives masks of
+        ones, the deterministic policy only."""
+        feeds: dict[str, list[dict[str, np.ndarray]]] = {"vision": [], "head": []}
+        if self.language is not None:
+            feeds["language"] = [self.tokens(text) for text in sorted({s.instruction for s in steps})]
+        embeddings: dict[str, np.ndarray] = {}
+        for step in steps:
+            language = None
+            if self.language is not None:
+                if step.instruction not in embeddings:
+                    embeddings[step.instruction] = self.embed(step.instruction)
+                language = embeddings[step.instruction]
+            feeds["vision"].append(self.vision_feeds(step.images))
+            feeds["head"].append(self.head_feeds(Observation(step.images, step.proprio, language), mask_samples))
+        return feeds
+
+    # -- the runner -----------------------------------------------------------------------------------
+    def __call__(self, observation: Observation) -> RunnerOutput:
+        shape = (self.spec.action.horizon, self.spec.action.dim)
+        feeds = self.head_feeds(observation)
+        chunk = np.asarray(self.head.run([self.action_output], feeds)[0][0], np.float64).reshape(shape)
+        if not self.masks or self.mc_samples < 1:
             return RunnerOutput(actions=chunk)
-        drawn = {name: (rng.random((mc_samples, width)) < keep).astype(np.float32) / np.float32(keep)
-                 for name, width in masks}
-        samples = np.asarray(head.run([action_out], {**base, **drawn})[0], np.float64).reshape(mc_samples, -1)
-        spread = samples.std(axis=0)
-        return RunnerOutput(actions=chunk, score=float(np.sqrt(np.mean(spread * spread))) / action_range)
+        feeds.update(self.mask_feeds(self.mc_samples))
+        samples = np.asarray(self.head.run([self.action_output], feeds)[0], np.float64)
+        spread = samples.reshape(self.mc_samples, -1).std(axis=0)
+        return RunnerOutput(actions=chunk, score=float(np.sqrt(np.mean(spread * spread))) / self._action_range)
 
-    embed = None
-    if spec.language is not None:
-        language = session("language")
-        if tokenizer is None:
-            raise BuildError("the spec has language: pass the tokenizers JSON (spec.language.tokenizer)")
-        words = InstructionTokenizer(tokenizer, max_tokens=spec.language.max_tokens)
-        out_name = language.get_outputs()[0].name
 
-        def embed(text: str) -> np.ndarray:
-            ids, attention = words.encode(text)
-            return language.run([out_name], {"input_ids": ids, "attention_mask": attention})[0]
-
-    return ReplayVariant(run=run, embed=embed)
+def onnx_variant(graphs: Mapping[str, str | os.PathLike[str]], spec: PolicySpec, *,
+                 tokenizer: str | os.PathLike[str] | None = None, mc_samples: int = 16,
+                 mask_seed: int = 0) -> ReplayVariant:
+    """A replay variant from a variant's ONNX graphs (see ``OnnxPolicy``)."""
+    policy = OnnxPolicy(graphs, spec, tokenizer=tokenizer, mc_samples=mc_samples, mask_seed=mask_seed)
+    return ReplayVariant(run=policy, embed=policy.embed if policy.language is not None else None)

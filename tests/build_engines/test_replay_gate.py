@@ -225,3 +225,32 @@ def test_a_runner_of_the_wrong_shape_is_named(tmp_path):
         replay_gate({"fp32": bad}, LeRobotEpisodes(written.root, spec), [0], spec)
     with pytest.raises(BuildError, match="reference variant 'fp32'"):
         replay_gate({"int8": bad}, LeRobotEpisodes(written.root, spec), [0], spec)
+
+
+def test_a_lerobot_dataset_calibrates_int8_graphs_and_gates_them_on_held_out_episodes(tmp_path):
+    from build_engines.quantize import calibrate, quantize_for_cpu
+    from build_engines.replay_gate import OnnxPolicy
+    from calibration.episodes import split_episodes
+
+    written = write_dataset(tmp_path / "ds", lengths=(4, 3, 5, 4, 3, 4), episodes_per_file=3)
+    spec = make_spec(language={"tokenizer": str(tokenizer_json(tmp_path / "tok.json")), "max_tokens": 6})
+    dataset = LeRobotEpisodes(written.root, spec)
+    split = split_episodes(dataset.episode_ids(), held_out_fraction=0.34, seed=0)
+    torch.manual_seed(0)
+    fp32, _ = export_policy(tmp_path / "fp32", spec, Head(spec.action.horizon, language=True), language=True)
+    policy = OnnxPolicy(fp32, spec, tokenizer=spec.language.tokenizer)
+    steps = [s for e in split.calibration for s in dataset.load_episode(e)]
+    feeds = policy.calibration_feeds(steps)
+    assert len(feeds["vision"]) == len(steps) and feeds["head"][0]["dropout_mask_0"].shape == (8, 16)
+    int8 = dict(fp32)
+    for role in ("vision", "head"):
+        ranges = calibrate(fp32[role], feeds[role], "minmax", tmp_path / f"work_{role}")
+        int8[role] = quantize_for_cpu(fp32[role], ranges, tmp_path / f"{role}_int8.onnx")
+    variants = {"fp32": onnx_variant(fp32, spec, tokenizer=spec.language.tokenizer, mc_samples=8),
+                "int8": onnx_variant(int8, spec, tokenizer=spec.language.tokenizer, mc_samples=8)}
+    report = replay_gate(variants, dataset, split.held_out, spec, ReplayTolerances(false_alarm_rate=0.2))
+    assert report["episodes"] == list(split.held_out)
+    assert report["steps"] == sum(written.lengths[e] for e in split.held_out)
+    error = report["variants"]["int8"]["vs_reference"]
+    assert 0 < error["max_abs_overall"] < 0.1  # quantised, so not identical, and within the default tolerances
+    assert report["passed"], report["failures"]
