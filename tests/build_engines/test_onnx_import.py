@@ -218,3 +218,23 @@ def test_language_and_proprio_widths_are_checked(tmp_path, vision):
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(OnnxImportError, match=r"input 'proprio' is float32 \[1, 3\], expected float32 \[1, 2\]"):
         load_onnx_spec(path)
+
+
+class TokenDropHead(DropHead):
+    """Dropout on a [1, tokens, width] tensor: the mask is [T, 1, width], shared over the tokens."""
+
+    def forward(self, vision_features, proprio):
+        h = torch.relu(self.fc1(torch.cat([vision_features, proprio], dim=-1))).reshape(1, 4, 4)
+        h = self.drops[0](h)
+        return torch.tanh(self.fc2(h.reshape(-1, 16))).reshape(-1, H, A)
+
+
+def test_dropout_on_a_token_axis_gets_a_broadcast_mask_and_runs(tmp_path, vision):
+    export_head(TokenDropHead(), tmp_path / "head.onnx")
+    imported = load_onnx_spec(write_spec(tmp_path, {"vision": "vision.onnx", "head": "head.onnx"}))
+    assert [(m.width, m.shape) for m in imported.masks] == [(4, ("T", 1, 4))]
+    paths = imported.save(tmp_path / "out")
+    variant = onnx_variant(paths, imported.spec, mc_samples=6)
+    frames = {"front": np.full((12, 16, 3), 200, np.uint8), "wrist": np.full((16, 16, 3), 10, np.uint8)}
+    out = variant.run(Observation(frames, np.ones(P, np.float32), None))
+    assert out.actions.shape == (H, A) and out.score > 0
