@@ -79,6 +79,8 @@ class LeRobotEpisodes:
                  tolerance_s: float = DEFAULT_TOLERANCE_S) -> None:
         self.root = Path(root)
         self.spec = spec
+        if isinstance(tolerance_s, bool) or not isinstance(tolerance_s, int | float) or not 0 < tolerance_s < 1:
+            raise CalibrationError(f"tolerance_s must be a number of seconds in (0, 1), got {tolerance_s!r}")
         self.tolerance_s = float(tolerance_s)
         self.info = _read_info(self.root)
         self.features: Mapping[str, Any] = self.info["features"]

@@ -141,3 +141,25 @@ def test_a_missing_data_file_is_named(tmp_path):
     assert len(source.load_episode(0)) == 2
     with pytest.raises(CalibrationError, match=r"data file .*file-001\.parquet is missing"):
         source.load_episode(2)
+
+
+def test_without_a_task_table_the_episode_table_names_the_task(tmp_path):
+    written = write_dataset(tmp_path / "ds", lengths=(2, 2))
+    (written.root / "meta" / "tasks.parquet").unlink()
+    source = LeRobotEpisodes(written.root, make_spec())
+    assert [s.instruction for s in source.load_episode(1)] == [written.tasks[1]] * 2
+
+
+def test_a_tolerance_out_of_range_is_refused(dataset):
+    with pytest.raises(CalibrationError, match="tolerance_s must be a number of seconds"):
+        LeRobotEpisodes(dataset.root, make_spec(), tolerance_s=0)
+
+
+def test_images_stored_in_parquet_are_refused_with_what_to_do(tmp_path):
+    written = write_dataset(tmp_path / "ds", lengths=(2,))
+    info_path = written.root / "meta" / "info.json"
+    info = json.loads(info_path.read_text())
+    info["features"]["observation.images.front"]["dtype"] = "image"
+    info_path.write_text(json.dumps(info))
+    with pytest.raises(CalibrationError, match=r"camera 'front'.*stored as images in parquet.*re-encode"):
+        LeRobotEpisodes(written.root, make_spec())
