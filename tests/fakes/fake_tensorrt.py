@@ -36,6 +36,7 @@ import numpy as np
 import onnx
 
 from edge.inference.backends.onnxruntime import session_options
+from tests.fakes.onnx_tensorrt_rules import builder_errors, parser_errors
 
 _PLAN_MAGIC = b"FAKE-TRT-PLAN\x00"
 _CACHE_MAGIC = b"FAKE-TRT-TIMING-CACHE\x00"
@@ -256,7 +257,8 @@ class INetworkDefinition:
 
     @property
     def fake_strongly_typed(self) -> bool:
-        return self.get_flag(self._flag_enum.STRONGLY_TYPED)
+        strongly = getattr(self._flag_enum, "STRONGLY_TYPED", None)  # TensorRT 8 has none
+        return strongly is not None and self.get_flag(strongly)
 
     @property
     def num_inputs(self) -> int:
@@ -391,12 +393,17 @@ class _OnnxParser:
         except onnx.checker.ValidationError as exc:
             self._fail(ErrorCode.INVALID_GRAPH, f"ONNX model is invalid: {exc}".splitlines()[0])
             return False
-        for index, node in enumerate(model.graph.node):
-            if node.op_type in self._state.unsupported_ops:
-                self._fail(ErrorCode.UNSUPPORTED_NODE,
-                           f"No importer registered for op: {node.op_type}. Attempting to import as plugin. "
-                           "Plugin not found, are the plugin name, version, and namespace correct?",
-                           index, node.name, node.op_type)
+        if self._state.major < 10 and not self._network._flags & 1:
+            # onnx-tensorrt 8.x ModelImporter::parse: "This version of the ONNX parser only supports TensorRT
+            # INetworkDefinitions with an explicit batch dimension" (create_network(0) is implicit batch there).
+            self._fail(ErrorCode.INVALID_VALUE, "This version of the ONNX parser only supports TensorRT "
+                       "INetworkDefinitions with an explicit batch dimension. Please ensure the network was "
+                       "initialized with the kEXPLICIT_BATCH flag.")
+            return False
+        # The importers' rules (uint8 only as I/O into Cast, supported ops and types, symmetric Q/DQ):
+        # tests/fakes/onnx_tensorrt_rules.py, each with its source.
+        for error in parser_errors(model, self._state.unsupported_ops):
+            self._fail(ErrorCode[error.code], error.desc, error.node, error.node_name, error.op)
         if self._errors:
             return False
         self._network.fake_load(model)
@@ -571,6 +578,7 @@ class _Builder:
                     ):
                         errors.append(f"Error Code 4: Internal Error (profile shape {tuple(which)} of "
                                       f"{tensor.name} does not fit its dimensions {tuple(tensor.shape)})")
+        errors += builder_errors(network.fake_model)
         if self._state.build_failure:
             errors.append(self._state.build_failure)
             self._state.build_failure = None
@@ -808,11 +816,14 @@ def make_fake_tensorrt(version: str = "10.3.0", *, cudart: Any = None, unsupport
     state = FakeState(version=version, cudart=cudart, default_compute_capability=compute_capability,
                       unsupported_ops=set(unsupported_ops))
     major = state.major
-    if major not in (10, 11):
-        raise ValueError(f"the fake models TensorRT 10.x and 11.x, not {version}")
-    flag_names = _FLAGS_COMMON + (_FLAGS_WEAK_TYPING if major == 10 else [])
+    if major not in (8, 10, 11):
+        raise ValueError(f"the fake models TensorRT 8.x, 10.x and 11.x, not {version}")
+    flag_names = _FLAGS_COMMON + (_FLAGS_WEAK_TYPING if major < 11 else [])
     builder_flag = enum.IntEnum("BuilderFlag", [(n, i) for i, n in enumerate(flag_names)])
-    if major == 10:
+    if major == 8:  # TensorRT 8.6 (JetPack 6.0): implicit batch unless EXPLICIT_BATCH; no strong typing
+        network_flag = enum.IntEnum("NetworkDefinitionCreationFlag",
+                                    [("EXPLICIT_BATCH", 0), ("EXPLICIT_PRECISION", 1)])
+    elif major == 10:
         network_flag = enum.IntEnum("NetworkDefinitionCreationFlag",
                                     [("EXPLICIT_BATCH", 0), ("STRONGLY_TYPED", 1),
                                      ("PREFER_AOT_PYTHON_PLUGINS", 2), ("PREFER_JIT_PYTHON_PLUGINS", 3)])
@@ -822,7 +833,7 @@ def make_fake_tensorrt(version: str = "10.3.0", *, cudart: Any = None, unsupport
                                      ("PREFER_JIT_PYTHON_PLUGINS", 3)])
 
     builder_attrs: dict[str, Any] = {"_state": state, "_flag_enum": builder_flag, "_network_flag_enum": network_flag}
-    if major == 10:
+    if major < 11:
         builder_attrs["platform_has_fast_fp16"] = property(lambda self: True)
         builder_attrs["platform_has_fast_int8"] = property(lambda self: True)
 

@@ -44,6 +44,22 @@ TENSORRT_HINT = (
     "them, or run inside the Jetson container"
 )
 _REBUILD = f"rebuild the engines on this device: {REBUILD_COMMAND}"
+# TensorRT 8.6 (JetPack 6.0) is refused rather than supported through EXPLICIT_BATCH: its ONNX parser lacks
+# importers and Q/DQ rules the bundle's graphs rely on, and it has no strongly typed networks; JetPack 6.1
+# and 6.2 ship TensorRT 10.3 (docs/deployment.md).
+MIN_TENSORRT = (10, 0)
+
+
+def tensorrt_version_problem(version: str) -> str | None:
+    """None when this TensorRT can build and run the bundle's engines, else the line that says why not."""
+    try:
+        major_minor = tuple(int(part) for part in str(version).split(".")[:2])
+    except ValueError:
+        return f"cannot read the TensorRT version {version!r}"
+    if major_minor < MIN_TENSORRT:
+        return (f"TensorRT {version} is too old: vla-edge needs TensorRT 10 or newer; on a Jetson, flash "
+                "JetPack 6.1+ (it ships TensorRT 10.3)")
+    return None
 
 
 def load_tensorrt() -> ModuleType:
