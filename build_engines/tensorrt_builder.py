@@ -286,13 +286,15 @@ def build_engine(
 
 def engine_key_for(onnx_path: str | Path, precision: str, trt: Any, cuda: Any) -> EngineKey:
     """The key of an engine built here from `onnx_path`; `cuda` is the cuda-python runtime module."""
-    from edge.inference.cuda import device_compute_capability
+    from edge.inference.cuda import device_compute_capability, device_multiprocessors, device_name
 
     return EngineKey(
         source_sha256=file_sha256(onnx_path),
         tensorrt_version=str(trt.__version__),
         compute_capability=device_compute_capability(cudart=cuda),
         precision=precision,
+        gpu_name=device_name(cudart=cuda),
+        multiprocessors=str(device_multiprocessors(cudart=cuda)),
     )
 
 

@@ -135,6 +135,13 @@ def native_handle(obj: Any) -> int:
         return int(obj)
 
 
+def device_multiprocessors(device: int | None = None, *, cudart: Any = None) -> int:
+    """cudaDeviceProp.multiProcessorCount: tells GPUs of one compute capability apart (Orin Nano, AGX Orin)."""
+    rt = cudart if cudart is not None else load_runtime()
+    index = current_device(cudart=rt) if device is None else device
+    return int(_call(rt, "cudaGetDeviceProperties", index).multiProcessorCount)
+
+
 class Stream:
     """A CUDA stream; non-blocking by default so it never serialises with the legacy default stream."""
 

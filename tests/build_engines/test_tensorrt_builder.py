@@ -301,7 +301,7 @@ def test_engine_key_for_this_device(tmp_path):
     trt, cudart = fake_gpu("10.3.0", compute_capability=(8, 7))
     onnx_path = mlp_model(tmp_path / "m.onnx")
     key = engine_key_for(onnx_path, "fp16", trt, cudart)
-    assert key == EngineKey(file_sha256(onnx_path), "10.3.0", "8.7", "fp16")
+    assert key == EngineKey(file_sha256(onnx_path), "10.3.0", "8.7", "fp16", "Orin (fake)", "16")
 
 
 def test_save_engine_writes_the_engine_and_its_key(tmp_path):

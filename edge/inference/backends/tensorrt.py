@@ -229,7 +229,8 @@ class TensorRTBackend(InferenceBackend):
         if not self.engine_path.is_file():
             raise BundleError(f"engine {self.engine_path} is missing; {_REBUILD}")
         compute_capability = cuda.device_compute_capability(cudart=rt)
-        self._check_key(trt.__version__, compute_capability)
+        self._check_key(trt.__version__, compute_capability, cuda.device_name(cudart=rt),
+                        str(cuda.device_multiprocessors(cudart=rt)))
 
         self._logger = tensorrt_logger(trt)
         self._log_mark = self._logger.mark()
@@ -277,7 +278,8 @@ class TensorRTBackend(InferenceBackend):
             f", CUDA graph at batch {self.cuda_graph_batch}" if self._graph is not None else "",
         )
 
-    def _check_key(self, tensorrt_version: str, compute_capability: str) -> None:
+    def _check_key(self, tensorrt_version: str, compute_capability: str, gpu_name: str,
+                   multiprocessors: str) -> None:
         sidecar = key_path(self.engine_path)
         built = EngineKey.load(sidecar) if sidecar.is_file() else None
         if built is None and self.expected_key is None:
@@ -286,7 +288,8 @@ class TensorRTBackend(InferenceBackend):
             return
         engine_key = built if built is not None else self.expected_key
         reference = self.expected_key if self.expected_key is not None else built
-        required = replace(reference, tensorrt_version=tensorrt_version, compute_capability=compute_capability)
+        required = replace(reference, tensorrt_version=tensorrt_version, compute_capability=compute_capability,
+                           gpu_name=gpu_name, multiprocessors=multiprocessors)
         problems = engine_key.mismatch(required)
         if problems:
             raise BundleError(
