@@ -32,7 +32,8 @@ DRY_RUN=0
 START=0
 PREFIX=/
 PYTHON=python3
-EXTRAS=gpu
+EXTRAS=
+EXTRAS_GIVEN=0
 PIP_ARGS=()
 # NVIDIA's Jetson AI Lab index for JetPack 6 / CUDA 12.6, as in Dockerfile.jetson (JETSON_INDEX_URL).
 JETSON_INDEX=https://pypi.jetson-ai-lab.io/jp6/cu126
@@ -47,7 +48,8 @@ Usage: $0 [--dry-run] [--prefix DIR] [--start] [--source DIR] [--python PY] [--e
   --start         (re)start the service after installing (default: enable only)
   --source DIR    the vla-edge source tree to install (default: $SOURCE_DIR)
   --python PY     interpreter for the virtualenv, Python >= 3.10 (default: python3; JetPack 6: 3.10)
-  --extras LIST   pip extras (default: gpu; use --extras '' on a robot without CUDA)
+  --extras LIST   pip extras (default: gpu, and on a Jetson gpu,engines so that the robot can run
+                  build-engines --engines-only; use --extras '' on a robot without CUDA)
   --pip-arg ARG   extra argument for pip install, repeatable, e.g. --pip-arg --extra-index-url=URL
                   for a package index with Jetson (aarch64 + CUDA) wheels
   --jetson-index URL
@@ -167,8 +169,8 @@ while (($# > 0)); do
     --source=*) SOURCE_DIR=${1#*=} ;;
     --python) PYTHON=${2:?--python needs an interpreter}; shift ;;
     --python=*) PYTHON=${1#*=} ;;
-    --extras) EXTRAS=${2?--extras needs a list (may be empty)}; shift ;;
-    --extras=*) EXTRAS=${1#*=} ;;
+    --extras) EXTRAS=${2?--extras needs a list (may be empty)}; EXTRAS_GIVEN=1; shift ;;
+    --extras=*) EXTRAS=${1#*=}; EXTRAS_GIVEN=1 ;;
     --pip-arg) PIP_ARGS+=("${2:?--pip-arg needs an argument}"); shift ;;
     --pip-arg=*) PIP_ARGS+=("${1#*=}") ;;
     --jetson-index) JETSON_INDEX=${2:?--jetson-index needs a URL}; shift ;;
@@ -208,8 +210,10 @@ if [[ -n $L4T_RELEASE ]]; then
     *) note "WARNING: L4T R$L4T_RELEASE is older than JetPack 6.1 (L4T R36.4): its TensorRT 8.x is refused;"
        note "WARNING: flash JetPack 6.1 or newer" ;;
   esac
+  ((EXTRAS_GIVEN == 1)) || EXTRAS=gpu,engines
 else
   note "not a Jetson (no $(p /etc/nv_tegra_release)): every dependency comes from pip"
+  ((EXTRAS_GIVEN == 1)) || EXTRAS=gpu
 fi
 
 # --- 1. service user: no login, no home of its own (its HOME is the state directory) ---

@@ -71,7 +71,7 @@ def test_a_jetson_root_keeps_jetpacks_opencv_numpy_and_tensorrt(root):
     assert len(ort) == 1 and "--no-deps" in ort[0]
     assert ort[0][ort[0].index("--index-url") + 1] == "https://pypi.jetson-ai-lab.io/jp6/cu126"
     others = {name for a in installs if a is not ort[0] for name in _requirement_names(a)}
-    assert {"pyserial", "tokenizers", "pyyaml", "cobs", "cuda-python"} <= others
+    assert {"pyserial", "tokenizers", "pyyaml", "cobs", "cuda-python", "onnx"} <= others  # onnx: --engines-only
     # a PyPI copy left from an earlier install would shadow JetPack's
     uninstall = next(a for a in actions if a[:4] == [venv_python, "-m", "pip", "uninstall"])
     assert set(PIP_FORBIDDEN_ON_JETSON) <= set(uninstall)
