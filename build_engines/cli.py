@@ -90,7 +90,18 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(EXIT_INTERRUPTED, "interrupted")
 
 
+def _require_torch() -> None:
+    """The full build exports the PyTorch policy; without torch say what to install, or what to run instead."""
+    try:
+        import torch  # noqa: F401 - the full build's export and calibration need it
+    except ImportError as exc:
+        raise BuildError("the full build needs torch, which is not installed: pip install torch==2.13.0, then "
+                         "pip install -e '.[build]' (or: make venv); on the robot, build only the engines of a "
+                         "finished bundle: build-engines --engines-only BUNDLE") from exc
+
+
 def _build(args: argparse.Namespace) -> int:
+    _require_torch()
     if args.mc_samples > args.max_mc_samples or args.mc_samples < 1:
         raise BuildError(f"--mc-samples must be in 1..{args.max_mc_samples}, got {args.mc_samples}")
     options = BuildOptions(

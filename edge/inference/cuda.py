@@ -25,8 +25,9 @@ from edge.errors import BackendError, CudaError
 
 logger = logging.getLogger(__name__)
 
-# 12.9.1 is the first release that releases the GIL during CUDA calls (a cudaStreamSynchronize would
-# otherwise stall the camera and serial threads for a whole inference); docs/deployment.md.
+# 12.9.1 is the first release that releases the GIL during CUDA calls (cuda-bindings release notes, which
+# also deprecate int(obj) for get_cuda_native_handle); before it a cudaStreamSynchronize stalls the
+# camera and serial threads for a whole inference. docs/deployment.md.
 CUDA_PYTHON_REQUIREMENT = "cuda-python>=12.9.1,<13"
 INSTALL_HINT = (
     f"pip install '{CUDA_PYTHON_REQUIREMENT}' (major version 12 for the CUDA 12 of JetPack 6; see "

@@ -47,7 +47,7 @@ SHIM = textwrap.dedent("""
                             "tensorrt": make_fake_tensorrt("10.3.0", cudart=runtime)})
     from build_engines.cli import main
 
-    code = main(["--engines-only", sys.argv[1]])
+    code = main(["--engines-only", sys.argv[1]] if sys.argv[2] != "full-build" else ["--out", sys.argv[1]])
     assert not [m for m in sys.modules if m.split(".")[0] == "torch"], "torch was imported"
     sys.exit(code)
 """)
@@ -123,3 +123,11 @@ def test_an_old_tensorrt_is_refused_before_anything_is_built(bundle):
     with pytest.raises(EngineBuildError, match=r"JetPack 6.1\+"):
         build_engines_only(bundle, trt=trt8, cudart=fake_gpu()[1])
     assert not (bundle / "engines").exists()
+
+
+def test_the_full_build_without_torch_names_what_to_install_in_one_line(tmp_path):
+    result = run_cli(tmp_path, tmp_path / "out", "full-build")
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("build-engines: error: the full build needs torch"), result.stderr
+    assert "build-engines --engines-only BUNDLE" in lines[0] and not (tmp_path / "out").exists()

@@ -1,5 +1,6 @@
 """A faithful fake of the TensorRT Python API that the engine builder and the TensorRT backend use.
 
+``make_fake_tensorrt("8.6.2")`` like TensorRT 8.6 (implicit batch unless EXPLICIT_BATCH), and
 ``make_fake_tensorrt("10.3.0")`` behaves like TensorRT 10 (weak typing: FP16/INT8 builder flags,
 EXPLICIT_BATCH and STRONGLY_TYPED network flags); ``make_fake_tensorrt("11.0.0")`` like TensorRT 11
 (strongly typed only: no precision builder flags, STRONGLY_TYPED kept but ignored). Using an API the
@@ -7,9 +8,12 @@ version does not have fails the way the real module does (AttributeError on the 
 
 What is real here:
 - ``OnnxParser`` parses with the ``onnx`` package (``onnx.load`` + ``onnx.checker``), resolves external
-  weights relative to the model path, and fails like TensorRT: ``parse()`` returns False and the errors
-  are read with ``num_errors`` / ``get_error(i)`` (``desc()``, ``node()``, ``code()``...). Ops listed in
-  ``unsupported_ops`` fail as TensorRT fails on an op it has no importer for.
+  weights relative to the model path, applies the importer rules of onnx-tensorrt
+  (``tests/fakes/onnx_tensorrt_rules.py``: uint8 only as network I/O into a Cast, the supported ops and
+  their input types, symmetric Q/DQ with positive scales; explicit batch on 8.x), and fails like
+  TensorRT: ``parse()`` returns False and the errors are read with ``num_errors`` / ``get_error(i)``
+  (``desc()``, ``node()``, ``code()``...). Ops listed in ``unsupported_ops`` fail as TensorRT fails on an
+  op it has no importer for.
 - ``build_serialized_network`` checks what TensorRT checks (a profile for every dynamic input, shapes
   min <= opt <= max, no precision flags on a strongly typed network), uses and fills the timing cache,
   and returns an ``IHostMemory`` (bytes) holding the ONNX model and the build metadata, or None with
@@ -419,6 +423,8 @@ class IOptimizationProfile:
     def set_shape(self, input: str, min: Any, opt: Any, max: Any) -> None:  # noqa: A002 - TensorRT's names
         self._state.record("IOptimizationProfile.set_shape", input, tuple(min), tuple(opt), tuple(max))
         lo, mid, hi = Dims(min), Dims(opt), Dims(max)
+        # NvInferRuntime.h, IOptimizationProfile::setDimensions: "0 <= minDims <= optDims <= maxDims" per
+        # dimension and the same rank for all three, else the profile is invalid.
         if not (len(lo) == len(mid) == len(hi)) or any(
             not (0 <= a <= b <= c) for a, b, c in zip(lo, mid, hi, strict=True)
         ):
@@ -558,9 +564,14 @@ class _Builder:
             errors.append("Error Code 4: Internal Error (Network must have at least one output)")
             return errors
         precision_flags = sorted(f.name for f in config._flags if f.name in _PRECISION_FLAGS)
+        # TensorRT developer guide, "Strongly Typed Networks": the precision builder flags are not allowed on
+        # a strongly typed network (types come from the network and its Cast/Q/DQ layers).
         if network.fake_strongly_typed and precision_flags:
             errors.append(f"Error Code 3: API Usage Error (BuilderFlag {precision_flags} cannot be set "
                           "on a strongly typed network: its types come from the network)")
+        # TensorRT developer guide, "Working with Dynamic Shapes" / "Optimization Profiles": a network with a
+        # dynamic input (the head's T) needs at least one profile giving every dynamic input its min/opt/max,
+        # each fitting the input's fixed dimensions.
         dynamic = [t for t in network._inputs if -1 in t.shape]
         if dynamic and not config._profiles:
             errors.append("Error Code 4: Internal Error (Network has dynamic or shape inputs, but no "
