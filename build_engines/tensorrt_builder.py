@@ -70,6 +70,9 @@ def tensorrt_status(trt: Any = None, cudart: Any = None) -> tuple[bool, str]:
             import tensorrt as trt
         except ImportError:
             return False, "TensorRT not available: " + TENSORRT_HINT
+    too_old = tensorrt_version_problem(str(trt.__version__))
+    if too_old:
+        return False, too_old
     from edge.inference import cuda
 
     try:

@@ -441,6 +441,8 @@ def test_tensorrt_8_is_refused_naming_jetpack_6_1(tmp_path):
     with pytest.raises(BuildError, match=r"TensorRT 8.6.2 is too old: .*JetPack 6.1\+"):
         build(tmp_path, trt8, "fp32")
     assert "Builder" not in trt8.fake.call_names()
+    available, reason = tensorrt_status(trt8, FakeCudaRuntime())  # the full build skips engines, saying why
+    assert not available and "JetPack 6.1+" in reason
     # what the refusal spares the user: the 8.x parser refuses the implicit-batch network create_network(0) gives
     logger = trt8.Logger()
     parser = trt8.OnnxParser(trt8.Builder(logger).create_network(0), logger)
