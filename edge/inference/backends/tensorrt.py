@@ -226,6 +226,9 @@ class TensorRTBackend(InferenceBackend):
         self._trt = self._trt_module if self._trt_module is not None else load_tensorrt()
         self._rt = self._cudart_module if self._cudart_module is not None else cuda.load_runtime()
         trt, rt = self._trt, self._rt
+        too_old = tensorrt_version_problem(str(trt.__version__))
+        if too_old:
+            raise BackendError(too_old)
         if not self.engine_path.is_file():
             raise BundleError(f"engine {self.engine_path} is missing; {_REBUILD}")
         compute_capability = cuda.device_compute_capability(cudart=rt)

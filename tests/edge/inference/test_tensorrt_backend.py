@@ -399,3 +399,11 @@ def test_real_tensorrt_matches_onnxruntime(tmp_path):
         backend.input("x")[:5] = x
         for _ in range(2):
             np.testing.assert_allclose(backend.run(5)["y"], ort_run(onnx_path, {"x": x})["y"], rtol=1e-3, atol=1e-4)
+
+
+def test_tensorrt_8_is_refused_at_activation(mlp):
+    _, engine_path, key = mlp
+    rt = FakeCudaRuntime()
+    with pytest.raises(BackendError, match=r"TensorRT 8.6.2 is too old: .*JetPack 6.1\+"):
+        TensorRTBackend(engine_path, key, X, Y, max_batch=8, trt=make_fake_tensorrt("8.6.2", cudart=rt),
+                        cudart=rt).activate()
