@@ -123,7 +123,11 @@ def build_engines_only(bundle_dir: str | Path, *, trt: Any = None, cudart: Any =
     bundle = Bundle.load(root)  # every file against its hash before anything is built from it
     max_samples, default_samples = int(bundle.dropout["max_samples"]), int(bundle.dropout["default_samples"])
     cache = root.parent / ".tensorrt-timing.cache"  # the full build's cache, beside the bundle
-    staging = Path(tempfile.mkdtemp(prefix=".engines-", dir=root))
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=".engines-", dir=root))
+    except OSError as exc:
+        raise BuildError(f"cannot write engines into {root} ({exc.strerror or exc}): run as the bundle's owner, "
+                         f"e.g. sudo -u vla-edge build-engines --engines-only {root}") from exc
     entries = []
     try:
         for job in jobs(bundle):

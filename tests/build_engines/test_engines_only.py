@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from build_engines.engines_only import build_engines_only
-from build_engines.errors import EngineBuildError
+from build_engines.errors import BuildError, EngineBuildError
 from edge.inference.bundle import MANIFEST, Bundle
 from edge.service.wiring import engine_fit
 from tests.fakes.conftest_fakes import fake_gpu
@@ -131,3 +131,14 @@ def test_the_full_build_without_torch_names_what_to_install_in_one_line(tmp_path
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("build-engines: error: the full build needs torch"), result.stderr
     assert "build-engines --engines-only BUNDLE" in lines[0] and not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only directory")
+def test_a_bundle_that_cannot_be_written_is_refused_naming_the_owner(bundle):
+    trt, cudart = fake_gpu("10.3.0")
+    bundle.chmod(0o555)
+    try:
+        with pytest.raises(BuildError, match="cannot write engines into .*sudo -u vla-edge"):
+            build_engines_only(bundle, trt=trt, cudart=cudart)
+    finally:
+        bundle.chmod(0o755)
