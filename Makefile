@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH_VERSION := 2.13.0
 ARTIFACTS ?= artifacts
 
-.PHONY: venv demo bundle test lint evaluate train bench bench-long compare clean
+.PHONY: venv demo bundle test lint evaluate train bench bench-long compare gpu-check clean
 
 venv: $(STAMP)
 
@@ -48,6 +48,13 @@ bench: $(STAMP)
 # About 12 minutes on 2 cores: 300 interleaved rounds, 2 minutes of closed loop per condition.
 bench-long: $(STAMP)
 	$(BIN)/python -m benchmarks.latency --bundle $(ARTIFACTS)/bundle --long --out $(ARTIFACTS)/bench-long
+
+# On a machine with a CUDA GPU (at most 6 minutes): the CUDA layer, ONNX Runtime's CUDA provider with
+# IOBinding on the bundle's FP32/FP16 graphs, TensorRT engines where installed; a table and JSON. Without a
+# GPU it prints one line and succeeds.
+gpu-check:
+	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) -m tests.gpu_check --bundle $(ARTIFACTS)/bundle \
+		--json $(ARTIFACTS)/gpu-check.json --budget-s 360
 
 train: $(STAMP)
 	$(BIN)/python -m reference_policy.train

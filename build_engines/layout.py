@@ -4,7 +4,12 @@ TensorRT (docs/architecture.md, "Decisions: explicit quantization") compiles an 
 graph and takes precision from it, so its graph must be exactly: symmetric int8 Q/DQ (every zero point
 0), per-channel weight scales along the output-channel axis, float biases (no int32 DequantizeLinear),
 both inputs of every Conv/Gemm/MatMul fed by DequantizeLinear (unless the node is a documented
-exclusion), and Relu/Clip kept as in the FP32 graph.
+exclusion), activation (non-constant) Q/DQ scales per-tensor, and Relu/Clip kept as in the FP32 graph.
+Every graph meant for TensorRT, FP16 as well as INT8 (``verify_tensorrt_graph``), must also feed each
+uint8 graph input only into Cast nodes: TensorRT has uint8 only as a network input or output
+(onnx-tensorrt ``ModelImporter.cpp`` refuses any node with a uint8 output that is not a graph output,
+"TensorRT does not support UINT8 types for intermediate tensors!"; NVIDIA/TensorRT issue 3985: "All UINT8
+inputs must directly feed into a cast layer", even Reshape/Transpose).
 The CPU graph (docs/architecture.md, "Decisions: one calibration, several CPU candidates") must use
 uint8 activations and int8 weights. A graph that breaks its layout raises ``LayoutError``
 (``build_engines.errors``), with every violation listed.
@@ -80,6 +85,42 @@ class LayoutReport:
                 f"DequantizeLinear, activations {dict(self.activation_counts)}")
 
 
+class TensorRTGraphError(LayoutError):
+    """A graph meant for TensorRT (FP16 or INT8) that TensorRT's ONNX parser would refuse."""
+
+    def __init__(self, model: str, violations: list[str]) -> None:
+        super().__init__(model, "TensorRT", violations)
+        listed = "\n".join(f"  - {v}" for v in self.violations)
+        Exception.__init__(self, f"{model} cannot be parsed by TensorRT ({len(self.violations)} violations):\n"
+                                 f"{listed}\nexport the policy so that each uint8 input is cast to float first "
+                                 "(cast, then layout and normalisation), then rebuild the bundle")
+
+
+def verify_tensorrt_graph(model_path: str | os.PathLike[str] | onnx.ModelProto) -> None:
+    """Raise TensorRTGraphError unless every uint8 graph input feeds only Cast nodes.
+
+    Applies to every graph TensorRT compiles (FP16, FP32 and INT8); the INT8 layout check includes it.
+    """
+    graph = _Graph(model_path)
+    violations = _uint8_input_problems(graph)
+    if violations:
+        raise TensorRTGraphError(graph.description, violations)
+
+
+def _uint8_input_problems(graph: _Graph) -> list[str]:
+    # TensorRT has UINT8 only as network I/O (onnx-tensorrt docs/operators.md: "UINT8 is only supported as
+    # network input or output tensor types"); only Cast consumes it (NVIDIA/TensorRT issue 3985).
+    problems = []
+    for value in graph.model.graph.input:
+        if value.type.tensor_type.elem_type != onnx.TensorProto.UINT8:
+            continue
+        for consumer, _ in graph.consumers.get(value.name, []):
+            if consumer.op_type != "Cast":
+                problems.append(f"uint8 input '{value.name}' feeds {consumer.op_type} '{graph.label(consumer)}'; "
+                                "TensorRT accepts a uint8 input only when it feeds a Cast directly")
+    return problems
+
+
 def verify_tensorrt_layout(
     model_path: str | os.PathLike[str] | onnx.ModelProto,
     fp32_reference: str | os.PathLike[str] | onnx.ModelProto | None = None,
@@ -90,12 +131,19 @@ def verify_tensorrt_layout(
     graph = _Graph(model_path)
     excluded = graph.exclusions(excluded_nodes)
     violations = [f"excluded node '{name}' is not in the graph" for name in excluded if name not in graph.names]
+    violations += _uint8_input_problems(graph)
 
     for node in graph.qdq_nodes:
         who = f"{node.op_type} '{graph.label(node)}'"
         if node.domain not in ("", "ai.onnx"):
             violations.append(f"{who} is in domain '{node.domain}'; TensorRT parses only the standard ONNX op")
         violations += graph.scale_problems(node, who)
+        scale = graph.constant(node.input[1]) if len(node.input) > 1 else None
+        if graph.weight_of(node) is None and scale is not None and scale.size != 1:
+            # onnx-tensorrt QuantDequantLinearHelper: "Activations-quantization does not support per-axis
+            # quantization" (a scale of more than one value is taken as a weight's per-channel scale).
+            violations.append(f"{who} quantizes an activation with {scale.size} scales (shape "
+                              f"{list(scale.shape)}); TensorRT needs one per-tensor scale for activations")
         zero_point = graph.zero_point(node)
         if zero_point is None:
             violations.append(f"{who} has no constant zero point (a missing one means uint8); "

@@ -5,12 +5,18 @@ One chain of small steps (Polygraphy's shape): ``build_engine`` (graph -> engine
 or a refusal). Each logs its start, end and duration.
 
 Precision follows TensorRT's own split (docs/architecture.md, "Decisions: explicit quantization" and
-"Decisions: FP16"), found by feature detection, never by comparing version strings:
-- TensorRT 10 (weak typing available): "fp16" sets BuilderFlag.FP16; "int8" expects an explicitly
-  quantized (Q/DQ) graph and sets INT8, plus FP16 for the layers left unquantized.
-- TensorRT 11 (strongly typed only, no precision flags): precision comes from the graph itself, so
-  "fp16" needs a graph with FP16 tensors and "int8" a Q/DQ graph; the network is created with
-  STRONGLY_TYPED where that flag still exists.
+"Decisions: FP16"):
+- TensorRT 10.0 to 10.11 (JetPack 6.1/6.2 ship 10.3): weak typing, still needed there: "fp16" sets
+  BuilderFlag.FP16; "int8" expects an explicitly quantized (Q/DQ) graph and sets INT8, plus FP16 for the
+  layers left unquantized.
+- TensorRT 10.12+ (weak typing deprecated) and 11 (precision flags removed, found by feature
+  detection): strongly typed networks, as NVIDIA recommends for explicit quantization: precision comes
+  from the graph itself, so "fp16" needs a graph with FP16 tensors and "int8" a Q/DQ graph; the network
+  is created with STRONGLY_TYPED where that flag exists.
+- TensorRT 8.x (JetPack 6.0) is refused with a message naming JetPack 6.1+
+  (``edge.inference.backends.tensorrt.tensorrt_version_problem``; doctor says the same).
+Every graph is first checked to be one TensorRT parses (``build_engines.layout.verify_tensorrt_graph``:
+uint8 inputs feed only a Cast).
 The timing cache persists between builds (a first build on a Jetson can take many minutes) and is
 written back atomically.
 """
@@ -36,7 +42,12 @@ from build_engines.errors import EngineBuildError
 from edge.errors import EdgeError
 from edge.fileio import atomic_write_bytes
 from edge.inference.backends.base import TensorSpec
-from edge.inference.backends.tensorrt import TENSORRT_HINT, TensorRTBackend, tensorrt_logger
+from edge.inference.backends.tensorrt import (
+    TENSORRT_HINT,
+    TensorRTBackend,
+    tensorrt_logger,
+    tensorrt_version_problem,
+)
 from edge.inference.engine_key import PRECISIONS, EngineKey, file_sha256, key_path
 
 logger = logging.getLogger(__name__)
@@ -59,6 +70,9 @@ def tensorrt_status(trt: Any = None, cudart: Any = None) -> tuple[bool, str]:
             import tensorrt as trt
         except ImportError:
             return False, "TensorRT not available: " + TENSORRT_HINT
+    too_old = tensorrt_version_problem(str(trt.__version__))
+    if too_old:
+        return False, too_old
     from edge.inference import cuda
 
     try:
@@ -72,9 +86,27 @@ def tensorrt_status(trt: Any = None, cudart: Any = None) -> tuple[bool, str]:
     return True, f"TensorRT {trt.__version__}, GPU compute capability {capability}"
 
 
+# Weak typing (precision builder flags) is deprecated from TensorRT 10.12 (release notes) and gone in 11.
+_WEAK_TYPING_DEPRECATED = (10, 12)
+
+
+def _version(trt: Any) -> tuple[int, ...]:
+    return tuple(int(p) for p in str(trt.__version__).split(".")[:2] if p.isdigit())
+
+
 def weakly_typed(trt: Any) -> bool:
-    """TensorRT 10 and older can pick lower precisions itself when asked by builder flags."""
-    return hasattr(trt.BuilderFlag, "FP16")
+    """Whether to build weakly typed (precision from builder flags): only where the flags exist and are
+    not deprecated, i.e. TensorRT 10.0 to 10.11; strongly typed everywhere else."""
+    if not hasattr(trt.BuilderFlag, "FP16"):  # TensorRT 11: the precision flags are gone
+        return False
+    strongly = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    return strongly is None or _version(trt) < _WEAK_TYPING_DEPRECATED
+
+
+def require_supported(trt: Any) -> None:
+    problem = tensorrt_version_problem(str(trt.__version__))
+    if problem:
+        raise EngineBuildError(problem)
 
 
 def _graph_facts(onnx_path: Path) -> dict[str, Any]:
@@ -116,6 +148,7 @@ def _check_precision(onnx_path: Path, precision: str, trt: Any) -> None:
 def _network_flags(trt: Any) -> int:
     if weakly_typed(trt):
         return 0  # weak typing, so that FP16/INT8 builder flags may pick precisions; batch is always explicit
+    # TensorRT 11 is strongly typed whatever the flags; 10.12+ only with STRONGLY_TYPED.
     strongly = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
     return 0 if strongly is None else 1 << int(strongly)
 
@@ -207,10 +240,19 @@ def build_engine(
     onnx_path = Path(onnx_path)
     cache_path = Path(timing_cache_path) if timing_cache_path is not None else None
     trt = trt if trt is not None else load_tensorrt()
+    require_supported(trt)
     if not onnx_path.is_file():
         raise EngineBuildError(f"graph {onnx_path} does not exist")
     if workspace_mib < 1:
         raise EngineBuildError(f"workspace_mib must be >= 1, got {workspace_mib}")
+    from build_engines.layout import TensorRTGraphError, verify_tensorrt_graph
+
+    try:  # a graph TensorRT's parser refuses is named before the long build
+        verify_tensorrt_graph(onnx_path)
+    except TensorRTGraphError:
+        raise
+    except EdgeError:
+        logger.debug("%s is not readable as ONNX here; TensorRT's parser will say why", onnx_path)
     _check_precision(onnx_path, precision, trt)
     started = time.perf_counter()
     logger.info("building %s engine from %s on TensorRT %s", precision, onnx_path.name, trt.__version__)
@@ -247,13 +289,15 @@ def build_engine(
 
 def engine_key_for(onnx_path: str | Path, precision: str, trt: Any, cuda: Any) -> EngineKey:
     """The key of an engine built here from `onnx_path`; `cuda` is the cuda-python runtime module."""
-    from edge.inference.cuda import device_compute_capability
+    from edge.inference.cuda import device_compute_capability, device_multiprocessors, device_name
 
     return EngineKey(
         source_sha256=file_sha256(onnx_path),
         tensorrt_version=str(trt.__version__),
         compute_capability=device_compute_capability(cudart=cuda),
         precision=precision,
+        gpu_name=device_name(cudart=cuda),
+        multiprocessors=str(device_multiprocessors(cudart=cuda)),
     )
 
 

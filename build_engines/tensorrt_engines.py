@@ -4,7 +4,8 @@ Targets: "tensorrt" (INT8 Q/DQ vision and head, FP16 language) and "fp16" (all F
 gets an optimisation profile (vision and language at batch 1; the head's T from 1 to the bundle's
 maximum), shares one persistent timing cache, is verified against ONNX Runtime's outputs of the same
 graph on the bundle's reference inputs, and is stored with its cache key (source-graph hash,
-TensorRT version, compute capability, precision).
+TensorRT version, compute capability, precision, GPU name and multiprocessor count).
+``build_engines.engines_only`` builds the same engines on the robot from a finished bundle.
 """
 
 from __future__ import annotations
@@ -84,9 +85,7 @@ def build_all(root: Path, options, files: dict, exported: dict, cfg, reference_i
         logger.info("TensorRT engine %s %s verified: %s", graph, variant, report.summary())
         path = save_engine(engine_bytes, key, engines_dir / f"{graph}_{variant}.engine")
         entries.append({
-            "graph": graph, "variant": variant, "path": str(path.relative_to(root)),
-            "source_sha256": key.source_sha256, "tensorrt_version": key.tensorrt_version,
-            "compute_capability": key.compute_capability, "precision": precision,
+            "graph": graph, "variant": variant, "path": str(path.relative_to(root)), **key.to_dict(),
             "max_abs_error": float(max((o.max_abs_error for o in report.outputs), default=np.nan)),
         })
     return entries

@@ -93,7 +93,10 @@ class VisionEncoder(nn.Module):
                 f"vision input must be uint8 [N, {IMAGE_SIZE_PX}, {IMAGE_SIZE_PX}, 3] BGR, "
                 f"got {tuple(image.shape)} {image.dtype}"
             )
-        x = image.permute(0, 3, 1, 2).index_select(1, self.bgr_to_rgb).float()
+        # Cast first: TensorRT accepts a uint8 network input only when it feeds a Cast directly (no
+        # Transpose or Gather on uint8; NVIDIA/TensorRT issue 3985). uint8 -> float32 is exact, so the
+        # numbers are those of permuting first.
+        x = image.float().permute(0, 3, 1, 2).index_select(1, self.bgr_to_rgb)
         x = (x - IMAGE_MEAN) / IMAGE_STD
         b = self.backbone
         x = b._swish(b._bn0(b._conv_stem(x)))

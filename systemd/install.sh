@@ -8,6 +8,12 @@
 # Idempotent: a second run upgrades the package and the unit, and keeps the config
 # (/etc/vla-edge/robot.yaml), the bundle (/var/lib/vla-edge) and an edited udev rule.
 # Every action is printed as "+ command"; notes start with "# ".
+#
+# On a Jetson (found by /etc/nv_tegra_release, whose L4T release is reported) the dependencies are handled
+# as in Dockerfile.jetson: JetPack's TensorRT, OpenCV (built with GStreamer) and numpy come from the system
+# (apt, seen through --system-site-packages) and pip never installs opencv or numpy over them;
+# onnxruntime-gpu comes only from NVIDIA's Jetson index (--jetson-index) and never together with
+# onnxruntime. Elsewhere the package and its extras come from pip as usual.
 set -euo pipefail
 # Root's umask may be 027; the venv and unit must be readable by the service user and by systemd.
 umask 022
@@ -26,8 +32,11 @@ DRY_RUN=0
 START=0
 PREFIX=/
 PYTHON=python3
-EXTRAS=gpu
+EXTRAS=
+EXTRAS_GIVEN=0
 PIP_ARGS=()
+# NVIDIA's Jetson AI Lab index for JetPack 6 / CUDA 12.6, as in Dockerfile.jetson (JETSON_INDEX_URL).
+JETSON_INDEX=https://pypi.jetson-ai-lab.io/jp6/cu126
 
 usage() {
   cat <<EOF
@@ -39,9 +48,12 @@ Usage: $0 [--dry-run] [--prefix DIR] [--start] [--source DIR] [--python PY] [--e
   --start         (re)start the service after installing (default: enable only)
   --source DIR    the vla-edge source tree to install (default: $SOURCE_DIR)
   --python PY     interpreter for the virtualenv, Python >= 3.10 (default: python3; JetPack 6: 3.10)
-  --extras LIST   pip extras (default: gpu; use --extras '' on a robot without CUDA)
+  --extras LIST   pip extras (default: gpu, and on a Jetson gpu,engines so that the robot can run
+                  build-engines --engines-only; use --extras '' on a robot without CUDA)
   --pip-arg ARG   extra argument for pip install, repeatable, e.g. --pip-arg --extra-index-url=URL
                   for a package index with Jetson (aarch64 + CUDA) wheels
+  --jetson-index URL
+                  on a Jetson: the index onnxruntime-gpu comes from (default: $JETSON_INDEX)
 EOF
 }
 
@@ -78,6 +90,75 @@ in_group() {
   [[ ,$members, == *",$1,"* ]]
 }
 
+# The L4T release of a Jetson ("36.4.0" from "# R36 (release), REVISION: 4.0, ..."), empty elsewhere.
+l4t_release() {
+  local release_file line major revision
+  release_file=$(p /etc/nv_tegra_release)
+  [[ -r $release_file ]] || return 0
+  line=$(head -n 1 "$release_file")
+  major=$(sed -n 's/^# R\([0-9][0-9]*\) (release).*/\1/p' <<<"$line")
+  revision=$(sed -n 's/.*REVISION: *\([0-9][0-9.]*\).*/\1/p' <<<"$line")
+  [[ -n $major ]] || die "cannot read the L4T release from $release_file: '$line'"
+  printf '%s.%s' "$major" "${revision:-0}"
+}
+
+# The package's requirements from setup.py (runtime and the chosen extras), one per line, read without
+# running setup.py.
+requirements() {
+  "$PYTHON" - "$SOURCE_DIR/setup.py" "$EXTRAS" <<'PY'
+import ast, sys
+tree = ast.parse(open(sys.argv[1], encoding="utf-8").read())
+values = {t.id: node.value for node in tree.body if isinstance(node, ast.Assign)
+          for t in node.targets if isinstance(t, ast.Name)}
+wanted = list(ast.literal_eval(values["RUNTIME"]))
+extras = ast.literal_eval(values["EXTRAS"])
+for extra in filter(None, sys.argv[2].split(",")):
+    if extra not in extras:
+        sys.exit(f"unknown extra {extra!r}; setup.py has {sorted(extras)}")
+    wanted += extras[extra]
+print("\n".join(wanted))
+PY
+}
+
+# On a Jetson: JetPack's modules from apt where the system Python lacks them, the package with --no-deps,
+# its other requirements from PyPI minus numpy/opencv/onnxruntime, onnxruntime-gpu from the Jetson index.
+install_jetson_packages() {
+  local venv_python missing=() module package name requirement
+  local from_pypi=() want_onnxruntime_gpu=0
+  venv_python=$(p "$VENV/bin/python")
+  for module in tensorrt:python3-libnvinfer cv2:python3-opencv numpy:python3-numpy; do
+    package=${module#*:}
+    if [[ $PREFIX != / ]]; then
+      note "system Python of $PREFIX not checked here: $package is installed with apt if it cannot import ${module%%:*}"
+    elif ! "$PYTHON" -c "import ${module%%:*}" 2>/dev/null; then
+      missing+=("$package")
+    fi
+  done
+  ((${#missing[@]} == 0)) || run apt-get install -y --no-install-recommends "${missing[@]}"
+  while IFS= read -r requirement; do
+    [[ -n $requirement ]] || continue
+    name=${requirement%%[<>=!~ ;[]*}
+    name=${name,,}
+    name=${name//_/-}
+    case $name in
+      numpy | opencv-python | opencv-python-headless | opencv-contrib-python | opencv-contrib-python-headless)
+        note "$requirement: JetPack's, from the system site-packages (pip must not replace it on a Jetson)" ;;
+      onnxruntime) note "$requirement: onnxruntime-gpu from the Jetson index instead (never both)" ;;
+      onnxruntime-gpu) want_onnxruntime_gpu=1 ;;
+      *) from_pypi+=("$requirement") ;;
+    esac
+  done < <(requirements || die "cannot read the requirements from $SOURCE_DIR/setup.py")
+  run "$venv_python" -m pip install --upgrade --no-deps "${PIP_ARGS[@]}" "$SOURCE_DIR"
+  ((${#from_pypi[@]} == 0)) || run "$venv_python" -m pip install --upgrade "${PIP_ARGS[@]}" "${from_pypi[@]}"
+  if ((want_onnxruntime_gpu == 1)); then
+    # --index-url: only NVIDIA's Jetson build can be picked; --no-deps: it cannot pull numpy in.
+    run "$venv_python" -m pip install --upgrade --no-deps --index-url "$JETSON_INDEX" "onnxruntime-gpu>=1.17"
+    run "$venv_python" -m pip install --upgrade coloredlogs flatbuffers packaging protobuf sympy
+  fi
+  # A PyPI opencv/numpy/onnxruntime left from an earlier install would shadow JetPack's.
+  run "$venv_python" -m pip uninstall -y opencv-python opencv-python-headless numpy onnxruntime
+}
+
 while (($# > 0)); do
   case $1 in
     --dry-run) DRY_RUN=1 ;;
@@ -88,10 +169,12 @@ while (($# > 0)); do
     --source=*) SOURCE_DIR=${1#*=} ;;
     --python) PYTHON=${2:?--python needs an interpreter}; shift ;;
     --python=*) PYTHON=${1#*=} ;;
-    --extras) EXTRAS=${2?--extras needs a list (may be empty)}; shift ;;
-    --extras=*) EXTRAS=${1#*=} ;;
+    --extras) EXTRAS=${2?--extras needs a list (may be empty)}; EXTRAS_GIVEN=1; shift ;;
+    --extras=*) EXTRAS=${1#*=}; EXTRAS_GIVEN=1 ;;
     --pip-arg) PIP_ARGS+=("${2:?--pip-arg needs an argument}"); shift ;;
     --pip-arg=*) PIP_ARGS+=("${1#*=}") ;;
+    --jetson-index) JETSON_INDEX=${2:?--jetson-index needs a URL}; shift ;;
+    --jetson-index=*) JETSON_INDEX=${1#*=} ;;
     -h | --help) usage; exit 0 ;;
     *) usage >&2; die "unknown option: $1" ;;
   esac
@@ -119,6 +202,19 @@ if ((DRY_RUN == 1)); then
   note "dry run: nothing is changed; root file system: $PREFIX"
 fi
 note "installing vla-edge from $SOURCE_DIR"
+L4T_RELEASE=$(l4t_release)
+if [[ -n $L4T_RELEASE ]]; then
+  note "Jetson: L4T R$L4T_RELEASE ($(p /etc/nv_tegra_release)); TensorRT, OpenCV and numpy come from JetPack"
+  case $L4T_RELEASE in
+    36.[4-9]* | 36.[1-9][0-9]* | 3[7-9].* | [4-9][0-9].*) ;;
+    *) note "WARNING: L4T R$L4T_RELEASE is older than JetPack 6.1 (L4T R36.4): its TensorRT 8.x is refused;"
+       note "WARNING: flash JetPack 6.1 or newer" ;;
+  esac
+  ((EXTRAS_GIVEN == 1)) || EXTRAS=gpu,engines
+else
+  note "not a Jetson (no $(p /etc/nv_tegra_release)): every dependency comes from pip"
+  ((EXTRAS_GIVEN == 1)) || EXTRAS=gpu
+fi
 
 # --- 1. service user: no login, no home of its own (its HOME is the state directory) ---
 if user_exists "$SERVICE_USER"; then
@@ -164,9 +260,13 @@ if [[ -x $(p "$VENV/bin/python") ]]; then
 else
   run "$PYTHON" -m venv --system-site-packages "$(p "$VENV")"
 fi
-package_spec=$SOURCE_DIR
-[[ -z $EXTRAS ]] || package_spec="${SOURCE_DIR}[${EXTRAS}]"
-run "$(p "$VENV/bin/python")" -m pip install --upgrade "${PIP_ARGS[@]}" "$package_spec"
+if [[ -n $L4T_RELEASE ]]; then
+  install_jetson_packages
+else
+  package_spec=$SOURCE_DIR
+  [[ -z $EXTRAS ]] || package_spec="${SOURCE_DIR}[${EXTRAS}]"
+  run "$(p "$VENV/bin/python")" -m pip install --upgrade "${PIP_ARGS[@]}" "$package_spec"
+fi
 if ((DRY_RUN == 0)) && [[ ! -x $VENV/bin/vla-edge ]]; then
   die "pip finished but $VENV/bin/vla-edge is missing; the unit's ExecStart needs it"
 fi

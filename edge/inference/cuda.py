@@ -25,16 +25,25 @@ from edge.errors import BackendError, CudaError
 
 logger = logging.getLogger(__name__)
 
+# 12.9.1 is the first release that releases the GIL during CUDA calls (cuda-bindings release notes, which
+# also deprecate int(obj) for get_cuda_native_handle); before it a cudaStreamSynchronize stalls the
+# camera and serial threads for a whole inference. docs/deployment.md.
+CUDA_PYTHON_REQUIREMENT = "cuda-python>=12.9.1,<13"
 INSTALL_HINT = (
-    "pip install 'cuda-python>=12.2,<13' (match its major version to the CUDA of your JetPack: "
-    "JetPack 6 ships CUDA 12)"
+    f"pip install '{CUDA_PYTHON_REQUIREMENT}' (major version 12 for the CUDA 12 of JetPack 6; see "
+    "docs/deployment.md)"
 )
 
 # What an operator can do about the errors seen on a robot; the CUDA name alone rarely says it.
+# cudaErrorInsufficientDriver (35) is what cuda-python returns when no driver is loaded at all, most often a
+# container started without the NVIDIA runtime; cudaErrorNoDevice (100) when a driver runs but sees no GPU.
 _ERROR_HINTS = {
-    "cudaErrorInsufficientDriver": "the NVIDIA driver is older than the CUDA that cuda-python was built for: "
-    + INSTALL_HINT,
-    "cudaErrorNoDevice": "no CUDA GPU is visible (in a container, run it with --runtime nvidia)",
+    "cudaErrorInsufficientDriver": "no usable NVIDIA driver: in a container, start it with the NVIDIA runtime "
+    "(docker run --runtime nvidia, or --gpus all); on the robot, check that the driver is loaded "
+    "(`ls /dev/nvhost-* /dev/nvidia*`, `tegrastats`); if a driver is there, it is older than the CUDA this "
+    f"cuda-python was built for: {INSTALL_HINT}",
+    "cudaErrorNoDevice": "no CUDA GPU is visible although the NVIDIA driver is loaded: check CUDA_VISIBLE_DEVICES, "
+    "that this user is in the 'video'/'render' groups, and `nvidia-smi` or `tegrastats`",
     "cudaErrorMemoryAllocation": "out of GPU or pinned memory: lower max_batch or stop other GPU processes",
     "cudaErrorIllegalAddress": "a kernel touched memory it does not own; the CUDA context is now unusable, "
     "restart the service",
@@ -113,6 +122,27 @@ def device_name(device: int | None = None, *, cudart: Any = None) -> str:
     return str(name)
 
 
+def native_handle(obj: Any) -> int:
+    """The address behind a cuda-python handle (stream, event): ``cuda.bindings.utils.
+    get_cuda_native_handle`` where present (cuda-bindings 12.9.1+, where ``int(obj)`` is deprecated),
+    else ``int(obj)``."""
+    try:
+        from cuda.bindings.utils import get_cuda_native_handle
+    except ImportError:
+        return int(obj)
+    try:
+        return int(get_cuda_native_handle(obj))
+    except TypeError:  # not a cuda-python object (a fake handed in through cudart=)
+        return int(obj)
+
+
+def device_multiprocessors(device: int | None = None, *, cudart: Any = None) -> int:
+    """cudaDeviceProp.multiProcessorCount: tells GPUs of one compute capability apart (Orin Nano, AGX Orin)."""
+    rt = cudart if cudart is not None else load_runtime()
+    index = current_device(cudart=rt) if device is None else device
+    return int(_call(rt, "cudaGetDeviceProperties", index).multiProcessorCount)
+
+
 class Stream:
     """A CUDA stream; non-blocking by default so it never serialises with the legacy default stream."""
 
@@ -121,7 +151,7 @@ class Stream:
         flags = self._rt.cudaStreamNonBlocking if non_blocking else self._rt.cudaStreamDefault
         self._stream = _call(self._rt, "cudaStreamCreateWithFlags", flags)
         # TensorRT's execute_async_v3 takes the stream as a plain integer handle.
-        self.handle = int(self._stream)
+        self.handle = native_handle(self._stream)
 
     @property
     def raw(self) -> Any:

@@ -2,9 +2,12 @@
 
 A serialized engine only runs on the TensorRT version and the GPU generation (compute capability) that
 built it, and it is only the policy if it was built from the graph the bundle ships, at the precision
-asked for. The key holds those four facts (as jetson-inference keys its engine cache); the builder
-writes it beside the engine (``<engine>.key.json``) and into the manifest, and the runtime and the
-doctor compare it with this device before loading anything.
+asked for. The key holds those four facts (as jetson-inference keys its engine cache) plus the GPU's
+name and multiprocessor count: AGX Orin and Orin Nano are both compute capability 8.7, and tactics
+timed on one are not the fastest (or may not fit) on the other. The builder writes the key beside the
+engine (``<engine>.key.json``) and into the manifest, and the runtime and the doctor compare it with
+this device before loading anything. A key written before the GPU fields existed reads them as
+"unknown", which never matches a device: the message says to rebuild.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ from edge.fileio import atomic_write_text
 from edge.validation import check_choice, check_pattern, check_text
 
 PRECISIONS = ("fp32", "fp16", "int8")
-REBUILD_COMMAND = "build-engines --int8 --force"
+# The command that builds engines for this device from the bundle's graphs (no torch needed, docs/deployment.md).
+REBUILD_COMMAND = "build-engines --engines-only <bundle dir>"
+UNKNOWN = "unknown"
 KEY_SUFFIX = ".key.json"
 
 _LABELS = {
@@ -28,9 +33,13 @@ _LABELS = {
     "tensorrt_version": "TensorRT version",
     "compute_capability": "GPU compute capability",
     "precision": "precision",
+    "gpu_name": "GPU",
+    "multiprocessors": "GPU multiprocessors",
 }
+_OPTIONAL = ("gpu_name", "multiprocessors")  # absent from keys written before they were recorded
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _COMPUTE_CAPABILITY = re.compile(r"\d+\.\d+")
+_COUNT = re.compile(r"[1-9]\d*")
 
 
 def file_sha256(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
@@ -53,6 +62,8 @@ class EngineKey:
     tensorrt_version: str  # tensorrt.__version__ of the builder, e.g. "10.3.0"
     compute_capability: str  # of the GPU that built it, e.g. "8.7" (Jetson Orin)
     precision: str  # "fp32", "fp16" or "int8"
+    gpu_name: str = UNKNOWN  # cudaDeviceProp.name, e.g. "Orin"
+    multiprocessors: str = UNKNOWN  # cudaDeviceProp.multiProcessorCount, e.g. "16" (AGX Orin 64GB)
 
     def __post_init__(self) -> None:
         # ValueError, not ConfigError: the fields come from the builder or a manifest, and from_dict turns
@@ -63,9 +74,13 @@ class EngineKey:
         check_pattern("compute_capability", self.compute_capability, _COMPUTE_CAPABILITY, "like '8.7'",
                       error=ValueError)
         check_choice("precision", self.precision, PRECISIONS, error=ValueError)
+        check_text("gpu_name", self.gpu_name, "the GPU's name", error=ValueError)
+        if self.multiprocessors != UNKNOWN:
+            check_pattern("multiprocessors", self.multiprocessors, _COUNT, "a count such as '16'", error=ValueError)
 
     def to_dict(self) -> dict[str, str]:
-        return asdict(self)
+        """The fields; the GPU fields only when known, so a key from before them keeps its digest."""
+        return {name: value for name, value in asdict(self).items() if name not in _OPTIONAL or value != UNKNOWN}
 
     @classmethod
     def from_dict(cls, raw: dict) -> EngineKey:
@@ -73,11 +88,11 @@ class EngineKey:
         names = [f.name for f in fields(cls)]
         if not isinstance(raw, dict):
             raise BundleError(f"engine key must be an object with {names}, got {type(raw).__name__}")
-        missing = [name for name in names if name not in raw]
+        missing = [name for name in names if name not in raw and name not in _OPTIONAL]
         if missing:
             raise BundleError(f"engine key lacks {missing}; rebuild the engines: {REBUILD_COMMAND}")
         try:
-            return cls(**{name: str(raw[name]) for name in names})
+            return cls(**{name: str(raw[name]) for name in names if name in raw})
         except ValueError as exc:
             raise BundleError(f"engine key is malformed ({exc}); rebuild the engines: {REBUILD_COMMAND}") from exc
 
@@ -95,6 +110,8 @@ class EngineKey:
             if mine != theirs:
                 if name == "source_sha256":  # 12 hex digits tell graphs apart in a message
                     mine, theirs = mine[:12] + "...", theirs[:12] + "..."
+                if mine == UNKNOWN:
+                    mine = "unknown (a key written before the GPU was recorded: rebuild the engines)"
                 problems.append(f"{label}: engine {mine}, required {theirs}")
         return problems
 

@@ -37,7 +37,6 @@ from typing import Any
 
 from edge.errors import BundleError, ConfigError, EdgeError
 from edge.inference.bundle import REBUILD, Bundle
-from edge.inference.engine_key import REBUILD_COMMAND
 from edge.service import wiring
 from edge.service.checks import CheckResult, Status, _user_name, fail, ok, warn
 from edge.service.config import DIRECTORY_DEFAULTS, RobotConfig, load_config
@@ -48,6 +47,7 @@ from edge.service.device_checks import (  # noqa: F401 - _opencv_has: the tests 
     check_realtime,
     check_serial,
 )
+from edge.service.jetson_power import check_jetson_power
 
 logger = logging.getLogger(__name__)
 
@@ -118,14 +118,23 @@ def check_tensorrt(config: RobotConfig, bundle: Bundle, *, trt: Any = None, cuda
         rt = cudart if cudart is not None else cuda.load_runtime()
         capability = cuda.device_compute_capability(cudart=rt)
         device = cuda.device_name(cudart=rt)
+        multiprocessors = str(cuda.device_multiprocessors(cudart=rt))
     except EdgeError as exc:  # BackendError (no cuda-python) or CudaError (no GPU, driver mismatch)
         return [ok("tensorrt", f"TensorRT {version} importable"),
                 fail("cuda", str(exc), "in a container, run it with --runtime nvidia; on the robot, check "
                      "`nvidia-smi` or `tegrastats` and that this user is in the 'video'/'render' groups")]
-    results.append(ok("tensorrt", f"TensorRT {version} on {device} (compute capability {capability})"))
+    from edge.inference.backends.tensorrt import tensorrt_version_problem
 
-    fix = f"build the engines on this device: {REBUILD_COMMAND} --out {config.bundle}"
-    for fit in wiring.engine_fit(bundle, config.policy.target, version, capability):
+    too_old = tensorrt_version_problem(version)
+    if too_old:
+        return [fail("tensorrt", too_old, "flash JetPack 6.1 or newer (TensorRT 10.3), then build the engines: "
+                     f"{wiring.engines_command(config.bundle)}")]
+    results.append(ok("tensorrt", f"TensorRT {version} on {device} (compute capability {capability}, "
+                      f"{multiprocessors} multiprocessors)"))
+
+    fix = f"build the engines on this device: {wiring.engines_command(config.bundle)}"
+    for fit in wiring.engine_fit(bundle, config.policy.target, version, capability, gpu_name=device,
+                                 multiprocessors=multiprocessors):
         name = f"engine {fit.graph}/{fit.variant}"
         if fit.problem is not None:
             results.append(fail(name, fit.problem, fix))
@@ -286,6 +295,7 @@ def run_checks(config_path: str | Path, *, open_camera: bool = False, camera_tim
     results.append(check_serial(config.motor))
     results += check_camera(config.camera, open_camera=open_camera, timeout_s=camera_timeout_s)
     results += check_realtime(config)
+    results += check_jetson_power()  # nothing off a Jetson
     results += check_metrics(config)
     results += check_control_socket(config, environ)
     return results

@@ -37,6 +37,11 @@ def rebuild_command(bundle_dir) -> str:
     return f"build-engines --int8 --out {bundle_dir} --force"
 
 
+def engines_command(bundle_dir) -> str:
+    """Engines for this device from the bundle's graphs: on the robot, without torch or a full rebuild."""
+    return f"build-engines --engines-only {bundle_dir}"
+
+
 def check_policy(bundle: Bundle, config: RobotConfig) -> None:
     """The configured target and T against the bundle; raises ConfigError naming the key to change."""
     policy = config.policy
@@ -60,9 +65,13 @@ def engine_key(bundle: Bundle, graph: str, variant: str) -> EngineKey:
     entry = {(e.graph, e.variant): e for e in bundle.engines}.get((graph, variant))
     if entry is None:
         raise BundleError(f"bundle {bundle.root} has no TensorRT engine for the {variant} {graph} graph; build "
-                          f"engines on this device with: {rebuild_command(bundle.root)}")
+                          f"engines on this device with: {engines_command(bundle.root)}")
+    # The GPU fields are read from the manifest's raw table: keys from before them read as "unknown".
+    raw = next((e for e in bundle.manifest.get("engines", [])
+                if isinstance(e, dict) and (e.get("graph"), e.get("variant")) == (graph, variant)), {})
+    gpu = {name: raw[name] for name in ("gpu_name", "multiprocessors") if name in raw}
     return EngineKey.from_dict({"source_sha256": entry.source_sha256, "tensorrt_version": entry.tensorrt_version,
-                                "compute_capability": entry.compute_capability, "precision": entry.precision})
+                                "compute_capability": entry.compute_capability, "precision": entry.precision, **gpu})
 
 
 @dataclass(frozen=True)
@@ -76,9 +85,13 @@ class EngineFit:
     precision: str | None = None
 
 
-def engine_fit(bundle: Bundle, target: str, tensorrt_version: str, compute_capability: str) -> list[EngineFit]:
+def engine_fit(bundle: Bundle, target: str, tensorrt_version: str, compute_capability: str, *,
+               gpu_name: str | None = None, multiprocessors: str | None = None) -> list[EngineFit]:
     """Each engine of `target` against this TensorRT version and GPU: present, its key file agreeing with
-    the manifest, built from the graph the bundle ships, by this TensorRT for this compute capability."""
+    the manifest, built from the graph the bundle ships, by this TensorRT for this compute capability (and,
+    where given, this GPU's name and multiprocessor count)."""
+    gpu = {name: value for name, value in (("gpu_name", gpu_name), ("multiprocessors", multiprocessors))
+           if value is not None}
     fits = []
     engines = {(e.graph, e.variant): e for e in bundle.engines}
     for graph, variant in sorted(bundle.target_variants(target).items()):
@@ -105,7 +118,7 @@ def engine_fit(bundle: Bundle, target: str, tensorrt_version: str, compute_capab
         source = bundle.graphs[graph].files.get(variant) if graph in bundle.graphs else None
         source_sha256 = bundle.manifest["files"].get(source, built.source_sha256) if source else built.source_sha256
         required = replace(built, source_sha256=source_sha256, tensorrt_version=tensorrt_version,
-                           compute_capability=compute_capability)
+                           compute_capability=compute_capability, **gpu)
         problems = built.mismatch(required)
         fits.append(EngineFit(graph, variant, entry.path,
                               f"{entry.path} does not fit: {'; '.join(problems)} (engines run only on the TensorRT "

@@ -228,3 +228,29 @@ def test_unreadable_graphs_are_bundle_errors(tmp_path):
     garbage.write_bytes(b"\xff\x00 definitely not protobuf \xff" * 10)
     with pytest.raises(BundleError, match="garbage.onnx"):
         verify_cpu_layout(garbage)
+
+
+def test_a_uint8_input_must_feed_only_a_cast(tmp_path):
+    from build_engines.layout import TensorRTGraphError, verify_tensorrt_graph
+    from tests.fakes.conftest_fakes import image_model
+
+    verify_tensorrt_graph(image_model(tmp_path / "cast_first.onnx"))  # the order TensorRT parses
+    old = image_model(tmp_path / "old.onnx", cast_first=False)
+    with pytest.raises(TensorRTGraphError) as caught:
+        verify_tensorrt_graph(old)
+    assert caught.value.violations == (
+        "uint8 input 'image' feeds Transpose 'to_nchw'; TensorRT accepts a uint8 input only when it feeds a Cast "
+        "directly",)
+    assert "cast to float first" in str(caught.value) and isinstance(caught.value, BundleError)
+
+
+def test_an_activation_scale_must_be_per_tensor(tmp_path, fp32_path):
+    model = Builder().model()
+    for init in model.graph.initializer:  # the input's Q/DQ made per-channel (3 input channels)
+        if init.name == "x_q_scale":
+            init.CopyFrom(numpy_helper.from_array(np.full(3, 0.05, np.float32), init.name))
+        elif init.name == "x_q_zp":
+            init.CopyFrom(numpy_helper.from_array(np.zeros(3, np.int8), init.name))
+    with pytest.raises(LayoutError, match=r"QuantizeLinear 'x_q_Quantize' quantizes an activation with 3 scales "
+                                          r"\(shape \[3\]\); TensorRT needs one per-tensor scale"):
+        verify_tensorrt_layout(save(tmp_path, model), fp32_path)

@@ -25,7 +25,15 @@ from edge import fileio
 from edge.errors import BundleError
 from edge.inference.backends.base import TensorSpec
 from edge.inference.engine_key import EngineKey, file_sha256, key_path
-from tests.fakes.conftest_fakes import fake_gpu, fp16_model, head_model, mlp_model, ort_run, qdq_model
+from tests.fakes.conftest_fakes import (
+    fake_gpu,
+    fp16_model,
+    head_model,
+    image_model,
+    mlp_model,
+    ort_run,
+    qdq_model,
+)
 from tests.fakes.fake_cuda import FakeCudaRuntime
 from tests.fakes.fake_tensorrt import fake_plan_header, make_fake_tensorrt
 
@@ -68,6 +76,10 @@ def calls(trt, name: str) -> list[tuple]:
         ("10.3.0", "fp32", mlp_model, [], 0, False),
         ("10.3.0", "fp16", mlp_model, ["FP16"], 0, False),
         ("10.3.0", "int8", qdq_model, ["INT8", "FP16"], 0, False),
+        # 10.12+: weak typing deprecated, so strongly typed as on 11 (precision from the graph)
+        ("10.12.0", "fp32", mlp_model, [], 1 << 1, True),
+        ("10.12.0", "fp16", fp16_model, [], 1 << 1, True),
+        ("10.12.0", "int8", qdq_model, [], 1 << 1, True),
         ("11.0.0", "fp32", mlp_model, [], 1 << 1, True),
         ("11.0.0", "fp16", fp16_model, [], 1 << 1, True),
         ("11.0.0", "int8", qdq_model, [], 1 << 1, True),
@@ -289,7 +301,7 @@ def test_engine_key_for_this_device(tmp_path):
     trt, cudart = fake_gpu("10.3.0", compute_capability=(8, 7))
     onnx_path = mlp_model(tmp_path / "m.onnx")
     key = engine_key_for(onnx_path, "fp16", trt, cudart)
-    assert key == EngineKey(file_sha256(onnx_path), "10.3.0", "8.7", "fp16")
+    assert key == EngineKey(file_sha256(onnx_path), "10.3.0", "8.7", "fp16", "Orin (fake)", "16")
 
 
 def test_save_engine_writes_the_engine_and_its_key(tmp_path):
@@ -345,3 +357,95 @@ def test_verify_engine_with_a_key_runs_the_device_check(tmp_path):
     with pytest.raises(BundleError, match="TensorRT version: engine 10.2.0, required 10.3.0"):
         verify_engine(engine, {"x": x}, ort_run(onnx_path, {"x": x}), Tolerance(1e-3, 1e-2), input_specs=X,
                       output_specs=Y, key=stale, trt=trt, cudart=cudart)
+
+
+IMAGE_PROFILE = {"image": ((1, 4, 4, 3), (1, 4, 4, 3), (1, 4, 4, 3))}
+
+
+@pytest.mark.parametrize("version", ["10.3.0", "11.0.0"])
+def test_the_old_uint8_graph_fails_tensorrts_parser_and_the_cast_first_one_builds(tmp_path, version):
+    trt, cudart = fake_gpu(version)
+    logger = trt.Logger(trt.Logger.WARNING)
+    old = image_model(tmp_path / "old.onnx", cast_first=False)
+    network = trt.Builder(logger).create_network(tensorrt_builder._network_flags(trt))
+    parser = trt.OnnxParser(network, logger)
+    assert not parser.parse(old.read_bytes(), str(old))
+    error = parser.get_error(0)
+    assert (error.node_name(), error.node_operator(), error.code().name) == ("to_nchw", "Transpose", "UNSUPPORTED_NODE")
+    assert error.desc() == "TensorRT does not support UINT8 types for intermediate tensors!"
+    # build_engine names the problem before the parser is reached
+    with pytest.raises(BuildError, match=r"uint8 input 'image' feeds Transpose 'to_nchw'"):
+        build_engine(old, precision="fp16", profile=IMAGE_PROFILE, timing_cache_path=None, trt=trt)
+
+    new = image_model(tmp_path / "new.onnx")
+    engine = build_engine(new, precision="fp32", profile=IMAGE_PROFILE, timing_cache_path=None, trt=trt)
+    image = np.random.default_rng(0).integers(0, 256, (1, 4, 4, 3), dtype=np.uint8)
+    verify_engine(engine, {"image": image}, ort_run(new, {"image": image}), Tolerance(1e-5, 1e-5),
+                  input_specs=(TensorSpec("image", "uint8", (-1, 4, 4, 3)),),
+                  output_specs=(TensorSpec("features", "float32", (-1, 2)),), trt=trt, cudart=cudart)
+
+
+def _edited_qdq(tmp_path: Path, edit) -> Path:
+    import onnx
+    from onnx import numpy_helper
+
+    path = qdq_model(tmp_path / "qdq.onnx")
+    model = onnx.load(str(path))
+    for init in model.graph.initializer:
+        value = edit(init.name, numpy_helper.to_array(init))
+        if value is not None:
+            init.CopyFrom(numpy_helper.from_array(value, init.name))
+    onnx.save(model, str(path))
+    return path
+
+
+def test_the_fake_parser_refuses_a_nonzero_zero_point(tmp_path):
+    trt, _ = fake_gpu("10.3.0")
+    path = _edited_qdq(tmp_path, lambda name, v: np.array(3, np.int8) if name == "x_zero" else None)
+    with pytest.raises(BuildError, match=r"quant_x, QuantizeLinear\): INVALID_NODE: TensorRT only supports "
+                                         r"symmetric quantization"):
+        build_engine(path, precision="int8", profile=PROFILE, timing_cache_path=None, trt=trt)
+
+
+def test_the_fake_builder_refuses_per_channel_activation_scales(tmp_path):
+    trt, _ = fake_gpu("10.3.0")
+
+    def per_channel(name, value):
+        if name == "x_scale":
+            return np.full(4, 0.05, np.float32)
+        return np.zeros(4, np.int8) if name == "x_zero" else None
+
+    path = _edited_qdq(tmp_path, per_channel)
+    with pytest.raises(BuildError, match=r"per-channel quantization of activation tensor 'x' is not supported"):
+        build_engine(path, precision="int8", profile=PROFILE, timing_cache_path=None, trt=trt)
+
+
+def test_an_op_tensorrt_has_no_importer_for_is_refused_by_the_fake(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("NonMaxSuppression", ["boxes", "scores"], ["picked"], name="nms")],
+                              "nms", [helper.make_tensor_value_info("boxes", TensorProto.FLOAT, [1, 4, 4]),
+                                      helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, 1, 4])],
+                              [helper.make_tensor_value_info("picked", TensorProto.INT64, [4, 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "nms.onnx"))
+    with pytest.raises(BuildError, match=r"No importer registered for op: NonMaxSuppression"):
+        build_engine(tmp_path / "nms.onnx", precision="fp32", profile={}, timing_cache_path=None,
+                     trt=fake_gpu("10.3.0")[0])
+
+
+def test_tensorrt_8_is_refused_naming_jetpack_6_1(tmp_path):
+    trt8 = make_fake_tensorrt("8.6.2")
+    with pytest.raises(BuildError, match=r"TensorRT 8.6.2 is too old: .*JetPack 6.1\+"):
+        build(tmp_path, trt8, "fp32")
+    assert "Builder" not in trt8.fake.call_names()
+    available, reason = tensorrt_status(trt8, FakeCudaRuntime())  # the full build skips engines, saying why
+    assert not available and "JetPack 6.1+" in reason
+    # what the refusal spares the user: the 8.x parser refuses the implicit-batch network create_network(0) gives
+    logger = trt8.Logger()
+    parser = trt8.OnnxParser(trt8.Builder(logger).create_network(0), logger)
+    path = mlp_model(tmp_path / "m.onnx")
+    assert not parser.parse(path.read_bytes(), str(path))
+    assert "explicit batch dimension" in parser.get_error(0).desc()

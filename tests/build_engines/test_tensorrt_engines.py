@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from build_engines.build import BuildOptions, _write_manifest
+from build_engines.layout import TensorRTGraphError, verify_tensorrt_graph
 from build_engines.tensorrt_engines import build_all
 from edge.errors import BackendError, BundleError
 from edge.inference.backends.base import TensorSpec
@@ -79,8 +80,57 @@ def test_engine_from_another_gpu_is_refused(reference_bundle, tmp_path):
     make = backend_factory(bundle, config, trt=trt, cudart=cudart)
     entry = bundle.graphs["head"]
     backend = make("head", "int8_trt", entry.inputs, entry.outputs, 32)
-    with pytest.raises((BundleError, BackendError), match="build-engines --int8"):
+    with pytest.raises((BundleError, BackendError), match="build-engines --engines-only"):
         backend.activate()
     with pytest.raises(BundleError, match="no TensorRT engine for the fp32 head graph"):
         make("head", "fp32", entry.inputs, entry.outputs, 32)
     assert isinstance(entry.inputs[0], TensorSpec)
+
+
+def _parser_errors(trt, path) -> list[str]:
+    logger = trt.Logger(trt.Logger.WARNING)
+    parser = trt.OnnxParser(trt.Builder(logger).create_network(0), logger)
+    parser.parse(path.read_bytes(), str(path))
+    return [f"{parser.get_error(i).node_operator()}: {parser.get_error(i).desc()}" for i in range(parser.num_errors)]
+
+
+def _old_preprocessing_order(model):
+    """The vision graph as the encoder exported it before: uint8 frame -> Transpose -> Gather -> Cast."""
+    nodes = list(model.graph.node)
+    frame = model.graph.input[0].name
+    cast = next(n for n in nodes if n.op_type == "Cast" and n.input[0] == frame)
+    transpose = next(n for n in nodes if n.op_type == "Transpose" and n.input[0] == cast.output[0])
+    gather = next(n for n in nodes if n.op_type == "Gather" and n.input[0] == transpose.output[0])
+    gathered = gather.output[0]
+    transpose.input[0], gather.output[0] = frame, "gathered_uint8"
+    cast.input[0], cast.output[0] = "gathered_uint8", gathered
+    order = [n for n in nodes if n is not cast]
+    order.insert(order.index(gather) + 1, cast)
+    del model.graph.node[:]
+    model.graph.node.extend(order)
+    del model.graph.value_info[:]  # the types recorded for the new order; shape inference gives the old ones
+    return model
+
+
+def test_the_bundles_tensorrt_graphs_pass_the_strict_parser_and_the_old_vision_order_fails(reference_bundle,
+                                                                                            tmp_path):
+    import onnx
+
+    bundle = Bundle.load(reference_bundle[0])
+    trt, _ = fake_gpu("10.3.0")
+    for target in ("tensorrt", "fp16"):
+        for graph, variant in sorted(bundle.target_variants(target).items()):
+            assert _parser_errors(trt, bundle.graph_path(graph, variant)) == [], (graph, variant)
+    # the CPU layout is not for TensorRT: uint8 activations and int32 biases are types it refuses
+    cpu_errors = set(_parser_errors(trt, bundle.graph_path("vision", "int8_cpu")))
+    assert "QuantizeLinear: TensorRT does not support UINT8 types for intermediate tensors!" in cpu_errors
+    assert any(e.startswith("DequantizeLinear: DequantizeLinear does not support input") and "of type INT32" in e
+               for e in cpu_errors)
+    for variant in ("int8_trt", "fp16"):
+        old = tmp_path / f"vision_{variant}_old.onnx"
+        onnx.save(_old_preprocessing_order(onnx.load(str(bundle.graph_path("vision", variant)))), str(old))
+        onnx.checker.check_model(str(old))  # a valid ONNX graph: onnxruntime would run it
+        assert _parser_errors(trt, old)[0] == "Transpose: TensorRT does not support UINT8 types for intermediate " \
+                                              "tensors!"
+        with pytest.raises(TensorRTGraphError, match="uint8 input 'image' feeds Transpose"):
+            verify_tensorrt_graph(old)  # and the build names it before TensorRT is reached

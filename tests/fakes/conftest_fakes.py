@@ -129,3 +129,39 @@ def ort_run(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     session = ort.InferenceSession(str(path), session_options(ort, threads=1), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, feeds), strict=True))
+
+
+def image_model(path: Path, *, cast_first: bool = True, size: int = 4, seed: int = 4) -> Path:
+    """A vision encoder's preprocessing in miniature: uint8 BGR [N, size, size, 3] -> float [N, 2].
+
+    ``cast_first`` (what TensorRT parses): Cast, then Transpose to NCHW and Gather BGR -> RGB.
+    ``cast_first=False`` is the order TensorRT refuses (the old reference encoder): Transpose and Gather
+    on uint8, then Cast.
+    """
+    weight = np.random.default_rng(seed).standard_normal((3, 2)).astype(np.float32)
+    cast = helper.make_node("Cast", ["image" if cast_first else "rgb"], ["as_float" if cast_first else "rgb_f"],
+                            name="to_float", to=TensorProto.FLOAT)
+    source = "as_float" if cast_first else "image"
+    layout = [
+        helper.make_node("Transpose", [source], ["nchw"], name="to_nchw", perm=[0, 3, 1, 2]),
+        helper.make_node("Gather", ["nchw", "bgr_to_rgb"], ["rgb"], name="bgr_to_rgb", axis=1),
+    ]
+    nodes = [cast, *layout] if cast_first else [*layout, cast]
+    rgb = "rgb" if cast_first else "rgb_f"
+    nodes += [
+        helper.make_node("Sub", [rgb, "mean"], ["centred"], name="centre"),
+        helper.make_node("Div", ["centred", "std"], ["normalised"], name="scale"),
+        helper.make_node("GlobalAveragePool", ["normalised"], ["pooled"], name="pool"),
+        helper.make_node("Flatten", ["pooled"], ["flat"], name="flatten"),
+        helper.make_node("MatMul", ["flat", "W"], ["features"], name="project"),
+    ]
+    graph = helper.make_graph(
+        nodes, "image_prep",
+        [helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", size, size, 3])],
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", 2])],
+        [numpy_helper.from_array(np.array([2, 1, 0], np.int64), "bgr_to_rgb"),
+         numpy_helper.from_array(np.array(127.0, np.float32), "mean"),
+         numpy_helper.from_array(np.array(128.0, np.float32), "std"),
+         numpy_helper.from_array(weight, "W")],
+    )
+    return _save(graph, path)

@@ -51,6 +51,7 @@ _ERROR_STRINGS = {
     cudaError_t.cudaErrorInvalidValue: "invalid argument",
     cudaError_t.cudaErrorMemoryAllocation: "out of memory",
     cudaError_t.cudaErrorNoDevice: "no CUDA-capable device is detected",
+    cudaError_t.cudaErrorInsufficientDriver: "CUDA driver version is insufficient for CUDA runtime version",
     cudaError_t.cudaErrorIllegalAddress: "an illegal memory access was encountered",
 }
 
@@ -111,6 +112,7 @@ class cudaDeviceProp:  # noqa: N801
     minor: int
     totalGlobalMem: int = 8 << 30  # noqa: N815 - the real field's name
     integrated: int = 1
+    multiProcessorCount: int = 16  # noqa: N815 - the real field's name (cudaDeviceProp)
 
 
 class FakeCudaFault(Exception):
@@ -167,10 +169,16 @@ class FakeCudaRuntime:
     cudaEventDefault = 0
 
     def __init__(self, compute_capability: tuple[int, int] = (8, 7), device_count: int = 1,
-                 name: str = "Orin (fake)"):
+                 name: str = "Orin (fake)", *, driver: bool = True, multiprocessors: int = 16):
         self.compute_capability = compute_capability
         self.device_count = device_count
         self.device_name = name
+        self.multiprocessors = multiprocessors
+        # driver=False: no libcuda at all (a container started without the NVIDIA runtime). The CUDA runtime
+        # then fails every call with cudaErrorInsufficientDriver (35), not cudaErrorNoDevice (100), which needs
+        # a driver that sees no GPU (device_count=0): NVIDIA/nvidia-docker issue 24 ("cudaGetDeviceCount
+        # returned 35" in a container without the driver mounted) and the CUDA runtime API's error docs.
+        self.driver = driver
         self.calls: Counter[str] = Counter()
         self.clock_ms = 0.0
         self.pageable_copies = 0  # async copies from/to memory that was not pinned (silently synchronous)
@@ -214,6 +222,8 @@ class FakeCudaRuntime:
 
     def _enter(self, name: str) -> cudaError_t | None:
         self.calls[name] += 1
+        if not self.driver:
+            return cudaError_t.cudaErrorInsufficientDriver
         if self._sticky is not None:
             return self._sticky
         queued = self._failures.get(name)
@@ -286,7 +296,8 @@ class FakeCudaRuntime:
         if not 0 <= int(device) < self.device_count:
             return (cudaError_t.cudaErrorInvalidDevice, None)
         major, minor = self.compute_capability
-        return (cudaError_t.cudaSuccess, cudaDeviceProp(self.device_name.encode(), major, minor))
+        return (cudaError_t.cudaSuccess, cudaDeviceProp(self.device_name.encode(), major, minor,
+                                                        multiProcessorCount=self.multiprocessors))
 
     def cudaGetErrorName(self, error: cudaError_t) -> tuple:  # noqa: N802
         self.calls["cudaGetErrorName"] += 1

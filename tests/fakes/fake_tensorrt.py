@@ -1,5 +1,6 @@
 """A faithful fake of the TensorRT Python API that the engine builder and the TensorRT backend use.
 
+``make_fake_tensorrt("8.6.2")`` like TensorRT 8.6 (implicit batch unless EXPLICIT_BATCH), and
 ``make_fake_tensorrt("10.3.0")`` behaves like TensorRT 10 (weak typing: FP16/INT8 builder flags,
 EXPLICIT_BATCH and STRONGLY_TYPED network flags); ``make_fake_tensorrt("11.0.0")`` like TensorRT 11
 (strongly typed only: no precision builder flags, STRONGLY_TYPED kept but ignored). Using an API the
@@ -7,9 +8,12 @@ version does not have fails the way the real module does (AttributeError on the 
 
 What is real here:
 - ``OnnxParser`` parses with the ``onnx`` package (``onnx.load`` + ``onnx.checker``), resolves external
-  weights relative to the model path, and fails like TensorRT: ``parse()`` returns False and the errors
-  are read with ``num_errors`` / ``get_error(i)`` (``desc()``, ``node()``, ``code()``...). Ops listed in
-  ``unsupported_ops`` fail as TensorRT fails on an op it has no importer for.
+  weights relative to the model path, applies the importer rules of onnx-tensorrt
+  (``tests/fakes/onnx_tensorrt_rules.py``: uint8 only as network I/O into a Cast, the supported ops and
+  their input types, symmetric Q/DQ with positive scales; explicit batch on 8.x), and fails like
+  TensorRT: ``parse()`` returns False and the errors are read with ``num_errors`` / ``get_error(i)``
+  (``desc()``, ``node()``, ``code()``...). Ops listed in ``unsupported_ops`` fail as TensorRT fails on an
+  op it has no importer for.
 - ``build_serialized_network`` checks what TensorRT checks (a profile for every dynamic input, shapes
   min <= opt <= max, no precision flags on a strongly typed network), uses and fills the timing cache,
   and returns an ``IHostMemory`` (bytes) holding the ONNX model and the build metadata, or None with
@@ -36,6 +40,7 @@ import numpy as np
 import onnx
 
 from edge.inference.backends.onnxruntime import session_options
+from tests.fakes.onnx_tensorrt_rules import builder_errors, parser_errors
 
 _PLAN_MAGIC = b"FAKE-TRT-PLAN\x00"
 _CACHE_MAGIC = b"FAKE-TRT-TIMING-CACHE\x00"
@@ -256,7 +261,8 @@ class INetworkDefinition:
 
     @property
     def fake_strongly_typed(self) -> bool:
-        return self.get_flag(self._flag_enum.STRONGLY_TYPED)
+        strongly = getattr(self._flag_enum, "STRONGLY_TYPED", None)  # TensorRT 8 has none
+        return strongly is not None and self.get_flag(strongly)
 
     @property
     def num_inputs(self) -> int:
@@ -391,12 +397,17 @@ class _OnnxParser:
         except onnx.checker.ValidationError as exc:
             self._fail(ErrorCode.INVALID_GRAPH, f"ONNX model is invalid: {exc}".splitlines()[0])
             return False
-        for index, node in enumerate(model.graph.node):
-            if node.op_type in self._state.unsupported_ops:
-                self._fail(ErrorCode.UNSUPPORTED_NODE,
-                           f"No importer registered for op: {node.op_type}. Attempting to import as plugin. "
-                           "Plugin not found, are the plugin name, version, and namespace correct?",
-                           index, node.name, node.op_type)
+        if self._state.major < 10 and not self._network._flags & 1:
+            # onnx-tensorrt 8.x ModelImporter::parse: "This version of the ONNX parser only supports TensorRT
+            # INetworkDefinitions with an explicit batch dimension" (create_network(0) is implicit batch there).
+            self._fail(ErrorCode.INVALID_VALUE, "This version of the ONNX parser only supports TensorRT "
+                       "INetworkDefinitions with an explicit batch dimension. Please ensure the network was "
+                       "initialized with the kEXPLICIT_BATCH flag.")
+            return False
+        # The importers' rules (uint8 only as I/O into Cast, supported ops and types, symmetric Q/DQ):
+        # tests/fakes/onnx_tensorrt_rules.py, each with its source.
+        for error in parser_errors(model, self._state.unsupported_ops):
+            self._fail(ErrorCode[error.code], error.desc, error.node, error.node_name, error.op)
         if self._errors:
             return False
         self._network.fake_load(model)
@@ -412,6 +423,8 @@ class IOptimizationProfile:
     def set_shape(self, input: str, min: Any, opt: Any, max: Any) -> None:  # noqa: A002 - TensorRT's names
         self._state.record("IOptimizationProfile.set_shape", input, tuple(min), tuple(opt), tuple(max))
         lo, mid, hi = Dims(min), Dims(opt), Dims(max)
+        # NvInferRuntime.h, IOptimizationProfile::setDimensions: "0 <= minDims <= optDims <= maxDims" per
+        # dimension and the same rank for all three, else the profile is invalid.
         if not (len(lo) == len(mid) == len(hi)) or any(
             not (0 <= a <= b <= c) for a, b, c in zip(lo, mid, hi, strict=True)
         ):
@@ -551,9 +564,14 @@ class _Builder:
             errors.append("Error Code 4: Internal Error (Network must have at least one output)")
             return errors
         precision_flags = sorted(f.name for f in config._flags if f.name in _PRECISION_FLAGS)
+        # TensorRT developer guide, "Strongly Typed Networks": the precision builder flags are not allowed on
+        # a strongly typed network (types come from the network and its Cast/Q/DQ layers).
         if network.fake_strongly_typed and precision_flags:
             errors.append(f"Error Code 3: API Usage Error (BuilderFlag {precision_flags} cannot be set "
                           "on a strongly typed network: its types come from the network)")
+        # TensorRT developer guide, "Working with Dynamic Shapes" / "Optimization Profiles": a network with a
+        # dynamic input (the head's T) needs at least one profile giving every dynamic input its min/opt/max,
+        # each fitting the input's fixed dimensions.
         dynamic = [t for t in network._inputs if -1 in t.shape]
         if dynamic and not config._profiles:
             errors.append("Error Code 4: Internal Error (Network has dynamic or shape inputs, but no "
@@ -571,6 +589,7 @@ class _Builder:
                     ):
                         errors.append(f"Error Code 4: Internal Error (profile shape {tuple(which)} of "
                                       f"{tensor.name} does not fit its dimensions {tuple(tensor.shape)})")
+        errors += builder_errors(network.fake_model)
         if self._state.build_failure:
             errors.append(self._state.build_failure)
             self._state.build_failure = None
@@ -808,11 +827,14 @@ def make_fake_tensorrt(version: str = "10.3.0", *, cudart: Any = None, unsupport
     state = FakeState(version=version, cudart=cudart, default_compute_capability=compute_capability,
                       unsupported_ops=set(unsupported_ops))
     major = state.major
-    if major not in (10, 11):
-        raise ValueError(f"the fake models TensorRT 10.x and 11.x, not {version}")
-    flag_names = _FLAGS_COMMON + (_FLAGS_WEAK_TYPING if major == 10 else [])
+    if major not in (8, 10, 11):
+        raise ValueError(f"the fake models TensorRT 8.x, 10.x and 11.x, not {version}")
+    flag_names = _FLAGS_COMMON + (_FLAGS_WEAK_TYPING if major < 11 else [])
     builder_flag = enum.IntEnum("BuilderFlag", [(n, i) for i, n in enumerate(flag_names)])
-    if major == 10:
+    if major == 8:  # TensorRT 8.6 (JetPack 6.0): implicit batch unless EXPLICIT_BATCH; no strong typing
+        network_flag = enum.IntEnum("NetworkDefinitionCreationFlag",
+                                    [("EXPLICIT_BATCH", 0), ("EXPLICIT_PRECISION", 1)])
+    elif major == 10:
         network_flag = enum.IntEnum("NetworkDefinitionCreationFlag",
                                     [("EXPLICIT_BATCH", 0), ("STRONGLY_TYPED", 1),
                                      ("PREFER_AOT_PYTHON_PLUGINS", 2), ("PREFER_JIT_PYTHON_PLUGINS", 3)])
@@ -822,7 +844,7 @@ def make_fake_tensorrt(version: str = "10.3.0", *, cudart: Any = None, unsupport
                                      ("PREFER_JIT_PYTHON_PLUGINS", 3)])
 
     builder_attrs: dict[str, Any] = {"_state": state, "_flag_enum": builder_flag, "_network_flag_enum": network_flag}
-    if major == 10:
+    if major < 11:
         builder_attrs["platform_has_fast_fp16"] = property(lambda self: True)
         builder_attrs["platform_has_fast_int8"] = property(lambda self: True)
 

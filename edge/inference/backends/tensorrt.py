@@ -44,6 +44,22 @@ TENSORRT_HINT = (
     "them, or run inside the Jetson container"
 )
 _REBUILD = f"rebuild the engines on this device: {REBUILD_COMMAND}"
+# TensorRT 8.6 (JetPack 6.0) is refused rather than supported through EXPLICIT_BATCH: its ONNX parser lacks
+# importers and Q/DQ rules the bundle's graphs rely on, and it has no strongly typed networks; JetPack 6.1
+# and 6.2 ship TensorRT 10.3 (docs/deployment.md).
+MIN_TENSORRT = (10, 0)
+
+
+def tensorrt_version_problem(version: str) -> str | None:
+    """None when this TensorRT can build and run the bundle's engines, else the line that says why not."""
+    try:
+        major_minor = tuple(int(part) for part in str(version).split(".")[:2])
+    except ValueError:
+        return f"cannot read the TensorRT version {version!r}"
+    if major_minor < MIN_TENSORRT:
+        return (f"TensorRT {version} is too old: vla-edge needs TensorRT 10 or newer; on a Jetson, flash "
+                "JetPack 6.1+ (it ships TensorRT 10.3)")
+    return None
 
 
 def load_tensorrt() -> ModuleType:
@@ -210,10 +226,14 @@ class TensorRTBackend(InferenceBackend):
         self._trt = self._trt_module if self._trt_module is not None else load_tensorrt()
         self._rt = self._cudart_module if self._cudart_module is not None else cuda.load_runtime()
         trt, rt = self._trt, self._rt
+        too_old = tensorrt_version_problem(str(trt.__version__))
+        if too_old:
+            raise BackendError(too_old)
         if not self.engine_path.is_file():
             raise BundleError(f"engine {self.engine_path} is missing; {_REBUILD}")
         compute_capability = cuda.device_compute_capability(cudart=rt)
-        self._check_key(trt.__version__, compute_capability)
+        self._check_key(trt.__version__, compute_capability, cuda.device_name(cudart=rt),
+                        str(cuda.device_multiprocessors(cudart=rt)))
 
         self._logger = tensorrt_logger(trt)
         self._log_mark = self._logger.mark()
@@ -261,7 +281,8 @@ class TensorRTBackend(InferenceBackend):
             f", CUDA graph at batch {self.cuda_graph_batch}" if self._graph is not None else "",
         )
 
-    def _check_key(self, tensorrt_version: str, compute_capability: str) -> None:
+    def _check_key(self, tensorrt_version: str, compute_capability: str, gpu_name: str,
+                   multiprocessors: str) -> None:
         sidecar = key_path(self.engine_path)
         built = EngineKey.load(sidecar) if sidecar.is_file() else None
         if built is None and self.expected_key is None:
@@ -270,7 +291,8 @@ class TensorRTBackend(InferenceBackend):
             return
         engine_key = built if built is not None else self.expected_key
         reference = self.expected_key if self.expected_key is not None else built
-        required = replace(reference, tensorrt_version=tensorrt_version, compute_capability=compute_capability)
+        required = replace(reference, tensorrt_version=tensorrt_version, compute_capability=compute_capability,
+                           gpu_name=gpu_name, multiprocessors=multiprocessors)
         problems = engine_key.mismatch(required)
         if problems:
             raise BundleError(

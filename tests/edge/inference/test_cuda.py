@@ -50,6 +50,25 @@ def test_no_device_is_a_cuda_error_with_a_hint():
         cuda.device_count(cudart=rt)
 
 
+def test_no_driver_and_no_device_get_different_hints():
+    # Without a driver (a container started without the NVIDIA runtime) real cuda-python returns 35.
+    no_driver = FakeCudaRuntime(driver=False)
+    with pytest.raises(CudaError) as caught:
+        cuda.device_count(cudart=no_driver)
+    assert int(cudaError_t.cudaErrorInsufficientDriver) == 35 and int(cudaError_t.cudaErrorNoDevice) == 100
+    assert "cudaErrorInsufficientDriver: no usable NVIDIA driver: in a container, start it with the NVIDIA " \
+           "runtime" in str(caught.value)
+    with pytest.raises(CudaError) as caught:
+        cuda.device_count(cudart=FakeCudaRuntime(device_count=0))
+    assert "although the NVIDIA driver is loaded" in str(caught.value)
+    assert "container" not in str(caught.value)
+
+
+def test_the_stream_handle_is_the_native_address(rt):
+    with cuda.Stream(cudart=rt) as stream:
+        assert stream.handle == int(stream.raw) != 0  # int() here: cuda.bindings.utils is absent off-GPU
+
+
 def test_compute_capability_and_name_come_from_the_device_properties():
     assert cuda.device_compute_capability(cudart=FakeCudaRuntime()) == "8.7"
     assert cuda.device_compute_capability(cudart=FakeCudaRuntime(compute_capability=(7, 2))) == "7.2"
@@ -159,7 +178,7 @@ def test_a_kernel_fault_is_sticky(rt):
 def test_missing_cuda_python_names_the_install_command(monkeypatch):
     for name in ("cuda", "cuda.bindings", "cuda.bindings.runtime", "cuda.cudart"):
         monkeypatch.setitem(sys.modules, name, None)  # makes the import fail as if not installed
-    with pytest.raises(BackendError, match=re.escape("pip install 'cuda-python>=12.2,<13'")):
+    with pytest.raises(BackendError, match=re.escape("pip install 'cuda-python>=12.9.1,<13'")):
         cuda.load_runtime()
 
 

@@ -17,7 +17,8 @@ from edge.inference.backends.base import TensorSpec
 from edge.inference.backends.tensorrt import TensorRTBackend
 from edge.inference.engine_key import REBUILD_COMMAND, EngineKey, file_sha256, key_path
 from tests.fakes.conftest_fakes import fake_gpu, head_model, mlp_model, ort_run
-from tests.fakes.fake_cuda import cudaError_t
+from tests.fakes.fake_cuda import FakeCudaRuntime, cudaError_t
+from tests.fakes.fake_tensorrt import make_fake_tensorrt
 from tests.gpu import real_cuda_runtime
 
 X = (TensorSpec("x", "float32", (-1, 4)),)
@@ -66,6 +67,32 @@ def test_engine_key_digest_is_canonical_and_covers_every_field():
     problems = key.mismatch(dataclasses.replace(key, tensorrt_version="10.4.0", compute_capability="7.2"))
     assert problems == ["TensorRT version: engine 10.3.0, required 10.4.0",
                         "GPU compute capability: engine 8.7, required 7.2"]
+
+
+def test_engine_key_names_the_gpu_and_reads_old_keys_as_unknown(tmp_path):
+    key = EngineKey(SHA_A, "10.3.0", "8.7", "int8", "Orin", "16")
+    nano = dataclasses.replace(key, multiprocessors="8")  # Orin Nano: also compute capability 8.7
+    assert key.mismatch(nano) == ["GPU multiprocessors: engine 16, required 8"]
+    old = {"source_sha256": SHA_A, "tensorrt_version": "10.3.0", "compute_capability": "8.7", "precision": "int8"}
+    legacy = EngineKey.from_dict(old)  # a key written before the GPU fields
+    assert (legacy.gpu_name, legacy.multiprocessors) == ("unknown", "unknown")
+    assert legacy.to_dict() == old  # ...keeps its digest, so its key file still loads
+    path = tmp_path / "old.key.json"
+    path.write_text(json.dumps({**old, "digest": legacy.digest()}))
+    assert EngineKey.load(path) == legacy
+    assert legacy.mismatch(key)[0].startswith("GPU: engine unknown (a key written before the GPU was recorded: "
+                                              "rebuild the engines), required Orin")
+    with pytest.raises(ValueError, match="multiprocessors"):
+        EngineKey(SHA_A, "10.3.0", "8.7", "int8", "Orin", "sixteen")
+
+
+def test_an_engine_from_another_gpu_of_the_same_generation_is_refused(tmp_path):
+    trt, cudart = fake_gpu("10.3.0")
+    _, engine_path, key = make_engine(tmp_path, trt, cudart)
+    nano_rt = FakeCudaRuntime(multiprocessors=8)
+    nano = make_fake_tensorrt("10.3.0", cudart=nano_rt)
+    with pytest.raises(BundleError, match="GPU multiprocessors: engine 16, required 8"):
+        TensorRTBackend(engine_path, key, X, Y, max_batch=8, trt=nano, cudart=nano_rt).activate()
 
 
 def test_engine_key_rejects_malformed_values():
@@ -372,3 +399,11 @@ def test_real_tensorrt_matches_onnxruntime(tmp_path):
         backend.input("x")[:5] = x
         for _ in range(2):
             np.testing.assert_allclose(backend.run(5)["y"], ort_run(onnx_path, {"x": x})["y"], rtol=1e-3, atol=1e-4)
+
+
+def test_tensorrt_8_is_refused_at_activation(mlp):
+    _, engine_path, key = mlp
+    rt = FakeCudaRuntime()
+    with pytest.raises(BackendError, match=r"TensorRT 8.6.2 is too old: .*JetPack 6.1\+"):
+        TensorRTBackend(engine_path, key, X, Y, max_batch=8, trt=make_fake_tensorrt("8.6.2", cudart=rt),
+                        cudart=rt).activate()

@@ -25,6 +25,7 @@ from edge.service import doctor
 from edge.service.config import config_from_dict
 from edge.service.doctor import Status
 from tests.fakes.conftest_fakes import fake_gpu
+from tests.fakes.fake_cuda import FakeCudaRuntime
 
 
 def make_config(**sections):
@@ -145,7 +146,7 @@ def bundle_with_engines(reference_bundle, tmp_path):
     for graph, variant in sorted(manifest["targets"]["tensorrt"].items()):
         source = manifest["graphs"][graph]["files"][variant]
         precision = {"int8_trt": "int8", "fp16": "fp16"}.get(variant, "fp32")
-        key = EngineKey(manifest["files"][source], "10.3.0", "8.7", precision)
+        key = EngineKey(manifest["files"][source], "10.3.0", "8.7", precision, "Orin (fake)", "16")
         engine = copy / "engines" / f"{graph}_{variant}.engine"
         engine.write_bytes(b"serialized engine " + graph.encode())
         key.save(key_path(engine))
@@ -187,8 +188,44 @@ def test_engines_from_another_tensorrt_or_gpu_fail_naming_the_rebuild(bundle_wit
     assert len(failed) == len(manifest["targets"]["tensorrt"])
     for result in failed:
         assert expected in result.message
-        assert "build-engines --int8 --force" in result.fix and str(root) in result.fix
+        assert f"build-engines --engines-only {root}" in result.fix  # engines only, on the robot
     assert doctor.exit_status(results) == 1
+
+
+def test_engines_keyed_before_the_gpu_was_recorded_fail_naming_the_engines_command(bundle_with_engines):
+    root, manifest = bundle_with_engines
+    for entry in manifest["engines"]:  # a manifest and key files as builds before the GPU fields wrote them
+        del entry["gpu_name"], entry["multiprocessors"]
+        key_file = key_path(root / entry["path"])
+        EngineKey.from_dict(entry).save(key_file)
+        manifest["files"][str(key_file.relative_to(root))] = file_sha256(key_file)
+    save_manifest(root, manifest)
+    failed = [r for r in tensorrt_checks(root) if r.status is Status.FAIL]
+    assert len(failed) == len(manifest["targets"]["tensorrt"])
+    for result in failed:
+        assert "GPU: engine unknown (a key written before the GPU was recorded: rebuild the engines), required " \
+               "Orin (fake)" in result.message
+        assert f"build-engines --engines-only {root}" in result.fix
+
+
+def test_an_orin_nano_engine_does_not_pass_on_an_agx_orin(bundle_with_engines):
+    root, manifest = bundle_with_engines
+    config = make_config(bundle=str(root), policy={"target": "tensorrt", "backend": "tensorrt"})
+    _, bundle = doctor.check_bundle(config)
+    trt, _ = fake_gpu("10.3.0")
+    agx = FakeCudaRuntime(compute_capability=(8, 7), name="Orin (fake)", multiprocessors=8)  # same sm 8.7
+    failed = [r for r in doctor.check_tensorrt(config, bundle, trt=trt, cudart=agx) if r.status is Status.FAIL]
+    assert failed and all("GPU multiprocessors: engine 16, required 8" in r.message for r in failed)
+
+
+def test_tensorrt_8_is_refused_naming_jetpack_6_1(bundle_with_engines):
+    root, _ = bundle_with_engines
+    config = make_config(bundle=str(root), policy={"target": "tensorrt", "backend": "tensorrt"})
+    _, bundle = doctor.check_bundle(config)
+    trt8, cudart = fake_gpu("8.6.2")
+    results = doctor.check_tensorrt(config, bundle, trt=trt8, cudart=cudart)
+    assert [r.status for r in results] == [Status.FAIL]
+    assert "JetPack 6.1+" in results[0].message and "--engines-only" in results[0].fix
 
 
 def test_engine_from_another_graph_or_missing_fails(bundle_with_engines):
