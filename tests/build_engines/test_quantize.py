@@ -50,7 +50,7 @@ class TinyVision(nn.Module):
         self.register_buffer("std", torch.tensor([0.23, 0.22, 0.22]).view(1, 3, 1, 1))
 
     def forward(self, image):  # uint8 [N, H, W, 3]
-        x = image.permute(0, 3, 1, 2).float() / 255.0
+        x = image.float().permute(0, 3, 1, 2) / 255.0  # cast first, as TensorRT requires of a uint8 input
         x = (x - self.mean) / self.std
         x = nn.functional.relu6(self.bn1(self.conv1(x)))
         x = torch.relu(self.conv2(x))
