@@ -20,7 +20,7 @@ def test_reference_bundle_verifies_and_lists_every_file(reference_bundle):
     root = reference_bundle[0]
     bundle = Bundle.load(root)
     listed = set(bundle.manifest["files"])
-    on_disk = {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != "manifest.json"}
+    on_disk = {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name not in ("manifest.json", "manifest.sha256")}
     assert listed == on_disk
     for graph in ("vision", "language", "head"):
         assert bundle.graph_path(graph, "fp32").is_file()
