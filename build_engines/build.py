@@ -216,6 +216,7 @@ class Plan:
     heldout_episodes: list
     source: dict
     environment: str | None
+    episode_ids: dict  # "calibration" / "heldout" -> the episodes each part came from (None: single frames)
 
 
 def plan_build(options: BuildOptions) -> Plan:
@@ -256,14 +257,15 @@ def plan_build(options: BuildOptions) -> Plan:
         heldout = heldout[: max(options.heldout_samples, samples_mod.MIN_HELDOUT_SAMPLES)]
         data, held = samples_mod.concatenate(samples_mod.prepare(calib, spec), samples_mod.prepare(heldout, spec))
         describe = source.describe() if hasattr(source, "describe") else {"kind": type(source).__name__}
-    episodes: list[list] = []
-    for sample in heldout:
-        if not episodes or sample.episode is None or sample.episode != episodes[-1][0].episode:
-            episodes.append([])
-        episodes[-1].append(sample)
+    grouped: dict = {}
+    for index, sample in enumerate(heldout):
+        grouped.setdefault(("sample", index) if sample.episode is None else sample.episode, []).append(sample)
+    episodes = list(grouped.values())
     logger.info("calibration: %d samples, held out: %d samples in %d episodes", len(calib), len(heldout),
                 len(episodes))
-    return Plan(policy, shapes, layers, rate, head_module, data, held, episodes, describe, environment)
+    ids = {part: sorted({str(s.episode) for s in chosen if s.episode is not None})
+           for part, chosen in (("calibration", calib), ("heldout", heldout))}
+    return Plan(policy, shapes, layers, rate, head_module, data, held, episodes, describe, environment, ids)
 
 
 def run_build(options: BuildOptions) -> dict:
@@ -451,7 +453,7 @@ def _build_into(root: Path, options: BuildOptions, plan: Plan) -> dict:
                                                          "max_tokens": spec.language.max_tokens},
         "embeddings": {"path": "embeddings.npz", "instructions": known} if known else None,
         "calibration": {"source": plan.source, "samples": n_calib, "heldout_samples": len(data) - n_calib,
-                        "method": options.calib_method,
+                        "method": options.calib_method, "episodes": plan.episode_ids,
                         "ranges": {n: str(p.relative_to(root)) for n, p in ranges_files.items()},
                         "layout_checks": layout_reports},
         "accuracy": {"report": "reports/accuracy.json", "passed": False},

@@ -63,14 +63,10 @@ def calibration_source(kind: str | None, instructions: Path | None, count: int, 
 def split_by_episode(samples: list, calib_wanted: int, min_calib: int, min_heldout: int) -> tuple[list, list]:
     """Whole episodes to calibration until it has `calib_wanted` samples, the rest held out; episodes
     are moved back to held-out while calibration keeps at least `min_calib`."""
-    episodes: list[list] = []
-    last = object()
+    grouped: dict = {}  # by episode, in order of first appearance (a source may interleave episodes)
     for index, sample in enumerate(samples):
-        key = ("sample", index) if sample.episode is None else sample.episode
-        if key != last:
-            episodes.append([])
-            last = key
-        episodes[-1].append(sample)
+        grouped.setdefault(("sample", index) if sample.episode is None else sample.episode, []).append(sample)
+    episodes = list(grouped.values())
     calib: list[list] = []
     while episodes and sum(map(len, calib)) < calib_wanted:
         calib.append(episodes.pop(0))

@@ -38,7 +38,9 @@ def rebuild_command(bundle_dir) -> str:
 
 
 def check_policy(bundle: Bundle, config: RobotConfig) -> None:
-    """The configured target and T against the bundle; raises ConfigError naming the key to change."""
+    """The configured target and T against the bundle; raises ConfigError naming the key to change, or
+    BundleError for a bundle this runtime cannot run yet (several cameras, chunks, no language)."""
+    bundle.check_runnable()
     policy = config.policy
     targets = sorted(bundle.manifest["targets"])
     if policy.target not in targets:

@@ -159,3 +159,20 @@ def two_cameras():
 
 def no_dropout():
     return make(dropout=None, name="no-dropout")
+
+
+def nine_channels():
+    return make(action=9, name="nine")
+
+
+def wrong_horizon():
+    policy = make(name="wrong-horizon")
+    raw = policy.spec.to_dict()
+    raw["action"]["horizon"] = 4
+    from dataclasses import replace
+
+    return replace(policy, spec=PolicySpec.from_dict(raw))
+
+
+def not_a_policy():
+    return {"vision": None}

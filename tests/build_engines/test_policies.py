@@ -1,0 +1,146 @@
+"""Bring your own policy: tiny policies of several shapes go from torch through `build-engines --policy`
+into bundles that validate against the manifest schema; what cannot be built is refused in one line."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from build_engines import cli
+from edge.errors import BundleError
+from edge.inference.bundle import Bundle
+
+POLICIES = "tests.build_engines.tiny_policies"
+SMALL = ["--int8", "--calib-samples", "32", "--heldout-samples", "8", "--tensorrt", "off", "--log-level", "WARNING"]
+
+
+def build(tmp_path, factory, *extra, name="bundle"):
+    out = tmp_path / name
+    code = cli.main(["--policy", f"{POLICIES}:{factory}", "--out", str(out), *SMALL, *extra])
+    return code, out
+
+
+def inputs(bundle, graph):
+    return {s.name: (s.dtype, list(s.shape)) for s in bundle.graphs[graph].inputs}
+
+
+def test_a_96px_language_policy_builds_and_runs_in_the_runtime_pipeline(tmp_path):
+    from edge.inference.pipeline import PolicyPipeline
+
+    code, out = build(tmp_path, "image96")
+    assert code == 0
+    bundle = Bundle.load(out)  # hashes, manifest digest and schema
+    assert inputs(bundle, "vision") == {"image": ("uint8", [-1, 96, 96, 3])}
+    assert inputs(bundle, "head")["dropout_mask_1"] == ("float32", [-1, 32])
+    assert bundle.manifest["dropout"]["layers"][0] == {"module": "mlp.2", "width": 32, "rate": 0.1}
+    variants = bundle.manifest["graphs"]["head"]["variants"]
+    assert set(variants) == {"fp32", "fp16", "int8-cpu", "int8-tensorrt"}
+    assert variants["int8-cpu"]["latency_ms"] > 0 and variants["int8-cpu"]["accuracy_vs_fp32"]["action_error_mean"] < 0.05
+    uncertainty = bundle.manifest["uncertainty"]
+    assert uncertainty["source"] == "held-out" and set(uncertainty["by_samples"]["cpu"]) >= {"2", "16", "32"}
+    assert all(not p.startswith("/") for p in bundle.manifest["files"])
+    assert oct((out / "manifest.json").stat().st_mode & 0o777) == "0o644"
+    assert oct((out / "graphs").stat().st_mode & 0o777) == "0o755"
+    with PolicyPipeline(bundle, target="cpu", mc_samples=8) as pipeline:
+        out_ = pipeline.infer(np.full((120, 160, 3), 90, np.uint8), np.zeros(2, np.float32),
+                              pipeline.cache.encode_now("pick up the blue ball"))
+        assert out_.action.shape == (2,) and out_.samples.shape == (8, 2) and out_.score > 0
+
+
+def test_a_256x192_seven_dof_chunking_policy_without_language(tmp_path):
+    from edge.inference.pipeline import PolicyPipeline
+
+    code, out = build(tmp_path, "image256x192_arm", "--no-fp16")
+    assert code == 0
+    bundle = Bundle.load(out)
+    assert set(bundle.graphs) == {"vision", "head"} and bundle.manifest["tokenizer"] is None
+    assert not (out / "tokenizer.json").exists() and bundle.manifest["embeddings"] is None
+    assert inputs(bundle, "vision") == {"image": ("uint8", [-1, 192, 256, 3])}
+    assert [s.shape for s in bundle.graphs["head"].outputs] == [(-1, 8, 7)]
+    assert set(inputs(bundle, "head")) == {"vision_features", "proprio", "dropout_mask_0"}
+    assert bundle.action["horizon"] == 8 and bundle.action["kinds"] == ["position"] * 7
+    assert bundle.manifest["targets"]["cpu"] == {"vision": "int8-cpu", "head": "int8-cpu"}
+    with pytest.raises(BundleError, match="coming in a later release.*action chunks.*without language.*position"):
+        PolicyPipeline(bundle, target="cpu")
+
+
+def test_two_cameras_are_two_uint8_inputs_of_the_vision_graph(tmp_path):
+    import onnxruntime as ort
+
+    from build_engines.polygraphy_io import load_inputs, load_outputs
+
+    code, out = build(tmp_path, "two_cameras", "--no-fp16")
+    assert code == 0
+    bundle = Bundle.load(out)
+    assert inputs(bundle, "vision") == {"image_cam0": ("uint8", [-1, 96, 96, 3]),
+                                        "image_cam1": ("uint8", [-1, 64, 80, 3])}
+    entry = bundle.manifest["reference"]["vision"]
+    feeds = load_inputs(out / entry["inputs"])[0]
+    session = ort.InferenceSession(str(bundle.graph_path("vision", "int8-cpu")), providers=["CPUExecutionProvider"])
+    expected = next(iter(load_outputs(out / entry["outputs"]["int8-cpu"]).values()))[0]
+    np.testing.assert_allclose(session.run(None, feeds)[0], expected["vision_features"], atol=1e-5)
+    with pytest.raises(BundleError, match="2 cameras"):
+        bundle.check_runnable()
+
+
+def test_a_head_without_dropout_needs_uncertainty_none(tmp_path, capsys):
+    code, out = build(tmp_path, "no_dropout", "--no-fp16")
+    assert code == 1 and not out.exists()
+    assert "has no nn.Dropout" in capsys.readouterr().err
+    code, out = build(tmp_path, "no_dropout", "--no-fp16", "--uncertainty", "none")
+    assert code == 0
+    bundle = Bundle.load(out)
+    assert not any(s.name.startswith("dropout_mask") for s in bundle.graphs["head"].inputs)
+    assert [s.shape for s in bundle.graphs["head"].outputs] == [(1, 2)]  # T = 1
+    uncertainty = bundle.manifest["uncertainty"]
+    assert uncertainty["signal"] == "none" and uncertainty["threshold"] == {} and "T = 1" in uncertainty["method"]
+    assert bundle.dropout["max_samples"] == 1 and bundle.dropout["mask_inputs"] == []
+
+
+@pytest.mark.parametrize("factory, message", [
+    ("nine_channels", "9 channels; the serial protocol carries at most 8"),
+    ("wrong_horizon", r"needs \(1, 4, 2\)"),
+    ("not_a_policy", "returned dict; it must return build_engines.policy.Policy"),
+    ("WORDS", "is not callable"),
+])
+def test_a_policy_that_does_not_fit_is_refused_in_one_line_before_any_work(tmp_path, capsys, factory, message):
+    code, out = build(tmp_path, factory)
+    err = capsys.readouterr().err
+    assert code == 1 and not out.exists() and len(err.strip().splitlines()) == 1
+    assert err.startswith("build-engines: error:")
+    assert pytest.importorskip("re").search(message, err), err
+
+
+def test_bad_arguments_are_refused_before_the_policy_is_loaded(tmp_path, capsys):
+    assert cli.main(["--policy", "no_such_package.mod:make", "--out", str(tmp_path / "a")]) == 1
+    assert "cannot import no_such_package.mod" in capsys.readouterr().err
+    assert cli.main(["--policy", "just-a-name", "--out", str(tmp_path / "a")]) == 1
+    assert "must be 'package.module:function'" in capsys.readouterr().err
+    assert cli.main(["--gate-seeds", "0", "--out", str(tmp_path / "a")]) == 1
+    assert "--gate-seeds must be an integer 1..10000, got 0" in capsys.readouterr().err
+    assert cli.main(["--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path / "a")]) == 1
+    assert "--checkpoint" in capsys.readouterr().err and not (tmp_path / "a").exists()
+
+
+def test_hdf5_episodes_calibrate_and_are_split_by_episode(tmp_path):
+    h5py = pytest.importorskip("h5py")
+    rng = np.random.default_rng(0)
+    path = tmp_path / "episodes.h5"
+    with h5py.File(path, "w") as f:
+        for e in range(8):
+            group = f.create_group(f"episode_{e}")
+            group.create_dataset("images", data=rng.integers(0, 255, (6, 120, 160, 3), dtype=np.uint8))
+            group.create_dataset("proprio", data=rng.uniform(-1, 1, (6, 2)).astype(np.float32))
+            group.create_dataset("actions", data=rng.uniform(-1, 1, (6, 2)).astype(np.float32))
+            group.attrs["instruction"] = "go to the red block"
+    code, out = build(tmp_path, "image96", "--no-fp16", "--calib-source", str(path))
+    assert code == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["calibration"]["source"]["kind"] == "hdf5_episodes"
+    # whole episodes calibrate (6 x 6 frames >= 32), the frames of other episodes are held out
+    assert manifest["calibration"]["samples"] == 36 and manifest["calibration"]["heldout_samples"] == 8
+    episodes = manifest["calibration"]["episodes"]
+    assert len(episodes["calibration"]) == 6 and 1 <= len(episodes["heldout"]) <= 2
+    assert not set(episodes["calibration"]) & set(episodes["heldout"])
