@@ -144,3 +144,33 @@ def test_hdf5_episodes_calibrate_and_are_split_by_episode(tmp_path):
     episodes = manifest["calibration"]["episodes"]
     assert len(episodes["calibration"]) == 6 and 1 <= len(episodes["heldout"]) <= 2
     assert not set(episodes["calibration"]) & set(episodes["heldout"])
+
+
+def test_bad_calibration_data_and_checkpoints_end_in_one_line(tmp_path, capsys):
+    import cv2
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(50):
+        cv2.imwrite(str(folder / f"{i:03d}.png"), np.full((40, 60, 3), i * 4, np.uint8))
+    (folder / "025.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    instructions = tmp_path / "instructions.txt"
+    instructions.write_text("go to the red block\n")
+    code, _ = build(tmp_path, "image96", "--calib-source", str(folder), "--calib-instructions", str(instructions))
+    err = capsys.readouterr().err
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "025.jpg" in err
+    few = tmp_path / "few"
+    few.mkdir()
+    for i in range(5):
+        cv2.imwrite(str(few / f"{i}.png"), np.zeros((40, 60, 3), np.uint8))
+    code, _ = build(tmp_path, "image96", "--calib-source", str(few), "--calib-instructions", str(instructions))
+    err = capsys.readouterr().err
+    assert code == 1 and "gave 5 samples; at least 40 are needed" in err
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    (checkpoint / "head_config.json").write_text("{not json")
+    (checkpoint / "head.safetensors").write_bytes(b"garbage")
+    assert cli.main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "ref")]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "policy factory reference_policy.policy:make_policy failed" in err
+    assert "corrupt" in err
