@@ -32,6 +32,7 @@ import numpy as np
 # BuildError and GateRefused are imported from here by callers and tests; they are defined in errors.py.
 from build_engines.errors import BuildError, CalibrationError, GateError, GateRefused, PolicyError
 from build_engines.gate import ReplayGate, format_report, format_summary  # noqa: F401  (re-exported)
+from build_engines.manifest import write_manifest as _write_manifest  # noqa: F401  (tools re-key bundles with it)
 from build_engines.policy import DEFAULT_POLICY
 
 logger = logging.getLogger(__name__)

@@ -80,6 +80,9 @@ def write_manifest(root: Path, manifest: dict) -> None:
         for p in sorted(root.rglob("*"))
         if p.is_file() and p.name not in (MANIFEST, MANIFEST_DIGEST) and not p.name.startswith(".")
     }
+    for graph in manifest.get("graphs", {}).values():  # the variants' digests are those of the files now
+        for entry in graph["variants"].values():
+            entry["sha256"] = manifest["files"].get(entry["path"], entry["sha256"])
     text = json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False) + "\n"
     validate_manifest(json.loads(text), root / MANIFEST)  # the runtime's own check, before it is written
     atomic_write_text(root / MANIFEST, text)

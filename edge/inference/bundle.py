@@ -115,6 +115,12 @@ class Bundle:
             )
             for name, raw in manifest["graphs"].items()
         }
+        for name, raw in manifest["graphs"].items():
+            for variant, entry in raw["variants"].items():
+                listed = manifest["files"].get(entry["path"])
+                if listed != entry["sha256"] or raw.get("files", {}).get(variant, entry["path"]) != entry["path"]:
+                    raise BundleError(f"bundle {root}: the {variant} {name} graph {entry['path']} is not listed "
+                                      f"with the same sha256 and path in the manifest; rebuild with: {REBUILD}")
         self.spec = PolicySpec.from_dict(manifest["spec"], "manifest spec")
         fields = EngineEntry.__dataclass_fields__
         try:

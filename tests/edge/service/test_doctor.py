@@ -71,7 +71,10 @@ def rewrite(path: Path, data: bytes) -> None:
 
 
 def save_manifest(root: Path, manifest: dict) -> None:
+    from edge.inference.bundle import write_manifest_digest
+
     rewrite(root / "manifest.json", json.dumps(manifest, indent=2).encode())
+    write_manifest_digest(root)  # schema v2 covers the manifest by its digest
 
 
 # --- config -------------------------------------------------------------------------------------------
