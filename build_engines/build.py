@@ -228,6 +228,7 @@ def plan_build(options: BuildOptions) -> Plan:
     from calibration.sources import take
 
     validate_options(options)
+    check_output_location(options)
     with step(f"load policy {options.policy}"):
         policy = load_policy(options.policy, options.checkpoint)
         shapes, head_args = probe(policy)
@@ -275,7 +276,6 @@ def run_build(options: BuildOptions) -> dict:
     Raises a BuildError subclass naming the step that failed (GateRefused when the accuracy gate refuses
     the bundle), or an EdgeError of the runtime for unusable input data; `out` is then left as it was."""
     plan = plan_build(options)
-    check_output_location(options)
     tmp = _temporary_dir(options.out)
     try:
         summary = _build_into(tmp, options, plan)

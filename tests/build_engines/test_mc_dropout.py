@@ -111,3 +111,22 @@ def test_heads_that_cannot_get_masks_are_refused_with_the_reason():
     layers = find_dropouts(nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.1)), (torch.zeros(1, 3),))
     with pytest.raises(PolicyError, match="set spec.dropout_rate to 0.1"):
         check_rate(layers, None)
+
+
+def test_the_reference_head_through_the_interface_computes_what_it_always_did():
+    from reference_policy.model import load_head
+    from reference_policy.model import sample_masks as reference_masks
+    from reference_policy.policy import DropoutHead
+
+    head = load_head()
+    cfg = head.cfg
+    torch.manual_seed(0)
+    args = (torch.randn(1, cfg.vision_tokens, cfg.vision_channels), torch.randn(1, cfg.language_dim),
+            torch.randn(1, cfg.proprio_dim))
+    wrapped = DropoutHead(head)
+    layers = find_dropouts(wrapped, args)
+    assert [layer.width for layer in layers] == [cfg.width] * cfg.dropout_layers
+    assert check_rate(layers, cfg.dropout_p) == cfg.dropout_p
+    masks = [torch.from_numpy(m) for m in reference_masks(cfg, 5, np.random.default_rng(3))]
+    with torch.inference_mode():
+        np.testing.assert_array_equal(MaskedHead(wrapped, layers)(*args, *masks).numpy(), head(*args, *masks).numpy())

@@ -4,6 +4,7 @@ into bundles that validate against the manifest schema; what cannot be built is 
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -110,7 +111,7 @@ def test_a_policy_that_does_not_fit_is_refused_in_one_line_before_any_work(tmp_p
     err = capsys.readouterr().err
     assert code == 1 and not out.exists() and len(err.strip().splitlines()) == 1
     assert err.startswith("build-engines: error:")
-    assert pytest.importorskip("re").search(message, err), err
+    assert re.search(message, err), err
 
 
 def test_bad_arguments_are_refused_before_the_policy_is_loaded(tmp_path, capsys):
@@ -174,3 +175,45 @@ def test_bad_calibration_data_and_checkpoints_end_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "policy factory reference_policy.policy:make_policy failed" in err
     assert "corrupt" in err
+
+
+def test_any_environment_drives_the_closed_loop_gate_and_calibrates_the_threshold(tmp_path):
+    code, out = build(tmp_path, "image96", "--no-fp16", "--env", f"{POLICIES}:PointArena", "--gate-seeds", "2")
+    assert code == 0
+    manifest = Bundle.load(out).manifest
+    assert manifest["gate"]["environment"] == f"{POLICIES}:PointArena"
+    assert manifest["uncertainty"]["source"] == "closed-loop" and "PointArena" in manifest["uncertainty"]["method"]
+    report = json.loads((out / "reports" / "accuracy.json").read_text())
+    assert report["closed_loop"]["cpu"]["episodes"] == 2 and report["closed_loop"]["cpu"]["ticks"] == 24
+
+
+def test_an_environment_the_runtime_cannot_run_yet_is_refused_naming_why(tmp_path, capsys):
+    code, out = build(tmp_path, "two_cameras", "--no-fp16", "--env", f"{POLICIES}:PointArena")
+    assert code == 1 and not out.exists()
+    assert "cannot run 2 cameras yet; pass --env none" in capsys.readouterr().err
+
+
+def test_the_replay_gate_hook_gets_a_runner_per_target_and_the_held_out_episodes(tmp_path):
+    import cv2
+
+    from build_engines.build import BuildOptions, GateRefused, run_build
+
+    seen = {}
+
+    def replay(runners, episodes):
+        sample = episodes[0][0]
+        frames = {"image": cv2.resize(sample.frame, (96, 96), interpolation=cv2.INTER_AREA)[None]}
+        seen["actions"] = {t: run(frames, sample.instruction, sample.proprio) for t, run in runners.items()}
+        seen["episodes"] = [len(e) for e in episodes]
+        return {"passed": seen.get("pass", True), "failures": ["cpu: replay action error 0.9 > 0.1"]}
+
+    options = dict(policy=f"{POLICIES}:image96", calib_samples=32, heldout_samples=8, fp16=False, tensorrt="off",
+                   env="none", replay_gate=replay)
+    run_build(BuildOptions(out=tmp_path / "ok", **options))
+    assert set(seen["actions"]) == {"cpu-fp32", "cpu", "tensorrt"} and sum(seen["episodes"]) == 8
+    assert seen["actions"]["cpu"].shape == (1, 1, 2)
+    np.testing.assert_allclose(seen["actions"]["cpu"], seen["actions"]["cpu-fp32"], atol=0.05)
+    seen["pass"] = False
+    with pytest.raises(GateRefused, match="replay: cpu: replay action error 0.9"):
+        run_build(BuildOptions(out=tmp_path / "refused", **options))
+    assert not (tmp_path / "refused").exists()

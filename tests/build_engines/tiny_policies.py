@@ -176,3 +176,41 @@ def wrong_horizon():
 
 def not_a_policy():
     return {"vision": None}
+
+
+class PointArena:
+    """A tiny simulator for the closed-loop gate (`--env tests.build_engines.tiny_policies:PointArena`): a
+    point robot driven by wheel-like velocity actions in a 2 m arena, drawn as a dot in a 96x96 frame;
+    an episode is 12 steps and succeeds when the robot ends inside the arena."""
+
+    STEPS = 12
+
+    def __init__(self):
+        self.position = np.zeros(2, np.float32)
+        self.velocity = np.zeros(2, np.float32)
+        self.steps = 0
+        self.done = True
+        self.success = False
+
+    def _observe(self):
+        from types import SimpleNamespace
+
+        frame = np.full((96, 96, 3), 40, np.uint8)
+        x, y = (np.clip(self.position, -1, 1) * 40 + 48).astype(int)
+        frame[max(y - 3, 0):y + 3, max(x - 3, 0):x + 3] = 230
+        return SimpleNamespace(frame=frame, instruction=INSTRUCTIONS[0], proprio=self.velocity.copy())
+
+    def reset(self, seed: int):
+        rng = np.random.default_rng(seed)
+        self.position = rng.uniform(-0.5, 0.5, 2).astype(np.float32)
+        self.velocity = np.zeros(2, np.float32)
+        self.steps, self.done, self.success = 0, False, False
+        return self._observe()
+
+    def step(self, action):
+        self.velocity = np.clip(np.asarray(action, np.float32), -1, 1)
+        self.position = self.position + 0.05 * self.velocity
+        self.steps += 1
+        self.done = self.steps >= self.STEPS
+        self.success = self.done and bool(np.all(np.abs(self.position) <= 1.0))
+        return self._observe()
