@@ -34,6 +34,7 @@ from build_engines.errors import BuildError, CalibrationError, GateError, GateRe
 from build_engines.gate import ReplayGate, format_report, format_summary  # noqa: F401  (re-exported)
 from build_engines.manifest import write_manifest as _write_manifest  # noqa: F401  (tools re-key bundles with it)
 from build_engines.policy import DEFAULT_POLICY
+from edge.errors import EdgeError
 
 logger = logging.getLogger(__name__)
 
@@ -252,8 +253,15 @@ def plan_build(options: BuildOptions) -> Plan:
     with step("calibration data"):
         # Twice the held-out count: calibration takes whole episodes, so it may run past calib_samples.
         wanted = options.calib_samples + 2 * options.heldout_samples
-        source = samples_mod.calibration_source(options.calib_source, options.calib_instructions, wanted, policy)
-        got = take(source, wanted, minimum=options.min_calib_samples + samples_mod.MIN_HELDOUT_SAMPLES)
+        try:
+            source = samples_mod.calibration_source(options.calib_source, options.calib_instructions, wanted,
+                                                    policy)
+            got = take(source, wanted, minimum=options.min_calib_samples + samples_mod.MIN_HELDOUT_SAMPLES)
+        except EdgeError:
+            raise
+        except Exception as exc:  # a policy's own calibration hook may fail in any way: one line naming it
+            raise CalibrationError(f"the calibration source of {options.policy} failed: {type(exc).__name__}: "
+                                   f"{exc}") from exc
         calib, heldout = samples_mod.split_by_episode(got, options.calib_samples, options.min_calib_samples,
                                                       samples_mod.MIN_HELDOUT_SAMPLES)
         heldout = heldout[: max(options.heldout_samples, samples_mod.MIN_HELDOUT_SAMPLES)]
@@ -580,8 +588,14 @@ def _closed_loop(root: Path, options: BuildOptions, plan: Plan, targets: list[st
         raise GateError(f"--env {plan.environment}: the closed-loop gate drives the bundle through the runtime, "
                         f"which cannot run {', '.join(reasons)} yet; pass --env none to gate on held-out data only")
     with step(f"closed-loop gate in {plan.environment} ({options.gate_seeds} seeds per target)"):
-        return closed_loop(root, targets, options.gate_seeds, options.default_mc_samples,
-                           options.threshold_quantile, options.seed, environment=plan.environment)
+        try:
+            return closed_loop(root, targets, options.gate_seeds, options.default_mc_samples,
+                               options.threshold_quantile, options.seed, environment=plan.environment)
+        except EdgeError:
+            raise
+        except Exception as exc:  # a user's simulator may fail in any way: one line naming it
+            raise GateError(f"--env {plan.environment}: the environment failed during the closed-loop gate "
+                            f"({type(exc).__name__}: {exc})") from exc
 
 
 def _uncertainty(options, plan, loop, targets, sessions, files, data, token_feeds, head_feeds, masks, spec) -> dict:

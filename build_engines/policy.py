@@ -25,7 +25,7 @@ from __future__ import annotations
 import importlib
 import inspect
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +84,9 @@ def load_policy(reference: str = DEFAULT_POLICY, checkpoint: Path | None = None)
         raise
     except Exception as exc:  # a user's factory may fail in any way: one line naming it, not a traceback
         raise PolicyError(f"policy factory {reference} failed: {type(exc).__name__}: {exc}") from exc
+    if isinstance(policy, Policy) and policy.tokenizer_file is None and isinstance(policy.spec, PolicySpec) \
+            and policy.spec.language is not None:
+        policy = replace(policy, tokenizer_file=Path(policy.spec.language.tokenizer))  # the spec's own path
     check_policy(policy, reference)
     return policy
 

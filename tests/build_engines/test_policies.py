@@ -84,6 +84,15 @@ def test_two_cameras_are_two_uint8_inputs_of_the_vision_graph(tmp_path):
     np.testing.assert_allclose(session.run(None, feeds)[0], expected["vision_features"], atol=1e-5)
     with pytest.raises(BundleError, match="2 cameras"):
         bundle.check_runnable()
+    from edge.service import doctor, wiring
+    from edge.service.config import config_from_dict
+
+    config = config_from_dict({"bundle": str(out), "camera": {"source": 0}, "motor": {"port": "loop://"},
+                               "policy": {"target": "cpu"}})
+    with pytest.raises(BundleError, match="coming in a later release"):
+        wiring.check_policy(bundle, config)  # what run checks before any device
+    results, _ = doctor.check_bundle(config)
+    assert results[-1].status is doctor.Status.FAIL and "2 cameras" in results[-1].message  # not "ready"
 
 
 def test_a_head_without_dropout_needs_uncertainty_none(tmp_path, capsys):
@@ -217,3 +226,14 @@ def test_the_replay_gate_hook_gets_a_runner_per_target_and_the_held_out_episodes
     with pytest.raises(GateRefused, match="replay: cpu: replay action error 0.9"):
         run_build(BuildOptions(out=tmp_path / "refused", **options))
     assert not (tmp_path / "refused").exists()
+
+
+def test_a_failing_calibration_hook_or_environment_ends_in_one_line(tmp_path, capsys):
+    code, _ = build(tmp_path, "broken_calibration")
+    err = capsys.readouterr().err
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert "calibration source of tests.build_engines.tiny_policies:broken_calibration failed: OSError" in err
+    code, out = build(tmp_path, "image96", "--no-fp16", "--env", f"{POLICIES}:BrokenArena", "--gate-seeds", "1")
+    err = capsys.readouterr().err
+    assert code == 1 and not out.exists() and len(err.strip().splitlines()) == 1
+    assert "BrokenArena: the environment failed during the closed-loop gate (RuntimeError: physics exploded)" in err

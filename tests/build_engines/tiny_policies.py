@@ -214,3 +214,19 @@ class PointArena:
         self.done = self.steps >= self.STEPS
         self.success = self.done and bool(np.all(np.abs(self.position) <= 1.0))
         return self._observe()
+
+
+class BrokenArena(PointArena):
+    """An environment whose step fails, as a user's simulator may."""
+
+    def step(self, action):
+        raise RuntimeError("physics exploded")
+
+
+def broken_calibration():
+    from dataclasses import replace
+
+    def fails(count):
+        raise OSError("recordings drive not mounted")
+
+    return replace(make(), calibration=fails)
