@@ -57,7 +57,11 @@ def write_manifest_digest(root: Path) -> Path:
 
 @functools.lru_cache(maxsize=1)
 def _validator():
-    import jsonschema
+    try:
+        import jsonschema
+    except ImportError as exc:  # a runtime dependency (setup.py); an image that lists its packages by hand may lack it
+        raise BundleError("the bundle manifest cannot be validated: the 'jsonschema' package is missing; install "
+                          "it with: python3 -m pip install 'jsonschema>=4.18'") from exc
 
     schema = json.loads(SCHEMA_FILE.read_text())
     return jsonschema.Draft202012Validator(schema)
