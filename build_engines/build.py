@@ -18,6 +18,7 @@ signature: `replay_gate(runners: dict[target, Runner], episodes: list[list[Calib
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -486,8 +487,6 @@ def _build_into(root: Path, options: BuildOptions, plan: Plan) -> dict:
     report = judge(accuracy, loop, replay, options.tolerances, graph_tolerances)
     manifest["accuracy"] = {"report": "reports/accuracy.json", "passed": report["passed"],
                             "summary": report["summary"]}
-    import json
-
     (reports_dir / "accuracy.json").write_text(json.dumps(report, indent=2) + "\n")
     (reports_dir / "accuracy.md").write_text(format_report(report) + "\n")
     if not report["passed"]:

@@ -64,6 +64,9 @@ def graphs_section(root: Path, exported: dict, files: dict, latency: dict, accur
                 "path": str(path.relative_to(root)),
                 "sha256": file_sha256(path),
                 "latency_ms": latency.get(name, {}).get(variant),
+                # every variant is timed the same way, so the numbers compare; TensorRT timings come from
+                # the device (vla-edge's benchmark), not from here
+                "latency_measured_on": f"onnxruntime CPU, build machine ({platform.machine()})",
                 "accuracy_vs_fp32": accuracy.get(name, {}).get(variant),
             }
         # "files" (variant -> path) indexes the same paths for readers that only need where a graph is.
