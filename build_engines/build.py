@@ -246,9 +246,7 @@ def plan_build(options: BuildOptions) -> Plan:
         logger.info("MC-dropout: %d mask inputs, widths %s, rate %g", len(layers), [x.width for x in layers], rate)
     else:
         layers, rate, head_module = [], 0.0, policy.head
-    environment = options.env if options.env is not None else policy.environment
-    if environment == NO_ENVIRONMENT:
-        environment = None
+    environment = _environment(options, policy)
     if environment is not None:
         resolve(environment, "--env")  # importable now, not after the graphs are built
     with step("calibration data"):
@@ -277,6 +275,27 @@ def plan_build(options: BuildOptions) -> Plan:
     ids = {part: sorted({str(s.episode) for s in chosen if s.episode is not None})
            for part, chosen in (("calibration", calib), ("heldout", heldout))}
     return Plan(policy, shapes, layers, rate, head_module, data, held, episodes, describe, environment, ids)
+
+
+def _environment(options: BuildOptions, policy) -> str | None:
+    """The closed-loop environment, or None. The loop runs the bundle through the runtime, so a policy the
+    runtime cannot run yet is refused here, before any graph is built, when --env names one explicitly;
+    the policy's own default environment is then skipped with a warning (the held-out gate still runs)."""
+    from edge.inference.bundle import runtime_gaps
+
+    explicit = options.env is not None
+    environment = options.env if explicit else policy.environment
+    if environment in (None, NO_ENVIRONMENT):
+        return None
+    gaps = runtime_gaps(policy.spec, options.uncertainty)
+    if not gaps:
+        return environment
+    if explicit:
+        raise GateError(f"--env {environment}: the closed-loop gate drives the bundle through the runtime, which "
+                        f"cannot run {', '.join(gaps)} yet; pass --env none to gate on held-out data only")
+    logger.warning("closed-loop gate in %s skipped: the runtime cannot run %s yet; gating on held-out data",
+                   environment, ", ".join(gaps))
+    return None
 
 
 def run_build(options: BuildOptions) -> dict:
@@ -473,7 +492,7 @@ def _build_into(root: Path, options: BuildOptions, plan: Plan) -> dict:
     write_manifest(root, manifest)
 
     loop = None
-    if plan.environment is not None and layers:
+    if plan.environment is not None:
         loop = _closed_loop(root, options, plan, list(targets))
     replay = None
     if options.replay_gate is not None:
@@ -582,10 +601,7 @@ def _closed_loop(root: Path, options: BuildOptions, plan: Plan, targets: list[st
     from build_engines.accuracy_gate import closed_loop
     from edge.inference.bundle import Bundle
 
-    reasons = Bundle.load(root).unsupported_by_runtime()
-    if reasons:
-        raise GateError(f"--env {plan.environment}: the closed-loop gate drives the bundle through the runtime, "
-                        f"which cannot run {', '.join(reasons)} yet; pass --env none to gate on held-out data only")
+    Bundle.load(root).check_runnable()  # _environment() refused these before the build; the draft must agree
     with step(f"closed-loop gate in {plan.environment} ({options.gate_seeds} seeds per target)"):
         try:
             return closed_loop(root, targets, options.gate_seeds, options.default_mc_samples,

@@ -104,6 +104,22 @@ class EngineEntry:
     precision: str
 
 
+def runtime_gaps(spec: PolicySpec, uncertainty_signal: str) -> list[str]:
+    """What this runtime cannot run yet for a policy of `spec` (the build asks before a closed-loop gate)."""
+    reasons = []
+    if len(spec.cameras) != 1:
+        reasons.append(f"{len(spec.cameras)} cameras")
+    if spec.action.horizon != 1:
+        reasons.append(f"action chunks (horizon {spec.action.horizon})")
+    if spec.language is None:
+        reasons.append("a policy without language")
+    if "position" in spec.action.kinds:
+        reasons.append("position command channels")
+    if uncertainty_signal != "mc-dropout":
+        reasons.append("no MC-dropout uncertainty (--uncertainty none)")
+    return reasons
+
+
 class Bundle:
     """A verified bundle directory. Construct with Bundle.load(path)."""
 
@@ -227,19 +243,7 @@ class Bundle:
 
     def unsupported_by_runtime(self) -> list[str]:
         """What this runtime cannot run yet in this bundle (issue 15 brings it); empty when it can."""
-        spec = self.spec
-        reasons = []
-        if len(spec.cameras) != 1:
-            reasons.append(f"{len(spec.cameras)} cameras")
-        if spec.action.horizon != 1:
-            reasons.append(f"action chunks (horizon {spec.action.horizon})")
-        if spec.language is None:
-            reasons.append("a policy without language")
-        if "position" in spec.action.kinds:
-            reasons.append("position command channels")
-        if self.manifest["uncertainty"]["signal"] != "mc-dropout":
-            reasons.append("no MC-dropout uncertainty (--uncertainty none)")
-        return reasons
+        return runtime_gaps(self.spec, self.manifest["uncertainty"]["signal"])
 
     def check_runnable(self) -> None:
         """Raise BundleError (before any device is armed) for a bundle this runtime cannot run yet."""

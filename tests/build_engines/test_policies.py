@@ -237,3 +237,11 @@ def test_a_failing_calibration_hook_or_environment_ends_in_one_line(tmp_path, ca
     err = capsys.readouterr().err
     assert code == 1 and not out.exists() and len(err.strip().splitlines()) == 1
     assert "BrokenArena: the environment failed during the closed-loop gate (RuntimeError: physics exploded)" in err
+
+
+def test_a_default_environment_the_runtime_cannot_drive_yet_is_skipped_not_faked(tmp_path, caplog):
+    code, out = build(tmp_path, "two_cameras_with_a_default_environment", "--no-fp16")
+    assert code == 0
+    manifest = Bundle.load(out).manifest
+    assert manifest["gate"]["environment"] is None and manifest["uncertainty"]["source"] == "held-out"
+    assert "closed-loop gate in tests.build_engines.tiny_policies:PointArena skipped" in caplog.text

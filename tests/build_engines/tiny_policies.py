@@ -230,3 +230,9 @@ def broken_calibration():
         raise OSError("recordings drive not mounted")
 
     return replace(make(), calibration=fails)
+
+
+def two_cameras_with_a_default_environment():
+    from dataclasses import replace
+
+    return replace(two_cameras(), environment=f"{__name__}:PointArena")
