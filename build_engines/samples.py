@@ -44,6 +44,9 @@ def calibration_source(kind: str | None, instructions: Path | None, count: int, 
             raise CalibrationError("the policy has no default calibration data: pass --calib-source (a folder "
                                    "of images with --calib-instructions, or HDF5 episodes)")
         return policy.calibration(count)
+    if kind == "reference-world":  # the name of the old built-in source, still in older instructions
+        raise CalibrationError("--calib-source reference-world is gone: a policy brings its own calibration data "
+                               "(the reference policy's is the reference world), so omit --calib-source")
     path = Path(kind)
     if not path.exists():
         raise CalibrationError(f"--calib-source {kind}: no such file or folder (give a folder of images with "

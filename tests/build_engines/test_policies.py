@@ -128,6 +128,8 @@ def test_bad_arguments_are_refused_before_the_policy_is_loaded(tmp_path, capsys)
     assert "cannot import no_such_package.mod" in capsys.readouterr().err
     assert cli.main(["--policy", "just-a-name", "--out", str(tmp_path / "a")]) == 1
     assert "must be 'package.module:function'" in capsys.readouterr().err
+    assert build(tmp_path, "image96", "--calib-source", "reference-world")[0] == 1
+    assert "omit --calib-source" in capsys.readouterr().err
     assert cli.main(["--gate-seeds", "0", "--out", str(tmp_path / "a")]) == 1
     assert "--gate-seeds must be an integer 1..10000, got 0" in capsys.readouterr().err
     assert cli.main(["--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path / "a")]) == 1
