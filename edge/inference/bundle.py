@@ -37,7 +37,15 @@ SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
 MANIFEST_DIGEST = "manifest.sha256"
 SCHEMA_FILE = Path(__file__).with_name("bundle.schema.json")
-REBUILD = "build-engines --int8 --out <bundle dir> --force (with the same --policy)"
+REBUILD = "build-engines --int8 --out <bundle dir> --force"
+
+
+def rebuild_hint(manifest: object = None) -> str:
+    """The command that rebuilds a bundle: REBUILD with the --policy it was built from, when known (a
+    bundle of the user's policy rebuilt without it would become the reference policy's)."""
+    policy = manifest.get("policy") if isinstance(manifest, dict) else None
+    factory = policy.get("factory") if isinstance(policy, dict) else None
+    return f"{REBUILD} --policy {factory if isinstance(factory, str) else '<the policy factory it was built from>'}"
 GRAPH_NAMES = ("vision", "language", "head")
 
 
@@ -74,7 +82,7 @@ def validate_manifest(manifest: dict, where: Path) -> None:
         error = errors[0]
         location = "/".join(str(p) for p in error.absolute_path) or "(top level)"
         raise BundleError(f"{where} does not follow the bundle schema v{SCHEMA_VERSION} at {location}: "
-                          f"{error.message[:300]}; rebuild with: {REBUILD}")
+                          f"{error.message[:300]}; rebuild with: {rebuild_hint(manifest)}")
 
 
 def file_sha256(path: Path, chunk_bytes: int = 1 << 20) -> str:
@@ -140,47 +148,48 @@ class Bundle:
                 listed = manifest["files"].get(entry["path"])
                 if listed != entry["sha256"] or raw.get("files", {}).get(variant, entry["path"]) != entry["path"]:
                     raise BundleError(f"bundle {root}: the {variant} {name} graph {entry['path']} is not listed "
-                                      f"with the same sha256 and path in the manifest; rebuild with: {REBUILD}")
+                                      f"with the same sha256 and path in the manifest; rebuild with: {rebuild_hint(manifest)}")
         self.spec = PolicySpec.from_dict(manifest["spec"], "manifest spec")
         fields = EngineEntry.__dataclass_fields__
         try:
             self.engines = tuple(EngineEntry(**{k: str(raw[k]) for k in fields}) for raw in manifest.get("engines", []))
         except (KeyError, TypeError) as exc:
-            raise BundleError(f"bundle {root}: malformed engines table ({exc}); rebuild with: {REBUILD}") from exc
+            raise BundleError(f"bundle {root}: malformed engines table ({exc}); rebuild with: "
+                              f"{rebuild_hint(manifest)}") from exc
 
     @classmethod
     def load(cls, path: str | Path, verify_hashes: bool = True) -> Bundle:
         root = Path(path)
         manifest_path = root / MANIFEST
         if not manifest_path.is_file():
-            raise BundleError(f"{root} is not a policy bundle: {MANIFEST} is missing. Build one with: {REBUILD}")
+            raise BundleError(f"{root} is not a policy bundle: {MANIFEST} is missing. Build one with: {rebuild_hint()}")
         data = manifest_path.read_bytes()
         try:
             manifest = json.loads(data)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BundleError(f"{manifest_path} is not valid JSON ({exc}); rebuild with: {REBUILD}") from exc
+            raise BundleError(f"{manifest_path} is not valid JSON ({exc}); rebuild with: {rebuild_hint()}") from exc
         version = manifest.get("schema_version") if isinstance(manifest, dict) else None
         if version != SCHEMA_VERSION:
             raise BundleError(
                 f"{manifest_path} has schema version {version}; this runtime reads version {SCHEMA_VERSION}. "
-                f"Rebuild the bundle with this package's build: {REBUILD}"
+                f"Rebuild the bundle with this package's build: {rebuild_hint(manifest)}"
             )
         digest_path = root / MANIFEST_DIGEST
         if verify_hashes:
             if not digest_path.is_file():
                 raise BundleError(f"bundle {root} has no {MANIFEST_DIGEST}, so its manifest cannot be trusted; "
-                                  f"rebuild with: {REBUILD}")
+                                  f"rebuild with: {rebuild_hint(manifest)}")
             recorded = digest_path.read_text().split()[:1]
             if recorded != [manifest_digest(data)]:
                 raise BundleError(f"{manifest_path} does not match {MANIFEST_DIGEST} (corrupt or modified); "
-                                  f"rebuild with: {REBUILD}")
+                                  f"rebuild with: {rebuild_hint(manifest)}")
         validate_manifest(manifest, manifest_path)
         try:
             bundle = cls(root, manifest)
         except BundleError:
             raise
         except (KeyError, TypeError, ValueError, AttributeError, EdgeError) as exc:
-            raise BundleError(f"{manifest_path} is malformed ({exc!r}); rebuild with: {REBUILD}") from exc
+            raise BundleError(f"{manifest_path} is malformed ({exc!r}); rebuild with: {rebuild_hint(manifest)}") from exc
         if verify_hashes:
             bundle.verify()
         return bundle
@@ -196,11 +205,12 @@ class Bundle:
                 problems.append(f"{relative} does not match its sha256 (corrupt or modified)")
         if problems:
             raise BundleError(f"bundle {self.root} failed verification: " + "; ".join(problems)
-                              + f". Rebuild it with: {REBUILD}")
+                              + f". Rebuild it with: {rebuild_hint(self.manifest)}")
 
     def path(self, relative: str) -> Path:
         if relative not in self.manifest["files"]:
-            raise BundleError(f"bundle {self.root} does not list {relative}; rebuild with: {REBUILD}")
+            raise BundleError(f"bundle {self.root} does not list {relative}; rebuild with: "
+                              f"{rebuild_hint(self.manifest)}")
         return self.root / relative
 
     def graph_path(self, graph: str, variant: str) -> Path:
@@ -209,7 +219,7 @@ class Bundle:
             available = sorted(entry.files) if entry else []
             raise BundleError(
                 f"bundle {self.root} has no {variant} {graph} graph (it has {available}); "
-                f"rebuild with: {REBUILD}"
+                f"rebuild with: {rebuild_hint(self.manifest)}"
             )
         return self.path(entry.files[variant])
 

@@ -131,3 +131,13 @@ def test_a_v1_bundle_is_refused_naming_the_rebuild_command(tiny_bundle, tmp_path
     with pytest.raises(BundleError, match="schema version 1; this runtime reads version 2") as err:
         Bundle.load(copy)
     assert "build-engines --int8 --out" in str(err.value)
+
+
+def test_the_rebuild_command_names_the_policy_the_bundle_was_built_from(tiny_bundle, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_bundle, copy)
+    (copy / "graphs" / "head_fp32.onnx").write_bytes(b"not the graph")
+    with pytest.raises(BundleError, match="head_fp32.onnx does not match its sha256") as err:
+        Bundle.load(copy)
+    # rebuilt without --policy, a user's bundle would silently become the reference policy's
+    assert f"{REBUILD} --policy tests.build_engines.tiny_policies:image96" in str(err.value)
