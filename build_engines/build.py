@@ -266,6 +266,8 @@ def plan_build(options: BuildOptions) -> Plan:
         heldout = heldout[: max(options.heldout_samples, samples_mod.MIN_HELDOUT_SAMPLES)]
         data, held = samples_mod.concatenate(samples_mod.prepare(calib, spec), samples_mod.prepare(heldout, spec))
         describe = source.describe() if hasattr(source, "describe") else {"kind": type(source).__name__}
+    if spec.language is not None:
+        _check_instructions(policy, [*data.instructions, *policy.instructions, *policy.held_out_instructions])
     grouped: dict = {}
     for index, sample in enumerate(heldout):
         grouped.setdefault(("sample", index) if sample.episode is None else sample.episode, []).append(sample)
@@ -275,6 +277,23 @@ def plan_build(options: BuildOptions) -> Plan:
     ids = {part: sorted({str(s.episode) for s in chosen if s.episode is not None})
            for part, chosen in (("calibration", calib), ("heldout", heldout))}
     return Plan(policy, shapes, layers, rate, head_module, data, held, episodes, describe, environment, ids)
+
+
+def _check_instructions(policy, texts: list[str]) -> None:
+    """Every instruction the build will tokenize fits the policy's tokenizer, checked before any work."""
+    from edge.inference.tokenizer import InstructionTokenizer
+
+    try:
+        tokenizer = InstructionTokenizer(policy.tokenizer_file, max_tokens=policy.spec.language.max_tokens)
+    except EdgeError as exc:
+        raise PolicyError(f"Policy.tokenizer_file {policy.tokenizer_file} cannot be used: {exc}") from exc
+    ids = np.zeros(policy.spec.language.max_tokens, np.int64)
+    mask = np.zeros_like(ids)
+    for text in sorted(set(texts)):
+        try:
+            tokenizer.encode_into(text, ids, mask)
+        except EdgeError as exc:
+            raise CalibrationError(f"instruction {text!r} (calibration data or Policy.instructions): {exc}") from exc
 
 
 def _environment(options: BuildOptions, policy) -> str | None:

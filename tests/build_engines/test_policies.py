@@ -114,6 +114,7 @@ def test_a_head_without_dropout_needs_uncertainty_none(tmp_path, capsys):
     ("wrong_horizon", r"needs \(1, 4, 2\)"),
     ("not_a_policy", "returned dict; it must return build_engines.policy.Policy"),
     ("WORDS", "is not callable"),
+    ("long_known_instruction", "instruction 'go to the red block and then.*is 13 tokens long; the policy accepts at most 8"),
 ])
 def test_a_policy_that_does_not_fit_is_refused_in_one_line_before_any_work(tmp_path, capsys, factory, message):
     code, out = build(tmp_path, factory)

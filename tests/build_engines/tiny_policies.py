@@ -236,3 +236,9 @@ def two_cameras_with_a_default_environment():
     from dataclasses import replace
 
     return replace(two_cameras(), environment=f"{__name__}:PointArena")
+
+
+def long_known_instruction():
+    from dataclasses import replace
+
+    return replace(make(), instructions=["go to the red block and then to the blue ball and back"])
