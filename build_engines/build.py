@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -265,7 +266,7 @@ def plan_build(options: BuildOptions) -> Plan:
                                                       samples_mod.MIN_HELDOUT_SAMPLES)
         heldout = heldout[: max(options.heldout_samples, samples_mod.MIN_HELDOUT_SAMPLES)]
         data, held = samples_mod.concatenate(samples_mod.prepare(calib, spec), samples_mod.prepare(heldout, spec))
-        describe = source.describe() if hasattr(source, "describe") else {"kind": type(source).__name__}
+        describe = _portable(source.describe() if hasattr(source, "describe") else {"kind": type(source).__name__})
     if spec.language is not None:
         _check_instructions(policy, [*data.instructions, *policy.instructions, *policy.held_out_instructions])
     grouped: dict = {}
@@ -277,6 +278,32 @@ def plan_build(options: BuildOptions) -> Plan:
     ids = {part: sorted({str(s.episode) for s in chosen if s.episode is not None})
            for part, chosen in (("calibration", calib), ("heldout", heldout))}
     return Plan(policy, shapes, layers, rate, head_module, data, held, episodes, describe, environment, ids)
+
+
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.])/(?:[^\s/]+/)*([^\s/]+)")
+
+
+def _portable(value):
+    """A description for the manifest without build-machine paths: an absolute path keeps its last part."""
+    if isinstance(value, str):
+        return _ABSOLUTE_PATH.sub(lambda m: m.group(1), value)
+    if isinstance(value, dict):
+        return {k: _portable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_portable(v) for v in value]
+    return value
+
+
+def _relative(value, root: Path):
+    """`value` with every path under `root` made relative to it (strings, nested dicts and lists)."""
+    prefix = str(root) + os.sep
+    if isinstance(value, str):
+        return value.replace(prefix, "")
+    if isinstance(value, dict):
+        return {k: _relative(v, root) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_relative(v, root) for v in value]
+    return value
 
 
 def _check_instructions(policy, texts: list[str]) -> None:
@@ -445,8 +472,10 @@ def _build_into(root: Path, options: BuildOptions, plan: Plan) -> dict:
                     logger.info("%s: keeping %d coordinate MatMuls in float: %s", name, len(keep_float), keep_float)
                 quantize.quantize_for_tensorrt(fp32[name], ranges, trt_path, nodes_to_exclude=keep_float)
                 quantize.quantize_for_cpu(fp32[name], ranges, cpu_path, nodes_to_exclude=keep_float)
-                layout_reports[f"{name}_int8-tensorrt"] = _as_dict(verify_tensorrt_layout(trt_path, fp32[name]))
-                layout_reports[f"{name}_int8-cpu"] = _as_dict(verify_cpu_layout(cpu_path))
+                # the reports name their graph by path: relative to the bundle, not the temporary build folder
+                layout_reports[f"{name}_int8-tensorrt"] = _relative(
+                    _as_dict(verify_tensorrt_layout(trt_path, fp32[name])), root)
+                layout_reports[f"{name}_int8-cpu"] = _relative(_as_dict(verify_cpu_layout(cpu_path)), root)
                 files[name]["int8-tensorrt"] = trt_path
                 files[name]["int8-cpu"] = cpu_path
         for leftover in (root / "calibration").iterdir():

@@ -150,8 +150,11 @@ def test_hdf5_episodes_calibrate_and_are_split_by_episode(tmp_path):
             group.attrs["instruction"] = "go to the red block"
     code, out = build(tmp_path, "image96", "--no-fp16", "--calib-source", str(path))
     assert code == 0
-    manifest = json.loads((out / "manifest.json").read_text())
+    text = (out / "manifest.json").read_text()
+    assert str(tmp_path) not in text  # no build-machine path: the data file is named, not located
+    manifest = json.loads(text)
     assert manifest["calibration"]["source"]["kind"] == "hdf5_episodes"
+    assert manifest["calibration"]["source"]["path"] == "episodes.h5"
     # whole episodes calibrate (6 x 6 frames >= 32), the frames of other episodes are held out
     assert manifest["calibration"]["samples"] == 36 and manifest["calibration"]["heldout_samples"] == 8
     episodes = manifest["calibration"]["episodes"]
