@@ -30,6 +30,7 @@ RUNTIME = [
     "tokenizers>=0.15",
     "pyyaml>=6.0",
     "cobs>=1.2",
+    "jsonschema>=4.18",  # the bundle manifest is validated against edge/inference/bundle.schema.json at load
 ]
 
 EXTRAS = {
@@ -78,7 +79,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["edge*", "build_engines*", "calibration*", "reference_world*",
                                     "reference_policy*", "simulator*", "benchmarks*"]),
-    package_data={"reference_policy": ["checkpoint/*.json", "checkpoint/*.safetensors"]},
+    package_data={"reference_policy": ["checkpoint/*.json", "checkpoint/*.safetensors"],
+                  "edge.inference": ["bundle.schema.json"]},
     install_requires=RUNTIME,
     extras_require=EXTRAS,
     entry_points={

@@ -1,5 +1,14 @@
-"""Closed-loop part of the accuracy gate: each bundle target drives the reference world through the
+"""Closed-loop part of the accuracy gate: each bundle target drives a simulated environment through the
 runtime's own policy pipeline (ONNX Runtime), on held-out seeds.
+
+An environment is named `--env package.module:factory`; the factory takes no argument and returns an
+object with
+    reset(seed: int) -> observation      a new episode
+    step(action: float32 [action_dim]) -> observation
+    done: bool, success: bool            attributes (or properties) read after each step
+where an observation has `frame` (uint8 [H, W, 3] BGR), `instruction` (str) and `proprio` (float32 [P]).
+The reference world (reference_world.world:TabletopWorld) is one such environment, the reference
+policy's default.
 
 The same runs calibrate the uncertainty threshold per target: a high quantile of the MC-dropout
 score over every tick of the successful (in-distribution) episodes.
@@ -14,17 +23,32 @@ import numpy as np
 
 from edge.inference.bundle import Bundle
 from edge.inference.pipeline import PolicyPipeline
-from reference_world.world import TabletopWorld
 
 logger = logging.getLogger(__name__)
 
 GATE_SEED_BASE = 8_000_000  # held out from training, evaluation and calibration
 
 
+def make_environment(reference: str):
+    from build_engines.errors import GateError
+    from build_engines.policy import resolve
+
+    factory = resolve(reference, "--env")
+    try:
+        world = factory()
+    except Exception as exc:  # a user's environment may fail in any way: one line naming it
+        raise GateError(f"--env {reference}: the environment factory failed ({type(exc).__name__}: {exc})") from exc
+    missing = [name for name in ("reset", "step") if not callable(getattr(world, name, None))]
+    if missing:
+        raise GateError(f"--env {reference}: the environment has no {' or '.join(missing)} method; it needs "
+                        "reset(seed), step(action), done and success")
+    return world
+
+
 def closed_loop(bundle_dir: Path, targets: list[str], seeds: int, mc_samples: int, quantile: float,
-                mask_seed: int = 0) -> dict[str, dict]:
+                mask_seed: int = 0, *, environment: str) -> dict[str, dict]:
     bundle = Bundle.load(bundle_dir)  # also checks the draft bundle's hashes
-    world = TabletopWorld()
+    world = make_environment(environment)
     results = {}
     for target in targets:
         with PolicyPipeline(bundle, target=target, mc_samples=mc_samples, mask_seed=mask_seed) as pipeline:

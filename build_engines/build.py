@@ -1,12 +1,18 @@
 """The offline build as a chain of small steps (Polygraphy style), each logged with its duration:
 
-    checkpoint -> FP32 graphs (checked against PyTorch) -> calibration ranges (once)
+    policy factory (--policy) -> probe + MC-dropout masks -> calibration data, split by episode
+    -> FP32 graphs (checked against PyTorch) -> calibration ranges (once)
     -> INT8 graphs (TensorRT Q/DQ layout, CPU layout), FP16 graphs, dynamic-INT8 language graph
-    -> layout verification -> draft bundle -> accuracy gate + uncertainty threshold
-    -> TensorRT engines (where TensorRT and a GPU exist) -> manifest -> atomic rename
+    -> layout verification -> draft bundle -> accuracy gate (held-out tensors; a closed loop in an
+    environment, --env; the open-loop replay hook) + uncertainty thresholds
+    -> TensorRT engines (where TensorRT and a GPU exist) -> manifest (schema v2) -> atomic rename
 
+Every option, the policy and the calibration data are checked before the first graph is exported.
 Everything is written into a temporary directory beside the output and renamed at the end, so an
 interrupted or refused build never leaves a half-written bundle that looks valid.
+
+The open-loop replay gate plugs in as `BuildOptions.replay_gate` (see build_engines/gate.py for its
+signature: `replay_gate(runners: dict[target, Runner], episodes: list[list[CalibrationSample]]) -> report`).
 """
 
 from __future__ import annotations
@@ -14,8 +20,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
-import platform
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -25,12 +32,17 @@ from pathlib import Path
 import numpy as np
 
 # BuildError and GateRefused are imported from here by callers and tests; they are defined in errors.py.
-from build_engines.errors import BuildError, CalibrationError, GateRefused
-from edge.inference.bundle import MANIFEST, SCHEMA_VERSION, file_sha256
+from build_engines.errors import BuildError, CalibrationError, GateError, GateRefused, PolicyError
+from build_engines.gate import ReplayGate, format_report, format_summary  # noqa: F401  (re-exported)
+from build_engines.manifest import write_manifest as _write_manifest  # noqa: F401  (tools re-key bundles with it)
+from build_engines.policy import DEFAULT_POLICY
+from edge.errors import EdgeError
 
 logger = logging.getLogger(__name__)
 
 CALIB_METHODS = ("entropy", "percentile", "minmax")
+UNCERTAINTY_SIGNALS = ("mc-dropout", "none")
+NO_ENVIRONMENT = "none"
 
 
 @dataclass(frozen=True)
@@ -44,22 +56,26 @@ class Tolerances:
 @dataclass(frozen=True)
 class BuildOptions:
     out: Path
+    policy: str = DEFAULT_POLICY  # "module:factory" returning a build_engines.policy.Policy
     int8: bool = True
     fp16: bool = True
-    checkpoint: Path | None = None
-    calib_source: str = "reference-world"
+    checkpoint: Path | None = None  # passed to the factory as checkpoint=
+    calib_source: str | None = None  # None: the policy's own calibration data (Policy.calibration)
     calib_instructions: Path | None = None
     calib_samples: int = 256
     calib_method: str = "percentile"
     min_calib_samples: int = 32
     max_mc_samples: int = 32
     default_mc_samples: int = 16
+    uncertainty: str = "mc-dropout"  # or "none": no masks, T = 1, no threshold
+    env: str | None = None  # "module:factory" of the closed-loop environment; None: the policy's; "none"
     gate_seeds: int = 50
     heldout_samples: int = 64
     threshold_quantile: float = 0.99
     tensorrt: str = "auto"  # auto | off
     force: bool = False
     tolerances: Tolerances = field(default_factory=Tolerances)
+    replay_gate: ReplayGate | None = None
     seed: int = 0
 
 
@@ -74,6 +90,46 @@ def step(name: str) -> Iterator[None]:
         logger.error("step %s: failed after %.1f s", name, time.monotonic() - started)
         raise
     logger.info("step %s: done in %.1f s", name, time.monotonic() - started)
+
+
+def _integer(name: str, value, low: int, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bound = f"{low}..{high}" if high is not None else f">= {low}"
+        raise BuildError(f"{name} must be an integer {bound}, got {value!r}")
+
+
+def _fraction(name: str, value, low: float = 0.0, high: float = 1.0) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not low <= value <= high:
+        raise BuildError(f"{name} must be a number in [{low}, {high}], got {value!r}")
+
+
+def validate_options(options: BuildOptions) -> None:
+    """Every option, before any work (one-line errors naming the option and what it accepts)."""
+    if options.calib_method not in CALIB_METHODS:
+        raise CalibrationError(f"--calib-method must be one of {CALIB_METHODS}, got {options.calib_method!r}")
+    _integer("--calib-samples", options.calib_samples, 1)
+    if options.calib_samples < options.min_calib_samples:
+        raise CalibrationError(f"--calib-samples {options.calib_samples} is below the minimum of "
+                               f"{options.min_calib_samples} for a stable calibration")
+    _integer("--gate-seeds", options.gate_seeds, 1, 10_000)
+    _integer("--max-mc-samples", options.max_mc_samples, 1, 1024)
+    _integer("--mc-samples", options.default_mc_samples, 1, options.max_mc_samples)
+    _integer("held-out samples", options.heldout_samples, 8)
+    _fraction("threshold quantile", options.threshold_quantile, 0.5, 1.0)
+    if options.uncertainty not in UNCERTAINTY_SIGNALS:
+        raise BuildError(f"--uncertainty must be one of {UNCERTAINTY_SIGNALS}, got {options.uncertainty!r}")
+    if options.tensorrt not in ("auto", "off"):
+        raise BuildError(f"--tensorrt must be auto or off, got {options.tensorrt!r}")
+    tol = options.tolerances
+    _fraction("--min-vision-cosine", tol.min_vision_cosine, -1.0, 1.0)
+    _fraction("--min-language-cosine", tol.min_language_cosine, -1.0, 1.0)
+    _fraction("--max-head-error", tol.max_head_action_error, 0.0, 10.0)
+    _fraction("--max-success-drop", tol.max_success_drop, 0.0, 1.0)
+    if options.checkpoint is not None and not Path(options.checkpoint).exists():
+        raise BuildError(f"--checkpoint {options.checkpoint}: no such file or folder")
+    if options.calib_instructions is not None and not Path(options.calib_instructions).is_file():
+        raise CalibrationError(f"--calib-instructions {options.calib_instructions}: no such file")
 
 
 def check_output_location(options: BuildOptions) -> None:
@@ -97,32 +153,11 @@ def _temporary_dir(out: Path) -> Path:
     return tmp
 
 
-def _calibration_source(options: BuildOptions, proprio_dim: int):
-    from calibration.sources import Hdf5EpisodeSource, ImageFolderSource
-
-    kind = options.calib_source
-    if kind == "reference-world":
-        from calibration.reference_world_source import ReferenceWorldSource
-
-        return ReferenceWorldSource(options.calib_samples + options.heldout_samples)
-    path = Path(kind)
-    if not path.exists():
-        raise CalibrationError(f"--calib-source {kind}: no such file or folder (use 'reference-world', a "
-                               "folder of images with --calib-instructions, or an HDF5 file/folder of "
-                               "episodes)")
-    if path.is_dir() and not any(path.glob("*.h5")) and not any(path.glob("*.hdf5")):
-        if options.calib_instructions is None:
-            raise CalibrationError(f"--calib-source {path} is an image folder: pass --calib-instructions "
-                                   "FILE (one instruction per line)")
-        return ImageFolderSource(path, options.calib_instructions, proprio_dim=proprio_dim)
-    return Hdf5EpisodeSource(path)
-
-
 def coordinate_matmuls(model_path: Path) -> list[str]:
-    """MatMul nodes whose constant operand is a coordinate grid [tokens, 2] (the head's soft-argmax
-    keypoints and attention-weighted positions). They stay in float: the product is an expected
-    position, so its precision is the policy's spatial precision, and the grid itself is not a weight
-    that quantizes well per channel (2 channels of evenly spaced values)."""
+    """MatMul nodes whose constant operand is a coordinate grid [tokens, 2] (e.g. a soft-argmax over a
+    feature grid: keypoints and attention-weighted positions). They stay in float: the product is an
+    expected position, so its precision is the policy's spatial precision, and the grid itself is not a
+    weight that quantizes well per channel (2 channels of evenly spaced values)."""
     import onnx
     from onnx import numpy_helper
 
@@ -136,12 +171,6 @@ def coordinate_matmuls(model_path: Path) -> list[str]:
     return [node.name for node in model.graph.node
             if node.op_type == "MatMul" and len(node.input) == 2
             and len(constants.get(node.input[1], ())) == 2 and constants[node.input[1]][1] == 2]
-
-
-def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a.reshape(len(a), -1).astype(np.float64)
-    b = b.reshape(len(b), -1).astype(np.float64)
-    return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
 
 
 class _Sessions:
@@ -178,25 +207,141 @@ class _Sessions:
 
 
 @dataclass
-class Prepared:
-    """Inputs for calibration and for the held-out accuracy check, per graph."""
+class Plan:
+    """What the checks before any work established: the policy, its shapes and masks, the data."""
 
-    frames: np.ndarray  # uint8 [n, 224, 224, 3]
-    instructions: list[str]
-    proprio: np.ndarray  # float32 [n, P]
+    policy: object
+    shapes: dict
+    layers: list  # mc_dropout.DropoutLayer, in call order
+    rate: float
+    head_module: object  # the head as exported (masks as inputs, or the plain head)
+    data: object  # samples.Prepared: calibration samples then held-out samples
+    heldout: slice
+    heldout_episodes: list
+    source: dict
+    environment: str | None
+    episode_ids: dict  # "calibration" / "heldout" -> the episodes each part came from (None: single frames)
 
 
-def _prepare_samples(source, count: int, minimum: int) -> Prepared:
+def plan_build(options: BuildOptions) -> Plan:
+    """Options, policy, masks and calibration data, all checked before any graph is exported."""
+    from build_engines import samples as samples_mod
+    from build_engines.mc_dropout import MaskedHead, check_rate, find_dropouts
+    from build_engines.policy import load_policy, probe, resolve
     from calibration.sources import take
-    from edge.inference.frames import resize_into
-    from reference_policy.encoders import IMAGE_SIZE_PX
 
-    samples = take(source, count, minimum=minimum)
-    frames = np.zeros((len(samples), IMAGE_SIZE_PX, IMAGE_SIZE_PX, 3), np.uint8)
-    for i, sample in enumerate(samples):
-        resize_into(sample.frame, frames[i])
-    proprio = np.stack([np.asarray(s.proprio, np.float32) for s in samples])
-    return Prepared(frames, [s.instruction for s in samples], proprio)
+    validate_options(options)
+    check_output_location(options)
+    with step(f"load policy {options.policy}"):
+        policy = load_policy(options.policy, options.checkpoint)
+        shapes, head_args = probe(policy)
+    spec = policy.spec
+    if options.uncertainty == "mc-dropout":
+        layers = find_dropouts(policy.head, head_args)
+        if not layers:
+            raise PolicyError(f"the head of {options.policy} has no nn.Dropout, so MC-dropout cannot measure "
+                              "its uncertainty: add nn.Dropout layers to the head (and spec.dropout_rate), or "
+                              "pass --uncertainty none (no uncertainty gate on the robot)")
+        rate = check_rate(layers, spec.dropout_rate)
+        head_module = MaskedHead(policy.head, layers)
+        logger.info("MC-dropout: %d mask inputs, widths %s, rate %g", len(layers), [x.width for x in layers], rate)
+    else:
+        layers, rate, head_module = [], 0.0, policy.head
+    environment = _environment(options, policy)
+    if environment is not None:
+        resolve(environment, "--env")  # importable now, not after the graphs are built
+    with step("calibration data"):
+        # Twice the held-out count: calibration takes whole episodes, so it may run past calib_samples.
+        wanted = options.calib_samples + 2 * options.heldout_samples
+        try:
+            source = samples_mod.calibration_source(options.calib_source, options.calib_instructions, wanted,
+                                                    policy)
+            got = take(source, wanted, minimum=options.min_calib_samples + samples_mod.MIN_HELDOUT_SAMPLES)
+        except EdgeError:
+            raise
+        except Exception as exc:  # a policy's own calibration hook may fail in any way: one line naming it
+            raise CalibrationError(f"the calibration source of {options.policy} failed: {type(exc).__name__}: "
+                                   f"{exc}") from exc
+        calib, heldout = samples_mod.split_by_episode(got, options.calib_samples, options.min_calib_samples,
+                                                      samples_mod.MIN_HELDOUT_SAMPLES)
+        heldout = heldout[: max(options.heldout_samples, samples_mod.MIN_HELDOUT_SAMPLES)]
+        data, held = samples_mod.concatenate(samples_mod.prepare(calib, spec), samples_mod.prepare(heldout, spec))
+        describe = _portable(source.describe() if hasattr(source, "describe") else {"kind": type(source).__name__})
+    if spec.language is not None:
+        _check_instructions(policy, [*data.instructions, *policy.instructions, *policy.held_out_instructions])
+    grouped: dict = {}
+    for index, sample in enumerate(heldout):
+        grouped.setdefault(("sample", index) if sample.episode is None else sample.episode, []).append(sample)
+    episodes = list(grouped.values())
+    logger.info("calibration: %d samples, held out: %d samples in %d episodes", len(calib), len(heldout),
+                len(episodes))
+    ids = {part: sorted({str(s.episode) for s in chosen if s.episode is not None})
+           for part, chosen in (("calibration", calib), ("heldout", heldout))}
+    return Plan(policy, shapes, layers, rate, head_module, data, held, episodes, describe, environment, ids)
+
+
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.])/(?:[^\s/]+/)*([^\s/]+)")
+
+
+def _portable(value):
+    """A description for the manifest without build-machine paths: an absolute path keeps its last part."""
+    if isinstance(value, str):
+        return _ABSOLUTE_PATH.sub(lambda m: m.group(1), value)
+    if isinstance(value, dict):
+        return {k: _portable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_portable(v) for v in value]
+    return value
+
+
+def _relative(value, root: Path):
+    """`value` with every path under `root` made relative to it (strings, nested dicts and lists)."""
+    prefix = str(root) + os.sep
+    if isinstance(value, str):
+        return value.replace(prefix, "")
+    if isinstance(value, dict):
+        return {k: _relative(v, root) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_relative(v, root) for v in value]
+    return value
+
+
+def _check_instructions(policy, texts: list[str]) -> None:
+    """Every instruction the build will tokenize fits the policy's tokenizer, checked before any work."""
+    from edge.inference.tokenizer import InstructionTokenizer
+
+    try:
+        tokenizer = InstructionTokenizer(policy.tokenizer_file, max_tokens=policy.spec.language.max_tokens)
+    except EdgeError as exc:
+        raise PolicyError(f"Policy.tokenizer_file {policy.tokenizer_file} cannot be used: {exc}") from exc
+    ids = np.zeros(policy.spec.language.max_tokens, np.int64)
+    mask = np.zeros_like(ids)
+    for text in sorted(set(texts)):
+        try:
+            tokenizer.encode_into(text, ids, mask)
+        except EdgeError as exc:
+            raise CalibrationError(f"instruction {text!r} (calibration data or Policy.instructions): {exc}") from exc
+
+
+def _environment(options: BuildOptions, policy) -> str | None:
+    """The closed-loop environment, or None. The loop runs the bundle through the runtime, so a policy the
+    runtime cannot run yet is refused here, before any graph is built, when --env names one explicitly;
+    the policy's own default environment is then skipped with a warning (the held-out gate still runs)."""
+    from edge.inference.bundle import runtime_gaps
+
+    explicit = options.env is not None
+    environment = options.env if explicit else policy.environment
+    if environment in (None, NO_ENVIRONMENT):
+        return None
+    gaps = runtime_gaps(policy.spec, options.uncertainty)
+    if not gaps:
+        return environment
+    if explicit:
+        raise GateError(f"--env {environment}: the closed-loop gate drives the bundle through the runtime, which "
+                        f"cannot run {', '.join(gaps)} yet; pass --env none to gate on held-out data only")
+    logger.warning("closed-loop gate in %s skipped: the runtime cannot run %s yet; gating on held-out data",
+                   environment, ", ".join(gaps))
+    return None
 
 
 def run_build(options: BuildOptions) -> dict:
@@ -204,15 +349,13 @@ def run_build(options: BuildOptions) -> dict:
 
     Raises a BuildError subclass naming the step that failed (GateRefused when the accuracy gate refuses
     the bundle), or an EdgeError of the runtime for unusable input data; `out` is then left as it was."""
-    if options.calib_method not in CALIB_METHODS:
-        raise CalibrationError(f"--calib-method must be one of {CALIB_METHODS}, got {options.calib_method!r}")
-    if options.calib_samples < options.min_calib_samples:
-        raise CalibrationError(f"--calib-samples {options.calib_samples} is below the minimum of "
-                               f"{options.min_calib_samples} for a stable calibration")
-    check_output_location(options)
+    plan = plan_build(options)
     tmp = _temporary_dir(options.out)
     try:
-        summary = _build_into(tmp, options)
+        summary = _build_into(tmp, options, plan)
+        from edge.fileio import normalise_modes
+
+        normalise_modes(tmp)
         _commit(tmp, options.out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -232,85 +375,81 @@ def _commit(tmp: Path, out: Path) -> None:
     logger.info("bundle written to %s", out)
 
 
-def _build_into(root: Path, options: BuildOptions) -> dict:
+def _file(graphs_dir: Path, graph: str, variant: str) -> Path:
+    return graphs_dir / f"{graph}_{variant.replace('-', '_')}.onnx"
+
+
+def _build_into(root: Path, options: BuildOptions, plan: Plan) -> dict:
     import torch
 
     from build_engines import quantize
-    from build_engines.export import export_policy
+    from build_engines.export import export_policy, graph_specs
     from build_engines.layout import verify_cpu_layout, verify_tensorrt_layout
+    from build_engines.mc_dropout import sample_masks
     from edge.inference.tokenizer import InstructionTokenizer
-    from reference_policy.encoders import (
-        MAX_TOKENS,
-        load_language_encoder,
-        load_vision_encoder,
-        tokenizer_path,
-    )
-    from reference_policy.model import DEFAULT_CHECKPOINT_DIR, load_head, sample_masks
 
+    policy, spec, layers, data = plan.policy, plan.policy.spec, plan.layers, plan.data
     torch.manual_seed(options.seed)
     rng = np.random.default_rng(options.seed)
     graphs_dir, reports_dir = root / "graphs", root / "reports"
-    graphs_dir.mkdir()
-    reports_dir.mkdir()
-    (root / "calibration").mkdir()
-    checkpoint = options.checkpoint or DEFAULT_CHECKPOINT_DIR
+    for folder in (graphs_dir, reports_dir, root / "calibration"):
+        folder.mkdir()
+    n_calib = plan.heldout.start
+    max_samples = options.max_mc_samples if layers else 1
+    default_samples = options.default_mc_samples if layers else 1
 
-    with step("load policy"):
-        head = load_head(checkpoint)
-        vision_module, language_module = load_vision_encoder(), load_language_encoder()
-        tokenizer = InstructionTokenizer(tokenizer_path(), max_tokens=MAX_TOKENS)
-        shutil.copyfile(tokenizer_path(), root / "tokenizer.json")
-    cfg = head.cfg
+    def masks(samples: int) -> list[np.ndarray]:
+        return sample_masks(layers, plan.rate, samples, rng) if layers else []
 
-    with step("calibration data"):
-        source = _calibration_source(options, cfg.proprio_dim)
-        prepared = _prepare_samples(source, options.calib_samples + options.heldout_samples,
-                                    options.min_calib_samples + 8)
-    n_calib = min(options.calib_samples, len(prepared.frames) - 8)
-    heldout = slice(n_calib, len(prepared.frames))
+    tokenizer = None
+    if spec.language is not None:
+        shutil.copyfile(policy.tokenizer_file, root / "tokenizer.json")
+        tokenizer = InstructionTokenizer(root / "tokenizer.json", max_tokens=spec.language.max_tokens)
 
     def token_feeds(texts: list[str]) -> dict[str, np.ndarray]:
-        ids = np.zeros((len(texts), MAX_TOKENS), np.int64)
-        mask = np.zeros((len(texts), MAX_TOKENS), np.int64)
+        ids = np.zeros((len(texts), spec.language.max_tokens), np.int64)
+        mask = np.zeros((len(texts), spec.language.max_tokens), np.int64)
         for i, text in enumerate(texts):
             tokenizer.encode_into(text, ids[i], mask[i])
         return {"input_ids": ids, "attention_mask": mask}
 
+    specs = graph_specs(spec, plan.shapes, [layer.width for layer in layers])
+    head_names = [s.name for s in specs["head"].inputs]
     # Reference inputs exercise every dynamic axis (batch 2, T 4).
-    masks4 = sample_masks(cfg, 4, np.random.default_rng(options.seed))
     with torch.inference_mode():
-        ref_vision = vision_module(torch.from_numpy(prepared.frames[:1])).numpy()
-        ref_language = language_module(*(torch.from_numpy(v) for v in token_feeds(prepared.instructions[:1]).values())).numpy()
-    reference_inputs = {
-        "vision": {"image": prepared.frames[:2].copy()},
-        "language": token_feeds(prepared.instructions[:2]),
-        "head": {
-            "vision_features": ref_vision, "language_features": ref_language,
-            "proprio": prepared.proprio[:1].copy(),
-            **{f"dropout_mask_{i}": m for i, m in enumerate(masks4)},
-        },
-    }
+        ref_vision = policy.vision(*(torch.from_numpy(v) for v in data.vision_feeds(0, 1).values())).numpy()
+        reference_inputs = {"vision": data.vision_feeds(0, 2)}
+        head_ref = {"vision_features": ref_vision, "proprio": data.proprio[:1].copy()}
+        if spec.language is not None:
+            reference_inputs["language"] = token_feeds(data.instructions[:2])
+            head_ref["language_features"] = policy.language(
+                *(torch.from_numpy(v[:1]) for v in reference_inputs["language"].values())).numpy()
+    head_ref.update({f"dropout_mask_{i}": m for i, m in enumerate(masks(4))})
+    reference_inputs["head"] = {name: head_ref[name] for name in head_names}
+    modules = {"vision": policy.vision, "head": plan.head_module}
+    if spec.language is not None:
+        modules["language"] = policy.language
     with step("export FP32 graphs"):
-        exported = export_policy(vision_module, language_module, head, reference_inputs, graphs_dir)
+        exported = export_policy(modules, specs, reference_inputs, graphs_dir)
     fp32 = {name: info["path"] for name, info in exported.items()}
     sessions = _Sessions()
 
     with step("FP32 features for calibration"):
-        vision_features = np.concatenate([
-            sessions.run(fp32["vision"], {"image": prepared.frames[i : i + 16]})
-            for i in range(0, len(prepared.frames), 16)
-        ])
-        unique = sorted(set(prepared.instructions))
-        embeddings = dict(zip(unique, sessions.run(fp32["language"], token_feeds(unique))))
-        language_features = np.stack([embeddings[t] for t in prepared.instructions])
+        vision_features = np.concatenate([sessions.run(fp32["vision"], data.vision_feeds(i, i + 16))
+                                          for i in range(0, len(data), 16)])
+        language_features = None
+        if spec.language is not None:
+            unique = sorted(set(data.instructions))
+            embeddings = dict(zip(unique, sessions.run(fp32["language"], token_feeds(unique))))
+            language_features = np.stack([embeddings[t] for t in data.instructions])
 
-    def head_feeds(index: int, masks: list[np.ndarray]) -> dict[str, np.ndarray]:
-        return {
-            "vision_features": vision_features[index : index + 1],
-            "language_features": language_features[index : index + 1],
-            "proprio": prepared.proprio[index : index + 1],
-            **{f"dropout_mask_{i}": m for i, m in enumerate(masks)},
-        }
+    def head_feeds(index: int, mask_list: list[np.ndarray], vision=None, language=None) -> dict[str, np.ndarray]:
+        feeds = {"vision_features": (vision_features if vision is None else vision)[index : index + 1],
+                 "proprio": data.proprio[index : index + 1],
+                 **{f"dropout_mask_{i}": m for i, m in enumerate(mask_list)}}
+        if language_features is not None:
+            feeds["language_features"] = (language_features if language is None else language)[index : index + 1]
+        return {name: feeds[name] for name in head_names}
 
     files: dict[str, dict[str, Path]] = {name: {"fp32": path} for name, path in fp32.items()}
     layout_reports = {}
@@ -319,101 +458,145 @@ def _build_into(root: Path, options: BuildOptions) -> dict:
         for name in ("vision", "head"):
             with step(f"calibrate {name} ({options.calib_method}, {n_calib} samples)"):
                 if name == "vision":
-                    feeds = ({"image": prepared.frames[i : i + 1]} for i in range(n_calib))
+                    feeds = (data.vision_feeds(i, i + 1) for i in range(n_calib))
                 else:
-                    feeds = (head_feeds(i, sample_masks(cfg, 8, rng)) for i in range(n_calib))
+                    feeds = (head_feeds(i, masks(8)) for i in range(n_calib))
                 ranges = quantize.calibrate(fp32[name], feeds, options.calib_method, root / "calibration")
                 ranges_path = root / "calibration" / f"{name}_ranges.json"
                 ranges.save(ranges_path)
                 ranges_files[name] = ranges_path
             with step(f"quantize {name}"):
-                trt_path = graphs_dir / f"{name}_int8_trt.onnx"
-                cpu_path = graphs_dir / f"{name}_int8_cpu.onnx"
+                trt_path, cpu_path = _file(graphs_dir, name, "int8-tensorrt"), _file(graphs_dir, name, "int8-cpu")
                 keep_float = coordinate_matmuls(fp32[name])
                 if keep_float:
-                    logger.info("%s: keeping %d soft-argmax MatMuls in float: %s", name, len(keep_float), keep_float)
+                    logger.info("%s: keeping %d coordinate MatMuls in float: %s", name, len(keep_float), keep_float)
                 quantize.quantize_for_tensorrt(fp32[name], ranges, trt_path, nodes_to_exclude=keep_float)
                 quantize.quantize_for_cpu(fp32[name], ranges, cpu_path, nodes_to_exclude=keep_float)
-                layout_reports[f"{name}_int8_trt"] = _as_dict(verify_tensorrt_layout(trt_path, fp32[name]))
-                layout_reports[f"{name}_int8_cpu"] = _as_dict(verify_cpu_layout(cpu_path))
-                files[name]["int8_trt"] = trt_path
-                files[name]["int8_cpu"] = cpu_path
+                # the reports name their graph by path: relative to the bundle, not the temporary build folder
+                layout_reports[f"{name}_int8-tensorrt"] = _relative(
+                    _as_dict(verify_tensorrt_layout(trt_path, fp32[name])), root)
+                layout_reports[f"{name}_int8-cpu"] = _relative(_as_dict(verify_cpu_layout(cpu_path)), root)
+                files[name]["int8-tensorrt"] = trt_path
+                files[name]["int8-cpu"] = cpu_path
         for leftover in (root / "calibration").iterdir():
             if leftover.suffix == ".onnx" or leftover.name.endswith(".data"):
                 leftover.unlink()  # the calibrator's augmented graphs are not part of the bundle
-        with step("quantize language (dynamic INT8 for CPU)"):
-            path = graphs_dir / "language_int8_dynamic.onnx"
-            # Per-channel weights: per-tensor dynamic INT8 of MiniLM measured cosine 0.967 to FP32 (the
-            # gate refuses < 0.98), per-channel 0.992, both faster than FP32 on ONNX Runtime CPU.
-            quantize.quantize_dynamic_int8(fp32["language"], path, per_channel=True)
-            files["language"]["int8_dynamic"] = path
+        if spec.language is not None:
+            with step("quantize language (dynamic INT8 for CPU)"):
+                path = _file(graphs_dir, "language", "int8-cpu")
+                # Per-channel weights: per-tensor dynamic INT8 of MiniLM measured cosine 0.967 to FP32 (the
+                # gate refuses < 0.98), per-channel 0.992, both faster than FP32 on ONNX Runtime CPU.
+                quantize.quantize_dynamic_int8(fp32["language"], path, per_channel=True)
+                files["language"]["int8-cpu"] = path
     if options.fp16:
-        for name in ("vision", "language", "head"):
+        for name in exported:
             with step(f"convert {name} to FP16"):
-                path = graphs_dir / f"{name}_fp16.onnx"
+                path = _file(graphs_dir, name, "fp16")
                 quantize.convert_fp16(fp32[name], path)
                 files[name]["fp16"] = path
 
-    targets = {"cpu-fp32": {"vision": "fp32", "language": "fp32", "head": "fp32"}}
-    if options.int8:
-        targets["cpu"] = {"vision": "int8_cpu", "language": "int8_dynamic", "head": "int8_cpu"}
-        # TensorRT compiles the symmetric Q/DQ graphs; the sentence encoder runs once per instruction,
-        # so it gets FP16 there (INT8 would save nothing a tick waits for).
-        targets["tensorrt"] = {"vision": "int8_trt", "language": "fp16" if options.fp16 else "fp32",
-                               "head": "int8_trt"}
-    if options.fp16:
-        targets["fp16"] = {"vision": "fp16", "language": "fp16", "head": "fp16"}
+    targets = _targets(list(exported), options)
 
     with step("held-out accuracy per graph"):
-        accuracy = _graph_accuracy(sessions, files, prepared, heldout, vision_features, language_features,
-                                   token_feeds, head_feeds, cfg, rng)
+        accuracy = _graph_accuracy(sessions, files, data, plan, vision_features, token_feeds, head_feeds, masks,
+                                   spec)
 
     with step("reference inputs/outputs and embeddings"):
         reference_files = _write_reference(root, sessions, files, reference_inputs)
-        from reference_world.instructions import OBJECT_NAMES, TRAINING_TEMPLATES
+        known = list(policy.instructions) if spec.language is not None else []
+        if known:
+            known_vectors = sessions.run(fp32["language"], token_feeds(known))
+            np.savez(root / "embeddings.npz", embeddings=known_vectors.astype(np.float32))
 
-        known = [t.format(object=o) for o in OBJECT_NAMES for t in TRAINING_TEMPLATES]
-        known_vectors = sessions.run(fp32["language"], token_feeds(known))
-        np.savez(root / "embeddings.npz", embeddings=known_vectors.astype(np.float32))
+    from build_engines.manifest import builder, graphs_section, provenance, write_manifest
 
-    manifest = _manifest(options, cfg, exported, files, targets, root, known, checkpoint, ranges_files,
-                         reference_files, layout_reports)
-    manifest["uncertainty"] = {"threshold": {t: 1.0 for t in targets}, "status": "draft"}
-    _write_manifest(root, manifest)
+    bundled_spec = spec.to_dict()
+    if spec.language is not None:
+        bundled_spec["language"]["tokenizer"] = "tokenizer.json"
+    manifest = {
+        "builder": builder(),
+        "policy": {"name": spec.name, "factory": options.policy,
+                   "checkpoint": Path(policy.checkpoint).name if policy.checkpoint else None,
+                   "checkpoint_sha256": provenance(policy.checkpoint)},
+        "spec": bundled_spec,
+        "graphs": graphs_section(root, exported, files, {}, {}),
+        "targets": targets,
+        "dropout": {"layers": [layer.to_dict() for layer in layers], "widths": [layer.width for layer in layers],
+                    "rate": plan.rate, "max_samples": max_samples, "default_samples": default_samples,
+                    "mask_inputs": [f"dropout_mask_{i}" for i in range(len(layers))]},
+        "uncertainty": {"signal": options.uncertainty, "status": "draft",
+                        "threshold": {t: 1.0 for t in targets} if layers else {}},
+        "tokenizer": None if spec.language is None else {"path": "tokenizer.json", "kind": "huggingface-tokenizers",
+                                                         "max_tokens": spec.language.max_tokens},
+        "embeddings": {"path": "embeddings.npz", "instructions": known} if known else None,
+        "calibration": {"source": plan.source, "samples": n_calib, "heldout_samples": len(data) - n_calib,
+                        "method": options.calib_method, "episodes": plan.episode_ids,
+                        "ranges": {n: str(p.relative_to(root)) for n, p in ranges_files.items()},
+                        "layout_checks": layout_reports},
+        "accuracy": {"report": "reports/accuracy.json", "passed": False},
+        "reference": reference_files,
+        "engines": [],
+    }
+    write_manifest(root, manifest)
 
-    with step(f"closed-loop gate ({options.gate_seeds} seeds per target)"):
-        from build_engines.accuracy_gate import closed_loop
+    loop = None
+    if plan.environment is not None:
+        loop = _closed_loop(root, options, plan, list(targets))
+    replay = None
+    if options.replay_gate is not None:
+        with step("open-loop replay gate"):
+            replay = options.replay_gate(_runners(sessions, files, targets, data, plan, token_feeds, spec,
+                                                  head_names), plan.heldout_episodes)
+    from build_engines.gate import judge
 
-        loop = closed_loop(root, list(targets), options.gate_seeds, options.default_mc_samples,
-                           options.threshold_quantile, options.seed)
-    report = _judge(accuracy, loop, options.tolerances, options.int8)
+    graph_tolerances = {"vision": options.tolerances.min_vision_cosine,
+                        "language": options.tolerances.min_language_cosine}
+    report = judge(accuracy, loop, replay, options.tolerances, graph_tolerances)
     manifest["accuracy"] = {"report": "reports/accuracy.json", "passed": report["passed"],
                             "summary": report["summary"]}
-    thresholds = {target: loop[target]["threshold"] for target in targets}
-    manifest["uncertainty"] = {
-        "score": "RMS over action dimensions of the MC-dropout std, divided by the action range",
-        "threshold": thresholds,
-        "hard_ceiling": {t: 3.0 * v for t, v in thresholds.items()},
-        "method": (f"{options.threshold_quantile:.0%} quantile of the score over every tick of successful "
-                   f"held-out in-distribution episodes (reference world, {options.gate_seeds} seeds per target, "
-                   f"T={options.default_mc_samples})"),
-        "ticks": {target: loop[target]["ticks"] for target in targets},
-    }
     (reports_dir / "accuracy.json").write_text(json.dumps(report, indent=2) + "\n")
     (reports_dir / "accuracy.md").write_text(format_report(report) + "\n")
     if not report["passed"]:
         raise GateRefused("accuracy gate refused the bundle: " + "; ".join(report["failures"]), report)
+    if layers:
+        manifest["uncertainty"] = _uncertainty(options, plan, loop, targets, sessions, files, data, token_feeds,
+                                               head_feeds, masks, spec)
+    else:
+        manifest["uncertainty"] = {"signal": "none", "threshold": {},
+                                   "method": "--uncertainty none: no MC-dropout masks, T = 1, no threshold"}
+    manifest["gate"] = {"environment": plan.environment if loop else None, "closed_loop_seeds":
+                        options.gate_seeds if loop else 0, "replay": replay is not None,
+                        "heldout_episodes": len(plan.heldout_episodes)}
 
     with step("TensorRT engines"):
-        manifest["engines"] = _tensorrt_engines(root, options, files, exported, cfg, reference_inputs)
+        manifest["engines"] = _tensorrt_engines(root, options, files, exported, reference_inputs)
 
     with step("latency per graph on this machine"):
         report["latency_ms"] = _latencies(sessions, files, reference_inputs)
-    summary = {"report": report, "files": {n: {v: _size(p) for v, p in fv.items()} for n, fv in files.items()}}
+    manifest["graphs"] = graphs_section(root, exported, files, report["latency_ms"], _accuracy_rows(accuracy))
+    summary = {"report": report, "files": {n: {v: _size(p) for v, p in fv.items()} for n, fv in files.items()},
+               "thresholds": manifest["uncertainty"]["threshold"]}
     (reports_dir / "accuracy.json").write_text(json.dumps(report, indent=2) + "\n")
     (reports_dir / "summary.md").write_text(format_summary(summary) + "\n")
-    _write_manifest(root, manifest)
+    write_manifest(root, manifest)
     return summary
+
+
+def _targets(graphs: list[str], options: BuildOptions) -> dict[str, dict[str, str]]:
+    """The runtime's config key policy.target -> the variant of each graph it runs."""
+    def each(**variants: str) -> dict[str, str]:
+        return {graph: variants[graph] for graph in graphs}
+
+    targets = {"cpu-fp32": each(vision="fp32", language="fp32", head="fp32")}
+    if options.int8:
+        targets["cpu"] = each(vision="int8-cpu", language="int8-cpu", head="int8-cpu")
+        # TensorRT compiles the symmetric Q/DQ graphs; a sentence encoder runs once per instruction,
+        # so it gets FP16 there (INT8 would save nothing a tick waits for).
+        targets["tensorrt"] = each(vision="int8-tensorrt", language="fp16" if options.fp16 else "fp32",
+                                   head="int8-tensorrt")
+    if options.fp16:
+        targets["fp16"] = each(vision="fp16", language="fp16", head="fp16")
+    return targets
 
 
 def _as_dict(report) -> dict:
@@ -426,127 +609,132 @@ def _size(path: Path) -> int:
     return size + (data.stat().st_size if data.exists() else 0)
 
 
-def _graph_accuracy(sessions, files, prepared, heldout, vision_features, language_features, token_feeds,
-                    head_feeds, cfg, rng) -> dict:
-    from reference_policy.model import sample_masks
+def _action_range(spec) -> np.ndarray:
+    return (np.asarray(spec.action.high, np.float64) - np.asarray(spec.action.low, np.float64)).astype(np.float32)
 
-    indices = range(heldout.start, heldout.stop)
-    frames = prepared.frames[heldout]
-    results: dict[str, dict[str, dict]] = {"vision": {}, "language": {}, "head": {}}
-    reference_vision = vision_features[heldout]
+
+def _graph_accuracy(sessions, files, data, plan, vision_features, token_feeds, head_feeds, masks, spec) -> dict:
+    from build_engines.gate import action_accuracy, feature_accuracy
+
+    held = plan.heldout
+    results: dict[str, dict[str, dict]] = {graph: {} for graph in files}
+    reference_vision = vision_features[held]
     for variant, path in files["vision"].items():
-        if variant == "fp32":
-            continue
-        out = np.concatenate([sessions.run(path, {"image": frames[i : i + 8]}) for i in range(0, len(frames), 8)])
-        cos = _cosine(out, reference_vision)
-        results["vision"][variant] = {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min())}
-    texts = sorted(set(prepared.instructions)) + [
-        "could you make your way over to the red block", "approach the blue ball please",
-    ]
-    feeds = token_feeds(texts)
-    reference_language = sessions.run(files["language"]["fp32"], feeds)
-    for variant, path in files["language"].items():
-        if variant == "fp32":
-            continue
-        cos = _cosine(sessions.run(path, feeds), reference_language)
-        results["language"][variant] = {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min())}
-    masks = [sample_masks(cfg, 8, rng) for _ in indices]
-    reference_actions = [sessions.run(files["head"]["fp32"], head_feeds(i, m)) for i, m in zip(indices, masks)]
+        if variant != "fp32":
+            out = np.concatenate([sessions.run(path, data.vision_feeds(i, min(i + 8, held.stop)))
+                                  for i in range(held.start, held.stop, 8)])
+            results["vision"][variant] = feature_accuracy(out, reference_vision)
+    if "language" in files:
+        texts = sorted(set(data.instructions)) + list(plan.policy.held_out_instructions)
+        feeds = token_feeds(texts)
+        reference_language = sessions.run(files["language"]["fp32"], feeds)
+        for variant, path in files["language"].items():
+            if variant != "fp32":
+                results["language"][variant] = feature_accuracy(sessions.run(path, feeds), reference_language)
+    indices = range(held.start, held.stop)
+    mask_sets = [masks(8) for _ in indices]
+    reference = [sessions.run(files["head"]["fp32"], head_feeds(i, m)) for i, m in zip(indices, mask_sets)]
     for variant, path in files["head"].items():
-        if variant == "fp32":
-            continue
-        errors = [np.abs(sessions.run(path, head_feeds(i, m)) - ref).mean() / 2.0
-                  for i, m, ref in zip(indices, masks, reference_actions)]
-        results["head"][variant] = {"action_error_mean": float(np.mean(errors)),
-                                    "action_error_max": float(np.max(errors))}
-    return {"samples": len(frames), "graphs": results}
+        if variant != "fp32":
+            outs = [sessions.run(path, head_feeds(i, m)) for i, m in zip(indices, mask_sets)]
+            results["head"][variant] = action_accuracy(outs, reference, _action_range(spec))
+    return {"samples": held.stop - held.start, "episodes": len(plan.heldout_episodes), "graphs": results}
 
 
-def _judge(accuracy: dict, loop: dict, tol: Tolerances, int8: bool) -> dict:
-    failures = []
-    graphs = accuracy["graphs"]
-    for variant, row in graphs["vision"].items():
-        if row["cosine_mean"] < tol.min_vision_cosine:
-            failures.append(f"vision {variant}: feature cosine {row['cosine_mean']:.4f} < {tol.min_vision_cosine}")
-    for variant, row in graphs["language"].items():
-        if row["cosine_mean"] < tol.min_language_cosine:
-            failures.append(f"language {variant}: cosine {row['cosine_mean']:.4f} < {tol.min_language_cosine}")
-    for variant, row in graphs["head"].items():
-        if row["action_error_mean"] > tol.max_head_action_error:
-            failures.append(f"head {variant}: action error {row['action_error_mean']:.4f} of the range > "
-                            f"{tol.max_head_action_error}")
-    base = loop["cpu-fp32"]["success_rate"]
-    for target, row in loop.items():
-        if not np.isfinite(row["threshold"]):
-            failures.append(f"target {target}: no successful gate episode to calibrate the uncertainty "
-                            "threshold from; the policy or the target is broken")
-        drop = base - row["success_rate"]
-        row["drop_vs_fp32"] = drop
-        if drop > tol.max_success_drop:
-            failures.append(f"target {target}: closed-loop success {row['success_rate']:.0%} is {drop:.0%} below "
-                            f"FP32 ({base:.0%}); allowed {tol.max_success_drop:.0%}")
-    summary = {
-        "closed_loop_success": {t: r["success_rate"] for t, r in loop.items()},
-        "vision_cosine": {v: r["cosine_mean"] for v, r in graphs["vision"].items()},
-        "head_action_error": {v: r["action_error_mean"] for v, r in graphs["head"].items()},
-        "language_cosine": {v: r["cosine_mean"] for v, r in graphs["language"].items()},
-    }
-    return {"passed": not failures, "failures": failures, "tolerances": asdict(tol), "graphs": graphs,
-            "heldout_samples": accuracy["samples"], "closed_loop": loop, "summary": summary}
+def _accuracy_rows(accuracy: dict) -> dict:
+    return accuracy["graphs"]
 
 
-def format_report(report: dict) -> str:
-    lines = ["# Accuracy report", "", f"Verdict: {'PASSED' if report['passed'] else 'REFUSED'}", ""]
-    for failure in report["failures"]:
-        lines.append(f"- {failure}")
-    lines += ["", f"Held-out samples: {report['heldout_samples']}", "",
-              "| graph | variant | metric vs FP32 | mean | worst |", "|---|---|---|---|---|"]
-    for graph, variants in report["graphs"].items():
-        for variant, row in variants.items():
-            if "cosine_mean" in row:
-                lines.append(f"| {graph} | {variant} | feature cosine | {row['cosine_mean']:.4f} | {row['cosine_min']:.4f} |")
-            else:
-                lines.append(f"| {graph} | {variant} | action error / range | {row['action_error_mean']:.4f} | "
-                             f"{row['action_error_max']:.4f} |")
-    lines += ["", "| target | closed-loop success | episodes | drop vs FP32 | uncertainty threshold |",
-              "|---|---|---|---|---|"]
-    for target, row in report["closed_loop"].items():
-        lines.append(f"| {target} | {row['success_rate']:.0%} | {row['episodes']} | "
-                     f"{row.get('drop_vs_fp32', 0.0):+.0%} | {row['threshold']:.4f} |")
-    return "\n".join(lines)
+def _closed_loop(root: Path, options: BuildOptions, plan: Plan, targets: list[str]) -> dict:
+    from build_engines.accuracy_gate import closed_loop
+    from edge.inference.bundle import Bundle
+
+    Bundle.load(root).check_runnable()  # _environment() refused these before the build; the draft must agree
+    with step(f"closed-loop gate in {plan.environment} ({options.gate_seeds} seeds per target)"):
+        try:
+            return closed_loop(root, targets, options.gate_seeds, options.default_mc_samples,
+                               options.threshold_quantile, options.seed, environment=plan.environment)
+        except EdgeError:
+            raise
+        except Exception as exc:  # a user's simulator may fail in any way: one line naming it
+            raise GateError(f"--env {plan.environment}: the environment failed during the closed-loop gate "
+                            f"({type(exc).__name__}: {exc})") from exc
 
 
-def format_summary(summary: dict) -> str:
-    report = summary["report"]
-    latency = report.get("latency_ms", {})
-    graphs = report["graphs"]
-    lines = ["| graph | precision | size (MB) | latency on this machine (ms) | accuracy vs FP32 |",
-             "|---|---|---|---|---|"]
-    for graph, variants in summary["files"].items():
-        for variant, size in variants.items():
-            row = graphs.get(graph, {}).get(variant)
-            if row is None:
-                acc = "reference"
-            elif "cosine_mean" in row:
-                acc = f"cosine {row['cosine_mean']:.4f}"
-            else:
-                acc = f"action error {row['action_error_mean']:.4f}"
-            ms = latency.get(graph, {}).get(variant)
-            lines.append(f"| {graph} | {variant} | {size / 1e6:.2f} | {ms:.2f} | {acc} |" if ms is not None else
-                         f"| {graph} | {variant} | {size / 1e6:.2f} | - | {acc} |")
-    lines += ["", "| target | closed-loop success | uncertainty threshold |", "|---|---|---|"]
-    for target, row in report["closed_loop"].items():
-        lines.append(f"| {target} | {row['success_rate']:.0%} ({row['successes']}/{row['episodes']}) | "
-                     f"{row['threshold']:.4f} |")
-    return "\n".join(lines)
+def _uncertainty(options, plan, loop, targets, sessions, files, data, token_feeds, head_feeds, masks, spec) -> dict:
+    from build_engines.gate import samples_to_calibrate, uncertainty_score
+
+    score = "RMS over action values of the MC-dropout std, divided by the largest action range"
+    q = options.threshold_quantile
+    if loop:
+        thresholds = {target: loop[target]["threshold"] for target in targets}
+        return {"signal": "mc-dropout", "source": "closed-loop", "score": score, "threshold": thresholds,
+                "hard_ceiling": {t: 3.0 * v for t, v in thresholds.items()},
+                "by_samples": {t: {str(options.default_mc_samples): v} for t, v in thresholds.items()},
+                "method": (f"{q:.0%} quantile of the score over every tick of successful episodes in "
+                           f"{plan.environment} ({options.gate_seeds} seeds per target, "
+                           f"T={options.default_mc_samples})")}
+    held = plan.heldout
+    action_range = float(np.max(_action_range(spec)))
+    by_samples: dict[str, dict[str, float]] = {}
+    vision_cache: dict[str, np.ndarray] = {}
+    language_cache: dict[str, np.ndarray] = {}
+    for target, variants in targets.items():
+        vision = vision_cache.get(variants["vision"])
+        if vision is None:
+            path = files["vision"][variants["vision"]]
+            vision = np.concatenate([sessions.run(path, data.vision_feeds(i, i + 16)) for i in range(0, len(data), 16)])
+            vision_cache[variants["vision"]] = vision
+        language = None
+        if "language" in variants:
+            language = language_cache.get(variants["language"])
+            if language is None:
+                unique = sorted(set(data.instructions))
+                vectors = dict(zip(unique, sessions.run(files["language"][variants["language"]], token_feeds(unique))))
+                language = np.stack([vectors[t] for t in data.instructions])
+                language_cache[variants["language"]] = language
+        head = files["head"][variants["head"]]
+        by_samples[target] = {}
+        for samples in samples_to_calibrate(options.default_mc_samples, options.max_mc_samples):
+            scores = [uncertainty_score(sessions.run(head, head_feeds(i, masks(samples), vision, language)), action_range)
+                      for i in range(held.start, held.stop)]
+            threshold = float(np.quantile(scores, q))
+            if not threshold > 0:
+                raise GateError(f"target {target}: the MC-dropout score is 0 on every held-out sample at T={samples}; "
+                                "the head's dropout does not change its actions (is it after the last layer?)")
+            by_samples[target][str(samples)] = threshold
+    default = str(options.default_mc_samples)
+    thresholds = {t: rows.get(default, rows[max(rows, key=int)]) for t, rows in by_samples.items()}
+    return {"signal": "mc-dropout", "source": "held-out", "score": score, "threshold": thresholds,
+            "hard_ceiling": {t: 3.0 * v for t, v in thresholds.items()}, "by_samples": by_samples,
+            "method": (f"{q:.0%} quantile of the score over {held.stop - held.start} held-out samples "
+                       f"({len(plan.heldout_episodes)} episodes not used for calibration), per target and T")}
+
+
+def _runners(sessions, files, targets, data, plan, token_feeds, spec, head_names) -> dict:
+    """Per target: frames, instruction, proprio -> deterministic actions [1, H, action_dim] (replay gate)."""
+    widths = [layer.width for layer in plan.layers]
+
+    def make(variants: dict[str, str]):
+        def runner(frames: dict, instruction: str, proprio: np.ndarray) -> np.ndarray:
+            feeds = {"vision_features": sessions.run(files["vision"][variants["vision"]], frames),
+                     "proprio": np.asarray(proprio, np.float32).reshape(1, -1)}
+            if "language" in variants:
+                feeds["language_features"] = sessions.run(files["language"][variants["language"]],
+                                                          token_feeds([instruction]))
+            feeds.update({f"dropout_mask_{i}": np.ones((1, w), np.float32) for i, w in enumerate(widths)})
+            out = sessions.run(files["head"][variants["head"]], {n: feeds[n] for n in head_names})
+            return out.reshape(out.shape[0], spec.action.horizon, spec.action.dim)
+
+        return runner
+
+    return {target: make(variants) for target, variants in targets.items()}
 
 
 def _latencies(sessions, files, reference_inputs) -> dict:
-    feeds = {
-        "vision": {"image": reference_inputs["vision"]["image"][:1]},
-        "language": {k: v[:1] for k, v in reference_inputs["language"].items()},
-        "head": reference_inputs["head"],
-    }
+    feeds = {graph: {k: v[:1] for k, v in reference_inputs[graph].items()} for graph in ("vision", "language")
+             if graph in reference_inputs}
+    feeds["head"] = reference_inputs["head"]
     return {graph: {variant: sessions.latency_ms(path, feeds[graph]) for variant, path in variants.items()}
             for graph, variants in files.items()}
 
@@ -574,62 +762,7 @@ def _write_reference(root: Path, sessions, files, reference_inputs) -> dict:
     return written
 
 
-def _manifest(options, cfg, exported, files, targets, root, known, checkpoint, ranges_files, reference_files,
-              layout_reports) -> dict:
-    import onnx
-    import onnxruntime
-    import torch
-
-    from edge import __version__
-
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "created_unix": int(time.time()),
-        "builder": {"vla_edge": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
-                    "onnxruntime": onnxruntime.__version__, "python": platform.python_version(),
-                    "machine": platform.machine()},
-        "policy": {"name": "reference-vla", "checkpoint": str(Path(checkpoint).name),
-                   "checkpoint_sha256": {p.name: file_sha256(p) for p in sorted(Path(checkpoint).iterdir())
-                                         if p.is_file()}},
-        "graphs": {
-            name: {**info["spec"].to_dict(),
-                   "files": {variant: str(path.relative_to(root)) for variant, path in files[name].items()}}
-            for name, info in exported.items()
-        },
-        "targets": targets,
-        "tokenizer": {"path": "tokenizer.json", "kind": "huggingface-tokenizers", "max_tokens": 32},
-        "action": {"dim": cfg.action_dim, "names": ["left_wheel", "right_wheel"],
-                   "meaning": "normalised wheel velocity targets", "scale": 0.25, "unit": "m/s",
-                   "low": [-1.0] * cfg.action_dim, "high": [1.0] * cfg.action_dim,
-                   "max_slew_per_s": [4.0] * cfg.action_dim},
-        "proprio": {"dim": cfg.proprio_dim, "meaning": "measured wheel velocity / max wheel speed"},
-        "dropout": {"layers": cfg.dropout_layers, "widths": [cfg.width] * cfg.dropout_layers,
-                    "rate": cfg.dropout_p, "max_samples": options.max_mc_samples,
-                    "default_samples": options.default_mc_samples,
-                    "mask_inputs": [f"dropout_mask_{i}" for i in range(cfg.dropout_layers)]},
-        "calibration": {"source": options.calib_source, "samples": options.calib_samples,
-                        "method": options.calib_method,
-                        "ranges": {n: str(p.relative_to(root)) for n, p in ranges_files.items()},
-                        "layout_checks": layout_reports},
-        "embeddings": {"path": "embeddings.npz", "instructions": known},
-        "reference": reference_files,
-        "engines": [],
-        "files": {},
-    }
-
-
-def _write_manifest(root: Path, manifest: dict) -> None:
-    manifest["files"] = {
-        str(p.relative_to(root)): file_sha256(p)
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
-    }
-    tmp = root / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, root / MANIFEST)
-
-
-def _tensorrt_engines(root, options, files, exported, cfg, reference_inputs) -> list[dict]:
+def _tensorrt_engines(root, options, files, exported, reference_inputs) -> list[dict]:
     if options.tensorrt == "off":
         logger.info("TensorRT engines: skipped (--tensorrt off)")
         return []
@@ -641,4 +774,4 @@ def _tensorrt_engines(root, options, files, exported, cfg, reference_inputs) -> 
         return []
     from build_engines.tensorrt_engines import build_all
 
-    return build_all(root, options, files, exported, cfg, reference_inputs)
+    return build_all(root, options, files, exported, None, reference_inputs)

@@ -1,6 +1,7 @@
 """`build-engines` / `build_engines.py`: a trained policy becomes one verified policy bundle.
 
-    build_engines.py --int8 --out artifacts/bundle
+    build-engines --int8 --out artifacts/bundle                      # the reference policy
+    build-engines --policy my_pkg.policy:make_policy --calib-source episodes/ --int8 --out my_bundle
     build-engines --engines-only artifacts/bundle     (on the robot: TensorRT engines for this GPU only)
 
 Exit codes:
@@ -24,6 +25,7 @@ from pathlib import Path
 
 from build_engines.build import (
     CALIB_METHODS,
+    UNCERTAINTY_SIGNALS,
     BuildOptions,
     Tolerances,
     format_report,
@@ -31,6 +33,7 @@ from build_engines.build import (
     run_build,
 )
 from build_engines.errors import EXIT_BUILD_ERROR, BuildError, GateRefused
+from build_engines.policy import DEFAULT_POLICY
 from edge.errors import EdgeError
 
 logger = logging.getLogger(__name__)
@@ -53,9 +56,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=True, help="FP16 graphs (default on)")
     p.add_argument("--out", type=Path, default=Path("artifacts/bundle"), help="bundle directory to write")
     p.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
-    p.add_argument("--checkpoint", type=Path, default=None, help="policy head checkpoint directory")
-    p.add_argument("--calib-source", default="reference-world",
-                   help="'reference-world', a folder of images (with --calib-instructions), or HDF5 episodes")
+    p.add_argument("--policy", default=DEFAULT_POLICY,
+                   help="'package.module:factory' returning a build_engines.policy.Policy "
+                        f"(default: the reference policy, {DEFAULT_POLICY}); see docs/bring-your-own-policy.md")
+    p.add_argument("--checkpoint", type=Path, default=None, help="passed to the policy factory as checkpoint=")
+    p.add_argument("--calib-source", default=None,
+                   help="a folder of images (with --calib-instructions) or HDF5 episodes; default: the "
+                        "policy's own calibration data")
+    p.add_argument("--env", default=None,
+                   help="'package.module:factory' of a simulated environment for the closed-loop gate; "
+                        "default: the policy's own (the reference world for the reference policy); 'none': "
+                        "gate on held-out data only")
+    p.add_argument("--uncertainty", choices=UNCERTAINTY_SIGNALS, default="mc-dropout",
+                   help="mc-dropout (the head's nn.Dropout layers become mask inputs) or none")
+    p.add_argument("--heldout-samples", type=int, default=64, help="held-out samples for the accuracy gate")
     p.add_argument("--calib-instructions", type=Path, default=None, help="instructions file for an image folder")
     p.add_argument("--calib-samples", type=int, default=256)
     p.add_argument("--calib-method", choices=CALIB_METHODS, default="percentile")
@@ -105,7 +119,8 @@ def _build(args: argparse.Namespace) -> int:
     if args.mc_samples > args.max_mc_samples or args.mc_samples < 1:
         raise BuildError(f"--mc-samples must be in 1..{args.max_mc_samples}, got {args.mc_samples}")
     options = BuildOptions(
-        out=args.out, int8=args.int8, fp16=args.fp16, checkpoint=args.checkpoint,
+        out=args.out, policy=args.policy, int8=args.int8, fp16=args.fp16, checkpoint=args.checkpoint,
+        env=args.env, uncertainty=args.uncertainty, heldout_samples=args.heldout_samples,
         calib_source=args.calib_source, calib_instructions=args.calib_instructions,
         calib_samples=args.calib_samples, calib_method=args.calib_method, gate_seeds=args.gate_seeds,
         max_mc_samples=args.max_mc_samples, default_mc_samples=args.mc_samples, tensorrt=args.tensorrt,

@@ -18,7 +18,6 @@ sections), so this module does not depend on how the full build writes a manifes
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -31,9 +30,9 @@ from typing import Any
 import numpy as np
 
 from build_engines.errors import BuildError, EngineBuildError
+from build_engines.manifest import write_manifest
 from edge.errors import EdgeError
-from edge.fileio import atomic_write_text
-from edge.inference.bundle import MANIFEST, Bundle, file_sha256
+from edge.inference.bundle import Bundle, file_sha256
 from edge.inference.engine_key import KEY_SUFFIX
 
 logger = logging.getLogger(__name__)
@@ -172,6 +171,7 @@ def _install(root: Path, manifest: dict, staging: Path, entries: list[dict]) -> 
         relative = f"{ENGINES_DIR}/{stale.name}"
         if relative not in files and stale.is_file():
             stale.unlink()
-    updated = {**manifest, "engines": entries, "files": dict(sorted(files.items()))}
-    atomic_write_text(root / MANIFEST, json.dumps(updated, indent=2, sort_keys=True, default=str) + "\n")
+    # The shared writer rehashes the files, checks the result against the runtime's schema and writes
+    # the manifest's own digest, so the runtime trusts the updated bundle.
+    write_manifest(root, {**manifest, "engines": entries})
     logger.info("bundle %s: %d engines installed, manifest updated", root, len(entries))

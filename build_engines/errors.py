@@ -29,6 +29,13 @@ class BuildError(EdgeError):
     exit_code = EXIT_BUILD_ERROR
 
 
+class PolicyError(BuildError):
+    """The policy named by --policy cannot be used: the factory cannot be imported or fails, returns
+    something other than a Policy, its spec disagrees with its modules (shapes, action dimension or
+    horizon, the serial protocol's channel limit), or its head has no dropout for MC-dropout
+    uncertainty while --uncertainty asks for it."""
+
+
 class ExportError(BuildError):
     """Exporting a PyTorch module to ONNX failed, or the exported graph does not reproduce the module
     on the reference inputs (shape, or a difference beyond the graph's tolerance)."""
@@ -65,6 +72,11 @@ class EngineBuildError(BuildError):
     """A TensorRT engine could not be built (TensorRT missing, the parser rejected the graph, a bad
     profile or precision for the graph, the builder returned no engine), or was built but does not
     reproduce the reference outputs of the same graph on ONNX Runtime."""
+
+
+class GateError(BuildError):
+    """The gate cannot run: the --env environment cannot be made or does not follow the environment
+    interface, or the runtime cannot run this policy's bundle in a closed loop yet."""
 
 
 class GateRefused(BuildError):

@@ -1,7 +1,7 @@
 """Reference data in Polygraphy's JSON format, so that on the Jetson an engine can be re-verified with
 
     polygraphy run engines/vision_int8.engine --trt \
-        --load-inputs reference/vision_inputs.json --load-outputs reference/vision_int8_trt_outputs.json
+        --load-inputs reference/vision_inputs.json --load-outputs reference/vision_int8-tensorrt_outputs.json
 
 Polygraphy encodes a NumPy array as {"array": base64(np.save bytes), "polygraphy_class": "ndarray"};
 inputs are a list of feed dicts, outputs a RunResults: a list of (runner name, [IterationResult]).

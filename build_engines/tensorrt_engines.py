@@ -26,7 +26,7 @@ from build_engines.tensorrt_builder import (
 
 logger = logging.getLogger(__name__)
 
-PRECISION = {"int8_trt": "int8", "fp16": "fp16", "fp32": "fp32"}
+PRECISION = {"int8-tensorrt": "int8", "fp16": "fp16", "fp32": "fp32"}
 # Engines are compared with ONNX Runtime running the same graph; kernels differ (tactics, fused
 # rounding), so tolerances are those of the precision, not bit-exactness.
 TOLERANCE = {"int8": Tolerance(atol=0.08, rtol=0.08), "fp16": Tolerance(atol=0.02, rtol=0.02),
@@ -63,7 +63,7 @@ def build_all(root: Path, options, files: dict, exported: dict, cfg, reference_i
     engines_dir.mkdir(exist_ok=True)
     cache = root.parent / ".tensorrt-timing.cache"  # persists across builds beside the bundle
     wanted = {(graph, variant) for graph, variants in files.items() for variant in variants
-              if variant in ("int8_trt", "fp16")}
+              if variant in ("int8-tensorrt", "fp16")}
     entries = []
     for graph, variant in sorted(wanted):
         onnx_path = files[graph][variant]

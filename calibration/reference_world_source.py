@@ -43,7 +43,7 @@ class ReferenceWorldSource:
             seed += 1
             while not world.done and produced < self.samples:
                 if obs.step % self.every == 0:
-                    yield CalibrationSample(obs.frame, obs.instruction, obs.proprio.copy())
+                    yield CalibrationSample(obs.frame, obs.instruction, obs.proprio.copy(), episode=seed - 1)
                     produced += 1
                 action = expert_action(world) + self.noise * rng.standard_normal(2).astype(np.float32)
                 obs = world.step(np.clip(action, -1.0, 1.0))

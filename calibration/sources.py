@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -45,6 +45,12 @@ class CalibrationSample:
     frame: np.ndarray  # uint8 [H, W, 3], BGR
     instruction: str
     proprio: np.ndarray  # float32 [P]
+    # Which episode the sample comes from: the build splits calibration from held-out data by episode,
+    # never by frame (neighbouring frames of one episode are near copies). None: a sample of its own.
+    episode: int | str | None = None
+    # Frames of further cameras by camera name (uint8 [H, W, 3] BGR); a camera of the policy not named
+    # here gets `frame`.
+    views: Mapping[str, np.ndarray] | None = None
 
     def __post_init__(self) -> None:
         frame, proprio = self.frame, self.proprio
@@ -55,6 +61,13 @@ class CalibrationSample:
             raise InputError(f"calibration instruction must be a non-empty string, got {self.instruction!r}")
         if not isinstance(proprio, np.ndarray) or proprio.dtype != np.float32 or proprio.ndim != 1:
             raise InputError(f"calibration proprio must be float32 [P], got {_describe_array(proprio)}")
+        for name, view in (self.views or {}).items():
+            if not isinstance(view, np.ndarray) or view.dtype != np.uint8 or view.ndim != 3 or view.shape[2] != 3:
+                raise InputError(f"calibration frame of camera {name!r} must be uint8 [H,W,3] BGR, got "
+                                 f"{_describe_array(view)}")
+
+    def camera_frame(self, camera: str) -> np.ndarray:
+        return (self.views or {}).get(camera, self.frame)
 
 
 @runtime_checkable
@@ -215,7 +228,8 @@ class Hdf5EpisodeSource:
                 if self.channel_order == "rgb":
                     frame = np.ascontiguousarray(frame[..., ::-1])
                 proprio = np.asarray(node["proprio"][t], dtype=np.float32)
-                yield CalibrationSample(frame=frame, instruction=episode.instruction, proprio=proprio)
+                yield CalibrationSample(frame=frame, instruction=episode.instruction, proprio=proprio,
+                                        episode=e)
         finally:
             if handle is not None:
                 handle.close()

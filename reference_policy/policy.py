@@ -85,3 +85,68 @@ class TorchPolicy:
         return self._head(vision, self.embed(observation.instruction), observation.proprio, masks)
 
     __call__ = act
+
+
+# -- the reference policy through the build's public interface (build_engines.policy) -------------------
+
+REFERENCE_ENVIRONMENT = "reference_world.world:TabletopWorld"
+
+
+class DropoutHead(torch.nn.Module):
+    """The reference head with its MC-dropout written as ``nn.Dropout`` modules, as a user's head has it.
+
+    Same weights and the same operations as ``PolicyHead`` called with masks (the build turns each
+    nn.Dropout back into ``h * mask``), so the exported graph and its numerics are unchanged."""
+
+    def __init__(self, head: PolicyHead):
+        super().__init__()
+        self.head = head
+        self.dropouts = torch.nn.ModuleList(torch.nn.Dropout(head.cfg.dropout_p)
+                                            for _ in range(head.cfg.dropout_layers))
+
+    def forward(self, vision: torch.Tensor, language: torch.Tensor, proprio: torch.Tensor) -> torch.Tensor:
+        h = self.head.features(vision, language, proprio)
+        for i, layer in enumerate([None, *self.head.hidden]):
+            if layer is not None:
+                h = layer(h)
+            h = self.dropouts[i](h)
+        return torch.tanh(self.head.action_out(h))
+
+
+def reference_spec(head: PolicyHead):
+    from edge.inference.spec import PolicySpec
+
+    cfg = head.cfg
+    return PolicySpec.from_dict({
+        "name": "reference-vla",
+        "cameras": [{"name": "front", "height": IMAGE_SIZE_PX, "width": IMAGE_SIZE_PX, "channel_order": "bgr"}],
+        "language": {"tokenizer": "tokenizer.json", "max_tokens": 32},
+        "proprio": {"names": ["left_wheel_vel", "right_wheel_vel"][: cfg.proprio_dim],
+                    "sources": [f"velocities[{i}]" for i in range(cfg.proprio_dim)]},
+        "action": {"names": ["left_wheel", "right_wheel"][: cfg.action_dim], "horizon": 1,
+                   "kinds": ["velocity"] * cfg.action_dim, "low": [-1.0] * cfg.action_dim,
+                   "high": [1.0] * cfg.action_dim, "max_slew_per_s": [4.0] * cfg.action_dim},
+        "dropout_rate": cfg.dropout_p,
+    })
+
+
+def make_policy(checkpoint: Path | None = None):
+    """The reference VLA policy as a `build-engines --policy` factory (the build's default)."""
+    from build_engines.policy import Policy
+    from calibration.reference_world_source import ReferenceWorldSource
+    from reference_world.instructions import OBJECT_NAMES, TRAINING_TEMPLATES
+
+    directory = Path(checkpoint) if checkpoint is not None else DEFAULT_CHECKPOINT_DIR
+    head = load_head(directory)
+    return Policy(
+        spec=reference_spec(head),
+        vision=load_vision_encoder(),
+        language=load_language_encoder(),
+        head=DropoutHead(head),
+        tokenizer_file=tokenizer_path(),
+        calibration=ReferenceWorldSource,
+        environment=REFERENCE_ENVIRONMENT,
+        instructions=[t.format(object=o) for o in OBJECT_NAMES for t in TRAINING_TEMPLATES],
+        held_out_instructions=["could you make your way over to the red block", "approach the blue ball please"],
+        checkpoint=directory,
+    )

@@ -1,23 +1,27 @@
-"""The policy bundle: one directory the build writes and the runtime loads (docs/architecture.md,
-"Contracts: Policy bundle").
+"""The policy bundle: one directory the build writes and the runtime loads (docs/bundle.md).
 
-    manifest.json          schema version, graphs per precision and target, IO specs, tokenizer, action
-                           and dropout description, uncertainty threshold, accuracy summary, engines,
-                           and a sha256 for every other file in the bundle
-    graphs/*.onnx          FP32, FP16, INT8 (TensorRT Q/DQ layout and CPU layout) graphs
+    manifest.json          schema version 2: the policy spec, graphs with IO specs and variants (fp32,
+                           fp16, int8-cpu, int8-tensorrt: path, sha256, latency, accuracy vs FP32),
+                           targets (target -> variant per graph), dropout masks, tokenizer, uncertainty
+                           thresholds, calibration and gate reports, engines, reference data, and a
+                           sha256 for every other file in the bundle
+    manifest.sha256        the manifest's own digest, checked before the manifest is trusted
+    graphs/*.onnx          the graphs of every variant
     engines/*.engine       TensorRT engines, where the build had TensorRT and a GPU
-    tokenizer.json         HF tokenizers JSON
-    embeddings.npz         precomputed sentence embeddings of the known instructions
+    tokenizer.json         HF tokenizers JSON (policies with language only)
+    embeddings.npz         precomputed sentence embeddings of the known instructions (with language)
     reference/             inputs/outputs for re-verification on the target (polygraphy JSON + npz)
     reports/               accuracy and calibration reports (JSON + Markdown)
-    calibration/ranges.json
+    calibration/*.json     activation ranges
 
-The runtime refuses a bundle whose files do not match their hashes, with a message that names the
-command that rebuilds it.
+The manifest is validated against bundle.schema.json (shipped beside this module) at load. The runtime
+refuses a bundle whose manifest or files do not match their hashes, or of another schema version, with
+a message that names the command that rebuilds it.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -25,13 +29,60 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.errors import BundleError
+from edge.errors import BundleError, EdgeError
 from edge.inference.backends.base import TensorSpec
+from edge.inference.spec import PolicySpec
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
+MANIFEST_DIGEST = "manifest.sha256"
+SCHEMA_FILE = Path(__file__).with_name("bundle.schema.json")
 REBUILD = "build-engines --int8 --out <bundle dir> --force"
+
+
+def rebuild_hint(manifest: object = None) -> str:
+    """The command that rebuilds a bundle: REBUILD with the --policy it was built from, when known (a
+    bundle of the user's policy rebuilt without it would become the reference policy's)."""
+    policy = manifest.get("policy") if isinstance(manifest, dict) else None
+    factory = policy.get("factory") if isinstance(policy, dict) else None
+    return f"{REBUILD} --policy {factory if isinstance(factory, str) else '<the policy factory it was built from>'}"
 GRAPH_NAMES = ("vision", "language", "head")
+
+
+def manifest_digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_manifest_digest(root: Path) -> Path:
+    """(Re)write manifest.sha256 for the manifest.json in `root`, in `sha256sum` format. Whoever edits a
+    manifest on purpose (a test, a tool re-keying engines) calls this afterwards; the build does."""
+    from edge.fileio import atomic_write_text
+
+    root = Path(root)
+    digest = manifest_digest((root / MANIFEST).read_bytes())
+    return atomic_write_text(root / MANIFEST_DIGEST, f"{digest}  {MANIFEST}\n")
+
+
+@functools.lru_cache(maxsize=1)
+def _validator():
+    try:
+        import jsonschema
+    except ImportError as exc:  # a runtime dependency (setup.py); an image that lists its packages by hand may lack it
+        raise BundleError("the bundle manifest cannot be validated: the 'jsonschema' package is missing; install "
+                          "it with: python3 -m pip install 'jsonschema>=4.18'") from exc
+
+    schema = json.loads(SCHEMA_FILE.read_text())
+    return jsonschema.Draft202012Validator(schema)
+
+
+def validate_manifest(manifest: dict, where: Path) -> None:
+    """The manifest against bundle.schema.json: the first problem, with its location, in one line."""
+    errors = sorted(_validator().iter_errors(manifest), key=lambda e: list(e.absolute_path))
+    if errors:
+        error = errors[0]
+        location = "/".join(str(p) for p in error.absolute_path) or "(top level)"
+        raise BundleError(f"{where} does not follow the bundle schema v{SCHEMA_VERSION} at {location}: "
+                          f"{error.message[:300]}; rebuild with: {rebuild_hint(manifest)}")
 
 
 def file_sha256(path: Path, chunk_bytes: int = 1 << 20) -> str:
@@ -47,7 +98,7 @@ class GraphEntry:
     name: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
-    files: dict[str, str]  # variant ("fp32", "fp16", "int8_cpu", "int8_trt", ...) -> relative path
+    files: dict[str, str]  # variant ("fp32", "fp16", "int8-cpu", "int8-tensorrt") -> relative path
 
 
 @dataclass(frozen=True)
@@ -61,6 +112,22 @@ class EngineEntry:
     precision: str
 
 
+def runtime_gaps(spec: PolicySpec, uncertainty_signal: str) -> list[str]:
+    """What this runtime cannot run yet for a policy of `spec` (the build asks before a closed-loop gate)."""
+    reasons = []
+    if len(spec.cameras) != 1:
+        reasons.append(f"{len(spec.cameras)} cameras")
+    if spec.action.horizon != 1:
+        reasons.append(f"action chunks (horizon {spec.action.horizon})")
+    if spec.language is None:
+        reasons.append("a policy without language")
+    if "position" in spec.action.kinds:
+        reasons.append("position command channels")
+    if uncertainty_signal != "mc-dropout":
+        reasons.append("no MC-dropout uncertainty (--uncertainty none)")
+    return reasons
+
+
 class Bundle:
     """A verified bundle directory. Construct with Bundle.load(path)."""
 
@@ -72,39 +139,57 @@ class Bundle:
                 name,
                 tuple(TensorSpec.from_dict(s) for s in raw["inputs"]),
                 tuple(TensorSpec.from_dict(s) for s in raw["outputs"]),
-                dict(raw["files"]),
+                {variant: entry["path"] for variant, entry in raw["variants"].items()},
             )
             for name, raw in manifest["graphs"].items()
         }
+        for name, raw in manifest["graphs"].items():
+            for variant, entry in raw["variants"].items():
+                listed = manifest["files"].get(entry["path"])
+                if listed != entry["sha256"] or raw.get("files", {}).get(variant, entry["path"]) != entry["path"]:
+                    raise BundleError(f"bundle {root}: the {variant} {name} graph {entry['path']} is not listed "
+                                      f"with the same sha256 and path in the manifest; rebuild with: {rebuild_hint(manifest)}")
+        self.spec = PolicySpec.from_dict(manifest["spec"], "manifest spec")
         fields = EngineEntry.__dataclass_fields__
         try:
             self.engines = tuple(EngineEntry(**{k: str(raw[k]) for k in fields}) for raw in manifest.get("engines", []))
         except (KeyError, TypeError) as exc:
-            raise BundleError(f"bundle {root}: malformed engines table ({exc}); rebuild with: {REBUILD}") from exc
+            raise BundleError(f"bundle {root}: malformed engines table ({exc}); rebuild with: "
+                              f"{rebuild_hint(manifest)}") from exc
 
     @classmethod
     def load(cls, path: str | Path, verify_hashes: bool = True) -> Bundle:
         root = Path(path)
         manifest_path = root / MANIFEST
         if not manifest_path.is_file():
-            raise BundleError(f"{root} is not a policy bundle: {MANIFEST} is missing. Build one with: {REBUILD}")
+            raise BundleError(f"{root} is not a policy bundle: {MANIFEST} is missing. Build one with: {rebuild_hint()}")
+        data = manifest_path.read_bytes()
         try:
-            manifest = json.loads(manifest_path.read_text())
+            manifest = json.loads(data)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BundleError(f"{manifest_path} is not valid JSON ({exc}); rebuild with: {REBUILD}") from exc
-        version = manifest.get("schema_version")
+            raise BundleError(f"{manifest_path} is not valid JSON ({exc}); rebuild with: {rebuild_hint()}") from exc
+        version = manifest.get("schema_version") if isinstance(manifest, dict) else None
         if version != SCHEMA_VERSION:
             raise BundleError(
                 f"{manifest_path} has schema version {version}; this runtime reads version {SCHEMA_VERSION}. "
-                f"Rebuild the bundle with this package's build: {REBUILD}"
+                f"Rebuild the bundle with this package's build: {rebuild_hint(manifest)}"
             )
-        for key in ("graphs", "targets", "files", "tokenizer", "action", "dropout", "uncertainty"):
-            if key not in manifest:
-                raise BundleError(f"{manifest_path} lacks the '{key}' section; rebuild with: {REBUILD}")
+        digest_path = root / MANIFEST_DIGEST
+        if verify_hashes:
+            if not digest_path.is_file():
+                raise BundleError(f"bundle {root} has no {MANIFEST_DIGEST}, so its manifest cannot be trusted; "
+                                  f"rebuild with: {rebuild_hint(manifest)}")
+            recorded = digest_path.read_text().split()[:1]
+            if recorded != [manifest_digest(data)]:
+                raise BundleError(f"{manifest_path} does not match {MANIFEST_DIGEST} (corrupt or modified); "
+                                  f"rebuild with: {rebuild_hint(manifest)}")
+        validate_manifest(manifest, manifest_path)
         try:
             bundle = cls(root, manifest)
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise BundleError(f"{manifest_path} is malformed ({exc!r}); rebuild with: {REBUILD}") from exc
+        except BundleError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError, EdgeError) as exc:
+            raise BundleError(f"{manifest_path} is malformed ({exc!r}); rebuild with: {rebuild_hint(manifest)}") from exc
         if verify_hashes:
             bundle.verify()
         return bundle
@@ -120,11 +205,12 @@ class Bundle:
                 problems.append(f"{relative} does not match its sha256 (corrupt or modified)")
         if problems:
             raise BundleError(f"bundle {self.root} failed verification: " + "; ".join(problems)
-                              + f". Rebuild it with: {REBUILD}")
+                              + f". Rebuild it with: {rebuild_hint(self.manifest)}")
 
     def path(self, relative: str) -> Path:
         if relative not in self.manifest["files"]:
-            raise BundleError(f"bundle {self.root} does not list {relative}; rebuild with: {REBUILD}")
+            raise BundleError(f"bundle {self.root} does not list {relative}; rebuild with: "
+                              f"{rebuild_hint(self.manifest)}")
         return self.root / relative
 
     def graph_path(self, graph: str, variant: str) -> Path:
@@ -133,7 +219,7 @@ class Bundle:
             available = sorted(entry.files) if entry else []
             raise BundleError(
                 f"bundle {self.root} has no {variant} {graph} graph (it has {available}); "
-                f"rebuild with: {REBUILD}"
+                f"rebuild with: {rebuild_hint(self.manifest)}"
             )
         return self.path(entry.files[variant])
 
@@ -144,16 +230,38 @@ class Bundle:
         return dict(targets[target])
 
     @property
+    def has_language(self) -> bool:
+        return self.spec.language is not None
+
+    @property
     def tokenizer_path(self) -> Path:
+        if self.manifest["tokenizer"] is None:
+            raise BundleError(f"bundle {self.root} is of a policy without language: it has no tokenizer")
         return self.path(self.manifest["tokenizer"]["path"])
 
     @property
     def max_tokens(self) -> int:
+        if self.manifest["tokenizer"] is None:
+            raise BundleError(f"bundle {self.root} is of a policy without language: it has no tokenizer")
         return int(self.manifest["tokenizer"]["max_tokens"])
 
     @property
     def action(self) -> dict:
-        return self.manifest["action"]
+        """The action spec as the control side reads it: dim, names, kinds, low, high, max_slew_per_s, horizon."""
+        action = self.spec.action
+        return {**action.to_dict(), "dim": action.dim}
+
+    def unsupported_by_runtime(self) -> list[str]:
+        """What this runtime cannot run yet in this bundle (issue 15 brings it); empty when it can."""
+        return runtime_gaps(self.spec, self.manifest["uncertainty"]["signal"])
+
+    def check_runnable(self) -> None:
+        """Raise BundleError (before any device is armed) for a bundle this runtime cannot run yet."""
+        reasons = self.unsupported_by_runtime()
+        if reasons:
+            raise BundleError(f"bundle {self.root} ({self.spec.name}) needs runtime support that is coming in a "
+                              f"later release: {', '.join(reasons)}. This runtime runs one camera, one action "
+                              "per inference, language-conditioned, velocity channels with MC-dropout")
 
     @property
     def dropout(self) -> dict:

@@ -196,6 +196,7 @@ class PolicyPipeline:
         backend_factory: BackendFactory | None = None,
         cache_capacity: int = 64,
     ):
+        bundle.check_runnable()  # several cameras, chunks, no language: a clear refusal, before any device
         dropout = bundle.dropout
         self.max_samples = int(dropout["max_samples"])
         self.samples = int(mc_samples if mc_samples is not None else dropout["default_samples"])

@@ -92,6 +92,9 @@ def check_bundle(config: RobotConfig) -> tuple[list[CheckResult], Bundle | None]
     results = [ok("bundle", f"{bundle.root}: {len(bundle.manifest['files'])} files match their sha256")]
     try:
         wiring.check_policy(bundle, config)  # the same check `vla-edge run` makes before it builds anything
+    except BundleError as exc:  # a bundle this runtime cannot run yet: not ready, say why
+        results.append(fail("bundle", str(exc), "run it with a runtime that supports it, or build a policy it runs"))
+        return results, None
     except ConfigError as exc:
         message, _, fix = str(exc).partition("; ")
         results.append(fail("bundle", message, fix or None))

@@ -27,14 +27,15 @@ from edge.control.safety import SafetyConfig, SafetyLayer
 from edge.control.uncertainty_gate import GateConfig, UncertaintyGate
 from edge.errors import BundleError, ConfigError
 from edge.inference.backends.base import InferenceBackend
-from edge.inference.bundle import Bundle
+from edge.inference.bundle import REBUILD, Bundle, rebuild_hint
 from edge.inference.engine_key import EngineKey, key_path
 from edge.inference.pipeline import BackendFactory, PolicyPipeline, onnxruntime_factory
 from edge.service.config import RobotConfig
 
 
-def rebuild_command(bundle_dir) -> str:
-    return f"build-engines --int8 --out {bundle_dir} --force"
+def rebuild_command(bundle_dir, bundle: Bundle | None = None) -> str:
+    """The command that rebuilds `bundle_dir`; with the bundle, it names the --policy it was built from."""
+    return (rebuild_hint(bundle.manifest) if bundle is not None else REBUILD).replace("<bundle dir>", str(bundle_dir))
 
 
 def engines_command(bundle_dir) -> str:
@@ -43,13 +44,15 @@ def engines_command(bundle_dir) -> str:
 
 
 def check_policy(bundle: Bundle, config: RobotConfig) -> None:
-    """The configured target and T against the bundle; raises ConfigError naming the key to change."""
+    """The configured target and T against the bundle; raises ConfigError naming the key to change, or
+    BundleError for a bundle this runtime cannot run yet (several cameras, chunks, no language)."""
+    bundle.check_runnable()
     policy = config.policy
     targets = sorted(bundle.manifest["targets"])
     if policy.target not in targets:
         raise ConfigError(f"policy.target: the bundle has no target {policy.target!r} (it has {targets}); set "
                           f"policy.target to one of them, or rebuild with the options that make it: "
-                          f"{rebuild_command(config.bundle)}")
+                          f"{rebuild_command(config.bundle, bundle)}")
     max_samples = int(bundle.dropout["max_samples"])
     if policy.mc_samples > max_samples:
         raise ConfigError(f"policy.mc_samples {policy.mc_samples} exceeds the bundle's max_samples {max_samples} "

@@ -18,31 +18,31 @@ def test_bundle_has_every_graph_and_report(reference_bundle):
     root, summary = reference_bundle
     bundle = Bundle.load(root)
     files = bundle.manifest["graphs"]
-    assert set(files["vision"]["files"]) == {"fp32", "int8_trt", "int8_cpu", "fp16"}
-    assert set(files["head"]["files"]) == {"fp32", "int8_trt", "int8_cpu", "fp16"}
-    assert set(files["language"]["files"]) == {"fp32", "int8_dynamic", "fp16"}
+    assert set(files["vision"]["variants"]) == {"fp32", "int8-tensorrt", "int8-cpu", "fp16"}
+    assert set(files["head"]["variants"]) == {"fp32", "int8-tensorrt", "int8-cpu", "fp16"}
+    assert set(files["language"]["variants"]) == {"fp32", "int8-cpu", "fp16"}
     for graph in files.values():
-        for path in graph["files"].values():
-            onnx.checker.check_model(str(root / path))
+        for entry in graph["variants"].values():
+            onnx.checker.check_model(str(root / entry["path"]))
     head_inputs = {s["name"]: s for s in files["head"]["inputs"]}
     assert head_inputs["dropout_mask_0"]["shape"] == [-1, 256]  # dynamic T
     assert head_inputs["vision_features"]["shape"] == [1, 196, 112]
     assert files["vision"]["inputs"][0] == {"name": "image", "dtype": "uint8", "shape": [-1, 224, 224, 3]}
     report = json.loads((root / "reports" / "accuracy.json").read_text())
-    assert report["passed"] and report["graphs"]["vision"]["int8_cpu"]["cosine_mean"] > 0.95
+    assert report["passed"] and report["graphs"]["vision"]["int8-cpu"]["cosine_mean"] > 0.95
     assert (root / "reports" / "accuracy.md").read_text().startswith("# Accuracy report")
     assert bundle.manifest["engines"] == []  # no TensorRT here
     uncertainty = bundle.manifest["uncertainty"]
     assert "quantile" in uncertainty["method"] and uncertainty["threshold"]["cpu"] > 0
-    assert summary["report"]["latency_ms"]["vision"]["int8_cpu"] > 0
+    assert summary["report"]["latency_ms"]["vision"]["int8-cpu"] > 0
 
 
 def test_tensorrt_graphs_have_the_symmetric_per_channel_layout(reference_bundle):
     root, _ = reference_bundle
     for graph in ("vision", "head"):
-        verify_tensorrt_layout(root / f"graphs/{graph}_int8_trt.onnx", root / f"graphs/{graph}_fp32.onnx")
+        verify_tensorrt_layout(root / f"graphs/{graph}_int8_tensorrt.onnx", root / f"graphs/{graph}_fp32.onnx")
         verify_cpu_layout(root / f"graphs/{graph}_int8_cpu.onnx")
-    model = onnx.load(str(root / "graphs/vision_int8_trt.onnx"))
+    model = onnx.load(str(root / "graphs/vision_int8_tensorrt.onnx"))
     zero_points = [i for i in model.graph.initializer if i.name.endswith("zero_point")]
     assert zero_points and all(not onnx.numpy_helper.to_array(z).any() for z in zero_points)
 
@@ -93,8 +93,8 @@ def test_gate_refuses_a_deliberately_broken_int8_graph(tmp_path, monkeypatch):
     out = tmp_path / "bundle"
     with pytest.raises(GateRefused) as refused:
         run_build(_small(out))
-    assert any(f.startswith("vision int8_cpu: feature cosine") for f in refused.value.report["failures"])
-    assert "vision int8_cpu" in str(refused.value)
+    assert any(f.startswith("vision int8-cpu: feature cosine") for f in refused.value.report["failures"])
+    assert "vision int8-cpu" in str(refused.value)
     assert not out.exists()
     assert not list(tmp_path.glob(".bundle.*"))  # no half-written bundle left behind
 

@@ -75,7 +75,7 @@ def test_engines_only_builds_verifies_and_installs_engines_without_torch(bundle,
     assert "5 engines verified and installed" in result.stdout
     loaded = Bundle.load(bundle)  # every hash, the engines' included, agrees with the files
     assert {(e.graph, e.variant) for e in loaded.engines} == {
-        ("vision", "int8_trt"), ("head", "int8_trt"), ("vision", "fp16"), ("head", "fp16"), ("language", "fp16")}
+        ("vision", "int8-tensorrt"), ("head", "int8-tensorrt"), ("vision", "fp16"), ("head", "fp16"), ("language", "fp16")}
     after = json.loads((bundle / MANIFEST).read_text())
     unchanged = {k: v for k, v in after["files"].items() if not k.startswith("engines/")}
     assert unchanged == before["files"]  # only the engines were added

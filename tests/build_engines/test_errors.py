@@ -134,15 +134,16 @@ def test_failed_tensorrt_engine_build_exits_1_in_one_line(tmp_path, capsys, monk
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     monkeypatch.setattr(cuda, "load_runtime", lambda: cudart)
 
-    def only_the_engine_step(root, options):
+    def only_the_engine_step(root, options, plan):
         files = {"vision": {"fp16": mlp_model(root / "vision_fp16.onnx")}}
         spec = SimpleNamespace(name="vision", inputs=(TensorSpec("x", "float32", (-1, 4)),),
                                outputs=(TensorSpec("y", "float32", (-1, 3)),))
         with build.step("TensorRT engines"):
-            build._tensorrt_engines(root, options, files, {"vision": {"spec": spec}}, None,
+            build._tensorrt_engines(root, options, files, {"vision": {"spec": spec}},
                                     {"vision": {"x": np.zeros((1, 4), np.float32)}})
         raise AssertionError("the engine build was expected to fail")
 
+    monkeypatch.setattr(build, "plan_build", lambda options: None)  # policy and data are not this test's subject
     monkeypatch.setattr(build, "_build_into", only_the_engine_step)
     out = tmp_path / "bundle"
     assert cli.main(["--out", str(out), "--tensorrt", "auto"]) == 1

@@ -8,8 +8,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from build_engines.build import BuildOptions, _write_manifest
+from build_engines.build import BuildOptions
 from build_engines.layout import TensorRTGraphError, verify_tensorrt_graph
+from build_engines.manifest import write_manifest
 from build_engines.tensorrt_engines import build_all
 from edge.errors import BackendError, BundleError
 from edge.inference.backends.base import TensorSpec
@@ -38,7 +39,7 @@ def _engine_bundle(reference_bundle, tmp_path, version):
     entries = build_all(root, options, files, exported, None, reference_inputs, trt=trt, cudart=cudart)
     manifest = json.loads((root / "manifest.json").read_text())
     manifest["engines"] = entries
-    _write_manifest(root, manifest)
+    write_manifest(root, manifest)
     return root, entries, trt, cudart
 
 
@@ -46,7 +47,7 @@ def _engine_bundle(reference_bundle, tmp_path, version):
 def test_engines_built_verified_and_keyed(reference_bundle, tmp_path, version):
     root, entries, _, _ = _engine_bundle(reference_bundle, tmp_path, version)
     built = {(e["graph"], e["variant"]) for e in entries}
-    assert built == {("vision", "int8_trt"), ("head", "int8_trt"), ("vision", "fp16"), ("head", "fp16"),
+    assert built == {("vision", "int8-tensorrt"), ("head", "int8-tensorrt"), ("vision", "fp16"), ("head", "fp16"),
                      ("language", "fp16")}
     for entry in entries:
         assert (root / entry["path"]).is_file()
@@ -79,7 +80,7 @@ def test_engine_from_another_gpu_is_refused(reference_bundle, tmp_path):
     trt, cudart = fake_gpu("10.3.0", compute_capability=(8, 9))  # same TensorRT, another GPU
     make = backend_factory(bundle, config, trt=trt, cudart=cudart)
     entry = bundle.graphs["head"]
-    backend = make("head", "int8_trt", entry.inputs, entry.outputs, 32)
+    backend = make("head", "int8-tensorrt", entry.inputs, entry.outputs, 32)
     with pytest.raises((BundleError, BackendError), match="build-engines --engines-only"):
         backend.activate()
     with pytest.raises(BundleError, match="no TensorRT engine for the fp32 head graph"):
@@ -122,11 +123,11 @@ def test_the_bundles_tensorrt_graphs_pass_the_strict_parser_and_the_old_vision_o
         for graph, variant in sorted(bundle.target_variants(target).items()):
             assert _parser_errors(trt, bundle.graph_path(graph, variant)) == [], (graph, variant)
     # the CPU layout is not for TensorRT: uint8 activations and int32 biases are types it refuses
-    cpu_errors = set(_parser_errors(trt, bundle.graph_path("vision", "int8_cpu")))
+    cpu_errors = set(_parser_errors(trt, bundle.graph_path("vision", "int8-cpu")))
     assert "QuantizeLinear: TensorRT does not support UINT8 types for intermediate tensors!" in cpu_errors
     assert any(e.startswith("DequantizeLinear: DequantizeLinear does not support input") and "of type INT32" in e
                for e in cpu_errors)
-    for variant in ("int8_trt", "fp16"):
+    for variant in ("int8-tensorrt", "fp16"):
         old = tmp_path / f"vision_{variant}_old.onnx"
         onnx.save(_old_preprocessing_order(onnx.load(str(bundle.graph_path("vision", variant)))), str(old))
         onnx.checker.check_model(str(old))  # a valid ONNX graph: onnxruntime would run it

@@ -20,7 +20,7 @@ def test_reference_bundle_verifies_and_lists_every_file(reference_bundle):
     root = reference_bundle[0]
     bundle = Bundle.load(root)
     listed = set(bundle.manifest["files"])
-    on_disk = {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != "manifest.json"}
+    on_disk = {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name not in ("manifest.json", "manifest.sha256")}
     assert listed == on_disk
     for graph in ("vision", "language", "head"):
         assert bundle.graph_path(graph, "fp32").is_file()
@@ -61,3 +61,83 @@ def test_unknown_target_and_variant(reference_bundle):
         bundle.target_variants("gpu-magic")
     with pytest.raises(BundleError, match="no int4"):
         bundle.graph_path("vision", "int4")
+
+
+# --- schema v2: digest, schema, version ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory):
+    from build_engines import cli
+
+    out = tmp_path_factory.mktemp("tiny") / "bundle"
+    assert cli.main(["--policy", "tests.build_engines.tiny_policies:image96", "--out", str(out), "--int8",
+                     "--no-fp16", "--calib-samples", "32", "--heldout-samples", "8", "--tensorrt", "off",
+                     "--log-level", "WARNING"]) == 0
+    return out
+
+
+def edited(source, tmp_path, change):
+    from edge.inference.bundle import write_manifest_digest
+
+    copy = tmp_path / "edited"
+    shutil.copytree(source, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    change(manifest)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest_digest(copy)  # a deliberate edit: only the schema can refuse it now
+    return copy
+
+
+def test_a_v2_bundle_carries_its_spec_and_a_manifest_digest(tiny_bundle):
+    bundle = Bundle.load(tiny_bundle)
+    assert bundle.manifest["schema_version"] == 2 and bundle.spec.name == "tiny"
+    assert bundle.manifest["spec"]["language"]["tokenizer"] == "tokenizer.json"  # not the build machine's path
+    digest = (tiny_bundle / "manifest.sha256").read_text().split()
+    assert digest[1] == "manifest.json" and len(digest[0]) == 64
+
+
+def test_an_edited_manifest_without_its_digest_is_refused(tiny_bundle, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["uncertainty"]["threshold"]["cpu"] = 0.5
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="does not match manifest.sha256") as err:
+        Bundle.load(copy)
+    assert REBUILD in str(err.value)
+    (copy / "manifest.sha256").unlink()
+    with pytest.raises(BundleError, match="has no manifest.sha256"):
+        Bundle.load(copy)
+
+
+@pytest.mark.parametrize("change, where", [
+    (lambda m: m["uncertainty"]["threshold"].update(cpu=1e9), "uncertainty/threshold/cpu"),
+    (lambda m: m["files"].update({"/tmp/build-1234/graphs/x.onnx": "0" * 64}), "files"),
+    (lambda m: m["graphs"]["head"]["variants"]["fp32"].update(path="../outside.onnx"), "graphs/head/variants/fp32/path"),
+    (lambda m: m["spec"]["action"].update(low=[-1.0, float("-1e12")]), "spec/action/low/1"),
+    (lambda m: m["targets"].update(cpu={"vision": "int8_cpu"}), "targets/cpu/vision"),
+    (lambda m: m.pop("dropout"), "(top level)"),
+])
+def test_the_schema_refuses_out_of_range_or_misplaced_values(tiny_bundle, tmp_path, change, where):
+    copy = edited(tiny_bundle, tmp_path, change)
+    with pytest.raises(BundleError, match="does not follow the bundle schema v2") as err:
+        Bundle.load(copy, verify_hashes=False)
+    assert f"at {where}" in str(err.value)
+
+
+def test_a_v1_bundle_is_refused_naming_the_rebuild_command(tiny_bundle, tmp_path):
+    copy = edited(tiny_bundle, tmp_path, lambda m: m.update(schema_version=1))
+    with pytest.raises(BundleError, match="schema version 1; this runtime reads version 2") as err:
+        Bundle.load(copy)
+    assert "build-engines --int8 --out" in str(err.value)
+
+
+def test_the_rebuild_command_names_the_policy_the_bundle_was_built_from(tiny_bundle, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_bundle, copy)
+    (copy / "graphs" / "head_fp32.onnx").write_bytes(b"not the graph")
+    with pytest.raises(BundleError, match="head_fp32.onnx does not match its sha256") as err:
+        Bundle.load(copy)
+    # rebuilt without --policy, a user's bundle would silently become the reference policy's
+    assert f"{REBUILD} --policy tests.build_engines.tiny_policies:image96" in str(err.value)

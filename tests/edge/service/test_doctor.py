@@ -72,7 +72,10 @@ def rewrite(path: Path, data: bytes) -> None:
 
 
 def save_manifest(root: Path, manifest: dict) -> None:
+    from edge.inference.bundle import write_manifest_digest
+
     rewrite(root / "manifest.json", json.dumps(manifest, indent=2).encode())
+    write_manifest_digest(root)  # schema v2 covers the manifest by its digest
 
 
 # --- config -------------------------------------------------------------------------------------------
@@ -145,7 +148,7 @@ def bundle_with_engines(reference_bundle, tmp_path):
     engines = []
     for graph, variant in sorted(manifest["targets"]["tensorrt"].items()):
         source = manifest["graphs"][graph]["files"][variant]
-        precision = {"int8_trt": "int8", "fp16": "fp16"}.get(variant, "fp32")
+        precision = {"int8-tensorrt": "int8", "fp16": "fp16"}.get(variant, "fp32")
         key = EngineKey(manifest["files"][source], "10.3.0", "8.7", precision, "Orin (fake)", "16")
         engine = copy / "engines" / f"{graph}_{variant}.engine"
         engine.write_bytes(b"serialized engine " + graph.encode())

@@ -1,0 +1,253 @@
+"""Bring your own policy: tiny policies of several shapes go from torch through `build-engines --policy`
+into bundles that validate against the manifest schema; what cannot be built is refused in one line."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from build_engines import cli
+from edge.errors import BundleError
+from edge.inference.bundle import Bundle
+
+POLICIES = "tests.build_engines.tiny_policies"
+SMALL = ["--int8", "--calib-samples", "32", "--heldout-samples", "8", "--tensorrt", "off", "--log-level", "WARNING"]
+
+
+def build(tmp_path, factory, *extra, name="bundle"):
+    out = tmp_path / name
+    code = cli.main(["--policy", f"{POLICIES}:{factory}", "--out", str(out), *SMALL, *extra])
+    return code, out
+
+
+def inputs(bundle, graph):
+    return {s.name: (s.dtype, list(s.shape)) for s in bundle.graphs[graph].inputs}
+
+
+def test_a_96px_language_policy_builds_and_runs_in_the_runtime_pipeline(tmp_path):
+    from edge.inference.pipeline import PolicyPipeline
+
+    code, out = build(tmp_path, "image96")
+    assert code == 0
+    bundle = Bundle.load(out)  # hashes, manifest digest and schema
+    assert inputs(bundle, "vision") == {"image": ("uint8", [-1, 96, 96, 3])}
+    assert inputs(bundle, "head")["dropout_mask_1"] == ("float32", [-1, 32])
+    assert bundle.manifest["dropout"]["layers"][0] == {"module": "mlp.2", "width": 32, "rate": 0.1}
+    variants = bundle.manifest["graphs"]["head"]["variants"]
+    assert set(variants) == {"fp32", "fp16", "int8-cpu", "int8-tensorrt"}
+    assert variants["int8-cpu"]["latency_ms"] > 0 and variants["int8-cpu"]["accuracy_vs_fp32"]["action_error_mean"] < 0.05
+    uncertainty = bundle.manifest["uncertainty"]
+    assert uncertainty["source"] == "held-out" and set(uncertainty["by_samples"]["cpu"]) >= {"2", "16", "32"}
+    assert all(not p.startswith("/") for p in bundle.manifest["files"])
+    assert oct((out / "manifest.json").stat().st_mode & 0o777) == "0o644"
+    assert oct((out / "graphs").stat().st_mode & 0o777) == "0o755"
+    with PolicyPipeline(bundle, target="cpu", mc_samples=8) as pipeline:
+        out_ = pipeline.infer(np.full((120, 160, 3), 90, np.uint8), np.zeros(2, np.float32),
+                              pipeline.cache.encode_now("pick up the blue ball"))
+        assert out_.action.shape == (2,) and out_.samples.shape == (8, 2) and out_.score > 0
+
+
+def test_a_256x192_seven_dof_chunking_policy_without_language(tmp_path):
+    from edge.inference.pipeline import PolicyPipeline
+
+    code, out = build(tmp_path, "image256x192_arm", "--no-fp16")
+    assert code == 0
+    bundle = Bundle.load(out)
+    assert set(bundle.graphs) == {"vision", "head"} and bundle.manifest["tokenizer"] is None
+    assert not (out / "tokenizer.json").exists() and bundle.manifest["embeddings"] is None
+    assert inputs(bundle, "vision") == {"image": ("uint8", [-1, 192, 256, 3])}
+    assert [s.shape for s in bundle.graphs["head"].outputs] == [(-1, 8, 7)]
+    assert set(inputs(bundle, "head")) == {"vision_features", "proprio", "dropout_mask_0"}
+    assert bundle.action["horizon"] == 8 and bundle.action["kinds"] == ["position"] * 7
+    assert bundle.manifest["targets"]["cpu"] == {"vision": "int8-cpu", "head": "int8-cpu"}
+    with pytest.raises(BundleError, match="coming in a later release.*action chunks.*without language.*position"):
+        PolicyPipeline(bundle, target="cpu")
+
+
+def test_two_cameras_are_two_uint8_inputs_of_the_vision_graph(tmp_path):
+    import onnxruntime as ort
+
+    from build_engines.polygraphy_io import load_inputs, load_outputs
+
+    code, out = build(tmp_path, "two_cameras", "--no-fp16")
+    assert code == 0
+    bundle = Bundle.load(out)
+    assert inputs(bundle, "vision") == {"image_cam0": ("uint8", [-1, 96, 96, 3]),
+                                        "image_cam1": ("uint8", [-1, 64, 80, 3])}
+    entry = bundle.manifest["reference"]["vision"]
+    feeds = load_inputs(out / entry["inputs"])[0]
+    session = ort.InferenceSession(str(bundle.graph_path("vision", "int8-cpu")), providers=["CPUExecutionProvider"])
+    expected = next(iter(load_outputs(out / entry["outputs"]["int8-cpu"]).values()))[0]
+    np.testing.assert_allclose(session.run(None, feeds)[0], expected["vision_features"], atol=1e-5)
+    with pytest.raises(BundleError, match="2 cameras"):
+        bundle.check_runnable()
+    from edge.service import doctor, wiring
+    from edge.service.config import config_from_dict
+
+    config = config_from_dict({"bundle": str(out), "camera": {"source": 0}, "motor": {"port": "loop://"},
+                               "policy": {"target": "cpu"}})
+    with pytest.raises(BundleError, match="coming in a later release"):
+        wiring.check_policy(bundle, config)  # what run checks before any device
+    results, _ = doctor.check_bundle(config)
+    assert results[-1].status is doctor.Status.FAIL and "2 cameras" in results[-1].message  # not "ready"
+
+
+def test_a_head_without_dropout_needs_uncertainty_none(tmp_path, capsys):
+    code, out = build(tmp_path, "no_dropout", "--no-fp16")
+    assert code == 1 and not out.exists()
+    assert "has no nn.Dropout" in capsys.readouterr().err
+    code, out = build(tmp_path, "no_dropout", "--no-fp16", "--uncertainty", "none")
+    assert code == 0
+    bundle = Bundle.load(out)
+    assert not any(s.name.startswith("dropout_mask") for s in bundle.graphs["head"].inputs)
+    assert [s.shape for s in bundle.graphs["head"].outputs] == [(1, 2)]  # T = 1
+    uncertainty = bundle.manifest["uncertainty"]
+    assert uncertainty["signal"] == "none" and uncertainty["threshold"] == {} and "T = 1" in uncertainty["method"]
+    assert bundle.dropout["max_samples"] == 1 and bundle.dropout["mask_inputs"] == []
+
+
+@pytest.mark.parametrize("factory, message", [
+    ("nine_channels", "9 channels; the serial protocol carries at most 8"),
+    ("wrong_horizon", r"needs \(1, 4, 2\)"),
+    ("not_a_policy", "returned dict; it must return build_engines.policy.Policy"),
+    ("WORDS", "is not callable"),
+    ("long_known_instruction", "instruction 'go to the red block and then.*is 13 tokens long; the policy accepts at most 8"),
+])
+def test_a_policy_that_does_not_fit_is_refused_in_one_line_before_any_work(tmp_path, capsys, factory, message):
+    code, out = build(tmp_path, factory)
+    err = capsys.readouterr().err
+    assert code == 1 and not out.exists() and len(err.strip().splitlines()) == 1
+    assert err.startswith("build-engines: error:")
+    assert re.search(message, err), err
+
+
+def test_bad_arguments_are_refused_before_the_policy_is_loaded(tmp_path, capsys):
+    assert cli.main(["--policy", "no_such_package.mod:make", "--out", str(tmp_path / "a")]) == 1
+    assert "cannot import no_such_package.mod" in capsys.readouterr().err
+    assert cli.main(["--policy", "just-a-name", "--out", str(tmp_path / "a")]) == 1
+    assert "must be 'package.module:function'" in capsys.readouterr().err
+    assert build(tmp_path, "image96", "--calib-source", "reference-world")[0] == 1
+    assert "omit --calib-source" in capsys.readouterr().err
+    assert cli.main(["--gate-seeds", "0", "--out", str(tmp_path / "a")]) == 1
+    assert "--gate-seeds must be an integer 1..10000, got 0" in capsys.readouterr().err
+    assert cli.main(["--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path / "a")]) == 1
+    assert "--checkpoint" in capsys.readouterr().err and not (tmp_path / "a").exists()
+
+
+def test_hdf5_episodes_calibrate_and_are_split_by_episode(tmp_path):
+    h5py = pytest.importorskip("h5py")
+    rng = np.random.default_rng(0)
+    path = tmp_path / "episodes.h5"
+    with h5py.File(path, "w") as f:
+        for e in range(8):
+            group = f.create_group(f"episode_{e}")
+            group.create_dataset("images", data=rng.integers(0, 255, (6, 120, 160, 3), dtype=np.uint8))
+            group.create_dataset("proprio", data=rng.uniform(-1, 1, (6, 2)).astype(np.float32))
+            group.create_dataset("actions", data=rng.uniform(-1, 1, (6, 2)).astype(np.float32))
+            group.attrs["instruction"] = "go to the red block"
+    code, out = build(tmp_path, "image96", "--no-fp16", "--calib-source", str(path))
+    assert code == 0
+    text = (out / "manifest.json").read_text()
+    assert str(tmp_path) not in text  # no build-machine path: the data file is named, not located
+    manifest = json.loads(text)
+    assert manifest["calibration"]["source"]["kind"] == "hdf5_episodes"
+    assert manifest["calibration"]["source"]["path"] == "episodes.h5"
+    # whole episodes calibrate (6 x 6 frames >= 32), the frames of other episodes are held out
+    assert manifest["calibration"]["samples"] == 36 and manifest["calibration"]["heldout_samples"] == 8
+    episodes = manifest["calibration"]["episodes"]
+    assert len(episodes["calibration"]) == 6 and 1 <= len(episodes["heldout"]) <= 2
+    assert not set(episodes["calibration"]) & set(episodes["heldout"])
+
+
+def test_bad_calibration_data_and_checkpoints_end_in_one_line(tmp_path, capsys):
+    import cv2
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(50):
+        cv2.imwrite(str(folder / f"{i:03d}.png"), np.full((40, 60, 3), i * 4, np.uint8))
+    (folder / "025.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    instructions = tmp_path / "instructions.txt"
+    instructions.write_text("go to the red block\n")
+    code, _ = build(tmp_path, "image96", "--calib-source", str(folder), "--calib-instructions", str(instructions))
+    err = capsys.readouterr().err
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "025.jpg" in err
+    few = tmp_path / "few"
+    few.mkdir()
+    for i in range(5):
+        cv2.imwrite(str(few / f"{i}.png"), np.zeros((40, 60, 3), np.uint8))
+    code, _ = build(tmp_path, "image96", "--calib-source", str(few), "--calib-instructions", str(instructions))
+    err = capsys.readouterr().err
+    assert code == 1 and "gave 5 samples; at least 40 are needed" in err
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    (checkpoint / "head_config.json").write_text("{not json")
+    (checkpoint / "head.safetensors").write_bytes(b"garbage")
+    assert cli.main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "ref")]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "policy factory reference_policy.policy:make_policy failed" in err
+    assert "corrupt" in err
+
+
+def test_any_environment_drives_the_closed_loop_gate_and_calibrates_the_threshold(tmp_path):
+    code, out = build(tmp_path, "image96", "--no-fp16", "--env", f"{POLICIES}:PointArena", "--gate-seeds", "2")
+    assert code == 0
+    manifest = Bundle.load(out).manifest
+    assert manifest["gate"]["environment"] == f"{POLICIES}:PointArena"
+    assert manifest["uncertainty"]["source"] == "closed-loop" and "PointArena" in manifest["uncertainty"]["method"]
+    report = json.loads((out / "reports" / "accuracy.json").read_text())
+    assert report["closed_loop"]["cpu"]["episodes"] == 2 and report["closed_loop"]["cpu"]["ticks"] == 24
+
+
+def test_an_environment_the_runtime_cannot_run_yet_is_refused_naming_why(tmp_path, capsys):
+    code, out = build(tmp_path, "two_cameras", "--no-fp16", "--env", f"{POLICIES}:PointArena")
+    assert code == 1 and not out.exists()
+    assert "cannot run 2 cameras yet; pass --env none" in capsys.readouterr().err
+
+
+def test_the_replay_gate_hook_gets_a_runner_per_target_and_the_held_out_episodes(tmp_path):
+    import cv2
+
+    from build_engines.build import BuildOptions, GateRefused, run_build
+
+    seen = {}
+
+    def replay(runners, episodes):
+        sample = episodes[0][0]
+        frames = {"image": cv2.resize(sample.frame, (96, 96), interpolation=cv2.INTER_AREA)[None]}
+        seen["actions"] = {t: run(frames, sample.instruction, sample.proprio) for t, run in runners.items()}
+        seen["episodes"] = [len(e) for e in episodes]
+        return {"passed": seen.get("pass", True), "failures": ["cpu: replay action error 0.9 > 0.1"]}
+
+    options = dict(policy=f"{POLICIES}:image96", calib_samples=32, heldout_samples=8, fp16=False, tensorrt="off",
+                   env="none", replay_gate=replay)
+    run_build(BuildOptions(out=tmp_path / "ok", **options))
+    assert set(seen["actions"]) == {"cpu-fp32", "cpu", "tensorrt"} and sum(seen["episodes"]) == 8
+    assert seen["actions"]["cpu"].shape == (1, 1, 2)
+    np.testing.assert_allclose(seen["actions"]["cpu"], seen["actions"]["cpu-fp32"], atol=0.05)
+    seen["pass"] = False
+    with pytest.raises(GateRefused, match="replay: cpu: replay action error 0.9"):
+        run_build(BuildOptions(out=tmp_path / "refused", **options))
+    assert not (tmp_path / "refused").exists()
+
+
+def test_a_failing_calibration_hook_or_environment_ends_in_one_line(tmp_path, capsys):
+    code, _ = build(tmp_path, "broken_calibration")
+    err = capsys.readouterr().err
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert "calibration source of tests.build_engines.tiny_policies:broken_calibration failed: OSError" in err
+    code, out = build(tmp_path, "image96", "--no-fp16", "--env", f"{POLICIES}:BrokenArena", "--gate-seeds", "1")
+    err = capsys.readouterr().err
+    assert code == 1 and not out.exists() and len(err.strip().splitlines()) == 1
+    assert "BrokenArena: the environment failed during the closed-loop gate (RuntimeError: physics exploded)" in err
+
+
+def test_a_default_environment_the_runtime_cannot_drive_yet_is_skipped_not_faked(tmp_path, caplog):
+    code, out = build(tmp_path, "two_cameras_with_a_default_environment", "--no-fp16")
+    assert code == 0
+    manifest = Bundle.load(out).manifest
+    assert manifest["gate"]["environment"] is None and manifest["uncertainty"]["source"] == "held-out"
+    assert "closed-loop gate in tests.build_engines.tiny_policies:PointArena skipped" in caplog.text
