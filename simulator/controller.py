@@ -104,6 +104,7 @@ class GroundTruth:
     port_path: str | None
     camera_running: bool
     camera_frozen: bool
+    camera_connections: int  # stream clients the camera has served since start (0: nothing opened it)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -286,6 +287,7 @@ class SimulatedController:
                 port_path=port_path,
                 camera_running=self._camera.is_running,
                 camera_frozen=self._camera.is_paused,
+                camera_connections=self._camera.connections,
             )
 
     def reset_episode(

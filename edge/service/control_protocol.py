@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from edge.errors import EdgeError
+from edge.errors import ConfigError, EdgeError
 from edge.validation import check_text
 
 DEFAULT_SOCKET_NAME = "control.sock"
@@ -33,6 +33,7 @@ COMMANDS = ("say", "stop", "estop", "clear", "status")
 _FIELDS = {"say": {"cmd", "id", "text"}, "stop": {"cmd", "id"}, "estop": {"cmd", "id"},
            "clear": {"cmd", "id"}, "status": {"cmd", "id"}}
 RECV_BYTES = 65536
+MAX_SOCKET_PATH_BYTES = 107  # sizeof(sockaddr_un.sun_path) on Linux is 108, one of them the NUL (unix(7))
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,12 @@ class InstructionConfig:
 
     def __post_init__(self) -> None:
         check_text("instruction.initial", self.initial, "a non-empty string or left out", nullable=True)
+        check_text("instruction.socket", self.socket, "the path of a UNIX socket (e.g. "
+                   "${RUNTIME_DIRECTORY}/control.sock) or left out", nullable=True)
+        if self.socket is not None and len(os.fsencode(self.socket)) > MAX_SOCKET_PATH_BYTES:
+            raise ConfigError(f"instruction.socket is {len(os.fsencode(self.socket))} bytes long, over the "
+                              f"{MAX_SOCKET_PATH_BYTES} a UNIX socket path may have (sun_path); use a shorter "
+                              "path, e.g. ${RUNTIME_DIRECTORY}/control.sock")
 
 
 class ControlHandler(Protocol):

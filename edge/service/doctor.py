@@ -38,7 +38,7 @@ from typing import Any
 from edge.errors import BundleError, ConfigError, EdgeError
 from edge.inference.bundle import REBUILD, Bundle
 from edge.inference.engine_key import REBUILD_COMMAND
-from edge.service import wiring
+from edge.service import startup, wiring
 from edge.service.checks import CheckResult, Status, _user_name, fail, ok, warn
 from edge.service.config import DIRECTORY_DEFAULTS, RobotConfig, load_config
 from edge.service.device_checks import (  # noqa: F401 - _opencv_has: the tests ask it what OpenCV has
@@ -83,6 +83,9 @@ def _rebuild(bundle_dir: str | Path) -> str:
 
 
 def check_bundle(config: RobotConfig) -> tuple[list[CheckResult], Bundle | None]:
+    unreadable = startup.bundle_access_problems(config.bundle)
+    if unreadable:
+        return [fail("bundle", p.message, p.fix) for p in unreadable], None
     try:
         bundle = Bundle.load(config.bundle)
     except BundleError as exc:
@@ -90,11 +93,9 @@ def check_bundle(config: RobotConfig) -> tuple[list[CheckResult], Bundle | None]
         fix = None if _rebuild(config.bundle) in message else f"copy the bundle again or rebuild it: {_rebuild(config.bundle)}"
         return [fail("bundle", message, fix)], None
     results = [ok("bundle", f"{bundle.root}: {len(bundle.manifest['files'])} files match their sha256")]
-    try:
-        wiring.check_policy(bundle, config)  # the same check `vla-edge run` makes before it builds anything
-    except ConfigError as exc:
-        message, _, fix = str(exc).partition("; ")
-        results.append(fail("bundle", message, fix or None))
+    # The same checks `vla-edge run` makes before it opens a device (wiring.check_startup): each its own line.
+    for problem in startup.policy_problems(bundle, config):
+        results.append((fail if problem.fatal else warn)("bundle", problem.message, problem.fix))
     return results, bundle
 
 
