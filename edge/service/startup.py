@@ -130,7 +130,8 @@ def pipeline_problems(bundle, config) -> list[StartupProblem]:
             "policy.mc_samples", f"policy.mc_samples {policy.mc_samples} exceeds the bundle's max_samples "
             f"{max_samples} (the engine profile's largest batch)",
             f"set policy.mc_samples <= {max_samples}, or rebuild with a larger maximum"))
-    if policy.backend == "onnxruntime" and policy.target in TENSORRT_TARGETS and policy.device == "cpu":
+    if (policy.backend == "onnxruntime" and policy.target in TENSORRT_TARGETS and policy.device == "cpu"
+            and policy.target in targets):
         cpu = [t for t in CPU_TARGETS if t in targets]
         problems.append(StartupProblem(
             "policy.target", f"policy.target {policy.target!r} is laid out for TensorRT, but policy.backend is "
@@ -160,7 +161,8 @@ def robot_problems(bundle, config) -> list[StartupProblem]:
             f"dimension(s) ({names})",
             f"set motor.channels: {dim} (one velocity target per action dimension), or use a bundle whose "
             f"policy drives {config.motor.channels} channel(s)"))
-    if (calibrated is not None and policy.mc_samples >= 2 and policy.mc_samples != calibrated
+    within_profile = 2 <= policy.mc_samples <= int(bundle.dropout["max_samples"])  # else refused already
+    if (calibrated is not None and within_profile and policy.mc_samples != calibrated
             and config.uncertainty.threshold is None):
         problems.append(StartupProblem(
             "policy.mc_samples", f"policy.mc_samples is {policy.mc_samples} but the bundle's uncertainty "
