@@ -46,6 +46,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["ControlLoop", "LoopConfig", "Mode", "TickRecorder", "tick_dtype"]
 JITTER_PERCENTILES = (50.0, 90.0, 99.0, 100.0)
+HOLD_AFTER_ESTOP = "emergency stop: holding until `vla-edge resume` or a new instruction"
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,7 @@ class ControlLoop:
         self._frame = np.zeros(shape, np.uint8)
         self._instruction: str | None = None
         self._instruction_lock = threading.Lock()
+        self._hold_reason: str | None = None  # set from an e-stop until resume() or a new instruction
         self._warn = RateLimitedWarnings(logger)
         self._last_summary_s = clock()
         self._last_mode = Mode.HOLD
@@ -148,7 +150,7 @@ class ControlLoop:
         return LoopStatus(mode=mode, estop=estop, instruction=self._instruction, tick=tick,
                           counters=dict(self.counters), threshold=float(gate.threshold),
                           hard_ceiling=float(gate.hard_ceiling), timing=timing, window=self._window,
-                          link=link, camera=camera)
+                          link=link, camera=camera, hold_reason=self._hold_reason)
 
     def _publish(self, row: np.void) -> None:
         if self.counters["ticks"] % self.window_refresh_ticks == 0:
@@ -168,29 +170,60 @@ class ControlLoop:
 
     # -- commands from other threads (instruction socket, signal handlers) --------------------------
     def set_instruction(self, text: str | None) -> None:
-        """Raises InputError (and keeps the current instruction) if the tokenizer cannot take `text`."""
+        """Raises InputError (and keeps the current instruction) if the tokenizer cannot take `text`, or
+        while the emergency stop is latched (a new instruction must not arm motion then). A new
+        instruction is an explicit request to move: it also ends a hold after an e-stop clear."""
         text = text.strip() if text else None
         if text is not None:
+            if self.safety.estopped:
+                raise InputError("the emergency stop is latched: the instruction was not taken and the robot "
+                                 "stays stopped; release it with `vla-edge clear`, then send the instruction")
             self.pipeline.tokenizer.encode(text)  # refuse here, before the robot drops what it is doing
         with self._instruction_lock:
             self._instruction = text
-        self._amend_status(instruction=text)
+            if text is not None:
+                self._release_hold("new instruction")
+        self._amend_status(instruction=text, hold_reason=self._hold_reason)
         logger.info("instruction set: %r", text)
+
+    def resume(self) -> None:
+        """End the hold that follows an e-stop clear: motion resumes on the current instruction, slewing up
+        from zero. InputError while the e-stop is latched or when there is no hold to end."""
+        if self.safety.estopped:
+            raise InputError("the emergency stop is latched: release it with `vla-edge clear` first")
+        with self._instruction_lock:
+            if self._hold_reason is None:
+                raise InputError("nothing to resume: the robot is not held after an emergency stop")
+            self._release_hold("resume")
+        self._amend_status(hold_reason=None)
+
+    def _release_hold(self, why: str) -> None:
+        if self._hold_reason is not None:
+            logger.info("hold (%s) ended by %s: commands slew up from zero", self._hold_reason, why)
+        self._hold_reason = None
 
     @property
     def instruction(self) -> str | None:
         return self._instruction
 
     def emergency_stop(self) -> None:
+        with self._instruction_lock:
+            self._hold_reason = HOLD_AFTER_ESTOP
         self.safety.estop()
         self.link.emergency_stop()
-        self._amend_status(mode="estop", estop=True)
+        self._amend_status(mode="estop", estop=True, hold_reason=HOLD_AFTER_ESTOP)
         logger.warning("emergency stop latched")
 
     def clear_emergency_stop(self) -> None:
+        """Release the latch; the robot then HOLDS (an e-stop clear never restarts motion, as in industrial
+        practice): motion resumes only on `resume()` or a new instruction."""
+        with self._instruction_lock:
+            if self.safety.estopped:
+                self._hold_reason = HOLD_AFTER_ESTOP
         self.safety.clear_estop()
         self.link.clear_emergency_stop()
-        logger.info("emergency stop cleared")
+        self._amend_status(estop=False, hold_reason=self._hold_reason)
+        logger.info("emergency stop cleared; holding until `vla-edge resume` or a new instruction")
 
     # -- one tick -----------------------------------------------------------------------------------
     def _observe(self, now: float) -> tuple[float | None, float | None]:
@@ -245,6 +278,8 @@ class ControlLoop:
         fresh = frame_time is not None and now - frame_time <= self.stale_after_s
         if self.safety.estopped:
             mode = Mode.ESTOP
+        elif self._hold_reason is not None:
+            mode = Mode.HOLD  # after an e-stop clear: zero until resume or a new instruction
         elif embedding is not None and fresh:
             try:
                 out = self.pipeline.infer(self._frame, self._proprio, embedding)

@@ -226,6 +226,7 @@ class LoopStatus:
     window: Window
     link: LinkHealth | None
     camera: CameraHealth | None
+    hold_reason: str | None = None  # why the robot holds although it has an instruction (e-stop cleared)
 
     @property
     def ticks(self) -> int:

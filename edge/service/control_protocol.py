@@ -6,7 +6,8 @@ One request per line, one reply line per request, in order::
     {"cmd": "say", "text": "go to the red block"}   set the instruction
     {"cmd": "stop"}                                   clear the instruction (hold: controlled stop)
     {"cmd": "estop"}                                  latch the emergency stop
-    {"cmd": "clear"}                                  release the emergency stop
+    {"cmd": "clear"}                                  release the emergency stop (the robot then holds)
+    {"cmd": "resume"}                                 end that hold: move again on the current instruction
     {"cmd": "status"}                                 mode, uncertainty, timings, link, camera, counters
 
 Replies are ``{"ok": true, ...}`` or ``{"ok": false, "error": "..."}``; a request may carry an ``"id"``
@@ -29,9 +30,9 @@ from edge.validation import check_text
 DEFAULT_SOCKET_NAME = "control.sock"
 DEFAULT_RUNTIME_DIR = "/run/vla-edge"
 MAX_TEXT_CHARS = 512
-COMMANDS = ("say", "stop", "estop", "clear", "status")
+COMMANDS = ("say", "stop", "estop", "clear", "resume", "status")
 _FIELDS = {"say": {"cmd", "id", "text"}, "stop": {"cmd", "id"}, "estop": {"cmd", "id"},
-           "clear": {"cmd", "id"}, "status": {"cmd", "id"}}
+           "clear": {"cmd", "id"}, "resume": {"cmd", "id"}, "status": {"cmd", "id"}}
 RECV_BYTES = 65536
 MAX_SOCKET_PATH_BYTES = 107  # sizeof(sockaddr_un.sun_path) on Linux is 108, one of them the NUL (unix(7))
 
@@ -68,6 +69,8 @@ class ControlHandler(Protocol):
     def estop(self) -> None: ...
 
     def clear(self) -> None: ...
+
+    def resume(self) -> None: ...
 
     def status(self) -> dict[str, Any]: ...
 

@@ -31,6 +31,9 @@ class LoopControl:
     def clear(self) -> None:
         self.loop.clear_emergency_stop()
 
+    def resume(self) -> None:
+        self.loop.resume()
+
     def status(self) -> dict[str, Any]:
         return status_reply(self.loop.status())
 
@@ -53,6 +56,7 @@ def status_reply(status: LoopStatus) -> dict[str, Any]:
     return {
         "mode": status.mode,
         "estop": status.estop,
+        "hold_reason": status.hold_reason,
         "instruction": status.instruction,
         "uncertainty": {"score": tick.score if tick is not None else math.nan, "threshold": status.threshold,
                         "hard_ceiling": status.hard_ceiling},

@@ -678,3 +678,23 @@ def test_format_status_copes_with_a_sparse_reply():
     text = format_status({"ok": True, "mode": "hold"})
     assert "mode         hold" in text and "instruction  (none: holding)" in text
     assert "E-STOP" in format_status({"ok": True, "mode": "estop", "estop": True})
+
+
+def test_resume_reaches_the_loop_control_and_cli_config_finds_the_socket(tmp_path):
+    # Issue 13: `vla-edge resume` ends the hold after a clear; say/status take --config (finding 13).
+    from edge.cli import build_parser
+    from edge.cli.control import _socket_of
+
+    calls = []
+    control = LoopControl(SimpleNamespace(resume=lambda: calls.append("resume")))
+    control.resume()
+    assert calls == ["resume"]
+    config = tmp_path / "robot.yaml"
+    config.write_text("bundle: b\ncamera: {source: 0}\nmotor: {port: /p}\n"
+                      "instruction: {socket: /run/robot-7/control.sock}\n")
+    for argv in (["status", "--config", str(config)], ["say", "hello", "--config", str(config)],
+                 ["resume", "--config", str(config)]):
+        assert _socket_of(build_parser().parse_args(argv)) == "/run/robot-7/control.sock"
+    config.write_text("bundle: b\ncamera: {source: 0}\nmotor: {port: /p}\n")
+    with pytest.raises(ConfigError, match="sets no instruction.socket"):
+        _socket_of(build_parser().parse_args(["status", "--config", str(config)]))
