@@ -159,6 +159,8 @@ class SimulatedController:
         self._watchdog_tripped = True  # power-up behaves as if the watchdog had tripped
         self._watchdog_tripped_at_s: float | None = self._boot_s
         self._estop_latched = False
+        self._fault = False  # set by set_fault(): the controller's own verdict (driver, over-current)
+        self._drop_host_frames: dict[type, int] = {}  # drop_next(): host frames of a type lost on the line
         self._last_valid_command_s: float | None = None
         self._last_command_seq = 0
         self._crc_errors = 0
@@ -319,6 +321,39 @@ class SimulatedController:
         with self._pty_lock:
             self._flip_probability = float(probability)
 
+    def set_fault(self, on: bool = True) -> None:
+        """Raise (or clear) FAULT: motors disabled, SetVelocity ignored and counted in dropped_commands
+        while it is set (docs/serial-protocol.md, section 6, "Fault")."""
+        with self._state_lock:
+            self._fault = bool(on)
+            if on:
+                self._targets = (0.0,) * CHANNELS
+        logger.info("controller FAULT %s", "raised" if on else "cleared")
+
+    def drop_next(self, kind: str, count: int = 1) -> None:
+        """Lose the next ``count`` host frames of ``kind`` (set_velocity, emergency_stop,
+        clear_emergency_stop) on the line: the controller never sees them."""
+        types = {"set_velocity": SetVelocity, "emergency_stop": EmergencyStop,
+                 "clear_emergency_stop": ClearEmergencyStop}
+        if kind not in types:
+            raise ValueError(f"kind must be one of {', '.join(types)}, got {kind!r}")
+        with self._state_lock:
+            self._drop_host_frames[types[kind]] = self._drop_host_frames.get(types[kind], 0) + int(count)
+
+    def restart_firmware(self) -> None:
+        """The controller resets: its clock starts again from 0, the volatile latch and fault are gone, and
+        it comes up as if its watchdog had tripped (motors stopped)."""
+        with self._state_lock:
+            now = time.monotonic()
+            self._boot_s = now
+            self._estop_latched = False
+            self._fault = False
+            self._watchdog_tripped = True
+            self._watchdog_tripped_at_s = now
+            self._last_valid_command_s = None
+            self._targets = (0.0,) * CHANNELS
+        logger.info("controller firmware restarted")
+
     def stop_telemetry(self) -> None:
         """Go silent towards the host (a hung controller); commands are still received and applied."""
         with self._state_lock:
@@ -460,6 +495,9 @@ class SimulatedController:
             self._crc_errors = (self._crc_errors + new_crc_errors) & _U16
             self._framing_errors = (self._framing_errors + new_framing_errors) & _U16
             for message in messages:
+                if self._drop_host_frames.get(type(message), 0) > 0:
+                    self._drop_host_frames[type(message)] -= 1
+                    continue  # lost on the line (drop_next)
                 if isinstance(message, SetVelocity):
                     if len(message.targets) != CHANNELS:
                         # A channel count this controller does not have: rejected as the doc recommends.
@@ -470,7 +508,7 @@ class SimulatedController:
                     if self._watchdog_tripped:
                         self._watchdog_tripped = False
                         logger.info("watchdog cleared by SetVelocity seq %d", message.seq)
-                    if self._estop_latched:
+                    if self._estop_latched or self._fault:
                         self._dropped_commands = (self._dropped_commands + 1) & _U16
                     else:
                         self._targets = tuple(message.targets)
@@ -524,6 +562,8 @@ class SimulatedController:
             status |= StatusFlags.WATCHDOG_TRIPPED
         if self._estop_latched:
             status |= StatusFlags.ESTOP_LATCHED
+        if self._fault:
+            status |= StatusFlags.FAULT
         if not status:
             status = StatusFlags.MOTORS_ENABLED
         return status
