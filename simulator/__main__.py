@@ -40,6 +40,7 @@ _COMMANDS = (
     "set_fault",
     "drop_next",
     "restart_firmware",
+    "report",
     "freeze_camera",
     "unfreeze_camera",
     "kill_camera",

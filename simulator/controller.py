@@ -160,7 +160,8 @@ class SimulatedController:
         self._watchdog_tripped_at_s: float | None = self._boot_s
         self._estop_latched = False
         self._fault = False  # set by set_fault(): the controller's own verdict (driver, over-current)
-        self._drop_host_frames: dict[type, int] = {}  # drop_next(): host frames of a type lost on the line
+        self._drop_host_frames: dict[type, int] = {}
+        self._reported: tuple[tuple[float, ...] | None, tuple[float, ...] | None] = (None, None)  # report()  # drop_next(): host frames of a type lost on the line
         self._last_valid_command_s: float | None = None
         self._last_command_seq = 0
         self._crc_errors = 0
@@ -339,6 +340,13 @@ class SimulatedController:
             raise ValueError(f"kind must be one of {', '.join(types)}, got {kind!r}")
         with self._state_lock:
             self._drop_host_frames[types[kind]] = self._drop_host_frames.get(types[kind], 0) + int(count)
+
+    def report(self, velocities: list[float] | None = None, positions: list[float] | None = None) -> None:
+        """Send these velocities / positions in telemetry instead of the measured ones (a broken encoder, a
+        firmware with another channel count); None for both goes back to the measurements."""
+        with self._state_lock:
+            self._reported = (None if velocities is None else tuple(float(v) for v in velocities),
+                              None if positions is None else tuple(float(p) for p in positions))
 
     def restart_firmware(self) -> None:
         """The controller resets: its clock starts again from 0, the volatile latch and fault are gone, and
@@ -575,8 +583,8 @@ class SimulatedController:
             message = Telemetry(
                 seq=self._tx_seq.next(),
                 controller_time_ms=int((now - self._boot_s) * 1000.0) & 0xFFFFFFFF,
-                velocities=self._measured,
-                positions=self._wheel_positions,
+                velocities=self._measured if self._reported[0] is None else self._reported[0],
+                positions=self._wheel_positions if self._reported[1] is None else self._reported[1],
                 status=self._status_locked(),
                 last_command_seq=self._last_command_seq,
                 crc_errors=self._crc_errors,

@@ -140,6 +140,17 @@ def format_status(status: Mapping[str, Any]) -> str:
             f"{key.replace('_', ' ')} {link_stats[key]}"
             for key in ("bad_frames", "crc_errors", "framing_errors", "telemetry_lost", "write_failures",
                         "undelivered", "reconnects") if key in link_stats))
+    controller = section("controller")
+    if controller:
+        ctl_counters = controller.get("counters") if isinstance(controller.get("counters"), Mapping) else {}
+        flags = controller.get("flags") or []
+        lines.append(f"controller   {'|'.join(flags) if flags else 'no flags'}"
+                     + (f", FAULT: {controller['fault']}" if controller.get("fault") else "")
+                     + (", e-stop NOT confirmed" if controller.get("estop_confirmed") is False else "")
+                     + "".join(f", {k.replace('_', ' ')} {v}" for k, v in ctl_counters.items()))
+    reasons = tick.get("reason_names")
+    if reasons:
+        lines.append(f"safety       {', '.join(reasons)}")
     camera = section("camera")
     cam_state = {True: "connected", False: "DOWN"}.get(camera.get("connected"), "-")
     lines.append(f"camera       {cam_state}, frame age {num(camera.get('frame_age_s'), '.2f', ' s')}, "

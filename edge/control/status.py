@@ -227,6 +227,9 @@ class LoopStatus:
     link: LinkHealth | None
     camera: CameraHealth | None
     hold_reason: str | None = None  # why the robot holds although it has an instruction (e-stop cleared)
+    # What the controller reports (edge/control/controller_watch.py): flags, its counters, a fault, and
+    # whether it confirmed our e-stop (None when none is latched).
+    controller: Mapping[str, Any] | None = None
 
     @property
     def ticks(self) -> int:
