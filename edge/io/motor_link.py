@@ -134,7 +134,9 @@ class SerialMotorLink:
         self.config = config
         self._factory = serial_factory
         self._clock = clock
-        self._seq = SequenceCounter()
+        # Seq 1 first: telemetry says last_command_seq 0 "before the first" host frame, which must never
+        # confirm one (docs/serial-protocol.md, section 5).
+        self._seq = SequenceCounter(start=1)
         # Guards _port, _up, _flush_next and writes: a write never overlaps a close or another write.
         self._io_lock = threading.Lock()
         self._port: Any = None
