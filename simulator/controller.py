@@ -87,6 +87,7 @@ class GroundTruth:
     time_limit_reached: bool  # physics_steps >= world_config.time_limit_steps (the episode's budget)
     wheel_velocities: tuple[float, ...]  # measured, normalised as in telemetry
     applied_targets: tuple[float, ...]
+    targets_zero_since_s: float | None  # since when every applied target is 0 (None while one is not)
     motors_stopped: bool  # every |wheel velocity| < MOTOR_STOPPED_EPSILON
     motors_stopped_since_s: float | None  # first physics step of the current stopped stretch
     watchdog_tripped: bool
@@ -156,6 +157,7 @@ class SimulatedController:
         # firmware state, under _state_lock
         self._boot_s = time.monotonic()
         self._targets: tuple[float, ...] = (0.0,) * CHANNELS
+        self._targets_zero_since_s: float | None = self._boot_s  # when the applied targets last became zero
         self._watchdog_tripped = True  # power-up behaves as if the watchdog had tripped
         self._watchdog_tripped_at_s: float | None = self._boot_s
         self._estop_latched = False
@@ -273,6 +275,7 @@ class SimulatedController:
                 time_limit_reached=self._physics_steps >= self._world_config.time_limit_steps,
                 wheel_velocities=self._measured,
                 applied_targets=self._targets,
+                targets_zero_since_s=self._targets_zero_since_s,
                 motors_stopped=self._stopped_since_s is not None,
                 motors_stopped_since_s=self._stopped_since_s,
                 watchdog_tripped=self._watchdog_tripped,
@@ -328,7 +331,7 @@ class SimulatedController:
         with self._state_lock:
             self._fault = bool(on)
             if on:
-                self._targets = (0.0,) * CHANNELS
+                self._set_targets_locked((0.0,) * CHANNELS)
         logger.info("controller FAULT %s", "raised" if on else "cleared")
 
     def drop_next(self, kind: str, count: int = 1) -> None:
@@ -359,7 +362,7 @@ class SimulatedController:
             self._watchdog_tripped = True
             self._watchdog_tripped_at_s = now
             self._last_valid_command_s = None
-            self._targets = (0.0,) * CHANNELS
+            self._set_targets_locked((0.0,) * CHANNELS)
         logger.info("controller firmware restarted")
 
     def stop_telemetry(self) -> None:
@@ -519,13 +522,13 @@ class SimulatedController:
                     if self._estop_latched or self._fault:
                         self._dropped_commands = (self._dropped_commands + 1) & _U16
                     else:
-                        self._targets = tuple(message.targets)
+                        self._set_targets_locked(tuple(message.targets))
                 elif isinstance(message, EmergencyStop):
                     self._last_command_seq = message.seq
                     if not self._estop_latched:
                         logger.info("emergency stop latched (seq %d)", message.seq)
                     self._estop_latched = True
-                    self._targets = (0.0,) * CHANNELS
+                    self._set_targets_locked((0.0,) * CHANNELS)
                 elif isinstance(message, ClearEmergencyStop):
                     self._last_command_seq = message.seq
                     if self._estop_latched:
@@ -561,8 +564,17 @@ class SimulatedController:
             if last is not None and now - last > self._watchdog_timeout_s:
                 self._watchdog_tripped = True
                 self._watchdog_tripped_at_s = now
-                self._targets = (0.0,) * CHANNELS
+                self._set_targets_locked((0.0,) * CHANNELS)
                 logger.info("watchdog tripped: no valid SetVelocity for %.0f ms", (now - last) * 1e3)
+
+    def _set_targets_locked(self, targets: tuple[float, ...]) -> None:
+        """Apply targets; remember since when they are all zero (the fault suite's "zero command" time)."""
+        zero = not any(targets)
+        if zero and self._targets_zero_since_s is None:
+            self._targets_zero_since_s = time.monotonic()
+        elif not zero:
+            self._targets_zero_since_s = None
+        self._targets = targets
 
     def _status_locked(self) -> StatusFlags:
         status = StatusFlags.NONE
