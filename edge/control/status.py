@@ -240,4 +240,5 @@ class LoopStatus:
         text = self.instruction
         return (f"{self.mode} | {self.ticks} ticks, {self.timing.overruns} overruns, "
                 f"{self.counters.get('fallback', 0)} fallback | instruction: "
-                + (repr(text[:60]) if text else "none (holding)"))
+                + (repr(text[:60]) if text else "none (holding)")
+                + (f" | holding: {self.hold_reason}" if self.hold_reason else ""))

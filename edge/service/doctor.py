@@ -258,6 +258,9 @@ def check_running_service(config: RobotConfig, timeout_s: float = 2.0) -> list[C
                             f"(stale after {stale_s:g} s)", "check the camera; the service reconnects by itself"))
     if reply.get("estop"):
         results.append(warn("service", f"{summary}; the emergency stop is latched", "vla-edge clear"))
+    elif reply.get("hold_reason"):
+        results.append(warn("service", f"{summary}; holding: {reply['hold_reason']}",
+                            "vla-edge resume (or a new vla-edge say) once it is safe to move"))
     return results or [ok("service", f"{summary}; link and camera up")]
 
 

@@ -131,6 +131,7 @@ def test_controller_fault_stops_the_robot_then_holds_until_resume(rig):
     assert not np.abs(after["command"][stopped[0]:]).any()
     status = loop.status()
     assert "FAULT" in status.hold_reason and "FAULT" in status.controller["flags"]
+    assert "| holding: controller fault" in status.line()  # systemd's STATUS= line says why
     assert loop.counters["controller_faults"] == 1
     with pytest.raises(InputError, match="FAULT"):
         loop.resume()
