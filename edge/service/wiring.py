@@ -37,7 +37,7 @@ from edge.service.config import RobotConfig
 
 
 def rebuild_command(bundle_dir) -> str:
-    return f"build-engines --int8 --out {bundle_dir} --force"
+    return startup.rebuild_command(bundle_dir)  # one wording of the command, shared with the start-up checks
 
 
 def check_policy(bundle: Bundle, config: RobotConfig) -> None:
