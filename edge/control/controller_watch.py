@@ -28,6 +28,7 @@ VELOCITY_BOUND = 2.0
 POSITION_BOUND = 1.0e6  # radians; a wheel angle grows without bound, but not to 1e6 rad in a session
 REJECTION_TICKS = 3  # rejection counters growing on this many samples in a row: our commands do not land
 _U16 = 1 << 16
+_U32 = 1 << 32
 COUNTERS = ("crc_errors", "framing_errors", "dropped_commands")
 
 
@@ -60,14 +61,26 @@ class ControllerWatch:
                 return f"position[{i}] = {p!r} is beyond ±{POSITION_BOUND:g} rad"
         return None
 
-    def observe(self, telemetry: Telemetry, *, estopped: bool) -> str | None:
+    def observe(self, telemetry: Telemetry, *, estopped: bool, seen: StatusFlags | None = None) -> str | None:
         """Take one new, valid sample; returns the fault it shows (None when the controller is healthy).
 
-        `estopped`: the host has latched its own e-stop, so dropped commands are expected.
+        `estopped`: the host has latched its own e-stop, so dropped commands are expected. `seen`: the
+        flags of every sample since the last call (the link's take_status_flags), so that a trip or a
+        FAULT shown between two ticks counts; the latest sample's flags when None.
         """
         status = telemetry.status
+        seen = status if seen is None else StatusFlags(seen | status)
         grew = False
         last = self._last
+        restarted = last is not None and (
+            (telemetry.controller_time_ms - last.controller_time_ms) % _U32 >= _U32 // 2)
+        if restarted:
+            # Its clock went back: it restarted, and comes up "as if the watchdog had tripped" (section 6),
+            # though our next command may clear that before any telemetry shows it. Its counters restart.
+            last = None
+            if self._accepted:
+                self.watchdog_trips += 1
+                self._accepted = False
         if last is not None:
             # u16 counters wrap: the increment is (new - old) mod 65536 (section 5).
             corrupted = ((telemetry.crc_errors - last.crc_errors) % _U16
@@ -80,12 +93,11 @@ class ControllerWatch:
             self.counters[name] = int(getattr(telemetry, name))
         self._last = telemetry
         self._rejecting = self._rejecting + 1 if grew else 0
-        tripped = bool(status & StatusFlags.WATCHDOG_TRIPPED)
-        if tripped and self._accepted:
+        if seen & StatusFlags.WATCHDOG_TRIPPED and self._accepted:
             self.watchdog_trips += 1
-        self._accepted = not tripped
+        self._accepted = not status & StatusFlags.WATCHDOG_TRIPPED  # the latest sample: accepting again?
         self.status = StatusFlags(status)
-        if status & StatusFlags.FAULT:
+        if seen & StatusFlags.FAULT:
             return "the controller reports FAULT (motors disabled)"
         if self._rejecting >= REJECTION_TICKS:
             return (f"the controller rejects our commands (its crc/framing/dropped counters grew on "

@@ -280,7 +280,8 @@ class ControlLoop:
             self._warn("telemetry rejected (%s): treated as missing, controlled stop", problem)
             return
         trips = watch.watchdog_trips
-        fault = watch.observe(telemetry, estopped=self.safety.estopped)
+        take = getattr(self.link, "take_status_flags", None)
+        fault = watch.observe(telemetry, estopped=self.safety.estopped, seen=take() if take else None)
         if watch.watchdog_trips != trips:
             # Read, not inferred: the controller stopped the motors; the next command ramps from zero.
             self.counters["watchdog_trips"] += 1

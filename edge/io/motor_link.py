@@ -305,6 +305,11 @@ class SerialMotorLink:
         """The newest valid Telemetry and its receive time on the link's clock; (None, -inf) before one."""
         return self._state.latest()
 
+    def take_status_flags(self):
+        """Status flags of every telemetry sample since the previous call (OR-ed): a flag shown only
+        between two ticks is not missed."""
+        return self._state.take_status_flags()
+
     def telemetry_age_s(self, now: float | None = None) -> float:
         """Seconds since the newest telemetry arrived; inf before the first."""
         if now is None:

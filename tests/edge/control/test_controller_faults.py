@@ -188,3 +188,47 @@ def test_telemetry_out_of_bounds_or_of_another_channel_count_stops_the_robot(rig
     controller.report()
     run_for(loop, 3.0, until=lambda: moving(loop))
     assert moving(loop), "believable telemetry again: the robot drives on"
+
+
+def test_a_watchdog_trip_is_read_from_telemetry_and_motion_ramps_from_zero(rig):
+    # Finding 18: "motors were stopped by the controller's watchdog" was inferred from the host's own clock;
+    # finding 14: after a trip the next command jumped straight back. A firmware restart comes up tripped.
+    controller, loop = rig
+    loop.set_instruction(controller.ground_truth().instruction)
+    run_for(loop, 3.0, until=lambda: moving(loop))
+    assert moving(loop)
+    resets = []  # the ticks at which the safety layer was reset to standstill (the real reset still runs)
+    reset = loop.safety.reset
+    loop.safety.reset = lambda *args: (resets.append(loop.counters["ticks"]), reset(*args))[1]
+    trips = loop.counters["watchdog_trips"]
+    controller.restart_firmware()
+    run_for(loop, 2.0, until=lambda: loop.counters["watchdog_trips"] > trips)
+    run_for(loop, 0.5)
+    assert loop.counters["watchdog_trips"] == trips + 1, "read from the telemetry's WATCHDOG_TRIPPED"
+    assert resets, "the trip reset the safety layer"
+    records = loop.recorder.latest()
+    (row,) = records[records["tick"] == resets[0]]
+    (before,) = records[records["tick"] == resets[0] - 1]
+    # The tick that read the trip slews from zero, not from the command sent before it.
+    dt = row["start_s"] - before["start_s"]
+    assert np.abs(row["command"]).max() <= 4.0 * dt + 1e-5
+
+
+def test_a_trip_seen_between_two_ticks_counts():
+    watch = ControllerWatch(channels=2)
+    watch.observe(sample(), estopped=False)
+    assert watch.observe(sample(seq=2), estopped=False, seen=StatusFlags.WATCHDOG_TRIPPED) is None
+    assert watch.watchdog_trips == 1
+    assert watch.observe(sample(seq=3), estopped=False, seen=StatusFlags.FAULT) is not None
+
+
+def test_a_controller_restart_counts_as_a_trip_even_when_no_sample_shows_the_flag():
+    # Power-up behaves as if the watchdog had tripped (spec, section 6), but our next command may clear the
+    # flag before any telemetry carries it; the clock going back still says the motors were stopped.
+    watch = ControllerWatch(channels=2)
+    watch.observe(sample(), estopped=False)
+    restarted = Telemetry(seq=9, controller_time_ms=12, velocities=(0.0, 0.0), positions=(0.0, 0.0),
+                          status=StatusFlags.MOTORS_ENABLED, last_command_seq=9, crc_errors=0, framing_errors=0,
+                          dropped_commands=0)
+    assert watch.observe(restarted, estopped=False) is None
+    assert watch.watchdog_trips == 1

@@ -70,6 +70,14 @@ def check_watchdog_trip_counted():
     watch.observe(telemetry(seq=2), estopped=False)
     watch.observe(telemetry(seq=3, status=StatusFlags.WATCHDOG_TRIPPED), estopped=False)
     assert watch.watchdog_trips == 1  # the loop resets its safety layer on each (edge/control/loop.py)
+    watch.observe(telemetry(seq=4), estopped=False)  # accepting commands again
+    watch.observe(telemetry(seq=5), estopped=False, seen=StatusFlags.WATCHDOG_TRIPPED)  # between two ticks
+    assert watch.watchdog_trips == 2
+    watch.observe(telemetry(seq=6, time_ms=20), estopped=False)  # the clock went back: a restart
+    assert watch.watchdog_trips == 3
+    # The loop side: tests/edge/control/test_controller_faults.py,
+    # test_a_watchdog_trip_is_read_from_telemetry_and_motion_ramps_from_zero.
+    assert callable(test_controller_faults.test_a_watchdog_trip_is_read_from_telemetry_and_motion_ramps_from_zero)
 
 
 def check_rejections_are_a_fault():
@@ -140,8 +148,9 @@ SENTENCES = [
     ("The host treats FAULT like an emergency stop: the command becomes zero at once, and after FAULT clears the "
      "host holds until an operator resumes or gives a new instruction, then ramps from zero.",
      closed_loop_test("test_controller_fault_stops_the_robot_then_holds_until_resume")),
-    ("When WATCHDOG_TRIPPED appears after the controller had accepted commands, the host ramps its next motion "
-     "from zero, never from the command sent before the trip.", check_watchdog_trip_counted),
+    ("When WATCHDOG_TRIPPED appears after the controller had accepted commands (in any sample between two ticks), "
+     "or the controller restarts, the host ramps its next motion from zero, never from the command sent before "
+     "the trip.", check_watchdog_trip_counted),
     ("When the controller's `crc_errors`, `framing_errors` or (outside a latch or FAULT) `dropped_commands` grow "
      "on three control ticks in a row, the host treats it as FAULT.", check_rejections_are_a_fault),
     ("The host computes counter increments as `(new - old) mod 65536`.", check_counter_wrap),
