@@ -87,6 +87,7 @@ class GroundTruth:
     time_limit_reached: bool  # physics_steps >= world_config.time_limit_steps (the episode's budget)
     wheel_velocities: tuple[float, ...]  # measured, normalised as in telemetry
     applied_targets: tuple[float, ...]
+    targets_zero_since_s: float | None  # since when every applied target is 0 (None while one is not)
     motors_stopped: bool  # every |wheel velocity| < MOTOR_STOPPED_EPSILON
     motors_stopped_since_s: float | None  # first physics step of the current stopped stretch
     watchdog_tripped: bool
@@ -104,6 +105,7 @@ class GroundTruth:
     port_path: str | None
     camera_running: bool
     camera_frozen: bool
+    camera_connections: int  # stream clients the camera has served since start (0: nothing opened it)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -155,9 +157,13 @@ class SimulatedController:
         # firmware state, under _state_lock
         self._boot_s = time.monotonic()
         self._targets: tuple[float, ...] = (0.0,) * CHANNELS
+        self._targets_zero_since_s: float | None = self._boot_s  # when the applied targets last became zero
         self._watchdog_tripped = True  # power-up behaves as if the watchdog had tripped
         self._watchdog_tripped_at_s: float | None = self._boot_s
         self._estop_latched = False
+        self._fault = False  # set by set_fault(): the controller's own verdict (driver, over-current)
+        self._drop_host_frames: dict[type, int] = {}
+        self._reported: tuple[tuple[float, ...] | None, tuple[float, ...] | None] = (None, None)  # report()  # drop_next(): host frames of a type lost on the line
         self._last_valid_command_s: float | None = None
         self._last_command_seq = 0
         self._crc_errors = 0
@@ -269,6 +275,7 @@ class SimulatedController:
                 time_limit_reached=self._physics_steps >= self._world_config.time_limit_steps,
                 wheel_velocities=self._measured,
                 applied_targets=self._targets,
+                targets_zero_since_s=self._targets_zero_since_s,
                 motors_stopped=self._stopped_since_s is not None,
                 motors_stopped_since_s=self._stopped_since_s,
                 watchdog_tripped=self._watchdog_tripped,
@@ -286,6 +293,7 @@ class SimulatedController:
                 port_path=port_path,
                 camera_running=self._camera.is_running,
                 camera_frozen=self._camera.is_paused,
+                camera_connections=self._camera.connections,
             )
 
     def reset_episode(
@@ -316,6 +324,46 @@ class SimulatedController:
             raise ValueError(f"probability must be in [0, 1], got {probability!r}")
         with self._pty_lock:
             self._flip_probability = float(probability)
+
+    def set_fault(self, on: bool = True) -> None:
+        """Raise (or clear) FAULT: motors disabled, SetVelocity ignored and counted in dropped_commands
+        while it is set (docs/serial-protocol.md, section 6, "Fault")."""
+        with self._state_lock:
+            self._fault = bool(on)
+            if on:
+                self._set_targets_locked((0.0,) * CHANNELS)
+        logger.info("controller FAULT %s", "raised" if on else "cleared")
+
+    def drop_next(self, kind: str, count: int = 1) -> None:
+        """Lose the next ``count`` host frames of ``kind`` (set_velocity, emergency_stop,
+        clear_emergency_stop) on the line: the controller never sees them."""
+        types = {"set_velocity": SetVelocity, "emergency_stop": EmergencyStop,
+                 "clear_emergency_stop": ClearEmergencyStop}
+        if kind not in types:
+            raise ValueError(f"kind must be one of {', '.join(types)}, got {kind!r}")
+        with self._state_lock:
+            self._drop_host_frames[types[kind]] = self._drop_host_frames.get(types[kind], 0) + int(count)
+
+    def report(self, velocities: list[float] | None = None, positions: list[float] | None = None) -> None:
+        """Send these velocities / positions in telemetry instead of the measured ones (a broken encoder, a
+        firmware with another channel count); None for both goes back to the measurements."""
+        with self._state_lock:
+            self._reported = (None if velocities is None else tuple(float(v) for v in velocities),
+                              None if positions is None else tuple(float(p) for p in positions))
+
+    def restart_firmware(self) -> None:
+        """The controller resets: its clock starts again from 0, the volatile latch and fault are gone, and
+        it comes up as if its watchdog had tripped (motors stopped)."""
+        with self._state_lock:
+            now = time.monotonic()
+            self._boot_s = now
+            self._estop_latched = False
+            self._fault = False
+            self._watchdog_tripped = True
+            self._watchdog_tripped_at_s = now
+            self._last_valid_command_s = None
+            self._set_targets_locked((0.0,) * CHANNELS)
+        logger.info("controller firmware restarted")
 
     def stop_telemetry(self) -> None:
         """Go silent towards the host (a hung controller); commands are still received and applied."""
@@ -458,6 +506,9 @@ class SimulatedController:
             self._crc_errors = (self._crc_errors + new_crc_errors) & _U16
             self._framing_errors = (self._framing_errors + new_framing_errors) & _U16
             for message in messages:
+                if self._drop_host_frames.get(type(message), 0) > 0:
+                    self._drop_host_frames[type(message)] -= 1
+                    continue  # lost on the line (drop_next)
                 if isinstance(message, SetVelocity):
                     if len(message.targets) != CHANNELS:
                         # A channel count this controller does not have: rejected as the doc recommends.
@@ -468,16 +519,16 @@ class SimulatedController:
                     if self._watchdog_tripped:
                         self._watchdog_tripped = False
                         logger.info("watchdog cleared by SetVelocity seq %d", message.seq)
-                    if self._estop_latched:
+                    if self._estop_latched or self._fault:
                         self._dropped_commands = (self._dropped_commands + 1) & _U16
                     else:
-                        self._targets = tuple(message.targets)
+                        self._set_targets_locked(tuple(message.targets))
                 elif isinstance(message, EmergencyStop):
                     self._last_command_seq = message.seq
                     if not self._estop_latched:
                         logger.info("emergency stop latched (seq %d)", message.seq)
                     self._estop_latched = True
-                    self._targets = (0.0,) * CHANNELS
+                    self._set_targets_locked((0.0,) * CHANNELS)
                 elif isinstance(message, ClearEmergencyStop):
                     self._last_command_seq = message.seq
                     if self._estop_latched:
@@ -513,8 +564,17 @@ class SimulatedController:
             if last is not None and now - last > self._watchdog_timeout_s:
                 self._watchdog_tripped = True
                 self._watchdog_tripped_at_s = now
-                self._targets = (0.0,) * CHANNELS
+                self._set_targets_locked((0.0,) * CHANNELS)
                 logger.info("watchdog tripped: no valid SetVelocity for %.0f ms", (now - last) * 1e3)
+
+    def _set_targets_locked(self, targets: tuple[float, ...]) -> None:
+        """Apply targets; remember since when they are all zero (the fault suite's "zero command" time)."""
+        zero = not any(targets)
+        if zero and self._targets_zero_since_s is None:
+            self._targets_zero_since_s = time.monotonic()
+        elif not zero:
+            self._targets_zero_since_s = None
+        self._targets = targets
 
     def _status_locked(self) -> StatusFlags:
         status = StatusFlags.NONE
@@ -522,6 +582,8 @@ class SimulatedController:
             status |= StatusFlags.WATCHDOG_TRIPPED
         if self._estop_latched:
             status |= StatusFlags.ESTOP_LATCHED
+        if self._fault:
+            status |= StatusFlags.FAULT
         if not status:
             status = StatusFlags.MOTORS_ENABLED
         return status
@@ -533,8 +595,8 @@ class SimulatedController:
             message = Telemetry(
                 seq=self._tx_seq.next(),
                 controller_time_ms=int((now - self._boot_s) * 1000.0) & 0xFFFFFFFF,
-                velocities=self._measured,
-                positions=self._wheel_positions,
+                velocities=self._measured if self._reported[0] is None else self._reported[0],
+                positions=self._wheel_positions if self._reported[1] is None else self._reported[1],
                 status=self._status_locked(),
                 last_command_seq=self._last_command_seq,
                 crc_errors=self._crc_errors,

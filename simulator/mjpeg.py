@@ -88,6 +88,7 @@ class MjpegServer:
         self._jpeg: bytes | None = None
         self._seq = 0
         self._clients: set[socket.socket] = set()
+        self._connections = 0  # stream clients ever served: tests see whether anything opened the camera
 
     # lifecycle -----------------------------------------------------------------------------------------
     def start(self) -> MjpegServer:
@@ -171,6 +172,12 @@ class MjpegServer:
             return self._seq
 
     @property
+    def connections(self) -> int:
+        """Stream clients served since construction (each connect counts, also ones that left)."""
+        with self._cond:
+            return self._connections
+
+    @property
     def client_count(self) -> int:
         with self._cond:
             return len(self._clients)
@@ -226,6 +233,7 @@ class MjpegServer:
             if self._stopping.is_set():
                 return
             self._clients.add(sock)
+            self._connections += 1
             seen = self._seq
         try:
             handler.send_response(200)

@@ -1,4 +1,4 @@
-"""`vla-edge say|stop|estop|clear|status`: the control-socket client's commands and the status display."""
+"""`vla-edge say|stop|estop|clear|resume|status`: the control-socket client's commands and the status display."""
 
 from __future__ import annotations
 
@@ -20,9 +20,12 @@ def add_control_commands(subparsers: argparse._SubParsersAction) -> None:
     """Register ``say``, ``stop``, ``estop``, ``clear`` and ``status`` on the vla-edge command line."""
 
     def common(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--socket", default=None, metavar="PATH",
-                            help="control socket (default: $RUNTIME_DIRECTORY/control.sock, else "
-                                 f"{DEFAULT_RUNTIME_DIR}/{DEFAULT_SOCKET_NAME})")
+        where = parser.add_mutually_exclusive_group()
+        where.add_argument("--socket", default=None, metavar="PATH",
+                           help="control socket (default: the --config file's instruction.socket, else "
+                                f"$RUNTIME_DIRECTORY/control.sock, else {DEFAULT_RUNTIME_DIR}/{DEFAULT_SOCKET_NAME})")
+        where.add_argument("--config", default=None, metavar="FILE",
+                           help="the service's robot.yaml: its instruction.socket is the socket")
         parser.add_argument("--timeout", type=float, default=2.0, metavar="SECONDS",
                             help="how long to wait for the service's reply (default 2)")
 
@@ -36,9 +39,13 @@ def add_control_commands(subparsers: argparse._SubParsersAction) -> None:
     estop = subparsers.add_parser("estop", help="latch the emergency stop (motors stop until `vla-edge clear`)")
     common(estop)
     estop.set_defaults(handler=_cli_simple, control_cmd="estop")
-    clear = subparsers.add_parser("clear", help="release the emergency stop")
+    clear = subparsers.add_parser("clear", help="release the emergency stop (the robot then holds until "
+                                  "`vla-edge resume` or a new `vla-edge say`)")
     common(clear)
     clear.set_defaults(handler=_cli_simple, control_cmd="clear")
+    resume = subparsers.add_parser("resume", help="after `vla-edge clear`: move again on the current instruction")
+    common(resume)
+    resume.set_defaults(handler=_cli_simple, control_cmd="resume")
     status = subparsers.add_parser("status", help="show the running robot's mode, timings, link and camera")
     common(status)
     status.add_argument("--json", action="store_true", help="print the raw JSON reply")
@@ -46,7 +53,19 @@ def add_control_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _socket_of(args: argparse.Namespace) -> str:
-    return args.socket or default_socket_path()
+    if args.socket:
+        return args.socket
+    config = getattr(args, "config", None)
+    if config:
+        from edge.errors import ConfigError
+        from edge.service.config import load_config
+
+        socket_path = load_config(config).instruction.socket
+        if not socket_path:
+            raise ConfigError(f"{config} sets no instruction.socket, so the service has no control socket; "
+                              "set one (e.g. ${RUNTIME_DIRECTORY}/control.sock) and restart the service")
+        return socket_path
+    return default_socket_path()
 
 
 def _report(reply: dict[str, Any], done: str) -> int:
@@ -65,7 +84,8 @@ def _cli_say(args: argparse.Namespace) -> int:
 
 _DONE = {"stop": "instruction cleared: holding (controlled stop)",
          "estop": "emergency stop latched; release it with `vla-edge clear`",
-         "clear": "emergency stop released; commands slew up from zero"}
+         "clear": "emergency stop released; holding: `vla-edge resume` (or a new `vla-edge say`) moves again",
+         "resume": "resumed: commands slew up from zero"}
 
 
 def _cli_simple(args: argparse.Namespace) -> int:
@@ -102,6 +122,8 @@ def format_status(status: Mapping[str, Any]) -> str:
     lines.append(f"mode         {status.get('mode', '-')}" + ("  (E-STOP LATCHED)" if estop else ""))
     instruction = status.get("instruction")
     lines.append(f"instruction  {instruction!r}" if instruction else "instruction  (none: holding)")
+    if status.get("hold_reason"):
+        lines.append(f"holding      {status['hold_reason']}")
     unc = section("uncertainty")
     lines.append(f"uncertainty  score {num(unc.get('score'), '.4f')} (threshold {num(unc.get('threshold'), '.4f')}, "
                  f"ceiling {num(unc.get('hard_ceiling'), '.4f')})")
@@ -118,6 +140,17 @@ def format_status(status: Mapping[str, Any]) -> str:
             f"{key.replace('_', ' ')} {link_stats[key]}"
             for key in ("bad_frames", "crc_errors", "framing_errors", "telemetry_lost", "write_failures",
                         "undelivered", "reconnects") if key in link_stats))
+    controller = section("controller")
+    if controller:
+        ctl_counters = controller.get("counters") if isinstance(controller.get("counters"), Mapping) else {}
+        flags = controller.get("flags") or []
+        lines.append(f"controller   {'|'.join(flags) if flags else 'no flags'}"
+                     + (f", FAULT: {controller['fault']}" if controller.get("fault") else "")
+                     + (", e-stop NOT confirmed" if controller.get("estop_confirmed") is False else "")
+                     + "".join(f", {k.replace('_', ' ')} {v}" for k, v in ctl_counters.items()))
+    reasons = tick.get("reason_names")
+    if reasons:
+        lines.append(f"safety       {', '.join(reasons)}")
     camera = section("camera")
     cam_state = {True: "connected", False: "DOWN"}.get(camera.get("connected"), "-")
     lines.append(f"camera       {cam_state}, frame age {num(camera.get('frame_age_s'), '.2f', ' s')}, "

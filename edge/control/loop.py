@@ -21,9 +21,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edge.control.controller_watch import ControllerWatch
 from edge.control.ratekeeper import RateKeeper
 from edge.control.realtime import collect_in_slack
-from edge.control.safety import SafetyLayer
+from edge.control.safety import SafetyLayer, reason_names
 from edge.control.status import (
     CameraHealth,
     LastTick,
@@ -38,7 +39,7 @@ from edge.control.status import (
 )
 from edge.control.uncertainty_gate import UncertaintyGate
 from edge.errors import EdgeError, InputError
-from edge.io.protocol import WATCHDOG_TIMEOUT_S
+from edge.io.protocol import WATCHDOG_TIMEOUT_S, StatusFlags
 from edge.ratelimit import RateLimitedWarnings
 from edge.validation import check_range
 
@@ -46,6 +47,10 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["ControlLoop", "LoopConfig", "Mode", "TickRecorder", "tick_dtype"]
 JITTER_PERCENTILES = (50.0, 90.0, 99.0, 100.0)
+HOLD_AFTER_ESTOP = "emergency stop: holding until `vla-edge resume` or a new instruction"
+# The controller must show ESTOP_LATCHED within this long after our EmergencyStop (its own watchdog
+# bound); the frame is repeated every tick until it does (docs/serial-protocol.md, section 6).
+ESTOP_CONFIRM_S = WATCHDOG_TIMEOUT_S
 
 
 @dataclass(frozen=True)
@@ -109,12 +114,21 @@ class ControlLoop:
         self._frame = np.zeros(shape, np.uint8)
         self._instruction: str | None = None
         self._instruction_lock = threading.Lock()
+        self._hold_reason: str | None = None  # set from an e-stop until resume() or a new instruction
+        self.watch = ControllerWatch(getattr(getattr(link, "config", None), "channels", action_dim))
+        self._controller_fault: str | None = None  # what the controller reports now (FAULT, rejections)
+        self._seen_telemetry = None  # the last sample the watch took (one per new sample)
+        self._telemetry_ok = False
+        self._estop_sent = None  # the last EmergencyStop frame (SentCommand), repeated until confirmed
+        self._estop_since_s = 0.0
+        self._estop_confirmed = False
         self._warn = RateLimitedWarnings(logger)
         self._last_summary_s = clock()
         self._last_mode = Mode.HOLD
         self._last_tick_s: float | None = None
         self.counters = {"ticks": 0, "nominal": 0, "fallback": 0, "hold": 0, "estop": 0, "inference_errors": 0,
-                         "undelivered": 0, "transitions": 0}
+                         "undelivered": 0, "transitions": 0, "controller_faults": 0, "watchdog_trips": 0,
+                         "telemetry_rejected": 0, "estop_resends": 0}
         self.last_output = None
         self.timer = StageTimer(clock)
         # The window's quantiles cost a few hundred microseconds: refreshed every N ticks, not every tick.
@@ -145,10 +159,13 @@ class ControlLoop:
         link = LinkHealth.of(self.link) if hasattr(self.link, "stats") else None
         camera = CameraHealth.of(self.camera) if hasattr(self.camera, "frame_age_s") else None
         gate = self.gate.config
+        watch = self.watch
+        controller = {"flags": watch.flag_names, "counters": dict(watch.counters), "fault": self._controller_fault,
+                      "estop_confirmed": self._estop_confirmed if estop else None}
         return LoopStatus(mode=mode, estop=estop, instruction=self._instruction, tick=tick,
                           counters=dict(self.counters), threshold=float(gate.threshold),
                           hard_ceiling=float(gate.hard_ceiling), timing=timing, window=self._window,
-                          link=link, camera=camera)
+                          link=link, camera=camera, hold_reason=self._hold_reason, controller=controller)
 
     def _publish(self, row: np.void) -> None:
         if self.counters["ticks"] % self.window_refresh_ticks == 0:
@@ -168,29 +185,65 @@ class ControlLoop:
 
     # -- commands from other threads (instruction socket, signal handlers) --------------------------
     def set_instruction(self, text: str | None) -> None:
-        """Raises InputError (and keeps the current instruction) if the tokenizer cannot take `text`."""
+        """Raises InputError (and keeps the current instruction) if the tokenizer cannot take `text`, or
+        while the emergency stop is latched (a new instruction must not arm motion then). A new
+        instruction is an explicit request to move: it also ends a hold after an e-stop clear."""
         text = text.strip() if text else None
         if text is not None:
+            if self.safety.estopped:
+                raise InputError("the emergency stop is latched: the instruction was not taken and the robot "
+                                 "stays stopped; release it with `vla-edge clear`, then send the instruction")
             self.pipeline.tokenizer.encode(text)  # refuse here, before the robot drops what it is doing
         with self._instruction_lock:
             self._instruction = text
-        self._amend_status(instruction=text)
+            if text is not None and self._controller_fault is None:
+                self._release_hold("new instruction")
+        self._amend_status(instruction=text, hold_reason=self._hold_reason)
         logger.info("instruction set: %r", text)
+
+    def resume(self) -> None:
+        """End the hold that follows an e-stop clear: motion resumes on the current instruction, slewing up
+        from zero. InputError while the e-stop is latched or when there is no hold to end."""
+        if self.safety.estopped:
+            raise InputError("the emergency stop is latched: release it with `vla-edge clear` first")
+        if self._controller_fault is not None:
+            raise InputError(f"{self._controller_fault}: the robot holds until the controller is healthy; check "
+                             "its power, cable and `vla-edge status`, then resume")
+        with self._instruction_lock:
+            if self._hold_reason is None:
+                raise InputError("nothing to resume: the robot is not held after an emergency stop")
+            self._release_hold("resume")
+        self._amend_status(hold_reason=None)
+
+    def _release_hold(self, why: str) -> None:
+        if self._hold_reason is not None:
+            logger.info("hold (%s) ended by %s: commands slew up from zero", self._hold_reason, why)
+        self._hold_reason = None
 
     @property
     def instruction(self) -> str | None:
         return self._instruction
 
     def emergency_stop(self) -> None:
+        with self._instruction_lock:
+            self._hold_reason = HOLD_AFTER_ESTOP
         self.safety.estop()
-        self.link.emergency_stop()
-        self._amend_status(mode="estop", estop=True)
+        self._estop_confirmed = False
+        self._estop_since_s = self.clock()
+        self._estop_sent = self.link.emergency_stop()
+        self._amend_status(mode="estop", estop=True, hold_reason=HOLD_AFTER_ESTOP)
         logger.warning("emergency stop latched")
 
     def clear_emergency_stop(self) -> None:
+        """Release the latch; the robot then HOLDS (an e-stop clear never restarts motion, as in industrial
+        practice): motion resumes only on `resume()` or a new instruction."""
+        with self._instruction_lock:
+            if self.safety.estopped:
+                self._hold_reason = HOLD_AFTER_ESTOP
         self.safety.clear_estop()
         self.link.clear_emergency_stop()
-        logger.info("emergency stop cleared")
+        self._amend_status(estop=False, hold_reason=self._hold_reason)
+        logger.info("emergency stop cleared; holding until `vla-edge resume` or a new instruction")
 
     # -- one tick -----------------------------------------------------------------------------------
     def _observe(self, now: float) -> tuple[float | None, float | None]:
@@ -206,13 +259,60 @@ class ControlLoop:
             stamp = None
         frame_time = stamp[0] if stamp is not None else None
         telemetry, telemetry_time = self.link.latest_telemetry()
-        if telemetry is not None:
+        if telemetry is not None and telemetry is not self._seen_telemetry:
+            self._seen_telemetry = telemetry
+            self._watch(telemetry)
+        if telemetry is not None and self._telemetry_ok:
             velocities = telemetry.velocities
             for i in range(min(len(velocities), len(self._proprio))):
                 self._proprio[i] = velocities[i]
         else:
-            telemetry_time = None
+            telemetry_time = None  # none yet, or not to be believed: the safety layer stops the robot
         return frame_time, telemetry_time
+
+    def _watch(self, telemetry) -> None:
+        """Read what the controller reports in a new telemetry sample (edge/control/controller_watch.py)."""
+        watch = self.watch
+        problem = watch.problem(telemetry)
+        self._telemetry_ok = problem is None
+        if problem is not None:
+            self.counters["telemetry_rejected"] += 1
+            self._warn("telemetry rejected (%s): treated as missing, controlled stop", problem)
+            return
+        trips = watch.watchdog_trips
+        take = getattr(self.link, "take_status_flags", None)
+        fault = watch.observe(telemetry, estopped=self.safety.estopped, seen=take() if take else None)
+        if watch.watchdog_trips != trips:
+            # Read, not inferred: the controller stopped the motors; the next command ramps from zero.
+            self.counters["watchdog_trips"] += 1
+            self._warn("the controller reports WATCHDOG_TRIPPED: it stopped the motors; commands ramp up from zero")
+            self.safety.reset()
+        if fault is not None and self._controller_fault is None:
+            self.counters["controller_faults"] += 1
+            logger.error("%s: controlled stop (zero command); the robot then holds until `vla-edge resume` or a "
+                         "new instruction", fault)
+            self.safety.reset()
+            with self._instruction_lock:
+                self._hold_reason = f"controller fault: {fault}"
+        elif fault is None and self._controller_fault is not None:
+            logger.warning("the controller is healthy again (%s); holding until `vla-edge resume` or a new "
+                           "instruction", ", ".join(watch.flag_names) or "no flags")
+        self._controller_fault = fault
+        if self.safety.estopped:
+            latched = bool(telemetry.status & StatusFlags.ESTOP_LATCHED)
+            sent = self._estop_sent
+            self._estop_confirmed = latched and sent is not None and self.link.is_confirmed(sent)
+
+    def _repeat_estop(self, now: float) -> None:
+        """While our e-stop is latched and the controller does not show it (lost frame, controller reset),
+        send EmergencyStop again, once per tick."""
+        if self._estop_confirmed:
+            return
+        if now - self._estop_since_s > ESTOP_CONFIRM_S:
+            self._warn("the controller has not confirmed the emergency stop after %.2f s (no ESTOP_LATCHED echo); "
+                       "repeating it, commands stay zero", now - self._estop_since_s)
+        self._estop_sent = self.link.emergency_stop()
+        self.counters["estop_resends"] += 1
 
     def tick(self) -> np.void:
         now = self.clock()
@@ -245,6 +345,9 @@ class ControlLoop:
         fresh = frame_time is not None and now - frame_time <= self.stale_after_s
         if self.safety.estopped:
             mode = Mode.ESTOP
+            self._repeat_estop(now)
+        elif self._hold_reason is not None:
+            mode = Mode.HOLD  # after an e-stop clear: zero until resume or a new instruction
         elif embedding is not None and fresh:
             try:
                 out = self.pipeline.infer(self._frame, self._proprio, embedding)
@@ -298,7 +401,7 @@ class ControlLoop:
         if mode != self._last_mode:
             self.counters["transitions"] += 1
             logger.info("mode %s -> %s (score %.4f, reasons %s)", self._last_mode.name, mode.name,
-                        score, result.reasons)
+                        score, "|".join(reason_names(int(result.reasons))) or "none")
             self._last_mode = mode
         self._publish(row)
         return row

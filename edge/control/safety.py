@@ -65,6 +65,11 @@ class SafetyReason(enum.IntFlag):
     ESTOP = 64  # emergency stop latched: command is zero
 
 
+def reason_names(reasons: int) -> list[str]:
+    """The names of the reasons set in a record's bitmask, e.g. 40 -> ["STALE_FRAME", "FALLBACK"]."""
+    return [reason.name for reason in SafetyReason if reason and reasons & reason]
+
+
 @dataclass(frozen=True)
 class SafetyConfig:
     """Limits of the command sent to the motor controller, one entry per action dimension.

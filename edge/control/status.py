@@ -226,6 +226,10 @@ class LoopStatus:
     window: Window
     link: LinkHealth | None
     camera: CameraHealth | None
+    hold_reason: str | None = None  # why the robot holds although it has an instruction (e-stop cleared)
+    # What the controller reports (edge/control/controller_watch.py): flags, its counters, a fault, and
+    # whether it confirmed our e-stop (None when none is latched).
+    controller: Mapping[str, Any] | None = None
 
     @property
     def ticks(self) -> int:
@@ -236,4 +240,5 @@ class LoopStatus:
         text = self.instruction
         return (f"{self.mode} | {self.ticks} ticks, {self.timing.overruns} overruns, "
                 f"{self.counters.get('fallback', 0)} fallback | instruction: "
-                + (repr(text[:60]) if text else "none (holding)"))
+                + (repr(text[:60]) if text else "none (holding)")
+                + (f" | holding: {self.hold_reason}" if self.hold_reason else ""))

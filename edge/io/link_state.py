@@ -15,7 +15,7 @@ import math
 import threading
 from dataclasses import dataclass
 
-from edge.io.protocol import DecoderStats, FrameDecoder, Message, Telemetry, seq_delta
+from edge.io.protocol import DecoderStats, FrameDecoder, Message, StatusFlags, Telemetry, seq_delta
 
 # Commands awaiting a telemetry echo, for the round-trip measurement; older ones are forgotten.
 _PENDING_COMMANDS = 64
@@ -67,6 +67,9 @@ class LinkState:
         self._counts = {name: 0 for name in LinkStats.__dataclass_fields__}
         self._decoder_base = DecoderStats()  # totals of the decoders of earlier connections
         self._decoder: FrameDecoder | None = None
+        # Every status flag any sample showed since the last take_status_flags(): a WATCHDOG_TRIPPED
+        # cleared by our next command within one tick is still seen by the tick.
+        self._flags_seen = 0
 
     # connections (reader thread, connect) ------------------------------------------------------------
     def new_connection(self, reconnect: bool = False) -> None:
@@ -125,6 +128,7 @@ class LinkState:
                         self._counts["controller_resets"] += 1
                         restarts.append(ControllerRestart(previous.controller_time_ms, message.controller_time_ms))
                 self._previous_seq = message.seq
+                self._flags_seen |= int(message.status)
                 self._telemetry = message
                 self._telemetry_stamp_s = now
                 self._confirm_locked(message.last_command_seq, now)
@@ -142,6 +146,12 @@ class LinkState:
         """The newest Telemetry and its receive time; (None, -inf) before the first."""
         with self._lock:
             return self._telemetry, self._telemetry_stamp_s
+
+    def take_status_flags(self) -> StatusFlags:
+        """The status flags of every sample received since the previous call (OR-ed), then forget them."""
+        with self._lock:
+            flags, self._flags_seen = self._flags_seen, 0
+        return StatusFlags(flags)
 
     def age_s(self, now: float) -> float:
         with self._lock:

@@ -3,8 +3,10 @@
 One reader thread owns the port's input: it decodes telemetry with ``FrameDecoder``, keeps the latest
 ``Telemetry`` with its receive time on ``time.monotonic()`` and counts bad frames, so the control tick
 never waits on a read and one bad frame never kills the loop. Commands are written from the caller's
-thread with a write timeout; a failed write marks the link down and is reported in the returned
-``SentCommand`` instead of raising into the loop.
+thread with a write timeout; a failed write is reported in the returned ``SentCommand`` instead of
+raising into the loop. A write that fails marks the link down; one that times out (a slow line, a
+starved host) keeps the port open unless three do in a row, since reopening a USB CDC port can toggle
+DTR and reset some boards.
 
 When the device disappears (adapter unplugged, pty closed) reads or writes raise; the link goes down
 and the reader thread reopens the configured path with exponential backoff. Point the config at a
@@ -59,6 +61,9 @@ _READ_TIMEOUT_S = 0.05
 _READ_CHUNK_BYTES = 4096
 _WARN_INTERVAL_S = 5.0
 _JOIN_TIMEOUT_S = 2.0
+# Consecutive write timeouts before the port is closed and reopened: three 10 Hz ticks, the controller's
+# watchdog span. One timeout under load (issue 13, finding 19) keeps the port.
+_WRITE_TIMEOUTS_BEFORE_REOPEN = 3
 
 _MISSING_PORT_HINT = (
     "check the cable and that the adapter is listed in /dev/serial/by-id/ (`ls -l /dev/serial/by-id/`); "
@@ -134,12 +139,15 @@ class SerialMotorLink:
         self.config = config
         self._factory = serial_factory
         self._clock = clock
-        self._seq = SequenceCounter()
+        # Seq 1 first: telemetry says last_command_seq 0 "before the first" host frame, which must never
+        # confirm one (docs/serial-protocol.md, section 5).
+        self._seq = SequenceCounter(start=1)
         # Guards _port, _up, _flush_next and writes: a write never overlaps a close or another write.
         self._io_lock = threading.Lock()
         self._port: Any = None
         self._up = False
         self._flush_next = False
+        self._write_timeouts = 0  # consecutive write timeouts on this port
         self._connected = False
         self._stop = threading.Event()
         self._reconnect_now = threading.Event()  # a failed write asks the reader to reopen the port
@@ -252,7 +260,18 @@ class SerialMotorLink:
                 data = b"\x00" + frame if self._flush_next else frame
                 try:
                     port.write(data)
-                except (serial.SerialException, OSError) as exc:  # SerialTimeoutException included
+                except serial.SerialTimeoutException as exc:
+                    # The line is slow or the host starved (shared CPU), not gone: keep the port (reopening
+                    # can toggle DTR and reset the board) unless it persists for a watchdog span. A part of
+                    # the frame may be out: the next write starts with a 0x00 that ends it.
+                    self._flush_next = True
+                    self._write_timeouts += 1
+                    delivered = False
+                    reason = f"write timed out ({self._write_timeouts} in a row): {exc}"
+                    if self._write_timeouts >= _WRITE_TIMEOUTS_BEFORE_REOPEN:
+                        self._up = False
+                        self._reconnect_now.set()
+                except (serial.SerialException, OSError) as exc:
                     self._up = False
                     # Set under the lock, so it can only refer to this port (_install clears it).
                     self._reconnect_now.set()
@@ -260,6 +279,7 @@ class SerialMotorLink:
                     reason = f"write failed: {exc}"
                 else:
                     self._flush_next = False
+                    self._write_timeouts = 0
                     delivered = True
                     reason = ""
         sent_at_s = self._clock()
@@ -270,9 +290,12 @@ class SerialMotorLink:
         else:
             self._state.count("write_failures")
         if not delivered:
-            if reason != "link down":
+            if reason != "link down" and not self.is_connected:
                 self._warn("motor link %s: %s; link down, reconnecting (the controller's watchdog stops "
                            "the motors)", self.config.port, reason)
+            elif reason != "link down":
+                self._warn("motor link %s: %s; the port stays open (reopened after %d in a row)",
+                           self.config.port, reason, _WRITE_TIMEOUTS_BEFORE_REOPEN)
             else:
                 logger.debug("motor link %s down: %s seq %d not sent", self.config.port, kind.name, seq)
         return SentCommand(kind=kind, seq=seq, targets=targets, sent_at_s=sent_at_s, delivered=delivered)
@@ -281,6 +304,11 @@ class SerialMotorLink:
     def latest_telemetry(self) -> tuple[Telemetry | None, float]:
         """The newest valid Telemetry and its receive time on the link's clock; (None, -inf) before one."""
         return self._state.latest()
+
+    def take_status_flags(self):
+        """Status flags of every telemetry sample since the previous call (OR-ed): a flag shown only
+        between two ticks is not missed."""
+        return self._state.take_status_flags()
 
     def telemetry_age_s(self, now: float | None = None) -> float:
         """Seconds since the newest telemetry arrived; inf before the first."""
@@ -426,6 +454,7 @@ class SerialMotorLink:
             self._port = port
             self._up = True
             self._flush_next = True  # a leading 0x00 ends whatever partial frame the controller holds
+            self._write_timeouts = 0
             self._reconnect_now.clear()
 
     def _close_port(self, reason: str) -> None:

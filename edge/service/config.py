@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -158,15 +158,50 @@ def config_from_dict(raw: Any, base_dir: Path | None = None, environ: Mapping[st
     return RobotConfig(bundle=str(bundle_path), **sections)
 
 
+def _unique_key_loader():
+    """A SafeLoader that refuses a key given twice in one mapping. PyYAML's own keeps the last value
+    silently, so a second `safety:` section would replace the first one's limits without a word."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                seen: dict[Any, int] = {}
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue  # `<<: *defaults`: its keys may be overridden on purpose
+                    key = self.construct_object(key_node, deep=True)
+                    line = key_node.start_mark.line + 1
+                    if isinstance(key, Hashable) and key in seen:
+                        raise ConfigError(f"duplicate key {key!r} on line {line} (first on line {seen[key]}): "
+                                          "YAML would silently keep only the last one; merge the two into "
+                                          "one entry")
+                    if isinstance(key, Hashable):
+                        seen[key] = line
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
 def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> RobotConfig:
-    """Read and validate the config; `environ` (default os.environ) gives systemd's directories."""
+    """Read and validate the config; `environ` (default os.environ) gives systemd's directories.
+
+    A key given twice in one mapping (two `safety:` sections, two `max_slew_per_s:`) is a ConfigError
+    naming the key and both lines."""
     import yaml
 
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"configuration file {path} does not exist (see systemd/robot.example.yaml)")
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"configuration file {path} cannot be read ({exc}); make it readable by the service "
+                          f"user: sudo chmod a+r {path}") from exc
+    try:
+        raw = yaml.load(text, Loader=_unique_key_loader())  # noqa: S506 - a SafeLoader subclass
+    except ConfigError as exc:
+        raise ConfigError(f"configuration file {path}: {exc}") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"configuration file {path} is not valid YAML: {exc}") from exc
     return config_from_dict(raw, base_dir=path.parent, environ=environ)

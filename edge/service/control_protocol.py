@@ -6,7 +6,8 @@ One request per line, one reply line per request, in order::
     {"cmd": "say", "text": "go to the red block"}   set the instruction
     {"cmd": "stop"}                                   clear the instruction (hold: controlled stop)
     {"cmd": "estop"}                                  latch the emergency stop
-    {"cmd": "clear"}                                  release the emergency stop
+    {"cmd": "clear"}                                  release the emergency stop (the robot then holds)
+    {"cmd": "resume"}                                 end that hold: move again on the current instruction
     {"cmd": "status"}                                 mode, uncertainty, timings, link, camera, counters
 
 Replies are ``{"ok": true, ...}`` or ``{"ok": false, "error": "..."}``; a request may carry an ``"id"``
@@ -23,16 +24,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from edge.errors import EdgeError
+from edge.errors import ConfigError, EdgeError
 from edge.validation import check_text
 
 DEFAULT_SOCKET_NAME = "control.sock"
 DEFAULT_RUNTIME_DIR = "/run/vla-edge"
 MAX_TEXT_CHARS = 512
-COMMANDS = ("say", "stop", "estop", "clear", "status")
+COMMANDS = ("say", "stop", "estop", "clear", "resume", "status")
 _FIELDS = {"say": {"cmd", "id", "text"}, "stop": {"cmd", "id"}, "estop": {"cmd", "id"},
-           "clear": {"cmd", "id"}, "status": {"cmd", "id"}}
+           "clear": {"cmd", "id"}, "resume": {"cmd", "id"}, "status": {"cmd", "id"}}
 RECV_BYTES = 65536
+MAX_SOCKET_PATH_BYTES = 107  # sizeof(sockaddr_un.sun_path) on Linux is 108, one of them the NUL (unix(7))
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,12 @@ class InstructionConfig:
 
     def __post_init__(self) -> None:
         check_text("instruction.initial", self.initial, "a non-empty string or left out", nullable=True)
+        check_text("instruction.socket", self.socket, "the path of a UNIX socket (e.g. "
+                   "${RUNTIME_DIRECTORY}/control.sock) or left out", nullable=True)
+        if self.socket is not None and len(os.fsencode(self.socket)) > MAX_SOCKET_PATH_BYTES:
+            raise ConfigError(f"instruction.socket is {len(os.fsencode(self.socket))} bytes long, over the "
+                              f"{MAX_SOCKET_PATH_BYTES} a UNIX socket path may have (sun_path); use a shorter "
+                              "path, e.g. ${RUNTIME_DIRECTORY}/control.sock")
 
 
 class ControlHandler(Protocol):
@@ -61,6 +69,8 @@ class ControlHandler(Protocol):
     def estop(self) -> None: ...
 
     def clear(self) -> None: ...
+
+    def resume(self) -> None: ...
 
     def status(self) -> dict[str, Any]: ...
 

@@ -476,6 +476,9 @@ class ControlSocketServer:
             if cmd == "clear":
                 self.handler.clear()
                 return {"ok": True, "estop": False}
+            if cmd == "resume":
+                self.handler.resume()
+                return {"ok": True}
             status = self.handler.status()
             reply = {"ok": True}
             reply.update(status)

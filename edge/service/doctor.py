@@ -37,7 +37,7 @@ from typing import Any
 
 from edge.errors import BundleError, ConfigError, EdgeError
 from edge.inference.bundle import REBUILD, Bundle
-from edge.service import wiring
+from edge.service import startup, wiring
 from edge.service.checks import CheckResult, Status, _user_name, fail, ok, warn
 from edge.service.config import DIRECTORY_DEFAULTS, RobotConfig, load_config
 from edge.service.device_checks import (  # noqa: F401 - _opencv_has: the tests ask it what OpenCV has
@@ -50,17 +50,6 @@ from edge.service.device_checks import (  # noqa: F401 - _opencv_has: the tests 
 from edge.service.jetson_power import check_jetson_power
 
 logger = logging.getLogger(__name__)
-
-
-
-
-
-
-
-
-
-
-
 
 
 # --- config and bundle --------------------------------------------------------------------------------
@@ -83,6 +72,9 @@ def _rebuild(bundle_dir: str | Path) -> str:
 
 
 def check_bundle(config: RobotConfig) -> tuple[list[CheckResult], Bundle | None]:
+    unreadable = startup.bundle_access_problems(config.bundle)
+    if unreadable:
+        return [fail("bundle", p.message, p.fix) for p in unreadable], None
     try:
         bundle = Bundle.load(config.bundle)
     except BundleError as exc:
@@ -91,13 +83,13 @@ def check_bundle(config: RobotConfig) -> tuple[list[CheckResult], Bundle | None]
         return [fail("bundle", message, fix)], None
     results = [ok("bundle", f"{bundle.root}: {len(bundle.manifest['files'])} files match their sha256")]
     try:
-        wiring.check_policy(bundle, config)  # the same check `vla-edge run` makes before it builds anything
+        bundle.check_runnable()
     except BundleError as exc:  # a bundle this runtime cannot run yet: not ready, say why
         results.append(fail("bundle", str(exc), "run it with a runtime that supports it, or build a policy it runs"))
         return results, None
-    except ConfigError as exc:
-        message, _, fix = str(exc).partition("; ")
-        results.append(fail("bundle", message, fix or None))
+    # The same checks `vla-edge run` makes before it opens a device (wiring.check_startup): each its own line.
+    for problem in startup.policy_problems(bundle, config):
+        results.append((fail if problem.fatal else warn)("bundle", problem.message, problem.fix))
     return results, bundle
 
 
@@ -166,29 +158,7 @@ def check_onnxruntime(config: RobotConfig, *, ort: Any = None) -> list[CheckResu
 # --- devices ------------------------------------------------------------------------------------------
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 # --- process limits -----------------------------------------------------------------------------------
-
-
-
-
-
-
 
 
 # --- service endpoints --------------------------------------------------------------------------------
@@ -269,6 +239,9 @@ def check_running_service(config: RobotConfig, timeout_s: float = 2.0) -> list[C
                             f"(stale after {stale_s:g} s)", "check the camera; the service reconnects by itself"))
     if reply.get("estop"):
         results.append(warn("service", f"{summary}; the emergency stop is latched", "vla-edge clear"))
+    elif reply.get("hold_reason"):
+        results.append(warn("service", f"{summary}; holding: {reply['hold_reason']}",
+                            "vla-edge resume (or a new vla-edge say) once it is safe to move"))
     return results or [ok("service", f"{summary}; link and camera up")]
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from edge.control.safety import reason_names
 from edge.control.status import LoopStatus
 
 
@@ -31,6 +32,9 @@ class LoopControl:
     def clear(self) -> None:
         self.loop.clear_emergency_stop()
 
+    def resume(self) -> None:
+        self.loop.resume()
+
     def status(self) -> dict[str, Any]:
         return status_reply(self.loop.status())
 
@@ -45,6 +49,7 @@ def status_reply(status: LoopStatus) -> dict[str, Any]:
         tick_reply = {"index": tick.index, "policy_ms": tick.policy_ms, "tick_ms": tick.tick_ms,
                       "resize_ms": stages["resize"], "vision_ms": stages["vision"], "head_ms": stages["head"],
                       "stages_ms": dict(stages), "samples": tick.samples, "reasons": tick.reasons,
+                      "reason_names": reason_names(tick.reasons),
                       "command": list(tick.command), "delivered": tick.delivered}
         if tick.action is not None:
             policy = {"action": list(tick.action), "spread": list(tick.spread or ())}
@@ -53,6 +58,7 @@ def status_reply(status: LoopStatus) -> dict[str, Any]:
     return {
         "mode": status.mode,
         "estop": status.estop,
+        "hold_reason": status.hold_reason,
         "instruction": status.instruction,
         "uncertainty": {"score": tick.score if tick is not None else math.nan, "threshold": status.threshold,
                         "hard_ceiling": status.hard_ceiling},
@@ -66,4 +72,5 @@ def status_reply(status: LoopStatus) -> dict[str, Any]:
         "camera": None if camera is None else {"connected": camera.connected, "frame_age_s": camera.frame_age_s,
                                                "reconnects": camera.reconnects},
         "counters": dict(status.counters),
+        "controller": None if status.controller is None else dict(status.controller),
     }

@@ -132,6 +132,16 @@ class LoopCollector:
                 latency.add_metric([stage, _quantile_label(q)], value / 1e3)
         yield latency
 
+        for name, what in (("controller_faults", "Times the controller reported FAULT or rejected commands"),
+                           ("watchdog_trips", "Times the controller reported WATCHDOG_TRIPPED after accepting commands"),
+                           ("telemetry_rejected", "Telemetry samples refused (out of bounds, wrong channel count)"),
+                           ("estop_resends", "EmergencyStop frames repeated until the controller confirmed the latch")):
+            yield _counter(CounterMetricFamily, name, what, counters.get(name, 0))
+        if status.controller is not None:
+            for name, value in status.controller.get("counters", {}).items():
+                # The controller's own u16 counters (they wrap at 65536), as its last telemetry reported them.
+                yield _gauge(GaugeMetricFamily, f"controller_{name}", f"Controller-reported {name.replace('_', ' ')}",
+                             value)
         if status.link is not None:
             yield from _link_metrics(status.link, CounterMetricFamily, GaugeMetricFamily)
         if status.camera is not None:

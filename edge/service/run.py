@@ -1,6 +1,7 @@
 """`vla-edge run --config robot.yaml`: wire bundle, backends, camera, motor link and loop, then run.
 
-Start-up order: load the config -> verify the bundle -> activate the backends -> connect camera and
+Start-up order: load the config -> verify the bundle (readable by this user) -> check the config
+against the bundle (edge/service/startup.py, as doctor does) -> activate the backends -> connect camera and
 motor link -> warm up the pipeline -> control socket and metrics endpoint -> real-time set-up (gc
 frozen) -> READY=1 -> loop. Each step is announced as STATUS= for `systemctl status`, so a start that
 hangs shows where. Shutdown (SIGTERM/SIGINT): the signal only sets the stop event; the loop notices it
@@ -90,8 +91,12 @@ class RobotService:
         cfg = self.config
         if not self._step(f"verifying bundle {cfg.bundle}"):
             return False
-        self.bundle = Bundle.load(cfg.bundle)
+        self.bundle = wiring.load_bundle(cfg)
         logger.info("bundle %s verified (%d files)", cfg.bundle, len(self.bundle.manifest["files"]))
+        # The same start-up validation doctor reports (edge/service/startup.py): a fatal problem is a
+        # ConfigError, exit 78, before the camera or the port is opened.
+        for problem in wiring.check_startup(self.bundle, cfg):
+            logger.warning("%s: %s", problem.key, problem.text())
         if not self._step(f"activating {cfg.policy.backend} backends for target {cfg.policy.target}"):
             return False
         self.pipeline = wiring.build_pipeline(self.bundle, cfg)

@@ -3,7 +3,9 @@
 `vla-edge run`, `vla-edge doctor`, the latency benchmark and the tests all build the system through
 these functions, so what doctor checks is what run builds (docs/architecture.md, "Parts"):
 
-    check_policy(bundle, config)          target and T fit the bundle          (doctor, run)
+    load_bundle(config)                   the bundle, readable by this user and verified (doctor, run)
+    check_startup(bundle, config)         the config against the bundle: target, T, channels (doctor, run)
+    check_policy(bundle, config)          target and T fit the bundle (every pipeline, benchmark too)
     engine_fit(bundle, target, ...)       each TensorRT engine fits this GPU     (doctor; the backend
                                                                                  checks the same key)
     backend_factory(bundle, config)       backends for the configured target
@@ -25,17 +27,18 @@ from dataclasses import dataclass, replace
 from edge.control.loop import ControlLoop
 from edge.control.safety import SafetyConfig, SafetyLayer
 from edge.control.uncertainty_gate import GateConfig, UncertaintyGate
-from edge.errors import BundleError, ConfigError
+from edge.errors import BundleError
 from edge.inference.backends.base import InferenceBackend
-from edge.inference.bundle import REBUILD, Bundle, rebuild_hint
+from edge.inference.bundle import Bundle
 from edge.inference.engine_key import EngineKey, key_path
 from edge.inference.pipeline import BackendFactory, PolicyPipeline, onnxruntime_factory
+from edge.service import startup
 from edge.service.config import RobotConfig
 
 
 def rebuild_command(bundle_dir, bundle: Bundle | None = None) -> str:
     """The command that rebuilds `bundle_dir`; with the bundle, it names the --policy it was built from."""
-    return (rebuild_hint(bundle.manifest) if bundle is not None else REBUILD).replace("<bundle dir>", str(bundle_dir))
+    return startup.rebuild_command(bundle_dir, None if bundle is None else bundle.manifest)
 
 
 def engines_command(bundle_dir) -> str:
@@ -44,20 +47,28 @@ def engines_command(bundle_dir) -> str:
 
 
 def check_policy(bundle: Bundle, config: RobotConfig) -> None:
-    """The configured target and T against the bundle; raises ConfigError naming the key to change, or
-    BundleError for a bundle this runtime cannot run yet (several cameras, chunks, no language)."""
+    """The configured target and T against the bundle, as far as building the pipeline needs; raises
+    BundleError for a bundle this runtime cannot run yet (several cameras, chunks, no language) and
+    ConfigError naming the key to change (edge/service/startup.py, pipeline_problems)."""
     bundle.check_runnable()
-    policy = config.policy
-    targets = sorted(bundle.manifest["targets"])
-    if policy.target not in targets:
-        raise ConfigError(f"policy.target: the bundle has no target {policy.target!r} (it has {targets}); set "
-                          f"policy.target to one of them, or rebuild with the options that make it: "
-                          f"{rebuild_command(config.bundle, bundle)}")
-    max_samples = int(bundle.dropout["max_samples"])
-    if policy.mc_samples > max_samples:
-        raise ConfigError(f"policy.mc_samples {policy.mc_samples} exceeds the bundle's max_samples {max_samples} "
-                          f"(the engine profile's largest batch); set policy.mc_samples <= {max_samples}, or "
-                          f"rebuild with a larger maximum")
+    startup.raise_if_fatal(startup.pipeline_problems(bundle, config))
+
+
+def check_startup(bundle: Bundle, config: RobotConfig) -> list[startup.StartupProblem]:
+    """Everything of the config against the bundle that driving the robot needs (doctor and run, before
+    any device is opened): BundleError for a bundle this runtime cannot run yet, ConfigError listing
+    every fatal problem; returns the warnings."""
+    bundle.check_runnable()
+    problems = startup.policy_problems(bundle, config)
+    startup.raise_if_fatal(problems)
+    return problems
+
+
+def load_bundle(config: RobotConfig) -> Bundle:
+    """The config's bundle, readable by this user (a BundleError naming the file and the chmod that fixes
+    it, not a PermissionError) and verified."""
+    startup.check_bundle_access(config.bundle)
+    return Bundle.load(config.bundle)
 
 
 # -- backends ---------------------------------------------------------------------------------------------

@@ -179,6 +179,8 @@ class SimulatedRobot:
         self.command("resume_telemetry")
         self.command("revive_camera")
         self.command("unfreeze_camera")
+        self.command("set_fault", on=False)
+        self.command("report")
 
     def log_tail(self, lines: int = 30) -> str:
         return self.process.log_tail(lines)
@@ -350,6 +352,14 @@ class FaultResult:
     recovery_s: float | None = None  # fault cleared -> the robot drives again
     notes: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    # fault injected -> every target the controller applies is 0 (the host's reaction, or the watchdog's)
+    time_to_zero_command_s: float | None = None
+
+
+def zero_command_s(ground_truth: dict, t0: float) -> float | None:
+    """From `t0` to when the controller's applied targets became all zero (None if they were before t0)."""
+    since = ground_truth.get("targets_zero_since_s")
+    return None if since is None or since < t0 else since - t0
 
 
 class ResultsBook:
@@ -366,11 +376,12 @@ class ResultsBook:
         def ms(value: float | None) -> str:
             return "-" if value is None else f"{value * 1e3:.0f} ms"
 
-        lines = ["| fault | time to stop | bound | stopped by | recovery | notes |",
-                 "|---|---:|---:|---|---:|---|"]
+        lines = ["| fault | zero command at the controller | standstill | bound (standstill) | stopped by | "
+                 "recovery | notes |",
+                 "|---|---:|---:|---:|---|---:|---|"]
         for row in self.rows:
-            lines.append(f"| {row.fault} | {ms(row.time_to_stop_s)} | {ms(row.bound_s)} | {row.stopped_by} | "
-                         f"{ms(row.recovery_s)} | {row.notes} |")
+            lines.append(f"| {row.fault} | {ms(row.time_to_zero_command_s)} | {ms(row.time_to_stop_s)} | "
+                         f"{ms(row.bound_s)} | {row.stopped_by} | {ms(row.recovery_s)} | {row.notes} |")
         return "\n".join(lines) + "\n"
 
     def write(self, json_path: Path) -> None:

@@ -48,6 +48,7 @@ from tests.faults.harness import (
     wait_for,
     wait_stopped_since,
     write_robot_config,
+    zero_command_s,
 )
 
 pytestmark = pytest.mark.slow
@@ -229,7 +230,33 @@ class TestFaultsOnOneRunningService:
         assert SafetyReason.STALE_TELEMETRY in _reasons(status), status["tick"]
         assert time_to_stop <= CONTROLLED_STOP_BOUND_S, time_to_stop
         results.add(FaultResult("telemetry stops", time_to_stop, CONTROLLED_STOP_BOUND_S,
-                                "runtime: stale telemetry -> controlled stop", recovery))
+                                "runtime: stale telemetry -> controlled stop", recovery,
+                                time_to_zero_command_s=zero_command_s(gt, t0)))
+
+    def test_controller_fault_zero_command_then_hold_until_resume(self, rig, results):
+        # Issue 13, finding 14: FAULT in every telemetry frame left the host nominal, and when it cleared
+        # the host applied full targets at once.
+        rig.drive()
+        t0 = time.monotonic()
+        rig.sim.command("set_fault", on=True)
+        try:
+            gt = rig.stopped_after(t0)
+            held = wait_for(lambda: (s := rig.service.status())["hold_reason"] and s, 5.0,
+                            "the service to hold on FAULT", describe=rig.describe)
+        finally:
+            rig.sim.command("set_fault", on=False)
+        assert "FAULT" in held["hold_reason"] and held["controller"]["counters"], held
+        assert held["counters"]["controller_faults"] >= 1, held["counters"]
+        time.sleep(1.0)  # healthy again: still held, nothing moves until an operator resumes
+        assert not is_driving(rig.sim.ground_truth()), rig.describe()
+        assert not any(rig.sim.ground_truth()["applied_targets"]), rig.describe()
+        recovery = rig.recover(lambda: rig.service.request({"cmd": "resume"}), "resume")
+        time_to_stop = gt["motors_stopped_since_s"] - t0
+        assert time_to_stop <= CONTROLLED_STOP_BOUND_S, time_to_stop
+        results.add(FaultResult("controller reports FAULT, clears 1 s later", time_to_stop, CONTROLLED_STOP_BOUND_S,
+                                "controller (motors disabled) and runtime: zero command, then hold", recovery,
+                                notes="moves again only on `vla-edge resume` (recovery timed from it)",
+                                time_to_zero_command_s=zero_command_s(gt, t0)))
 
     def test_camera_freezes_then_dies_controlled_stop_and_reconnect(self, rig, results):
         rig.drive()
@@ -245,7 +272,8 @@ class TestFaultsOnOneRunningService:
         assert SafetyReason.STALE_FRAME in _reasons(status), status["tick"]
         assert freeze_stop <= CONTROLLED_STOP_BOUND_S, freeze_stop
         results.add(FaultResult("camera stream freezes", freeze_stop, CONTROLLED_STOP_BOUND_S,
-                                "runtime: stale frame -> controlled stop", recovery))
+                                "runtime: stale frame -> controlled stop", recovery,
+                                time_to_zero_command_s=zero_command_s(gt, t0)))
 
         reconnects_before = rig.service.status()["camera"]["reconnects"]
         rig.drive()
@@ -263,7 +291,8 @@ class TestFaultsOnOneRunningService:
         assert kill_stop <= CONTROLLED_STOP_BOUND_S, kill_stop
         results.add(FaultResult("camera dies (server gone), then revives", kill_stop, CONTROLLED_STOP_BOUND_S,
                                 "runtime: stale frame -> controlled stop", recovery,
-                                notes="recovery includes the camera's reconnect backoff (0.2-2 s)"))
+                                notes="recovery includes the camera's reconnect backoff (0.2-2 s)",
+                                time_to_zero_command_s=zero_command_s(gt, t0)))
 
     def test_serial_unplug_watchdog_stop_then_reconnect(self, rig, results):
         rig.drive()
@@ -286,7 +315,8 @@ class TestFaultsOnOneRunningService:
         assert after["link"]["connected"] and after["link"]["stats"]["reconnects"] > reconnects_before, after["link"]
         results.add(FaultResult("serial adapter unplugged, then replugged", time_to_stop, WATCHDOG_STOP_BOUND_S,
                                 "controller watchdog (no commands arrive)", recovery,
-                                notes="recovery includes the link's reopen backoff (0.1-2 s)"))
+                                notes="recovery includes the link's reopen backoff (0.1-2 s)",
+                                time_to_zero_command_s=zero_command_s(gt, t0)))
 
     def test_malformed_and_oversized_requests_get_errors_and_the_robot_keeps_driving(self, rig, results):
         rig.drive()
@@ -365,7 +395,8 @@ class TestFaultsOnOneRunningService:
             f"inference stall (SIGSTOP {stall.t_cont - stall.t0:.1f} s, then SIGCONT)", time_to_stop,
             WATCHDOG_STOP_BOUND_S, "controller watchdog (no commands arrive)", drives_again_s - stall.t_cont,
             notes=f"{commands} commands in the {later['time_s'] - stall.t_cont:.1f} s after SIGCONT (no burst); "
-                  f"overruns +{status['overruns'] - overruns_before}"))
+                  f"overruns +{status['overruns'] - overruns_before}",
+            time_to_zero_command_s=zero_command_s(stall.stopped, stall.t0)))
 
     def test_first_command_after_a_stall_does_not_restart_stopped_motors(self, rig):
         rig.drive()
@@ -532,8 +563,8 @@ class TestSignals:
         time_to_stop = gt_stopped["motors_stopped_since_s"] - t0
         assert time_to_stop <= COMMANDED_STOP_BOUND_S, time_to_stop
         results.add(FaultResult(name, time_to_stop, COMMANDED_STOP_BOUND_S, "service: commanded zero, then exit 0",
-                                notes=f"zero command applied {commanded_zero[0]['time_s'] - t0:.2f} s after the "
-                                      f"signal; exit 0 within {t_exit - t0:.1f} s; no commands after exit"))
+                                notes=f"exit 0 within {t_exit - t0:.1f} s; no commands after exit",
+                                time_to_zero_command_s=zero_command_s(gt_stopped, t0)))
 
     def test_sigkill_controller_watchdog_stops_the_motors(self, signal_rig, results):
         rig = signal_rig
@@ -552,4 +583,5 @@ class TestSignals:
         assert gt["watchdog_tripped_at_s"] - t0 <= WATCHDOG_TIMEOUT_S + SLACK_S, gt
         assert time_to_stop <= WATCHDOG_STOP_BOUND_S, time_to_stop
         results.add(FaultResult("SIGKILL", time_to_stop, WATCHDOG_STOP_BOUND_S,
-                                "controller watchdog (no commands arrive)"))
+                                "controller watchdog (no commands arrive)",
+                                time_to_zero_command_s=zero_command_s(gt, t0)))

@@ -74,3 +74,14 @@ def test_decoder_counts_add_up_over_connections():
     assert state.stats.crc_errors == 2 and state.stats.bad_frames == 2
     state.count("open_failures")
     assert state.stats.open_failures == 1
+
+
+def test_status_flags_of_every_sample_since_the_last_take_are_kept():
+    # Issue 13: a WATCHDOG_TRIPPED cleared by the next command within one tick must still reach the tick.
+    state = LinkState()
+    tripped = Telemetry(seq=1, controller_time_ms=1000, velocities=(0.0,), positions=(0.0,),
+                        status=StatusFlags.WATCHDOG_TRIPPED, last_command_seq=0, crc_errors=0,
+                        framing_errors=0, dropped_commands=0)
+    state.receive([tripped, telemetry(2)], now=1.0, n_bytes=0)
+    assert state.take_status_flags() == StatusFlags.WATCHDOG_TRIPPED | StatusFlags.MOTORS_ENABLED
+    assert state.take_status_flags() == StatusFlags.NONE

@@ -678,3 +678,41 @@ def test_format_status_copes_with_a_sparse_reply():
     text = format_status({"ok": True, "mode": "hold"})
     assert "mode         hold" in text and "instruction  (none: holding)" in text
     assert "E-STOP" in format_status({"ok": True, "mode": "estop", "estop": True})
+
+
+def test_resume_reaches_the_loop_control_and_cli_config_finds_the_socket(tmp_path):
+    # Issue 13: `vla-edge resume` ends the hold after a clear; say/status take --config (finding 13).
+    from edge.cli import build_parser
+    from edge.cli.control import _socket_of
+
+    calls = []
+    control = LoopControl(SimpleNamespace(resume=lambda: calls.append("resume")))
+    control.resume()
+    assert calls == ["resume"]
+    config = tmp_path / "robot.yaml"
+    config.write_text("bundle: b\ncamera: {source: 0}\nmotor: {port: /p}\n"
+                      "instruction: {socket: /run/robot-7/control.sock}\n")
+    for argv in (["status", "--config", str(config)], ["say", "hello", "--config", str(config)],
+                 ["resume", "--config", str(config)]):
+        assert _socket_of(build_parser().parse_args(argv)) == "/run/robot-7/control.sock"
+    config.write_text("bundle: b\ncamera: {source: 0}\nmotor: {port: /p}\n")
+    with pytest.raises(ConfigError, match="sets no instruction.socket"):
+        _socket_of(build_parser().parse_args(["status", "--config", str(config)]))
+
+
+def test_status_names_the_safety_reasons_the_hold_and_the_controller_counters():
+    # Issue 13: logs and status showed an opaque `reasons 32`; the controller's counters were invisible.
+    from edge.control.safety import SafetyReason, reason_names
+
+    assert reason_names(int(SafetyReason.STALE_FRAME | SafetyReason.FALLBACK)) == ["STALE_FRAME", "FALLBACK"]
+    assert reason_names(0) == []
+    text = format_status({
+        "ok": True, "mode": "hold", "hold_reason": "controller fault: the controller reports FAULT",
+        "tick": {"index": 3, "reason_names": ["FALLBACK"]},
+        "controller": {"flags": ["FAULT"], "fault": "the controller reports FAULT", "estop_confirmed": None,
+                       "counters": {"crc_errors": 2, "framing_errors": 5, "dropped_commands": 7}}})
+    assert "holding      controller fault" in text
+    assert "controller   FAULT, FAULT: the controller reports FAULT" in text
+    assert "crc errors 2, framing errors 5, dropped commands 7" in text
+    assert "safety       FALLBACK" in text
+    assert "e-stop NOT confirmed" in format_status({"ok": True, "controller": {"flags": [], "estop_confirmed": False}})

@@ -138,6 +138,11 @@ def test_scrape_reports_the_loops_own_state(rig):
     assert 0 <= value(metrics, "vla_edge_camera_frame_age_seconds") < 60
     assert value(metrics, "vla_edge_camera_reconnects", "vla_edge_camera_reconnects_total") == camera.reconnects
     assert value(metrics, "vla_edge_policy_info", target="cpu", backend="onnxruntime") == 1.0
+    # What the controller reports (issue 13, finding 18): its own counters and the loop's reactions.
+    for name, count in loop.watch.counters.items():
+        assert value(metrics, f"vla_edge_controller_{name}") == count
+    for name in ("controller_faults", "watchdog_trips", "telemetry_rejected", "estop_resends"):
+        assert value(metrics, f"vla_edge_{name}", f"vla_edge_{name}_total") == counters[name]
 
 
 def test_scraping_a_running_loop_sees_counters_grow_and_the_tick_does_no_metrics_work(rig):

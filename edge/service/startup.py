@@ -1,0 +1,191 @@
+"""The start-up validation that `vla-edge doctor` and `vla-edge run` share: what doctor calls ready, runs.
+
+Run before any device is opened or armed, in this order (edge/service/wiring.py uses it; run exits 78,
+EX_CONFIG, on any fatal problem; doctor prints each one as a FAIL line with its key and its fix):
+
+    config         loaded and validated section by section (edge/service/config.py): unknown and
+                   duplicate keys, ranges, types (`instruction.socket: 123`, `realtime.freeze_gc: 'no'`)
+    bundle files   every file and directory of the bundle readable by this (the service) user
+    bundle         verified by edge.inference.bundle (schema, hashes)
+    combination    the config against the bundle: `policy_problems` below (target, T, channels,
+                   target vs backend)
+
+A problem is fatal (doctor FAIL, run refuses to start) or a warning (doctor WARN, run logs it and
+starts): a warning is a configuration that runs correctly but not as well as it could.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge.errors import BundleError, ConfigError
+from edge.inference.bundle import rebuild_hint
+from edge.service.checks import _user_name
+
+# Targets whose graphs are laid out for TensorRT (symmetric Q/DQ INT8, FP16): ONNX Runtime runs them,
+# but on its CPU provider about twice as slowly as the CPU target's graphs (issue 13, finding 12).
+TENSORRT_TARGETS = ("tensorrt", "fp16")
+CPU_TARGETS = ("cpu", "cpu-fp32")
+# The T the threshold was calibrated at, as the build writes it today into uncertainty.method
+# ("... T=16)"); a structured `uncertainty.mc_samples` is read first where a bundle has one.
+_CALIBRATED_T = re.compile(r"\bT=(\d+)\b")
+
+
+@dataclass(frozen=True)
+class StartupProblem:
+    """One thing wrong with the config, the bundle or the two together."""
+
+    key: str  # the config key (``policy.mc_samples``) or the bundle file it is about
+    message: str  # what was found
+    fix: str  # what to do
+    fatal: bool = True  # False: a warning; the robot runs, less well
+
+    def text(self) -> str:
+        return f"{self.message}; {self.fix}"
+
+
+def rebuild_command(bundle_dir, manifest: dict | None = None) -> str:
+    """The command that rebuilds `bundle_dir`, naming the --policy it was built from when the manifest says."""
+    return rebuild_hint(manifest).replace("<bundle dir>", str(bundle_dir))
+
+
+# -- bundle files -------------------------------------------------------------------------------------------
+
+
+def bundle_access_problems(bundle_dir: str | Path) -> list[StartupProblem]:
+    """Every directory of the bundle searchable and listable, every file readable, by this process's user.
+
+    doctor runs as the service's own user (the unit's User=, ExecStartPre=), so what it finds here is
+    what `run` would meet; a bundle built or copied by another user with files 0600 is the usual cause.
+    """
+    root = Path(bundle_dir)
+    if not root.exists():
+        return []  # the bundle loader says that it is missing, with the command that builds one
+    unreadable: list[Path] = []
+    user = _user_name()
+
+    def cannot_list(exc: OSError) -> None:
+        unreadable.append(Path(exc.filename))
+
+    for directory, subdirs, files in os.walk(root, onerror=cannot_list):
+        here = Path(directory)
+        if not os.access(here, os.R_OK | os.X_OK):
+            unreadable.append(here)
+            subdirs[:] = []
+            continue
+        unreadable += [here / name for name in sorted(files) if not os.access(here / name, os.R_OK)]
+    problems = []
+    for path in dict.fromkeys(unreadable):  # once each, in walk order
+        try:
+            st = os.stat(path)
+            found = f"{stat.filemode(st.st_mode)}, owner uid {st.st_uid}, group gid {st.st_gid}"
+        except OSError as exc:
+            found = exc.strerror or str(exc)
+        kind = "directory" if path.is_dir() else "file"
+        problems.append(StartupProblem(
+            str(path), f"bundle {kind} {path} is not readable by user {user!r} ({found})",
+            f"make the bundle readable by the service user: sudo chmod -R a+rX {root} (or sudo chgrp -R "
+            f"{user} {root} && sudo chmod -R g+rX {root})"))
+    return problems
+
+
+def check_bundle_access(bundle_dir: str | Path) -> None:
+    """BundleError naming the first unreadable file and the fix (and how many more there are)."""
+    problems = bundle_access_problems(bundle_dir)
+    if problems:
+        more = f" ({len(problems) - 1} more like it)" if len(problems) > 1 else ""
+        raise BundleError(f"{problems[0].message}{more}; {problems[0].fix}")
+
+
+# -- the config against the bundle --------------------------------------------------------------------------
+
+
+def calibrated_mc_samples(manifest: dict) -> int | None:
+    """The T the bundle's uncertainty threshold was calibrated at, where the bundle records it."""
+    section = manifest.get("uncertainty") or {}
+    recorded = section.get("mc_samples")
+    if isinstance(recorded, int) and not isinstance(recorded, bool):
+        return recorded
+    match = _CALIBRATED_T.search(str(section.get("method", "")))
+    return int(match.group(1)) if match else None
+
+
+def pipeline_problems(bundle, config) -> list[StartupProblem]:
+    """What building the pipeline needs (`bundle` an edge.inference.bundle.Bundle, `config` a RobotConfig):
+    the target exists, T fits the engines' profile; and a warning for TensorRT's graphs on the CPU.
+    The benchmark builds pipelines with these checks only (it may time T=1 and drives no motor)."""
+    policy = config.policy
+    problems = []
+    targets = sorted(bundle.manifest["targets"])
+    if policy.target not in targets:
+        problems.append(StartupProblem(
+            "policy.target", f"policy.target: the bundle has no target {policy.target!r} (it has {targets})",
+            f"set policy.target to one of them, or rebuild with the options that make it: "
+            f"{rebuild_command(config.bundle, bundle.manifest)}"))
+    max_samples = int(bundle.dropout["max_samples"])
+    if policy.mc_samples > max_samples:
+        problems.append(StartupProblem(
+            "policy.mc_samples", f"policy.mc_samples {policy.mc_samples} exceeds the bundle's max_samples "
+            f"{max_samples} (the engine profile's largest batch)",
+            f"set policy.mc_samples <= {max_samples}, or rebuild with a larger maximum"))
+    if (policy.backend == "onnxruntime" and policy.target in TENSORRT_TARGETS and policy.device == "cpu"
+            and policy.target in targets):
+        cpu = [t for t in CPU_TARGETS if t in targets]
+        problems.append(StartupProblem(
+            "policy.target", f"policy.target {policy.target!r} is laid out for TensorRT, but policy.backend is "
+            f"onnxruntime on the CPU: it runs, about twice as slowly as a CPU target",
+            (f"set policy.target: {cpu[0]}" if cpu else "rebuild with a CPU target")
+            + " on this machine, or policy.backend: tensorrt on a Jetson", fatal=False))
+    return problems
+
+
+def robot_problems(bundle, config) -> list[StartupProblem]:
+    """What driving the robot needs on top: the gate can see (T >= 2, the calibrated T), and the motor
+    link carries the policy's action (motor.channels = the action's dimension)."""
+    policy = config.policy
+    problems = []
+    calibrated = calibrated_mc_samples(bundle.manifest)
+    if policy.mc_samples < 2:
+        problems.append(StartupProblem(
+            "policy.mc_samples", f"policy.mc_samples {policy.mc_samples} leaves the uncertainty gate blind: the "
+            f"spread of a single dropout sample is always 0, so the robot would never fall back",
+            f"set policy.mc_samples to at least 2 (the bundle's threshold was calibrated at "
+            f"{f'T={calibrated}' if calibrated else 'its build default'})"))
+    dim = int(bundle.action["dim"])
+    if config.motor.channels != dim:
+        names = ", ".join(map(str, bundle.action.get("names") or ())) or "unnamed"
+        problems.append(StartupProblem(
+            "motor.channels", f"motor.channels is {config.motor.channels} but the policy's action has {dim} "
+            f"dimension(s) ({names})",
+            f"set motor.channels: {dim} (one velocity target per action dimension), or use a bundle whose "
+            f"policy drives {config.motor.channels} channel(s)"))
+    within_profile = 2 <= policy.mc_samples <= int(bundle.dropout["max_samples"])  # else refused already
+    if (calibrated is not None and within_profile and policy.mc_samples != calibrated
+            and config.uncertainty.threshold is None):
+        problems.append(StartupProblem(
+            "policy.mc_samples", f"policy.mc_samples is {policy.mc_samples} but the bundle's uncertainty "
+            f"threshold was calibrated at T={calibrated}: the spread of fewer samples is noisier, of more "
+            f"smoother, so the gate falls back more or less often than calibrated",
+            f"set policy.mc_samples: {calibrated}, or calibrate a threshold at this T and set "
+            f"uncertainty.threshold", fatal=False))
+    return problems
+
+
+def policy_problems(bundle, config) -> list[StartupProblem]:
+    """Every problem of the config against the bundle: what doctor reports and run refuses or logs."""
+    return pipeline_problems(bundle, config) + robot_problems(bundle, config)
+
+
+def fatal(problems: list[StartupProblem]) -> list[StartupProblem]:
+    return [p for p in problems if p.fatal]
+
+
+def raise_if_fatal(problems: list[StartupProblem]) -> None:
+    """One ConfigError listing every fatal problem, each with its key and its fix."""
+    errors = fatal(problems)
+    if errors:
+        raise ConfigError(" | ".join(p.text() for p in errors))

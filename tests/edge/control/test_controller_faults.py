@@ -1,0 +1,234 @@
+"""What the motor controller reports reaches the safety layer (issue 13, findings 5 and 14-18).
+
+The watch on its own with telemetry built by hand; then the loop closed through the simulated controller
+on a pty (edge/control/closed_loop.py), whose fault hooks raise FAULT, lose an EmergencyStop on the
+line or restart the firmware.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from edge.control.controller_watch import REJECTION_TICKS, VELOCITY_BOUND, ControllerWatch
+from edge.control.loop import Mode
+from edge.control.safety import SafetyReason
+from edge.errors import InputError
+from edge.inference.bundle import Bundle
+from edge.io.protocol import StatusFlags, Telemetry
+from edge.service.loop_control import status_reply
+from tests.edge.control.closed_loop import closed_loop
+from tests.waiting import HANG_GUARD_S
+
+
+def sample(status=StatusFlags.MOTORS_ENABLED, velocities=(0.1, -0.1), positions=(1.0, 2.0), crc=0, framing=0,
+           dropped=0, seq=1):
+    return Telemetry(seq=seq, controller_time_ms=1000 + seq, velocities=velocities, positions=positions,
+                     status=status, last_command_seq=seq, crc_errors=crc, framing_errors=framing,
+                     dropped_commands=dropped)
+
+
+# --- the watch on its own ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("telemetry", "expected"), [
+    (sample(velocities=(5.0, 0.0)), "velocity[0] = 5.0 is beyond"),  # finding 17
+    (sample(velocities=(0.0, 1e30)), "velocity[1] = 1e+30 is beyond"),
+    (sample(velocities=(3.4e38, 0.0)), "is beyond"),
+    (sample(velocities=(), positions=()), "0 velocities for 2 channels"),
+    (sample(velocities=(0.0,) * 3, positions=(0.0,) * 3), "3 velocities for 2 channels"),
+    (sample(velocities=(0.0,) * 8, positions=(0.0,) * 8), "8 velocities for 2 channels"),
+    (sample(positions=(0.0,)), "1 positions for 2 channels"),
+    (sample(positions=(float("inf"), 0.0)), "position[0] = inf"),
+])
+def test_telemetry_out_of_bounds_or_of_another_channel_count_is_refused(telemetry, expected):
+    problem = ControllerWatch(channels=2).problem(telemetry)
+    assert problem is not None and expected in problem
+
+
+def test_telemetry_within_bounds_is_believed():
+    watch = ControllerWatch(channels=2)
+    assert watch.problem(sample(velocities=(VELOCITY_BOUND, -1.05))) is None
+    assert watch.problem(sample(positions=())) is None  # a controller may send no positions
+
+
+def test_fault_is_a_fault_and_the_counters_and_flags_are_kept():
+    watch = ControllerWatch(channels=2)
+    assert watch.observe(sample(crc=4, framing=2, dropped=1), estopped=False) is None
+    assert watch.counters == {"crc_errors": 4, "framing_errors": 2, "dropped_commands": 1}
+    fault = watch.observe(sample(status=StatusFlags.FAULT, seq=2, dropped=2), estopped=False)
+    assert fault is not None and "FAULT" in fault and watch.flag_names == ["FAULT"]
+
+
+def test_rejected_commands_become_a_fault_after_a_few_ticks_in_a_row_and_counters_wrap():
+    watch = ControllerWatch(channels=2)
+    watch.observe(sample(framing=65534), estopped=False)
+    results = [watch.observe(sample(framing=(65534 + i) % 65536, seq=1 + i), estopped=False)
+               for i in range(1, REJECTION_TICKS + 1)]
+    assert results[:-1] == [None] * (REJECTION_TICKS - 1)
+    assert results[-1] is not None and "rejects our commands" in results[-1]
+    assert watch.observe(sample(framing=1, seq=10), estopped=False) is None, "a calm tick ends it"
+    # Dropped commands while a latch is held (ours or the controller's) are expected, not rejections.
+    for i in range(REJECTION_TICKS + 1):
+        assert watch.observe(sample(framing=1, dropped=i, seq=20 + i), estopped=True) is None
+        assert watch.observe(sample(status=StatusFlags.ESTOP_LATCHED, framing=1, dropped=100 + i, seq=40 + i),
+                             estopped=False) is None
+
+
+def test_watchdog_trip_counts_only_after_the_controller_accepted_commands():
+    watch = ControllerWatch(channels=2)
+    watch.observe(sample(status=StatusFlags.WATCHDOG_TRIPPED), estopped=False)  # power-up: as if tripped
+    assert watch.watchdog_trips == 0
+    watch.observe(sample(seq=2), estopped=False)
+    watch.observe(sample(status=StatusFlags.WATCHDOG_TRIPPED, seq=3), estopped=False)
+    watch.observe(sample(status=StatusFlags.WATCHDOG_TRIPPED, seq=4), estopped=False)
+    assert watch.watchdog_trips == 1
+
+
+# --- the loop closed through the simulated controller ------------------------------------------------------
+
+
+@pytest.fixture()
+def rig(reference_bundle):
+    threshold = Bundle.load(reference_bundle[0]).uncertainty_threshold("cpu") * 4
+    with closed_loop(reference_bundle[0], uncertainty={"threshold": threshold, "hard_ceiling": 1.0}) as pair:
+        yield pair
+
+
+def run_for(loop, seconds, until=None):
+    stop = threading.Event()
+    thread = threading.Thread(target=loop.run, args=(stop,), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not (until and until()):
+        time.sleep(0.02)
+    stop.set()
+    thread.join(timeout=HANG_GUARD_S)
+    assert not thread.is_alive()
+
+
+def moving(loop) -> bool:
+    return bool(np.abs(loop.recorder.latest(1)["command"]).max() > 0.05)
+
+
+def test_controller_fault_stops_the_robot_then_holds_until_resume(rig):
+    controller, loop = rig
+    loop.set_instruction(controller.ground_truth().instruction)
+    run_for(loop, 3.0, until=lambda: moving(loop))
+    assert moving(loop), "the policy drives before the fault"
+    fault_at = loop.counters["ticks"]
+    controller.set_fault(True)
+    run_for(loop, 1.0, until=lambda: loop.status().hold_reason is not None)
+    run_for(loop, 0.3)
+    records = loop.recorder.latest()
+    after = records[records["tick"] >= fault_at]
+    stopped = np.flatnonzero(~np.abs(after["command"]).any(axis=1))
+    assert len(stopped) > 0, "zero command after FAULT"
+    # One zero command and every later one: the stop is immediate (no ramp), and it stays.
+    assert not np.abs(after["command"][stopped[0]:]).any()
+    status = loop.status()
+    assert "FAULT" in status.hold_reason and "FAULT" in status.controller["flags"]
+    assert "| holding: controller fault" in status.line()  # systemd's STATUS= line says why
+    assert loop.counters["controller_faults"] == 1
+    with pytest.raises(InputError, match="FAULT"):
+        loop.resume()
+    reply = status_reply(status)
+    assert reply["controller"]["fault"] and reply["hold_reason"] == status.hold_reason
+    controller.set_fault(False)
+    run_for(loop, 1.0)
+    held = loop.recorder.latest(5)
+    assert (held["mode"] == Mode.HOLD).all() and not np.abs(held["command"]).any(), "healthy again, still held"
+    resumed_at = loop.counters["ticks"]
+    loop.resume()
+    run_for(loop, 3.0, until=lambda: moving(loop))
+    records = loop.recorder.latest()
+    records = records[records["tick"] >= resumed_at - 1]
+    first = np.flatnonzero(np.abs(records["command"]).any(axis=1))[0]
+    dt = records["start_s"][first] - records["start_s"][first - 1]
+    assert np.abs(records["command"][first]).max() <= 4.0 * dt + 1e-5, "ramps from zero"
+
+
+def test_a_lost_emergency_stop_is_repeated_until_the_controller_shows_the_latch(rig):
+    controller, loop = rig
+    run_for(loop, 0.5)
+    controller.drop_next("emergency_stop", 2)  # finding 15: the one frame was lost and never repeated
+    loop.emergency_stop()
+    assert not controller.ground_truth().estop_latched
+    run_for(loop, 2.0, until=lambda: controller.ground_truth().estop_latched and loop.status().controller
+            ["estop_confirmed"])
+    assert controller.ground_truth().estop_latched
+    assert loop.counters["estop_resends"] >= 2
+    assert loop.status().controller["estop_confirmed"] is True
+    resends = loop.counters["estop_resends"]
+    run_for(loop, 0.5)
+    assert loop.counters["estop_resends"] == resends, "no more repeats once confirmed"
+    # Finding 16: after a controller reset the latch is gone; the host sends it again.
+    controller.restart_firmware()
+    run_for(loop, 2.0, until=lambda: controller.ground_truth().estop_latched)
+    assert controller.ground_truth().estop_latched
+    assert loop.counters["estop_resends"] > resends
+    assert not np.abs(loop.recorder.latest(10)["command"]).any()
+
+
+@pytest.mark.parametrize(("velocities", "positions"), [([1e30, 0.0], None), ([0.0] * 3, [0.0] * 3)])
+def test_telemetry_out_of_bounds_or_of_another_channel_count_stops_the_robot(rig, velocities, positions):
+    controller, loop = rig
+    loop.set_instruction(controller.ground_truth().instruction)
+    run_for(loop, 3.0, until=lambda: moving(loop))
+    assert moving(loop)
+    controller.report(velocities=velocities, positions=positions)  # finding 17
+    run_for(loop, 0.6)
+    records = loop.recorder.latest(3)
+    assert (records["mode"] == Mode.FALLBACK).all()
+    assert loop.counters["telemetry_rejected"] >= 3
+    assert (records["reasons"] & SafetyReason.STALE_TELEMETRY).all()  # treated as missing
+    controller.report()
+    run_for(loop, 3.0, until=lambda: moving(loop))
+    assert moving(loop), "believable telemetry again: the robot drives on"
+
+
+def test_a_watchdog_trip_is_read_from_telemetry_and_motion_ramps_from_zero(rig):
+    # Finding 18: "motors were stopped by the controller's watchdog" was inferred from the host's own clock;
+    # finding 14: after a trip the next command jumped straight back. A firmware restart comes up tripped.
+    controller, loop = rig
+    loop.set_instruction(controller.ground_truth().instruction)
+    run_for(loop, 3.0, until=lambda: moving(loop))
+    assert moving(loop)
+    resets = []  # the ticks at which the safety layer was reset to standstill (the real reset still runs)
+    reset = loop.safety.reset
+    loop.safety.reset = lambda *args: (resets.append(loop.counters["ticks"]), reset(*args))[1]
+    trips = loop.counters["watchdog_trips"]
+    controller.restart_firmware()
+    run_for(loop, 2.0, until=lambda: loop.counters["watchdog_trips"] > trips)
+    run_for(loop, 0.5)
+    assert loop.counters["watchdog_trips"] == trips + 1, "read from the telemetry's WATCHDOG_TRIPPED"
+    assert resets, "the trip reset the safety layer"
+    records = loop.recorder.latest()
+    (row,) = records[records["tick"] == resets[0]]
+    (before,) = records[records["tick"] == resets[0] - 1]
+    # The tick that read the trip slews from zero, not from the command sent before it.
+    dt = row["start_s"] - before["start_s"]
+    assert np.abs(row["command"]).max() <= 4.0 * dt + 1e-5
+
+
+def test_a_trip_seen_between_two_ticks_counts():
+    watch = ControllerWatch(channels=2)
+    watch.observe(sample(), estopped=False)
+    assert watch.observe(sample(seq=2), estopped=False, seen=StatusFlags.WATCHDOG_TRIPPED) is None
+    assert watch.watchdog_trips == 1
+    assert watch.observe(sample(seq=3), estopped=False, seen=StatusFlags.FAULT) is not None
+
+
+def test_a_controller_restart_counts_as_a_trip_even_when_no_sample_shows_the_flag():
+    # Power-up behaves as if the watchdog had tripped (spec, section 6), but our next command may clear the
+    # flag before any telemetry carries it; the clock going back still says the motors were stopped.
+    watch = ControllerWatch(channels=2)
+    watch.observe(sample(), estopped=False)
+    restarted = Telemetry(seq=9, controller_time_ms=12, velocities=(0.0, 0.0), positions=(0.0, 0.0),
+                          status=StatusFlags.MOTORS_ENABLED, last_command_seq=9, crc_errors=0, framing_errors=0,
+                          dropped_commands=0)
+    assert watch.observe(restarted, estopped=False) is None
+    assert watch.watchdog_trips == 1
