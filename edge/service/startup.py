@@ -104,14 +104,24 @@ def check_bundle_access(bundle_dir: str | Path) -> None:
 # -- the config against the bundle --------------------------------------------------------------------------
 
 
-def calibrated_mc_samples(manifest: dict) -> int | None:
-    """The T the bundle's uncertainty threshold was calibrated at, where the bundle records it."""
+def calibrated_samples(manifest: dict, target: str) -> tuple[int, ...]:
+    """The T values the bundle calibrated an uncertainty threshold at for `target` (schema v2's
+    `uncertainty.by_samples`), else the one T an older record names; () when it says nothing."""
     section = manifest.get("uncertainty") or {}
+    by_samples = (section.get("by_samples") or {}).get(target)
+    if isinstance(by_samples, dict) and by_samples:
+        return tuple(sorted(int(t) for t in by_samples))
     recorded = section.get("mc_samples")
     if isinstance(recorded, int) and not isinstance(recorded, bool):
-        return recorded
+        return (recorded,)
     match = _CALIBRATED_T.search(str(section.get("method", "")))
-    return int(match.group(1)) if match else None
+    return (int(match.group(1)),) if match else ()
+
+
+def calibrated_mc_samples(manifest: dict, target: str = "cpu") -> int | None:
+    """The T the threshold of `target` was calibrated at, where the bundle records exactly one."""
+    found = calibrated_samples(manifest, target)
+    return found[0] if len(found) == 1 else None
 
 
 def pipeline_problems(bundle, config) -> list[StartupProblem]:
@@ -148,13 +158,14 @@ def robot_problems(bundle, config) -> list[StartupProblem]:
     link carries the policy's action (motor.channels = the action's dimension)."""
     policy = config.policy
     problems = []
-    calibrated = calibrated_mc_samples(bundle.manifest)
+    calibrated_set = calibrated_samples(bundle.manifest, policy.target)
+    calibrated = "T=" + "/".join(map(str, calibrated_set)) if calibrated_set else None
     if policy.mc_samples < 2:
         problems.append(StartupProblem(
             "policy.mc_samples", f"policy.mc_samples {policy.mc_samples} leaves the uncertainty gate blind: the "
             f"spread of a single dropout sample is always 0, so the robot would never fall back",
             f"set policy.mc_samples to at least 2 (the bundle's threshold was calibrated at "
-            f"{f'T={calibrated}' if calibrated else 'its build default'})"))
+            f"{calibrated or 'its build default'})"))
     dim = int(bundle.action["dim"])
     if config.motor.channels != dim:
         names = ", ".join(map(str, bundle.action.get("names") or ())) or "unnamed"
@@ -164,13 +175,13 @@ def robot_problems(bundle, config) -> list[StartupProblem]:
             f"set motor.channels: {dim} (one velocity target per action dimension), or use a bundle whose "
             f"policy drives {config.motor.channels} channel(s)"))
     within_profile = 2 <= policy.mc_samples <= int(bundle.dropout["max_samples"])  # else refused already
-    if (calibrated is not None and within_profile and policy.mc_samples != calibrated
+    if (calibrated_set and within_profile and policy.mc_samples not in calibrated_set
             and config.uncertainty.threshold is None):
         problems.append(StartupProblem(
             "policy.mc_samples", f"policy.mc_samples is {policy.mc_samples} but the bundle's uncertainty "
-            f"threshold was calibrated at T={calibrated}: the spread of fewer samples is noisier, of more "
+            f"threshold was calibrated at {calibrated}: the spread of fewer samples is noisier, of more "
             f"smoother, so the gate falls back more or less often than calibrated",
-            f"set policy.mc_samples: {calibrated}, or calibrate a threshold at this T and set "
+            f"set policy.mc_samples: {calibrated_set[0]}, or calibrate a threshold at this T and set "
             f"uncertainty.threshold", fatal=False))
     return problems
 

@@ -187,7 +187,12 @@ def safety_config(bundle: Bundle, config: RobotConfig) -> SafetyConfig:
 def gate_config(bundle: Bundle, config: RobotConfig) -> GateConfig:
     """The bundle's calibrated threshold and ceiling for the target, unless the config sets them."""
     target = config.policy.target
-    threshold = config.uncertainty.threshold or bundle.uncertainty_threshold(target)
+    # The threshold calibrated at this T where the bundle has one (schema v2's by_samples), else the
+    # target's; a T without its own threshold is a start-up warning (edge/service/startup.py).
+    by_samples = (bundle.manifest["uncertainty"].get("by_samples") or {}).get(target) or {}
+    calibrated = by_samples.get(str(config.policy.mc_samples))
+    threshold = config.uncertainty.threshold or (float(calibrated) if calibrated is not None
+                                                 else bundle.uncertainty_threshold(target))
     ceiling = config.uncertainty.hard_ceiling
     if ceiling is None:
         ceiling = float(bundle.manifest["uncertainty"].get("hard_ceiling", {}).get(target, 3.0 * threshold))

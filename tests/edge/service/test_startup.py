@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from edge.errors import BundleError, ConfigError
+from edge.inference.bundle import Bundle, write_manifest_digest
 from edge.service import doctor, startup, wiring
 from edge.service.config import config_from_dict, load_config
 from edge.service.doctor import Status
@@ -51,6 +52,7 @@ def edit_manifest(root: Path, edit) -> None:
     edit(manifest)
     (root / "manifest.json").unlink()  # a new file: the hard link to the session's bundle stays intact
     (root / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest_digest(root)  # an edit on purpose: the manifest's own digest follows it
 
 
 # --- the config on its own ----------------------------------------------------------------------------
@@ -105,7 +107,7 @@ def test_reference_config_has_no_problem(reference_bundle):
 
 
 def test_channels_must_match_the_action_dimension(reference_bundle, tmp_path):
-    dim = json.loads((reference_bundle[0] / "manifest.json").read_text())["action"]["dim"]
+    dim = len(json.loads((reference_bundle[0] / "manifest.json").read_text())["spec"]["action"]["names"])
     problem = problems_by_key(reference_bundle[0], motor={"port": "/p", "channels": dim + 1})[("motor.channels", True)]
     assert f"motor.channels is {dim + 1} but the policy's action has {dim}" in problem.message
     assert f"set motor.channels: {dim}" in problem.fix
@@ -113,7 +115,9 @@ def test_channels_must_match_the_action_dimension(reference_bundle, tmp_path):
     copy = linked_copy(reference_bundle[0], tmp_path / "seven")
 
     def seven(manifest):
-        manifest["action"]["dim"] = 7
+        action = manifest["spec"]["action"]
+        action.update(names=[f"joint_{i}" for i in range(7)], kinds=["velocity"] * 7, low=[-1.0] * 7,
+                      high=[1.0] * 7, max_slew_per_s=[4.0] * 7)
 
     edit_manifest(copy, seven)
     assert ("motor.channels", True) not in problems_by_key(copy, motor={"port": "/p", "channels": 7})
@@ -134,11 +138,12 @@ def test_another_T_than_the_calibrated_one_warns_unless_a_threshold_is_set(refer
     problem = problems_by_key(reference_bundle[0], policy={"mc_samples": other})[("policy.mc_samples", False)]
     assert f"calibrated at T={calibrated}" in problem.message and f"policy.mc_samples: {calibrated}" in problem.fix
     assert problems_by_key(reference_bundle[0], policy={"mc_samples": other}, uncertainty={"threshold": 0.5}) == {}
-    # A structured record wins over the build's sentence.
+    # A threshold calibrated at this T too (schema v2's by_samples) removes the warning.
     copy = linked_copy(reference_bundle[0], tmp_path / "recorded")
 
     def record(m):
-        m["uncertainty"]["mc_samples"] = other
+        by_target = m["uncertainty"]["by_samples"]["cpu"]
+        by_target[str(other)] = by_target[str(calibrated)]
 
     edit_manifest(copy, record)
     assert problems_by_key(copy, policy={"mc_samples": other}) == {}
@@ -317,3 +322,19 @@ def test_every_config_doctor_passes_runs_and_every_one_it_fails_exits_78_before_
             assert key is None or key in output, (name, key, output[-2000:])
         verdicts.append((name, ready))
     assert [v for _, v in verdicts] == [c[2] for c in CASES]
+
+
+def test_the_gate_takes_the_threshold_calibrated_at_the_configured_T(reference_bundle, tmp_path):
+    copy = linked_copy(reference_bundle[0], tmp_path / "per_t")
+
+    def two_thresholds(m):
+        m["uncertainty"]["by_samples"]["cpu"]["8"] = 0.0123
+
+    edit_manifest(copy, two_thresholds)
+    bundle = Bundle.load(copy)
+    base = {"bundle": str(copy), "camera": {"source": 0}, "motor": {"port": "/p"}}
+    at_8 = wiring.gate_config(bundle, config_from_dict({**base, "policy": {"mc_samples": 8}}))
+    at_16 = wiring.gate_config(bundle, config_from_dict({**base, "policy": {"mc_samples": 16}}))
+    assert at_8.threshold == 0.0123
+    assert at_16.threshold == bundle.manifest["uncertainty"]["by_samples"]["cpu"]["16"]
+    assert ("policy.mc_samples", False) not in problems_by_key(copy, policy={"mc_samples": 8})
