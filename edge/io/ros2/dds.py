@@ -151,6 +151,13 @@ class Ros2Node:
     def is_connected(self) -> bool:
         return self._participant is not None
 
+    @property
+    def participant(self) -> Any:
+        """The binding's DomainParticipant (for wait sets); Ros2Error before connect()."""
+        if self._participant is None:
+            raise Ros2Error("the ROS 2 node is not connected; call connect() first")
+        return self._participant
+
     def disconnect(self) -> None:
         # The binding deletes entities when they are garbage collected; dropping the references is the
         # documented way, and the domain goes with its participants.

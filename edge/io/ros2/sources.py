@@ -51,7 +51,7 @@ class _Subscription:
         from cyclonedds.util import duration
 
         self._reader = node.reader(topic, msg_type, profile)
-        self._waitset = WaitSet(node._participant)
+        self._waitset = WaitSet(node.participant)
         self._waitset.attach(ReadCondition(self._reader, SampleState.Any | ViewState.Any | InstanceState.Any))
         self._timeout = duration(seconds=_POLL_S)
         self._on_sample = on_sample
