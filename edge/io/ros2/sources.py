@@ -61,12 +61,19 @@ class _Subscription:
         self._thread.start()
 
     def _run(self) -> None:
+        from cyclonedds.core import DDSException
+
         while not self._stop.is_set():
             self._waitset.wait(self._timeout)
             try:
                 samples = self._reader.take(N=16)
+            except DDSException as exc:  # the reader or its participant is gone: nothing more will come
+                if not self._stop.is_set():
+                    logger.error("ROS 2 topic %s: reader failed (%s); no more samples, values go stale",
+                                 self._topic, exc)
+                return
             except Exception:  # a sample the type cannot decode must not kill the thread silently
-                logger.exception("ROS 2 topic %s: a sample could not be taken", self._topic)
+                logger.exception("ROS 2 topic %s: a sample could not be decoded", self._topic)
                 continue
             for sample in samples:
                 if type(sample).__name__ == "InvalidSample":  # dispose/unregister notices carry no data
