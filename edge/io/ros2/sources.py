@@ -27,10 +27,12 @@ import numpy as np
 
 from edge.errors import CameraError, InputError
 from edge.io.ros2.dds import QosProfile, Ros2Error, Ros2Node, check_topic
+from edge.ratelimit import RateLimitedWarnings
 from edge.validation import check_range
 
 logger = logging.getLogger(__name__)
 
+_WARN_INTERVAL_S = 5.0
 _POLL_S = 0.05  # a receive thread wakes at least this often to see a disconnect
 _CHANNELS = {"bgr8": 3, "rgb8": 3, "mono8": 1, "bgra8": 4, "rgba8": 4}
 
@@ -56,6 +58,7 @@ class _Subscription:
         self._timeout = duration(seconds=_POLL_S)
         self._on_sample = on_sample
         self._topic = topic
+        self._warn = RateLimitedWarnings(logger, _WARN_INTERVAL_S)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"ros2:{topic}", daemon=True)
         self._thread.start()
@@ -81,7 +84,7 @@ class _Subscription:
                 try:
                     self._on_sample(sample)
                 except (InputError, ValueError, cv2.error) as exc:
-                    logger.warning("ROS 2 topic %s: sample refused: %s", self._topic, exc)
+                    self._warn("ROS 2 topic %s: sample refused: %s", self._topic, exc)
 
     def close(self) -> None:
         self._stop.set()
