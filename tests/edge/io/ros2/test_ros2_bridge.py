@@ -17,7 +17,7 @@ pytest.importorskip("cyclonedds", reason="the ros2 extra (cyclonedds) is not ins
 
 from cyclonedds.idl import IdlStruct  # noqa: E402
 
-from edge.errors import ConfigError, InputError  # noqa: E402
+from edge.errors import CameraError, ConfigError, InputError  # noqa: E402
 from edge.io.ros2 import msgs  # noqa: E402
 from edge.io.ros2.dds import QosProfile, Ros2Config, Ros2Node, cyclone_config_xml, dds_topic_name  # noqa: E402
 from edge.io.ros2.outputs import (  # noqa: E402
@@ -200,3 +200,85 @@ def test_estop_latches_and_diagnostics_reach_a_late_subscriber(node):
     status = received[-1].status[0]
     assert (status.level, status.message) == (2, "stopped")
     assert {kv.key: kv.value for kv in status.values} == {"mode": "stop", "score": "0.9"}
+
+
+def _feed(writer, message, stop: threading.Event) -> threading.Thread:
+    """Publish ``message`` every 20 ms until ``stop`` (a camera publishes continuously too)."""
+    def run():
+        while not stop.is_set():
+            writer.write(message)
+            stop.wait(0.02)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_compressed_camera_decodes_jpeg_and_refuses_a_corrupt_frame(node):
+    import cv2
+
+    bgr = np.zeros((24, 32, 3), np.uint8)
+    bgr[:, :16] = (255, 0, 0)  # left half blue, right half red: survives jpeg
+    bgr[:, 16:] = (0, 0, 255)
+    ok, jpeg = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 95])
+    assert ok
+    writer = node.writer("/camera/image_raw/compressed", msgs.CompressedImage, QosProfile.SENSOR)
+    camera = Ros2Camera(node, Ros2CameraConfig(topic="/camera/image_raw/compressed", compressed=True,
+                                               open_timeout_s=10))
+    stop = threading.Event()
+    bad = msgs.CompressedImage(format="jpeg", data=b"not a jpeg")
+    feeder = _feed(writer, bad, stop)
+    try:
+        with pytest.raises(CameraError, match="no CompressedImage"):
+            Ros2Camera(node, Ros2CameraConfig(topic="/camera/image_raw/compressed", compressed=True,
+                                              open_timeout_s=0.5)).connect()
+        stop.set()
+        feeder.join()
+        stop.clear()
+        feeder = _feed(writer, msgs.CompressedImage(format="jpeg", data=jpeg.tobytes()), stop)
+        with camera:
+            frame, _, _ = camera.read_latest()
+            assert frame.shape == (24, 32, 3)
+            assert frame[12, 4, 0] > 200 and frame[12, 4, 2] < 60  # blue stays blue (BGR kept)
+            assert frame[12, 28, 2] > 200 and frame[12, 28, 0] < 60
+            with pytest.raises(InputError, match="allocate it from frame_shape"):
+                camera.read_into(np.empty((2, 2, 3), np.uint8))
+    finally:
+        stop.set()
+        feeder.join()
+
+
+def test_joint_states_in_and_joint_trajectory_out(node):
+    from edge.io.ros2.sources import Ros2JointStateSource
+
+    states = Ros2JointStateSource(node, Ros2TopicConfig("/joint_states"))
+    config = Ros2CommandConfig(topic="/arm/joint_trajectory", kind="joint_trajectory",
+                               joint_names=("shoulder", "elbow", "wrist"), max_abs=(1.0, 1.0, 0.5),
+                               time_from_start_s=0.1)
+    sink = Ros2CommandSink(node, config)
+    downstream = node.reader("/arm/joint_trajectory", msgs.JointTrajectory, QosProfile.COMMAND)
+    writer = node.writer("/joint_states", msgs.JointState, QosProfile.SENSOR)
+    stop = threading.Event()
+    with states, sink:
+        feeder = _feed(writer, msgs.JointState(name=["shoulder", "elbow"], position=[0.1, -0.2],
+                                               velocity=[0.0, 0.5], effort=[]), stop)
+        try:
+            assert wait_until(lambda: states.latest()[0] is not None)
+        finally:
+            stop.set()
+            feeder.join()
+        sample = states.latest()[0]
+        assert sample.names == ("shoulder", "elbow") and sample.position == (0.1, -0.2)
+        assert states.telemetry_age_s() >= 0  # unset stamp: counted from receipt
+        with pytest.raises(InputError, match="takes 3"):
+            sink.send_velocity([0.1, 0.2])
+        sent = sink.send_velocity([0.3, -2.0, float("nan")])
+        assert sent.targets == (0.0, 0.0, 0.0)  # a NaN anywhere: a stop, never NaN on the wire
+        sent = sink.send_velocity([0.3, -2.0, 0.9])
+        assert sent.targets == (0.3, -1.0, 0.5) and sent.delivered
+        received = []
+        assert wait_until(lambda: received.extend(downstream.take(N=8)) or
+                          any(m.points and m.points[0].velocities == [0.3, -1.0, 0.5] for m in received))
+        message = received[-1]
+        assert message.joint_names == ["shoulder", "elbow", "wrist"]
+        assert (message.points[0].time_from_start.sec, message.points[0].time_from_start.nanosec) == (0, 100_000_000)
