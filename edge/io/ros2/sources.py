@@ -58,6 +58,7 @@ class _Subscription:
         self._timeout = duration(seconds=_POLL_S)
         self._on_sample = on_sample
         self._topic = topic
+        self.refused = 0  # samples that arrived and could not be taken (bad encoding, corrupt jpeg)
         self._warn = RateLimitedWarnings(logger, _WARN_INTERVAL_S)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"ros2:{topic}", daemon=True)
@@ -84,6 +85,7 @@ class _Subscription:
                 try:
                     self._on_sample(sample)
                 except (InputError, ValueError, cv2.error) as exc:
+                    self.refused += 1
                     self._warn("ROS 2 topic %s: sample refused: %s", self._topic, exc)
 
     def close(self) -> None:
@@ -98,10 +100,12 @@ class Ros2CameraConfig:
     topic: str = "/camera/image_raw"
     compressed: bool = False  # sensor_msgs/CompressedImage (jpeg/png) instead of sensor_msgs/Image
     open_timeout_s: float = 5.0  # connect() fails if no frame arrived by then (a lost first sample is fine)
+    stale_after_s: float = 0.3  # no frame for this long counts as a lost stream (is_streaming, reconnects)
 
     def __post_init__(self) -> None:
         check_topic("ros2.camera.topic", self.topic)
         check_range("ros2.camera.open_timeout_s", self.open_timeout_s, 0, 120, unit="s", low_open=True)
+        check_range("ros2.camera.stale_after_s", self.stale_after_s, 0, 60, unit="s", low_open=True)
 
 
 def decode_image(msg: Any) -> np.ndarray:
@@ -141,6 +145,10 @@ class Ros2Camera:
         self._count = 0
         self._first = threading.Event()
         self._sub: _Subscription | None = None
+        self._received_s = -math.inf  # receipt time of the newest frame (time.monotonic())
+        self._reconnects = 0
+        self._read_failures = 0  # refused samples of earlier connections
+        self._open_failures = 0
 
     def connect(self) -> None:
         from edge.io.ros2 import msgs
@@ -151,6 +159,7 @@ class Ros2Camera:
         self._first.clear()
         self._sub = _Subscription(self.node, self.config.topic, msg_type, QosProfile.SENSOR, self._on_frame)
         if not self._first.wait(self.config.open_timeout_s):
+            self._open_failures += 1
             self.disconnect()
             raise CameraError(f"ROS 2 camera: no {msg_type.__name__} on {self.config.topic} within "
                               f"{self.config.open_timeout_s:g} s (ros2.camera.open_timeout_s); check the topic "
@@ -163,9 +172,31 @@ class Ros2Camera:
         return self._sub is not None
 
     def disconnect(self) -> None:
+        """Stop receiving. The last frame stays readable and ages (stale), as with the OpenCV camera."""
         if self._sub is not None:
             self._sub.close()
+            self._read_failures += self._sub.refused
             self._sub = None
+
+    @property
+    def is_streaming(self) -> bool:
+        """True while frames arrive (the newest came less than stale_after_s ago)."""
+        return self.is_connected and time.monotonic() - self._received_s < self.config.stale_after_s
+
+    @property
+    def reconnects(self) -> int:
+        """Times frames came again after a gap longer than stale_after_s."""
+        return self._reconnects
+
+    @property
+    def read_failures(self) -> int:
+        """Frames that arrived and could not be decoded (bad encoding, size or jpeg)."""
+        return self._read_failures + (self._sub.refused if self._sub is not None else 0)
+
+    @property
+    def open_failures(self) -> int:
+        """connect() calls that saw no frame within open_timeout_s."""
+        return self._open_failures
 
     def __enter__(self) -> Ros2Camera:
         self.connect()
@@ -176,11 +207,16 @@ class Ros2Camera:
 
     def _on_frame(self, msg: Any) -> None:
         image = decode_compressed(msg) if self.config.compressed else decode_image(msg)
-        stamp = stamp_to_monotonic(msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9, time.time(),
-                                   time.monotonic())
+        received = time.monotonic()
+        stamp = stamp_to_monotonic(msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9, time.time(), received)
         with self._lock:
+            if self._count and received - self._received_s > self.config.stale_after_s:
+                self._reconnects += 1
+                logger.info("ROS 2 camera %s: frames are back (after %.2f s)", self.config.topic,
+                            received - self._received_s)
             self._front = image
             self._stamp_s = stamp
+            self._received_s = received
             self._count += 1
         self._first.set()
 

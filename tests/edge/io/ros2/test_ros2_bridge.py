@@ -229,9 +229,11 @@ def test_compressed_camera_decodes_jpeg_and_refuses_a_corrupt_frame(node):
     bad = msgs.CompressedImage(format="jpeg", data=b"not a jpeg")
     feeder = _feed(writer, bad, stop)
     try:
+        refusing = Ros2Camera(node, Ros2CameraConfig(topic="/camera/image_raw/compressed", compressed=True,
+                                                     open_timeout_s=0.5))
         with pytest.raises(CameraError, match="no CompressedImage"):
-            Ros2Camera(node, Ros2CameraConfig(topic="/camera/image_raw/compressed", compressed=True,
-                                              open_timeout_s=0.5)).connect()
+            refusing.connect()
+        assert refusing.open_failures == 1 and refusing.read_failures > 0 and refusing.frame_shape is None
         stop.set()
         feeder.join()
         stop.clear()
@@ -282,3 +284,28 @@ def test_joint_states_in_and_joint_trajectory_out(node):
         message = received[-1]
         assert message.joint_names == ["shoulder", "elbow", "wrist"]
         assert (message.points[0].time_from_start.sec, message.points[0].time_from_start.nanosec) == (0, 100_000_000)
+
+
+def test_camera_reports_a_stalled_stream_and_counts_its_return(node):
+    writer = node.writer("/cam", msgs.Image, QosProfile.SENSOR)
+    image = msgs.Image(height=2, width=2, encoding="mono8", step=2, data=bytes([1, 2, 3, 4]))
+    camera = Ros2Camera(node, Ros2CameraConfig(topic="/cam", open_timeout_s=10, stale_after_s=0.2))
+    stop = threading.Event()
+    feeder = _feed(writer, image, stop)
+    try:
+        with camera:
+            assert camera.is_streaming and camera.reconnects == 0
+            stop.set()
+            feeder.join()
+            assert wait_until(lambda: not camera.is_streaming)  # the publisher went quiet
+            age = camera.frame_age_s()
+            assert camera.frame_age_s() >= age  # the last frame stays readable and ages
+            stop.clear()
+            feeder = _feed(writer, image, stop)
+            assert wait_until(lambda: camera.is_streaming)
+            assert camera.reconnects == 1
+            frame, _, _ = camera.read_latest()
+            np.testing.assert_array_equal(frame[..., 0], [[1, 2], [3, 4]])  # mono8 spread to BGR
+    finally:
+        stop.set()
+        feeder.join()
