@@ -309,3 +309,23 @@ def test_camera_reports_a_stalled_stream_and_counts_its_return(node):
     finally:
         stop.set()
         feeder.join()
+
+
+def test_an_interface_that_is_not_on_this_machine_is_a_clear_error():
+    from edge.io.ros2.dds import Ros2Error
+
+    # 192.0.2.1 is TEST-NET-1 (RFC 5737): never a local address, and nothing is sent to it.
+    node = Ros2Node(Ros2Config(domain_id=free_domain(), interface_address="192.0.2.1"))
+    with pytest.raises(Ros2Error, match=r"ros2.interface_address .*ip -4 addr"):
+        node.connect()
+    assert not node.is_connected
+    with pytest.raises(Ros2Error, match="not connected"):
+        node.writer("/cmd_vel", msgs.Twist, QosProfile.COMMAND)
+
+
+def test_without_the_binding_the_error_names_the_extra(monkeypatch):
+    from edge.io.ros2.dds import Ros2Error, require_cyclonedds
+
+    monkeypatch.setitem(sys.modules, "cyclonedds", None)  # what `import cyclonedds` sees when it is absent
+    with pytest.raises(Ros2Error, match=r"vla-edge\[ros2\]"):
+        require_cyclonedds()
