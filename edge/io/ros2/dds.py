@@ -121,6 +121,38 @@ def make_qos(profile: QosProfile) -> Any:
     return Qos(reliable, Policy.Durability.Volatile, Policy.History.KeepLast(10), representation)
 
 
+# Cyclone DDS holds one domain per process and id: a second Domain(id, config) for an id already open
+# raises PRECONDITION_NOT_MET (seen with cyclonedds 11.0.1). Nodes of one process on one domain share
+# it, and must agree on its configuration.
+_DOMAINS: dict[int, list[Any]] = {}  # domain id -> [config xml, Domain, nodes holding it]
+_DOMAINS_LOCK = threading.Lock()
+
+
+def _acquire_domain(config: Ros2Config) -> Any:
+    from cyclonedds.domain import Domain
+
+    xml = cyclone_config_xml(config)
+    with _DOMAINS_LOCK:
+        entry = _DOMAINS.get(config.domain_id)
+        if entry is None:
+            entry = _DOMAINS[config.domain_id] = [xml, Domain(config.domain_id, xml), 0]
+        elif entry[0] != xml:
+            raise Ros2Error(f"DDS domain {config.domain_id} is already open in this process with another "
+                            "network configuration; give every ros2 node of one process the same "
+                            "interface_address, peers and allow_multicast")
+        entry[2] += 1
+        return entry[1]
+
+
+def _release_domain(domain_id: int) -> None:
+    with _DOMAINS_LOCK:
+        entry = _DOMAINS.get(domain_id)
+        if entry is not None:
+            entry[2] -= 1
+            if entry[2] <= 0:
+                del _DOMAINS[domain_id]
+
+
 class Ros2Node:
     """One DDS participant on the configured domain; makes the readers and writers of the roles."""
 
@@ -132,14 +164,16 @@ class Ros2Node:
 
     def connect(self) -> None:
         dds = require_cyclonedds()
-        from cyclonedds.domain import Domain, DomainParticipant
+        from cyclonedds.domain import DomainParticipant
 
         if self._participant is not None:
             raise Ros2Error("the ROS 2 node is already connected")
         try:
-            self._domain = Domain(self.config.domain_id, cyclone_config_xml(self.config))
+            self._domain = _acquire_domain(self.config)
             self._participant = DomainParticipant(self.config.domain_id)
         except dds.core.DDSException as exc:
+            if self._domain is not None:
+                _release_domain(self.config.domain_id)
             self._domain = None
             raise Ros2Error(f"could not join DDS domain {self.config.domain_id} on interface "
                             f"{self.config.interface_address} ({exc}); check ros2.interface_address is an "
@@ -159,10 +193,13 @@ class Ros2Node:
         return self._participant
 
     def disconnect(self) -> None:
-        # The binding deletes entities when they are garbage collected; dropping the references is the
-        # documented way, and the domain goes with its participants.
+        # The binding deletes entities when they are garbage collected: dropping the references deletes
+        # the participant, and the domain goes when its last node in this process has let go of it.
+        if self._participant is None:
+            return
         self._participant = None
         self._domain = None
+        _release_domain(self.config.domain_id)
 
     def __enter__(self) -> Ros2Node:
         self.connect()
