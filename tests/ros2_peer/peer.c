@@ -2,8 +2,10 @@
  *
  * Publishes sensor_msgs/Image on rt/camera/image_raw (best effort, keep last 1) and std_msgs/String on
  * rt/instruction (ROS 2 default QoS: reliable, volatile, keep last 10), and subscribes to
- * geometry_msgs/Twist on rt/cmd_vel (reliable, keep last 1), all in XCDR1 as ROS 2's middlewares use.
- * Prints "cmd <linear.x> <angular.z>" per command received and runs until stdin closes.
+ * geometry_msgs/Twist on rt/cmd_vel (reliable, keep last 1) and to sensor_msgs/Image on rt/echo/image_raw
+ * (best effort, keep last 1), all in XCDR1 as ROS 2's middlewares use. Prints "cmd <linear.x> <angular.z>"
+ * per command and "image <width> <height> <encoding> <step> <frame_id> <bytes> <sum of bytes>" per image
+ * received, and runs until stdin closes.
  *
  * usage: peer DOMAIN_ID WIDTH HEIGHT   (discovery and interfaces come from CYCLONEDDS_URI)
  * The image is rgb8: red = column % 256, green = row % 256, blue = frame counter % 256.
@@ -54,11 +56,16 @@ int main(int argc, char **argv) {
                                              "rt/instruction", NULL, NULL);
   dds_entity_t cmd_topic = dds_create_topic(participant, &geometry_msgs_msg_dds__Twist__desc,
                                             "rt/cmd_vel", NULL, NULL);
-  if (image_topic < 0 || text_topic < 0 || cmd_topic < 0) return fail("dds_create_topic", -1);
+  dds_entity_t echo_topic = dds_create_topic(participant, &sensor_msgs_msg_dds__Image__desc,
+                                             "rt/echo/image_raw", NULL, NULL);
+  if (image_topic < 0 || text_topic < 0 || cmd_topic < 0 || echo_topic < 0)
+    return fail("dds_create_topic", -1);
   dds_entity_t image_writer = dds_create_writer(participant, image_topic, sensor, NULL);
   dds_entity_t text_writer = dds_create_writer(participant, text_topic, standard, NULL);
   dds_entity_t cmd_reader = dds_create_reader(participant, cmd_topic, command, NULL);
-  if (image_writer < 0 || text_writer < 0 || cmd_reader < 0) return fail("create writer/reader", -1);
+  dds_entity_t echo_reader = dds_create_reader(participant, echo_topic, sensor, NULL);
+  if (image_writer < 0 || text_writer < 0 || cmd_reader < 0 || echo_reader < 0)
+    return fail("create writer/reader", -1);
 
   const uint32_t step = width * 3;
   uint8_t *pixels = malloc((size_t)step * height);
@@ -107,6 +114,18 @@ int main(int argc, char **argv) {
       printf("cmd %.17g %.17g\n", twist->linear.x, twist->angular.z);
     }
     if (taken > 0) dds_return_loan(cmd_reader, samples, taken);
+
+    void *images[1] = {NULL};
+    dds_sample_info_t image_info[1];
+    taken = dds_take(echo_reader, images, image_info, 1, 1);
+    if (taken > 0 && image_info[0].valid_data) {
+      const sensor_msgs_msg_dds__Image_ *in = images[0];
+      uint32_t sum = 0;
+      for (uint32_t i = 0; i < in->data._length; i++) sum += in->data._buffer[i];
+      printf("image %u %u %s %u %s %u %u\n", in->width, in->height, in->encoding, in->step,
+             in->header.frame_id, in->data._length, sum);
+    }
+    if (taken > 0) dds_return_loan(echo_reader, images, taken);
     fflush(stdout);
     dds_sleepfor(DDS_MSECS(20));
   }

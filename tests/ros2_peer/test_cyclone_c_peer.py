@@ -1,6 +1,7 @@
 """The bridge against an independent DDS peer: a C program built with Cyclone DDS's C toolchain (idlc, libddsc)
 from its own IDL of the ROS 2 types (ros2_types.idl). It publishes a fragmented Image and a String and
-subscribes to the commands: matching types, names and QoS across implementations is what a ROS 2 node needs.
+subscribes to the commands and to an Image the bridge's encoder writes: matching types, names, QoS and
+bytes across implementations is what a ROS 2 node needs.
 
 CI installs the toolchain (`.ci/run`: Debian's cyclonedds-dev and cyclonedds-tools); elsewhere the test skips,
 naming what is missing.
@@ -19,7 +20,8 @@ import pytest
 
 pytest.importorskip("cyclonedds", reason="the ros2 extra (cyclonedds) is not installed")
 
-from edge.io.ros2.dds import Ros2Config, Ros2Node, cyclone_config_xml  # noqa: E402
+from edge.io.ros2 import msgs  # noqa: E402
+from edge.io.ros2.dds import QosProfile, Ros2Config, Ros2Node, cyclone_config_xml  # noqa: E402
 from edge.io.ros2.outputs import Ros2CommandConfig, Ros2CommandSink  # noqa: E402
 from edge.io.ros2.sources import Ros2Camera, Ros2CameraConfig, Ros2InstructionSource, Ros2TopicConfig  # noqa: E402
 from tests.waiting import wait_until  # noqa: E402
@@ -74,6 +76,18 @@ def test_c_peer_image_and_string_reach_the_bridge_and_commands_reach_the_peer(c_
                 assert sent.delivered
                 assert wait_until(lambda: "cmd 0.25 -1.5" in lines), lines[-5:]
                 assert wait_until(lambda: camera.frame_count > count)
+                # The bridge's fast Image encoding, decoded by the C peer's generated code.
+                echo = node.writer("/echo/image_raw", msgs.Image, QosProfile.SENSOR)
+                pixels = np.random.default_rng(1).integers(0, 256, (HEIGHT, WIDTH, 3), dtype=np.uint8)
+                expected = (f"image {WIDTH} {HEIGHT} bgr8 {WIDTH * 3} bridge_camera {pixels.size} "
+                            f"{int(pixels.sum(dtype=np.uint64)) % 2**32}")
+
+                def echoed() -> bool:
+                    echo.write(msgs.Image(header=msgs.Header(frame_id="bridge_camera"), height=HEIGHT,
+                                          width=WIDTH, encoding="bgr8", step=WIDTH * 3, data=pixels.tobytes()))
+                    return expected in lines
+
+                assert wait_until(echoed, poll_s=0.05), [line for line in lines if line.startswith("image")]
     finally:
         peer.stdin.close()
         peer.wait(timeout=10)
