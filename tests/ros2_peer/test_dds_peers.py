@@ -1,10 +1,10 @@
-"""The bridge against an independent DDS peer: a C program built with Cyclone DDS's C toolchain (idlc, libddsc)
-from its own IDL of the ROS 2 types (ros2_types.idl). It publishes a fragmented Image and a String and
+"""The bridge against independent DDS peers built from their own IDL of the ROS 2 types (ros2_types.idl): a C
+program on Cyclone DDS's C toolchain (idlc, libddsc) and a C++ one on Fast DDS (fastddsgen, libfastrtps),
+ROS 2's default middleware. It publishes a fragmented Image and a String and
 subscribes to the commands and to an Image the bridge's encoder writes: matching types, names, QoS and
 bytes across implementations is what a ROS 2 node needs.
 
-CI installs the toolchain (`.ci/run`: Debian's cyclonedds-dev and cyclonedds-tools); elsewhere the test skips,
-naming what is missing.
+CI installs the toolchains (`.ci/run`, from Debian); elsewhere a peer's test skips, naming what is missing.
 """
 
 from __future__ import annotations
@@ -30,36 +30,59 @@ HERE = Path(__file__).parent
 WIDTH, HEIGHT = 320, 240  # 230 kB per frame: every sample is fragmented (> 64 kB)
 
 
-def _missing_toolchain() -> str | None:
-    for tool in ("idlc", "cc"):
+def _missing(tools: tuple[str, ...], headers: tuple[str, ...], packages: str) -> str | None:
+    for tool in tools:
         if shutil.which(tool) is None:
-            return f"{tool} not found: apt-get install cyclonedds-dev cyclonedds-tools (see .ci/run)"
-    if not Path("/usr/include/dds/dds.h").exists():
-        return "Cyclone DDS C headers (dds/dds.h) not found: apt-get install cyclonedds-dev (see .ci/run)"
+            return f"{tool} not found: apt-get install {packages} (see .ci/run)"
+    for header in headers:
+        if not Path("/usr/include", header).exists():
+            return f"{header} not found: apt-get install {packages} (see .ci/run)"
     return None
 
 
-@pytest.fixture(scope="module")
-def c_peer(tmp_path_factory) -> Path:
-    reason = _missing_toolchain()
-    if reason:
-        pytest.skip(reason)
-    build = tmp_path_factory.mktemp("ros2_c_peer")
+def build_cyclone_c(build: Path) -> Path:
+    # -t: no XTypes type information, so topics match by type name, as with ROS 2's middlewares
+    # (docs/ros2.md, "Checked against an independent DDS implementation").
     subprocess.run(["idlc", "-t", "-o", str(build), str(HERE / "ros2_types.idl")], check=True)
     subprocess.run(["cc", "-O2", "-Wall", "-Werror", f"-I{build}", "-o", str(build / "peer"), str(HERE / "peer.c"),
                     str(build / "ros2_types.c"), "-lddsc"], check=True)
     return build / "peer"
 
 
-def test_c_peer_image_and_string_reach_the_bridge_and_commands_reach_the_peer(c_peer):
+def build_fast_dds(build: Path) -> Path:
+    subprocess.run(["fastddsgen", "-replace", "-d", str(build), str(HERE / "ros2_types.idl")], check=True,
+                   stdout=subprocess.DEVNULL)
+    subprocess.run(["c++", "-O1", "-std=c++17", "-Wall", f"-I{build}", "-o", str(build / "fast_peer"),
+                    str(HERE / "fast_peer.cpp"), str(build / "ros2_types.cxx"),
+                    str(build / "ros2_typesPubSubTypes.cxx"), "-lfastrtps", "-lfastcdr"], check=True)
+    return build / "fast_peer"
+
+
+PEERS = {
+    "cyclone-c": (("idlc", "cc"), ("dds/dds.h",), "cyclonedds-dev cyclonedds-tools", build_cyclone_c),
+    "fast-dds": (("fastddsgen", "c++"), ("fastdds/dds/domain/DomainParticipant.hpp",),
+                 "fastddsgen libfastrtps-dev g++", build_fast_dds),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(PEERS))
+def peer_program(request, tmp_path_factory) -> Path:
+    tools, headers, packages, build = PEERS[request.param]
+    reason = _missing(tools, headers, packages)
+    if reason:
+        pytest.skip(reason)
+    return build(tmp_path_factory.mktemp(request.param))
+
+
+def test_peer_image_and_string_reach_the_bridge_and_the_bridge_reaches_the_peer(peer_program):
     config = Ros2Config(domain_id=int.from_bytes(os.urandom(1), "little") % 200 + 1)
     env = {**os.environ, "CYCLONEDDS_URI": cyclone_config_xml(config)}
-    peer = subprocess.Popen([str(c_peer), str(config.domain_id), str(WIDTH), str(HEIGHT)], env=env,
+    peer = subprocess.Popen([str(peer_program), str(config.domain_id), str(WIDTH), str(HEIGHT)], env=env,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     lines: list[str] = []
     threading.Thread(target=lambda: [lines.append(line.strip()) for line in peer.stdout], daemon=True).start()
     try:
-        assert wait_until(lambda: "ready" in lines), "the C peer did not start"
+        assert wait_until(lambda: "ready" in lines), f"{peer_program.name} did not start"
         with Ros2Node(config) as node:
             camera = Ros2Camera(node, Ros2CameraConfig(open_timeout_s=10))
             instructions = Ros2InstructionSource(node, Ros2TopicConfig("/instruction"))
