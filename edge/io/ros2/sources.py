@@ -341,6 +341,11 @@ class JointSample:
     effort: tuple[float, ...]
     stamp_s: float  # header stamp mapped onto time.monotonic()
 
+    @property
+    def velocities(self) -> tuple[float, ...]:
+        """The measured velocities under the name the serial link's Telemetry gives them."""
+        return self.velocity
+
 
 class Ros2JointStateSource(_LatestValue):
     """Telemetry as sensor_msgs/JointState (sensor QoS: best effort, keep last 1)."""

@@ -98,3 +98,42 @@ def test_bridge_runs_every_role_against_a_ros2_graph_of_this_process():
         finally:
             stop.set()
             feeder.join()
+
+
+def test_ros2_link_latches_the_estop_and_reads_joint_states_like_the_serial_link():
+    from edge.io.ros2.link import Ros2MotorLink
+
+    section = Ros2Section(domain_id=random.randint(1, 200), command={"max_abs": [1.0, 1.0]}, telemetry=True,
+                          estop=True)
+    graph = Ros2Node(section.node)
+    with graph:
+        commands = graph.reader("/cmd_vel", msgs.Twist, QosProfile.COMMAND)
+        estop_writer = graph.writer("/estop", msgs.Bool, QosProfile.COMMAND)
+        states = graph.writer("/joint_states", msgs.JointState, QosProfile.SENSOR)
+        bridge = Ros2Bridge(section)
+        with bridge:
+            link = Ros2MotorLink(bridge.command, bridge.telemetry, bridge.estop)
+            link.connect()  # the bridge connected the parts already: nothing is connected twice
+            assert link.latest_telemetry() == (None, -np.inf) and link.telemetry_age_s() == np.inf
+            assert wait_until(lambda: (states.write(msgs.JointState(name=["l", "r"], velocity=[0.25, -0.5]))
+                                       or link.latest_telemetry()[0] is not None))
+            telemetry, stamp = link.latest_telemetry()
+            assert telemetry.velocities == (0.25, -0.5) and stamp > -np.inf and link.telemetry_age_s() >= 0
+            assert link.send_velocity([0.5, 0.5]).targets == (0.5, 0.5)
+            assert link.emergency_stop().targets == (0.0, 0.0)
+            assert link.send_velocity([0.5, 0.5]).targets == (0.0, 0.0)  # latched: zeros, whatever is asked
+            link.clear_emergency_stop()
+            assert link.send_velocity([0.5, 0.5]).targets == (0.5, 0.5)
+            # A true on the e-stop topic latches the link the same way.
+            assert wait_until(lambda: estop_writer.get_matched_subscriptions() != [])
+            estop_writer.write(msgs.Bool(True))
+            assert wait_until(lambda: link.is_latched)
+            assert link.send_velocity([0.5, 0.5]).targets == (0.0, 0.0)
+            link.clear_emergency_stop()
+            assert not link.is_latched
+            stats = link.stats
+            assert stats.commands_sent == 7 and stats.write_failures == 0 and stats.telemetry_frames >= 1
+            assert stats.bad_frames == 0 and link.last_round_trip_s is None
+            received = []
+            assert wait_until(lambda: received.extend(commands.take(N=8)) or
+                              (received and received[-1] == msgs.Twist()))  # the clear's zero
