@@ -185,7 +185,11 @@ class Ros2Diagnostics:
         status = msgs.DiagnosticStatus(level=report.level, name=self.config.name, message=report.message,
                                        hardware_id=self.config.hardware_id,
                                        values=[msgs.KeyValue(k, str(v)) for k, v in report.values.items()])
-        self._writer.write(msgs.DiagnosticArray(header=msgs.Header(stamp=msgs.Time.from_seconds(time.time())),
-                                                status=[status]))
+        try:
+            self._writer.write(msgs.DiagnosticArray(header=msgs.Header(stamp=msgs.Time.from_seconds(time.time())),
+                                                    status=[status]))
+        except Exception as exc:  # the binding raises DDSException; a status topic never stops the robot
+            logger.warning("ROS 2 diagnostics on %s not written: %s", self.config.topic, exc)
+            return False
         self._last_s = now
         return True
