@@ -57,6 +57,7 @@ class _Subscription:
         self._waitset.attach(ReadCondition(self._reader, SampleState.Any | ViewState.Any | InstanceState.Any))
         self._timeout = duration(seconds=_POLL_S)
         self._on_sample = on_sample
+        self._msg_type = msg_type
         self._topic = topic
         self.refused = 0  # samples that arrived and could not be taken (bad encoding, corrupt jpeg)
         self._warn = RateLimitedWarnings(logger, _WARN_INTERVAL_S)
@@ -68,19 +69,20 @@ class _Subscription:
         from cyclonedds.core import DDSException
 
         while not self._stop.is_set():
-            self._waitset.wait(self._timeout)
             try:
+                self._waitset.wait(self._timeout)
                 samples = self._reader.take(N=16)
             except DDSException as exc:  # the reader or its participant is gone: nothing more will come
                 if not self._stop.is_set():
                     logger.error("ROS 2 topic %s: reader failed (%s); no more samples, values go stale",
                                  self._topic, exc)
                 return
-            except Exception:  # a sample the type cannot decode must not kill the thread silently
-                logger.exception("ROS 2 topic %s: a sample could not be decoded", self._topic)
+            except Exception as exc:  # bytes the type cannot decode: taken already, so the next take goes on
+                self.refused += 1
+                self._warn("ROS 2 topic %s: a sample could not be decoded: %r", self._topic, exc)
                 continue
             for sample in samples:
-                if type(sample).__name__ == "InvalidSample":  # dispose/unregister notices carry no data
+                if not isinstance(sample, self._msg_type):  # dispose/unregister notices carry no data
                     continue
                 try:
                     self._on_sample(sample)
