@@ -13,6 +13,7 @@ a listed role takes its mapping (or ``{}`` / ``true`` for the defaults)::
       telemetry: {topic: /joint_states}
       estop: {topic: /estop}
       diagnostics: {}
+      mode: {topic: /vla_edge/mode}
 
 ``Ros2Section`` validates itself (unknown keys are errors, every error names ``ros2.<role>.<key>``), so the
 service's config loader takes it like any other section; ``Ros2Bridge`` is the one place that turns it
@@ -28,7 +29,14 @@ from typing import Any
 
 from edge.errors import ConfigError
 from edge.io.ros2.dds import Ros2Config, Ros2Node
-from edge.io.ros2.outputs import Ros2CommandConfig, Ros2CommandSink, Ros2Diagnostics, Ros2DiagnosticsConfig
+from edge.io.ros2.outputs import (
+    Ros2CommandConfig,
+    Ros2CommandSink,
+    Ros2Diagnostics,
+    Ros2DiagnosticsConfig,
+    Ros2ModeConfig,
+    Ros2ModePublisher,
+)
 from edge.io.ros2.sources import (
     Ros2Camera,
     Ros2CameraConfig,
@@ -76,6 +84,7 @@ class Ros2Section:
     telemetry: Ros2TopicConfig | None = None  # sensor_msgs/JointState
     estop: Ros2TopicConfig | None = None  # std_msgs/Bool, latching
     diagnostics: Ros2DiagnosticsConfig | None = None  # diagnostic_msgs/DiagnosticArray at 1 Hz
+    mode: Ros2ModeConfig | None = None  # the loop's mode as std_msgs/String, on change
 
     def __post_init__(self) -> None:
         _ = self.node  # validates the network keys (errors name ros2.<key>)
@@ -83,6 +92,7 @@ class Ros2Section:
         set_(self, "camera", _role("camera", Ros2CameraConfig, self.camera))
         set_(self, "command", _role("command", Ros2CommandConfig, self.command))
         set_(self, "diagnostics", _role("diagnostics", Ros2DiagnosticsConfig, self.diagnostics))
+        set_(self, "mode", _role("mode", Ros2ModeConfig, self.mode))
         for name in ("instruction", "telemetry", "estop"):
             set_(self, name, _role(name, Ros2TopicConfig, getattr(self, name),
                                    {"topic": _DEFAULT_TOPICS[name], "key": f"ros2.{name}.topic"}))
@@ -95,7 +105,8 @@ class Ros2Section:
 
     @property
     def roles(self) -> tuple[str, ...]:
-        return tuple(name for name in ("camera", "instruction", "command", "telemetry", "estop", "diagnostics")
+        return tuple(name for name in ("camera", "instruction", "command", "telemetry", "estop", "diagnostics",
+                                  "mode")
                      if getattr(self, name) is not None)
 
 
@@ -112,11 +123,13 @@ class Ros2Bridge:
         self.telemetry = None if s.telemetry is None else Ros2JointStateSource(self.node, s.telemetry)
         self.estop = None if s.estop is None else Ros2EStop(self.node, s.estop)
         self.diagnostics = None if s.diagnostics is None else Ros2Diagnostics(self.node, s.diagnostics)
+        self.mode = None if s.mode is None else Ros2ModePublisher(self.node, s.mode)
 
     def _parts(self) -> list[Any]:
         # Outputs first: a command sink is up before frames can drive anything; the camera last, since
         # its connect() waits for a frame.
-        parts = [self.diagnostics, self.command, self.estop, self.instructions, self.telemetry, self.camera]
+        parts = [self.diagnostics, self.mode, self.command, self.estop, self.instructions, self.telemetry,
+                 self.camera]
         return [p for p in parts if p is not None]
 
     def connect(self) -> None:

@@ -4,6 +4,7 @@
   to a downstream ros2_control); ``send_velocity`` returns what was sent after clamping, like the serial link.
 - ``Ros2Diagnostics``: diagnostic_msgs/DiagnosticArray on /diagnostics, at most once per period_s (1 Hz),
   reliable and transient local so a late ``ros2 topic echo`` sees the last status.
+- ``Ros2ModePublisher``: the loop's mode as std_msgs/String on /vla_edge/mode, on each change.
 """
 
 from __future__ import annotations
@@ -192,4 +193,53 @@ class Ros2Diagnostics:
             logger.warning("ROS 2 diagnostics on %s not written: %s", self.config.topic, exc)
             return False
         self._last_s = now
+        return True
+
+
+@dataclass(frozen=True)
+class Ros2ModeConfig:
+    topic: str = "/vla_edge/mode"
+
+    def __post_init__(self) -> None:
+        check_topic("ros2.mode.topic", self.topic)
+
+
+class Ros2ModePublisher:
+    """The loop's mode (running, hold, fallback, estop, ...) as std_msgs/String, published when it changes.
+
+    Reliable and transient local, like /diagnostics: ``ros2 topic echo /vla_edge/mode`` started later
+    still prints the current mode.
+    """
+
+    def __init__(self, node: Ros2Node, config: Ros2ModeConfig) -> None:
+        self.node = node
+        self.config = config
+        self._writer: Any = None
+        self._last: str | None = None
+
+    def connect(self) -> None:
+        from edge.io.ros2 import msgs
+
+        self._writer = self.node.writer(self.config.topic, msgs.String, QosProfile.STATUS)
+        self._last = None
+
+    @property
+    def is_connected(self) -> bool:
+        return self._writer is not None
+
+    def disconnect(self) -> None:
+        self._writer = None
+
+    def publish(self, mode: str) -> bool:
+        """Publish ``mode`` if it differs from the last one published; True when it was written."""
+        from edge.io.ros2 import msgs
+
+        if self._writer is None or mode == self._last:
+            return False
+        try:
+            self._writer.write(msgs.String(data=mode))
+        except Exception as exc:  # the binding raises DDSException; a status topic never stops the robot
+            logger.warning("ROS 2 mode on %s not written: %s", self.config.topic, exc)
+            return False
+        self._last = mode
         return True

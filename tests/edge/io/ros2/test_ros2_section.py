@@ -30,7 +30,7 @@ def test_the_documented_example_loads():
     doc = bridge_module.__doc__
     example = doc[doc.index("    ros2:"):doc.index("``Ros2Section`` validates")]
     section = section_from_yaml("\n".join(line[4:] for line in example.splitlines()))
-    assert section.roles == ("camera", "instruction", "command", "telemetry", "estop", "diagnostics")
+    assert section.roles == ("camera", "instruction", "command", "telemetry", "estop", "diagnostics", "mode")
     assert section.command.max_abs == (0.5, 1.5) and section.command.kind == "twist"
     assert section.telemetry.topic == "/joint_states" and section.diagnostics.period_s == 1.0
     assert section.node == Ros2Config()
@@ -58,7 +58,7 @@ def test_nodes_of_one_process_share_a_domain_only_with_the_same_network():
 
 def test_bridge_runs_every_role_against_a_ros2_graph_of_this_process():
     section = Ros2Section(domain_id=random.randint(1, 200), camera={"open_timeout_s": 10}, instruction=True,
-                          command={"max_abs": [0.5, 1.0]}, estop=True, diagnostics=True)
+                          command={"max_abs": [0.5, 1.0]}, estop=True, diagnostics=True, mode=True)
     graph = Ros2Node(section.node)  # the robot's other nodes
     with graph:
         image_writer = graph.writer("/camera/image_raw", msgs.Image, QosProfile.SENSOR)
@@ -91,6 +91,12 @@ def test_bridge_runs_every_role_against_a_ros2_graph_of_this_process():
                 received = []
                 assert wait_until(lambda: received.extend(commands.take(N=8)) or sent in received)
                 assert bridge.diagnostics.publish(DiagnosticReport(0, "running"))
+                assert bridge.mode.publish("hold") and not bridge.mode.publish("hold")  # only on change
+                assert bridge.mode.publish("running")
+                late = graph.reader("/vla_edge/mode", msgs.String, QosProfile.STATUS)  # transient local
+                modes = []
+                assert wait_until(lambda: modes.extend(late.take(N=4)) or modes)
+                assert modes == [msgs.String("running")]
             # The last command left on the topic when the bridge stopped is a zero.
             assert wait_until(lambda: received.extend(commands.take(N=8)) or
                               (received and received[-1] == msgs.Twist()))
