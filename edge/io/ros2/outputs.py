@@ -205,7 +205,7 @@ class Ros2ModeConfig:
 
 
 class Ros2ModePublisher:
-    """The loop's mode (running, hold, fallback, estop, ...) as std_msgs/String, published when it changes.
+    """The loop's mode (as the service names it: nominal, hold, fallback, estop) as std_msgs/String, on change.
 
     Reliable and transient local, like /diagnostics: ``ros2 topic echo /vla_edge/mode`` started later
     still prints the current mode.
