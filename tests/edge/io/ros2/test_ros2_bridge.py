@@ -111,26 +111,22 @@ def test_config_refuses_bad_values_naming_the_key():
 
 def test_qos_profiles_state_every_policy_ros2_users_expect():
     from cyclonedds.core import Policy
+    from cyclonedds.util import duration
 
-    sensor = msgs_qos(QosProfile.SENSOR)
-    assert isinstance(sensor[Policy.Reliability], Policy.Reliability.BestEffort.__class__) or \
-        sensor[Policy.Reliability] == Policy.Reliability.BestEffort
-    assert sensor[Policy.History] == Policy.History.KeepLast(1)
-    assert msgs_qos(QosProfile.STATUS)[Policy.Durability] == Policy.Durability.TransientLocal
-    default = msgs_qos(QosProfile.DEFAULT)
-    assert default[Policy.History] == Policy.History.KeepLast(10)
-    assert default[Policy.Durability] == Policy.Durability.Volatile
-    assert isinstance(default[Policy.Reliability], Policy.Reliability.Reliable)
-    assert isinstance(msgs_qos(QosProfile.COMMAND)[Policy.Reliability], Policy.Reliability.Reliable)
-    for profile in QosProfile:
-        assert msgs_qos(profile)[Policy.DataRepresentation] == Policy.DataRepresentation(
-            use_cdrv0_representation=True)
-
-
-def msgs_qos(profile):
     from edge.io.ros2.dds import make_qos
 
-    return make_qos(profile)
+    reliable = Policy.Reliability.Reliable(max_blocking_time=duration(milliseconds=100))
+    expected = {  # (reliability, durability, history) per profile
+        QosProfile.SENSOR: (Policy.Reliability.BestEffort, Policy.Durability.Volatile, Policy.History.KeepLast(1)),
+        QosProfile.COMMAND: (reliable, Policy.Durability.Volatile, Policy.History.KeepLast(1)),
+        QosProfile.STATUS: (reliable, Policy.Durability.TransientLocal, Policy.History.KeepLast(1)),
+        QosProfile.DEFAULT: (reliable, Policy.Durability.Volatile, Policy.History.KeepLast(10)),
+    }
+    for profile, (reliability, durability, history) in expected.items():
+        qos = make_qos(profile)
+        assert (qos[Policy.Reliability], qos[Policy.Durability], qos[Policy.History]) == \
+            (reliability, durability, history), profile
+        assert qos[Policy.DataRepresentation] == Policy.DataRepresentation(use_cdrv0_representation=True)
 
 
 # --- over loopback DDS --------------------------------------------------------------------------------
