@@ -13,6 +13,7 @@ from typing import Any
 
 from edge.errors import EdgeError
 from edge.inference.bundle import MANIFEST, Bundle, file_sha256
+from edge.service.jetson_power import check_jetson_power
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +79,9 @@ def environment(bundle: Bundle) -> dict:
         "cpu": _cpu_info(),
         "load_average_at_start": list(os.getloadavg()),  # other work on the machine makes every number noisier
         "gpu": _gpu_info(),
+        # On a Jetson: the power mode and whether jetson_clocks locked the clocks (doctor's own check), since
+        # a lower mode or dynamic clocks make every number slower and noisier; [] elsewhere.
+        "jetson_power": [result.to_dict() for result in check_jetson_power()],
         "libraries": {p: _version(p) for p in packages},
         "onnxruntime_providers": onnxruntime.get_available_providers(),
         "bundle": {
