@@ -279,6 +279,10 @@ class ControlLoop:
             self.counters["telemetry_rejected"] += 1
             self._warn("telemetry rejected (%s): treated as missing, controlled stop", problem)
             return
+        if not hasattr(telemetry, "status"):
+            # A telemetry source without the serial protocol's status flags and counters (a ROS 2
+            # JointState): its channel counts and bounds are checked above; there is nothing more to read.
+            return
         trips = watch.watchdog_trips
         take = getattr(self.link, "take_status_flags", None)
         fault = watch.observe(telemetry, estopped=self.safety.estopped, seen=take() if take else None)

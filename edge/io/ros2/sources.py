@@ -348,6 +348,11 @@ class JointSample:
         """The measured velocities under the name the serial link's Telemetry gives them."""
         return self.velocity
 
+    @property
+    def positions(self) -> tuple[float, ...]:
+        """The measured positions under the name the serial link's Telemetry gives them."""
+        return self.position
+
 
 class Ros2JointStateSource(_LatestValue):
     """Telemetry as sensor_msgs/JointState (sensor QoS: best effort, keep last 1)."""

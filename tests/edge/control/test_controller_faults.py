@@ -232,3 +232,16 @@ def test_a_controller_restart_counts_as_a_trip_even_when_no_sample_shows_the_fla
                           dropped_commands=0)
     assert watch.observe(restarted, estopped=False) is None
     assert watch.watchdog_trips == 1
+
+
+def test_a_ros2_joint_state_is_checked_for_channels_and_bounds_though_it_has_no_status_flags():
+    from edge.control.controller_watch import ControllerWatch
+    from edge.io.ros2.sources import JointSample
+
+    watch = ControllerWatch(channels=2)
+    good = JointSample(names=("a", "b"), position=(0.1, 0.2), velocity=(0.3, -0.3), effort=(), stamp_s=0.0)
+    assert watch.problem(good) is None
+    three = JointSample(names=("a", "b", "c"), position=(), velocity=(0.0, 0.0, 0.0), effort=(), stamp_s=0.0)
+    assert "3 velocities for 2 channels" in watch.problem(three)
+    wild = JointSample(names=("a", "b"), position=(), velocity=(0.0, float("inf")), effort=(), stamp_s=0.0)
+    assert "velocity[1]" in watch.problem(wild)
