@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from edge.errors import CameraError, ConfigError, InputError
+from edge.errors import CameraError, ConfigError
+from edge.io.latest_frame import LatestFrame
 from edge.ratelimit import RateLimitedWarnings
 from edge.validation import check_backoff, check_bool, check_choice, check_range, check_text
 
@@ -141,11 +142,8 @@ class Camera:
         self.config = config
         self._kind = config.source_kind
         self._api = self._api_for(config.backend, self._kind)
-        self._lock = threading.Lock()  # guards _front, _stamp_s, _count and the front/back swap
-        self._front: np.ndarray | None = None
-        self._back: np.ndarray | None = None  # owned by the capture thread outside the lock
-        self._stamp_s = -math.inf
-        self._count = 0
+        self._frames = LatestFrame("the camera")
+        self._back: np.ndarray | None = None  # owned by the capture thread: retrieve() fills it in place
         self._stop = threading.Event()
         self._first_frame_or_exit = threading.Event()
         self._thread: threading.Thread | None = None
@@ -166,8 +164,8 @@ class Camera:
             raise CameraError(f"camera {self._describe()}: the capture thread of an earlier connection "
                               "has not exited (stuck in the driver); restart the process")
         self._check_openable()
-        with self._lock:
-            self._front, self._back, self._stamp_s, self._count = None, None, -math.inf, 0
+        self._frames.reset()
+        self._back = None
         self._reconnects = self._read_failures = self._open_failures = 0
         self._last_error = "no attempt yet"
         self._stop.clear()
@@ -175,7 +173,7 @@ class Camera:
         self._thread = threading.Thread(target=self._run, name=f"camera:{self.config.source}", daemon=True)
         self._thread.start()
         self._first_frame_or_exit.wait(self.config.open_timeout_s)
-        if self._count == 0:
+        if self._frames.count == 0:
             self._stop_thread()
             raise CameraError(
                 f"camera {self._describe()} delivered no frame within {self.config.open_timeout_s:g} s "
@@ -202,7 +200,7 @@ class Camera:
         self._stop_thread()
         self._connected = False
         logger.info("camera %s disconnected after %d frames (%d reconnects, %d read failures)",
-                    self._describe(), self._count, self._reconnects, self._read_failures)
+                    self._describe(), self._frames.count, self._reconnects, self._read_failures)
 
     def __enter__(self) -> Camera:
         self.connect()
@@ -217,38 +215,23 @@ class Camera:
 
         None before the first frame. ``out`` must have ``frame_shape`` and dtype uint8.
         """
-        with self._lock:
-            front = self._front
-            if front is None:
-                return None
-            if out.shape != front.shape or out.dtype != front.dtype:
-                raise InputError(f"read_into: buffer has shape {out.shape} dtype {out.dtype}, the camera "
-                                 f"delivers {front.shape} {front.dtype}; allocate it from frame_shape")
-            np.copyto(out, front)
-            return self._stamp_s, self._count
+        return self._frames.read_into(out)
 
     def read_latest(self) -> tuple[np.ndarray | None, float, int]:
         """A copy of the latest frame, its capture time and counter; (None, -inf, 0) before the first."""
-        with self._lock:
-            if self._front is None:
-                return None, -math.inf, 0
-            return self._front.copy(), self._stamp_s, self._count
+        return self._frames.read_latest()
 
     def frame_age_s(self, now: float | None = None) -> float:
         """Seconds since the latest frame was captured (``now`` on time.monotonic()); inf if none yet."""
-        if now is None:
-            now = time.monotonic()
-        with self._lock:
-            return now - self._stamp_s
+        return self._frames.age_s(time.monotonic() if now is None else now)
 
     @property
     def frame_shape(self) -> tuple[int, ...] | None:
-        with self._lock:
-            return None if self._front is None else self._front.shape
+        return self._frames.shape
 
     @property
     def frame_count(self) -> int:
-        return self._count
+        return self._frames.count
 
     @property
     def reconnects(self) -> int:
@@ -392,11 +375,7 @@ class Camera:
     def _publish(self, image: np.ndarray, stamp_s: float) -> None:
         # retrieve() writes into the back buffer in place; it returns a new array only for the first
         # frame or when the source changes resolution.
-        self._back = image
-        with self._lock:
-            self._front, self._back = self._back, self._front
-            self._stamp_s = stamp_s
-            self._count += 1
+        self._back = self._frames.publish(image, stamp_s)
         self._streaming = True
         self._first_frame_or_exit.set()
 

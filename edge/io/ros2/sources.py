@@ -26,6 +26,7 @@ import cv2
 import numpy as np
 
 from edge.errors import CameraError, InputError
+from edge.io.latest_frame import LatestFrame
 from edge.io.ros2.dds import QosProfile, Ros2Error, Ros2Node, check_topic
 from edge.ratelimit import RateLimitedWarnings
 from edge.validation import check_range
@@ -141,10 +142,7 @@ class Ros2Camera:
     def __init__(self, node: Ros2Node, config: Ros2CameraConfig) -> None:
         self.node = node
         self.config = config
-        self._lock = threading.Lock()
-        self._front: np.ndarray | None = None
-        self._stamp_s = -math.inf
-        self._count = 0
+        self._frames = LatestFrame(f"the topic {config.topic}")
         self._first = threading.Event()
         self._sub: _Subscription | None = None
         self._received_s = -math.inf  # receipt time of the newest frame (time.monotonic())
@@ -211,48 +209,32 @@ class Ros2Camera:
         image = decode_compressed(msg) if self.config.compressed else decode_image(msg)
         received = time.monotonic()
         stamp = stamp_to_monotonic(msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9, time.time(), received)
-        with self._lock:
-            if self._count and received - self._received_s > self.config.stale_after_s:
-                self._reconnects += 1
-                logger.info("ROS 2 camera %s: frames are back (after %.2f s)", self.config.topic,
-                            received - self._received_s)
-            self._front = image
-            self._stamp_s = stamp
-            self._received_s = received
-            self._count += 1
+        # Only this callback's thread writes _received_s and publishes frames.
+        if self._frames.count and received - self._received_s > self.config.stale_after_s:
+            self._reconnects += 1
+            logger.info("ROS 2 camera %s: frames are back (after %.2f s)", self.config.topic,
+                        received - self._received_s)
+        self._received_s = received
+        self._frames.publish(image, stamp)  # a new array per message: nothing to reuse
         self._first.set()
 
     def read_into(self, out: np.ndarray) -> tuple[float, int] | None:
         """Copy the latest frame into ``out``; (its time on time.monotonic(), frame counter); None before one."""
-        with self._lock:
-            front = self._front
-            if front is None:
-                return None
-            if out.shape != front.shape or out.dtype != front.dtype:
-                raise InputError(f"read_into: buffer has shape {out.shape} dtype {out.dtype}, the topic "
-                                 f"delivers {front.shape} {front.dtype}; allocate it from frame_shape")
-            np.copyto(out, front)
-            return self._stamp_s, self._count
+        return self._frames.read_into(out)
 
     def read_latest(self) -> tuple[np.ndarray | None, float, int]:
-        with self._lock:
-            if self._front is None:
-                return None, -math.inf, 0
-            return self._front.copy(), self._stamp_s, self._count
+        return self._frames.read_latest()
 
     def frame_age_s(self, now: float | None = None) -> float:
-        now = time.monotonic() if now is None else now
-        with self._lock:
-            return now - self._stamp_s
+        return self._frames.age_s(time.monotonic() if now is None else now)
 
     @property
     def frame_shape(self) -> tuple[int, ...] | None:
-        with self._lock:
-            return None if self._front is None else self._front.shape
+        return self._frames.shape
 
     @property
     def frame_count(self) -> int:
-        return self._count
+        return self._frames.count
 
 
 # --- instruction, telemetry, e-stop (newest-value sources) ------------------------------------------

@@ -1,0 +1,75 @@
+"""The newest frame of a camera and its capture time, handed from one producer thread to any reader.
+
+Both cameras (OpenCV, edge/io/camera.py; a ROS 2 image topic, edge/io/ros2/sources.py) keep their
+frames here, so "latest frame" means the same on either: a reader copies the newest frame into its own
+preallocated buffer under a short lock and never waits for a new one.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import numpy as np
+
+from edge.errors import InputError
+
+
+class LatestFrame:
+    """Front/back double buffer: the producer publishes a full frame, readers copy the front one."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source  # named in errors: "the camera", "the topic /image"
+        self._lock = threading.Lock()  # guards _front, _stamp_s, _count
+        self._front: np.ndarray | None = None
+        self._stamp_s = -math.inf
+        self._count = 0
+
+    def reset(self) -> None:
+        with self._lock:
+            self._front, self._stamp_s, self._count = None, -math.inf, 0
+
+    def publish(self, image: np.ndarray, stamp_s: float) -> np.ndarray | None:
+        """Make `image` the newest frame (captured at `stamp_s` on time.monotonic()); returns the previous
+        front buffer, which no reader holds any more, for the producer to fill next (or None)."""
+        with self._lock:
+            previous, self._front = self._front, image
+            self._stamp_s = stamp_s
+            self._count += 1
+        return previous
+
+    def read_into(self, out: np.ndarray) -> tuple[float, int] | None:
+        """Copy the latest frame into ``out``; return (capture time on time.monotonic(), frame counter).
+
+        None before the first frame. ``out`` must have ``shape`` and dtype uint8.
+        """
+        with self._lock:
+            front = self._front
+            if front is None:
+                return None
+            if out.shape != front.shape or out.dtype != front.dtype:
+                raise InputError(f"read_into: buffer has shape {out.shape} dtype {out.dtype}, {self.source} "
+                                 f"delivers {front.shape} {front.dtype}; allocate it from frame_shape")
+            np.copyto(out, front)
+            return self._stamp_s, self._count
+
+    def read_latest(self) -> tuple[np.ndarray | None, float, int]:
+        """A copy of the latest frame, its capture time and counter; (None, -inf, 0) before the first."""
+        with self._lock:
+            if self._front is None:
+                return None, -math.inf, 0
+            return self._front.copy(), self._stamp_s, self._count
+
+    def age_s(self, now: float) -> float:
+        """Seconds since the latest frame was captured; inf if none yet."""
+        with self._lock:
+            return now - self._stamp_s
+
+    @property
+    def shape(self) -> tuple[int, ...] | None:
+        with self._lock:
+            return None if self._front is None else self._front.shape
+
+    @property
+    def count(self) -> int:
+        return self._count
