@@ -1,7 +1,6 @@
 """The control loop closed through the real parts: the simulated controller on a pty (serial link) and
 its MJPEG camera stream (OpenCV), the reference bundle on ONNX Runtime."""
 
-import threading
 import time
 
 import numpy as np
@@ -9,7 +8,7 @@ import pytest
 
 from edge.control.loop import Mode
 from edge.inference.bundle import Bundle
-from tests.edge.control.closed_loop import closed_loop
+from tests.edge.control.closed_loop import closed_loop, run_for
 
 
 @pytest.fixture()
@@ -21,23 +20,11 @@ def rig(reference_bundle):
         yield controller, loop, pings
 
 
-def _run(loop, seconds, until=None):
-    stop = threading.Event()
-    thread = threading.Thread(target=loop.run, args=(stop,), daemon=True)
-    thread.start()
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and not (until and until()):
-        time.sleep(0.05)
-    stop.set()
-    thread.join(timeout=5.0)
-    assert not thread.is_alive()
-
-
 def test_policy_drives_the_robot_to_the_named_object(rig):
     controller, loop, pings = rig
     start = controller.ground_truth()
     loop.set_instruction(start.instruction)
-    _run(loop, 20.0, until=lambda: controller.ground_truth().success)
+    run_for(loop, 20.0, until=lambda: controller.ground_truth().success)
     truth = controller.ground_truth()
     records = loop.recorder.latest()
     assert (records["mode"] == Mode.NOMINAL).sum() > 5
@@ -51,10 +38,10 @@ def test_policy_drives_the_robot_to_the_named_object(rig):
 def test_frozen_camera_brings_a_controlled_stop(rig):
     controller, loop, _ = rig
     loop.set_instruction(controller.ground_truth().instruction)
-    _run(loop, 1.5)
+    run_for(loop, 1.5)
     controller.freeze_camera()
-    _run(loop, 2.5, until=lambda: controller.ground_truth().motors_stopped)
-    _run(loop, 0.5)
+    run_for(loop, 2.5, until=lambda: controller.ground_truth().motors_stopped)
+    run_for(loop, 0.5)
     records = loop.recorder.latest(5)
     assert (records["mode"] == Mode.FALLBACK).all()
     assert np.abs(records["command"][-1]).max() == 0.0
@@ -63,7 +50,7 @@ def test_frozen_camera_brings_a_controlled_stop(rig):
 
 def test_no_instruction_holds_still(rig):
     controller, loop, _ = rig
-    _run(loop, 1.0)
+    run_for(loop, 1.0)
     records = loop.recorder.latest()
     assert (records["mode"] == Mode.HOLD).all()
     assert not np.abs(records["command"]).any()
@@ -77,7 +64,7 @@ def test_estop_clear_holds_until_resume_and_say_while_latched_is_refused(rig):
     controller, loop, _ = rig
     instruction = controller.ground_truth().instruction
     loop.set_instruction(instruction)
-    _run(loop, 1.5, until=lambda: np.abs(loop.recorder.latest(1)["command"]).max() > 0.05)
+    run_for(loop, 1.5, until=lambda: np.abs(loop.recorder.latest(1)["command"]).max() > 0.05)
     assert np.abs(loop.recorder.latest(1)["command"]).max() > 0.05, "the policy drives before the e-stop"
     loop.emergency_stop()
     with pytest.raises(InputError, match="emergency stop is latched"):
@@ -85,10 +72,10 @@ def test_estop_clear_holds_until_resume_and_say_while_latched_is_refused(rig):
     assert loop.instruction == instruction, "a refused say keeps the instruction"
     with pytest.raises(InputError, match="emergency stop is latched"):
         loop.resume()
-    _run(loop, 0.5)
+    run_for(loop, 0.5)
     loop.clear_emergency_stop()
     assert loop.status().hold_reason and not loop.status().estop
-    _run(loop, 1.0)
+    run_for(loop, 1.0)
     held = loop.recorder.latest(5)
     assert (held["mode"] == Mode.HOLD).all() and not np.abs(held["command"]).any()
     assert not any(controller.ground_truth().applied_targets)
@@ -97,7 +84,7 @@ def test_estop_clear_holds_until_resume_and_say_while_latched_is_refused(rig):
     assert loop.status().hold_reason is None
     with pytest.raises(InputError, match="nothing to resume"):
         loop.resume()
-    _run(loop, 1.5, until=lambda: np.abs(loop.recorder.latest(1)["command"]).max() > 0.05)
+    run_for(loop, 1.5, until=lambda: np.abs(loop.recorder.latest(1)["command"]).max() > 0.05)
     records = loop.recorder.latest()
     records = records[records["tick"] >= resumed_at - 1]
     assert records["mode"][0] == Mode.HOLD and not np.abs(records["command"][0]).any(), "held up to the resume"
@@ -111,7 +98,7 @@ def test_estop_clear_holds_until_resume_and_say_while_latched_is_refused(rig):
     # A new instruction after a clear is the other explicit way to move again.
     loop.emergency_stop()
     loop.clear_emergency_stop()
-    _run(loop, 0.3)
+    run_for(loop, 0.3)
     assert loop.recorder.latest(1)["mode"][0] == Mode.HOLD
     loop.set_instruction(instruction)
     assert loop.status().hold_reason is None

@@ -23,11 +23,9 @@ from edge.io.ros2.bridge import Ros2Bridge, Ros2Section  # noqa: E402
 from edge.io.ros2.dds import QosProfile, Ros2Node  # noqa: E402
 from edge.io.ros2.link import Ros2MotorLink  # noqa: E402
 from edge.service import wiring  # noqa: E402
-from edge.service.config import config_from_dict  # noqa: E402
 from simulator.controller import SimulatedController  # noqa: E402
+from tests.edge.control.closed_loop import PERIOD_S, robot_config, run_for  # noqa: E402
 from tests.waiting import wait_until  # noqa: E402
-
-PERIOD_S = 0.1
 
 
 class RobotGraph:
@@ -73,33 +71,13 @@ class RobotGraph:
             self._stop.wait(0.005)
 
 
-def _run(loop, seconds, until=None):
-    stop = threading.Event()
-    thread = threading.Thread(target=loop.run, args=(stop,), daemon=True)
-    thread.start()
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and not (until and until()):
-        time.sleep(0.05)
-    stop.set()
-    thread.join(timeout=5.0)
-    assert not thread.is_alive()
-
-
 def test_policy_drives_the_robot_over_ros2_topics_and_the_estop_topic_stops_it(reference_bundle):
     bundle_dir = reference_bundle[0]
     bundle = Bundle.load(bundle_dir)
     joints = [f"joint{i}" for i in range(int(bundle.action["dim"]))]  # as many as the policy commands
     controller = SimulatedController(seed=1_234_567, target="blue ball").start()
     threshold = bundle.uncertainty_threshold("cpu") * 4
-    config = config_from_dict({
-        "bundle": str(bundle_dir),
-        "camera": {"source": controller.camera_url, "open_timeout_s": 10.0},
-        "motor": {"port": controller.link_path},
-        "policy": {"target": "cpu", "mc_samples": 8},
-        "safety": {"max_slew_per_s": 4.0, "decel_per_s": 2.0},
-        "uncertainty": {"threshold": threshold, "hard_ceiling": 1.0},
-        "loop": {"rate_hz": 1.0 / PERIOD_S},
-    })
+    config = robot_config(bundle_dir, controller, {"threshold": threshold, "hard_ceiling": 1.0})
     section = Ros2Section(domain_id=random.randint(1, 200), camera={"open_timeout_s": 10},
                           command={"topic": "/joint_trajectory", "kind": "joint_trajectory",
                                    "joint_names": joints, "time_from_start_s": PERIOD_S},
@@ -116,7 +94,7 @@ def test_policy_drives_the_robot_over_ros2_topics_and_the_estop_topic_stops_it(r
             loop = wiring.build_loop(pipeline, bridge.camera, link, bundle, config)
             start = controller.ground_truth()
             loop.set_instruction(start.instruction)
-            _run(loop, 20.0, until=lambda: controller.ground_truth().success)
+            run_for(loop, 20.0, until=lambda: controller.ground_truth().success)
             truth = controller.ground_truth()
             records = loop.recorder.latest()
             assert (records["mode"] == Mode.NOMINAL).sum() > 5
@@ -129,7 +107,7 @@ def test_policy_drives_the_robot_over_ros2_topics_and_the_estop_topic_stops_it(r
             estop.write(msgs.Bool(True))
             assert wait_until(lambda: link.is_latched)
             loop.set_instruction(start.instruction)
-            _run(loop, 3.0, until=lambda: controller.ground_truth().motors_stopped and len(graph.forwarded) > 3
+            run_for(loop, 3.0, until=lambda: controller.ground_truth().motors_stopped and len(graph.forwarded) > 3
                  and not any(graph.forwarded[-1]))
             assert not any(graph.forwarded[-1]) and controller.ground_truth().motors_stopped
     finally:
