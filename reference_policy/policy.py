@@ -133,7 +133,7 @@ def reference_spec(head: PolicyHead):
 def make_policy(checkpoint: Path | None = None):
     """The reference VLA policy as a `build-engines --policy` factory (the build's default)."""
     from build_engines.policy import Policy
-    from calibration.reference_world_source import ReferenceWorldSource
+    from reference_policy.calibration_data import ReferenceWorldSource
     from reference_world.instructions import OBJECT_NAMES, TRAINING_TEMPLATES
 
     directory = Path(checkpoint) if checkpoint is not None else DEFAULT_CHECKPOINT_DIR

@@ -1,4 +1,5 @@
-"""Default calibration source: frames from reference-world episodes, as the robot will see them.
+"""The reference policy's calibration data (its `calibration` hook): frames from reference-world episodes,
+as the robot will see them.
 
 Episodes are driven by the scripted expert with perturbations, so the frames cover approaching,
 turning and recovering. Seeds come from a range that neither training nor evaluation uses.
