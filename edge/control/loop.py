@@ -131,10 +131,11 @@ class ControlLoop:
                          "telemetry_rejected": 0, "estop_resends": 0}
         self.last_output = None
         self.timer = StageTimer(clock)
-        # The window's quantiles cost a few hundred microseconds: refreshed every N ticks, not every tick.
+        # The window's quantiles cost about a millisecond: refreshed every N ticks, in slack time (run()).
         self.window_refresh_ticks = max(1, int(window_refresh_ticks))
         self._window = Window()
         self._jitter_s: dict[float, float] = {}
+        self._window_ticks = 0  # the tick count at the window's last refresh
         self._status_lock = threading.Lock()  # orders the loop's publish and other threads' quick updates
         self._status = self._snapshot(None)
 
@@ -168,8 +169,6 @@ class ControlLoop:
                           link=link, camera=camera, hold_reason=self._hold_reason, controller=controller)
 
     def _publish(self, row: np.void) -> None:
-        if self.counters["ticks"] % self.window_refresh_ticks == 0:
-            self._refresh_window()
         status = self._snapshot(row)
         with self._status_lock:
             self._status = status
@@ -177,6 +176,20 @@ class ControlLoop:
     def _refresh_window(self) -> None:
         self._window = Window.of(self.recorder.latest())
         self._jitter_s = self.keeper.jitter_percentiles(list(JITTER_PERCENTILES))
+        self._window_ticks = self.counters["ticks"]
+
+    def _refresh_window_in_slack(self) -> None:
+        """The latency window's quantiles (about a millisecond) every `window_refresh_ticks` ticks, in the
+        slack before the next deadline, never inside a tick; a loop without slack still refreshes it
+        ten times less often, so status and metrics do not freeze."""
+        since = self.counters["ticks"] - self._window_ticks
+        if since < self.window_refresh_ticks:
+            return
+        if self.keeper.remaining_s() < self.gc_min_slack_s and since < 10 * self.window_refresh_ticks:
+            return
+        self._refresh_window()
+        self._amend_status(window=self._window,
+                           timing=dataclasses.replace(self._status.timing, jitter_s=self._jitter_s))
 
     def _amend_status(self, **changes) -> None:
         """An e-stop or an instruction from another thread shows at once, not only after the next tick."""
@@ -438,6 +451,7 @@ class ControlLoop:
         while not stop.is_set() and (max_ticks is None or ticks < max_ticks):
             row = self.tick()
             ticks += 1
+            self._refresh_window_in_slack()
             collect_in_slack(self.keeper.remaining_s(), self.gc_min_slack_s)
             overran = self.keeper.wait()
             row["lag_ms"] = self.keeper.lag_s * 1e3

@@ -115,3 +115,11 @@ def test_an_estop_shows_in_the_snapshot_at_once_and_in_every_reader(rig):
     assert status.line().startswith("estop | ")
     with pytest.raises(dataclasses.FrozenInstanceError):
         status.mode = "nominal"  # readers cannot change what the others read
+
+
+def test_the_latency_window_is_refreshed_while_the_loop_runs_not_only_at_its_end(rig):
+    run_ticks(rig, 12)
+    seen = [status.window.ticks for _, status in rig.camera.seen]
+    # window_refresh_ticks is 5 here: readers mid-run saw windows that cover the ticks done so far.
+    assert any(ticks >= 5 for ticks in seen[:-1]), seen
+    assert seen == sorted(seen)  # a refreshed window never covers fewer ticks than the one before
