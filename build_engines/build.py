@@ -1,10 +1,12 @@
 """The offline build as a chain of small steps (Polygraphy style), each logged with its duration:
 
     policy factory (--policy) -> probe + MC-dropout masks -> calibration data, split by episode
-    -> FP32 graphs (checked against PyTorch) -> calibration ranges (once)
+    (or pre-exported graphs, --onnx-spec: checked, Dropout nodes rewritten into masks; onnx_bundle.py)
+    -> FP32 graphs (checked against PyTorch, or written as imported) -> calibration ranges (once)
     -> INT8 graphs (TensorRT Q/DQ layout, CPU layout), FP16 graphs, dynamic-INT8 language graph
     -> layout verification -> draft bundle -> accuracy gate (held-out tensors; a closed loop in an
-    environment, --env; the open-loop replay hook) + uncertainty thresholds
+    environment, --env; the open-loop replay of held-out recorded episodes, episode_replay.py, or the
+    replay hook) + uncertainty thresholds
     -> TensorRT engines (where TensorRT and a GPU exist) -> manifest (schema v2) -> atomic rename
 
 Every option, the policy and the calibration data are checked before the first graph is exported.
@@ -36,6 +38,8 @@ from build_engines.errors import BuildError, CalibrationError, GateError, GateRe
 from build_engines.gate import ReplayGate, format_report, format_summary  # noqa: F401  (re-exported)
 from build_engines.manifest import write_manifest as _write_manifest  # noqa: F401  (tools re-key bundles with it)
 from build_engines.policy import DEFAULT_POLICY
+from build_engines.replay_gate import ReplayTolerances
+from build_engines.samples import DatasetOptions
 from edge.errors import EdgeError
 
 logger = logging.getLogger(__name__)
@@ -57,6 +61,7 @@ class Tolerances:
 class BuildOptions:
     out: Path
     policy: str = DEFAULT_POLICY  # "module:factory" returning a build_engines.policy.Policy
+    onnx_spec: Path | None = None  # pre-exported graphs and their spec (YAML) instead of `policy`
     int8: bool = True
     fp16: bool = True
     checkpoint: Path | None = None  # passed to the factory as checkpoint=
@@ -65,6 +70,9 @@ class BuildOptions:
     calib_samples: int = 256
     calib_method: str = "percentile"
     min_calib_samples: int = 32
+    heldout_fraction: float = 0.2  # of recorded episodes (LeRobot, HDF5), held out for the gate
+    dataset: DatasetOptions = field(default_factory=DatasetOptions)
+    replay_tolerances: ReplayTolerances = field(default_factory=ReplayTolerances)
     max_mc_samples: int = 32
     default_mc_samples: int = 16
     uncertainty: str = "mc-dropout"  # or "none": no masks, T = 1, no threshold
@@ -116,6 +124,13 @@ def validate_options(options: BuildOptions) -> None:
     _integer("--max-mc-samples", options.max_mc_samples, 1, 1024)
     _integer("--mc-samples", options.default_mc_samples, 1, options.max_mc_samples)
     _integer("held-out samples", options.heldout_samples, 8)
+    _fraction("--heldout-fraction", options.heldout_fraction, 0.01, 0.99)
+    if options.onnx_spec is not None:
+        if options.policy != DEFAULT_POLICY:
+            raise BuildError(f"--onnx-spec and --policy {options.policy} both name the policy; give one of them")
+        if options.checkpoint is not None:
+            raise BuildError("--checkpoint is passed to a --policy factory; pre-exported graphs (--onnx-spec) "
+                             "carry their weights: drop --checkpoint")
     _fraction("threshold quantile", options.threshold_quantile, 0.5, 1.0)
     if options.uncertainty not in UNCERTAINTY_SIGNALS:
         raise BuildError(f"--uncertainty must be one of {UNCERTAINTY_SIGNALS}, got {options.uncertainty!r}")
@@ -221,52 +236,36 @@ class Plan:
     source: dict
     environment: str | None
     episode_ids: dict  # "calibration" / "heldout" -> the episodes each part came from (None: single frames)
+    dataset: object = None  # calibration.episodes.EpisodeDataset of recorded episodes (with actions), or None
+    heldout_ids: list = field(default_factory=list)  # the held-out episodes of `dataset`, replayed by the gate
+    imported: object = None  # onnx_bundle.ImportedGraphs for --onnx-spec; None for a --policy factory
 
 
 def plan_build(options: BuildOptions) -> Plan:
     """Options, policy, masks and calibration data, all checked before any graph is exported."""
     from build_engines import samples as samples_mod
-    from build_engines.mc_dropout import MaskedHead, check_rate, find_dropouts
-    from build_engines.policy import load_policy, probe, resolve
-    from calibration.sources import take
+    from build_engines.policy import resolve
 
     validate_options(options)
     check_output_location(options)
-    with step(f"load policy {options.policy}"):
-        policy = load_policy(options.policy, options.checkpoint)
-        shapes, head_args = probe(policy)
-    spec = policy.spec
-    if options.uncertainty == "mc-dropout":
-        layers = find_dropouts(policy.head, head_args)
-        if not layers:
-            raise PolicyError(f"the head of {options.policy} has no nn.Dropout, so MC-dropout cannot measure "
-                              "its uncertainty: add nn.Dropout layers to the head (and spec.dropout_rate), or "
-                              "pass --uncertainty none (no uncertainty gate on the robot)")
-        rate = check_rate(layers, spec.dropout_rate)
-        head_module = MaskedHead(policy.head, layers)
-        logger.info("MC-dropout: %d mask inputs, widths %s, rate %g", len(layers), [x.width for x in layers], rate)
+    imported = None
+    if options.onnx_spec is not None:
+        from build_engines.onnx_bundle import load_imported
+
+        with step(f"load ONNX graphs of {options.onnx_spec}"):
+            imported = load_imported(options.onnx_spec, options.uncertainty)
+        policy, shapes, layers, rate, head_module = imported.policy, {}, imported.layers, imported.rate, None
     else:
-        layers, rate, head_module = [], 0.0, policy.head
+        policy, shapes, layers, rate, head_module = _torch_policy(options)
+    spec = policy.spec
     environment = _environment(options, policy)
     if environment is not None:
         resolve(environment, "--env")  # importable now, not after the graphs are built
     with step("calibration data"):
-        # Twice the held-out count: calibration takes whole episodes, so it may run past calib_samples.
-        wanted = options.calib_samples + 2 * options.heldout_samples
-        try:
-            source = samples_mod.calibration_source(options.calib_source, options.calib_instructions, wanted,
-                                                    policy)
-            got = take(source, wanted, minimum=options.min_calib_samples + samples_mod.MIN_HELDOUT_SAMPLES)
-        except EdgeError:
-            raise
-        except Exception as exc:  # a policy's own calibration hook may fail in any way: one line naming it
-            raise CalibrationError(f"the calibration source of {options.policy} failed: {type(exc).__name__}: "
-                                   f"{exc}") from exc
-        calib, heldout = samples_mod.split_by_episode(got, options.calib_samples, options.min_calib_samples,
-                                                      samples_mod.MIN_HELDOUT_SAMPLES)
-        heldout = heldout[: max(options.heldout_samples, samples_mod.MIN_HELDOUT_SAMPLES)]
+        gathered = samples_mod.gather(options, policy, options.dataset)
+        calib, heldout = gathered.calibration, gathered.heldout
         data, held = samples_mod.concatenate(samples_mod.prepare(calib, spec), samples_mod.prepare(heldout, spec))
-        describe = _portable(source.describe() if hasattr(source, "describe") else {"kind": type(source).__name__})
+        describe = _portable(gathered.source)
     if spec.language is not None:
         _check_instructions(policy, [*data.instructions, *policy.instructions, *policy.held_out_instructions])
     grouped: dict = {}
@@ -275,9 +274,29 @@ def plan_build(options: BuildOptions) -> Plan:
     episodes = list(grouped.values())
     logger.info("calibration: %d samples, held out: %d samples in %d episodes", len(calib), len(heldout),
                 len(episodes))
-    ids = {part: sorted({str(s.episode) for s in chosen if s.episode is not None})
-           for part, chosen in (("calibration", calib), ("heldout", heldout))}
-    return Plan(policy, shapes, layers, rate, head_module, data, held, episodes, describe, environment, ids)
+    heldout_ids = list(gathered.split.held_out) if gathered.split is not None else []
+    return Plan(policy, shapes, layers, rate, head_module, data, held, episodes, describe, environment,
+                gathered.episode_ids, gathered.dataset, heldout_ids, imported)
+
+
+def _torch_policy(options: BuildOptions) -> tuple:
+    """A --policy factory's policy, its probed shapes, dropout layers, rate and head as exported."""
+    from build_engines.mc_dropout import MaskedHead, check_rate, find_dropouts
+    from build_engines.policy import load_policy, probe
+
+    with step(f"load policy {options.policy}"):
+        policy = load_policy(options.policy, options.checkpoint)
+        shapes, head_args = probe(policy)
+    if options.uncertainty != "mc-dropout":
+        return policy, shapes, [], 0.0, policy.head
+    layers = find_dropouts(policy.head, head_args)
+    if not layers:
+        raise PolicyError(f"the head of {options.policy} has no nn.Dropout, so MC-dropout cannot measure "
+                          "its uncertainty: add nn.Dropout layers to the head (and spec.dropout_rate), or "
+                          "pass --uncertainty none (no uncertainty gate on the robot)")
+    rate = check_rate(layers, policy.spec.dropout_rate)
+    logger.info("MC-dropout: %d mask inputs, widths %s, rate %g", len(layers), [x.width for x in layers], rate)
+    return policy, shapes, layers, rate, MaskedHead(policy.head, layers)
 
 
 _ABSOLUTE_PATH = re.compile(r"(?<![\w.])/(?:[^\s/]+/)*([^\s/]+)")
@@ -413,26 +432,38 @@ def _build_into(root: Path, options: BuildOptions, plan: Plan) -> dict:
             tokenizer.encode_into(text, ids[i], mask[i])
         return {"input_ids": ids, "attention_mask": mask}
 
-    specs = graph_specs(spec, plan.shapes, [layer.width for layer in layers])
+    sessions = _Sessions()
+    if plan.imported is not None:
+        from build_engines.onnx_bundle import save_graphs
+
+        specs = plan.imported.specs
+        with step("write the imported FP32 graphs"):
+            exported = save_graphs(plan.imported, graphs_dir)
+
+        def encode(graph: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
+            return sessions.run(exported[graph]["path"], feeds)
+    else:
+        specs = graph_specs(spec, plan.shapes, [layer.width for layer in layers])
+
+        def encode(graph: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
+            with torch.inference_mode():
+                return getattr(policy, graph)(*(torch.from_numpy(v) for v in feeds.values())).numpy()
     head_names = [s.name for s in specs["head"].inputs]
     # Reference inputs exercise every dynamic axis (batch 2, T 4).
-    with torch.inference_mode():
-        ref_vision = policy.vision(*(torch.from_numpy(v) for v in data.vision_feeds(0, 1).values())).numpy()
-        reference_inputs = {"vision": data.vision_feeds(0, 2)}
-        head_ref = {"vision_features": ref_vision, "proprio": data.proprio[:1].copy()}
-        if spec.language is not None:
-            reference_inputs["language"] = token_feeds(data.instructions[:2])
-            head_ref["language_features"] = policy.language(
-                *(torch.from_numpy(v[:1]) for v in reference_inputs["language"].values())).numpy()
+    reference_inputs = {"vision": data.vision_feeds(0, 2)}
+    head_ref = {"vision_features": encode("vision", data.vision_feeds(0, 1)), "proprio": data.proprio[:1].copy()}
+    if spec.language is not None:
+        reference_inputs["language"] = token_feeds(data.instructions[:2])
+        head_ref["language_features"] = encode("language", {k: v[:1] for k, v in reference_inputs["language"].items()})
     head_ref.update({f"dropout_mask_{i}": m for i, m in enumerate(masks(4))})
     reference_inputs["head"] = {name: head_ref[name] for name in head_names}
-    modules = {"vision": policy.vision, "head": plan.head_module}
-    if spec.language is not None:
-        modules["language"] = policy.language
-    with step("export FP32 graphs"):
-        exported = export_policy(modules, specs, reference_inputs, graphs_dir)
+    if plan.imported is None:
+        modules = {"vision": policy.vision, "head": plan.head_module}
+        if spec.language is not None:
+            modules["language"] = policy.language
+        with step("export FP32 graphs"):
+            exported = export_policy(modules, specs, reference_inputs, graphs_dir)
     fp32 = {name: info["path"] for name, info in exported.items()}
-    sessions = _Sessions()
 
     with step("FP32 features for calibration"):
         vision_features = np.concatenate([sessions.run(fp32["vision"], data.vision_feeds(i, i + 16))
@@ -515,9 +546,10 @@ def _build_into(root: Path, options: BuildOptions, plan: Plan) -> dict:
         bundled_spec["language"]["tokenizer"] = "tokenizer.json"
     manifest = {
         "builder": builder(),
-        "policy": {"name": spec.name, "factory": options.policy,
-                   "checkpoint": Path(policy.checkpoint).name if policy.checkpoint else None,
-                   "checkpoint_sha256": provenance(policy.checkpoint)},
+        "policy": plan.imported.manifest_entry() if plan.imported is not None else {
+            "name": spec.name, "factory": options.policy,
+            "checkpoint": Path(policy.checkpoint).name if policy.checkpoint else None,
+            "checkpoint_sha256": provenance(policy.checkpoint)},
         "spec": bundled_spec,
         "graphs": graphs_section(root, exported, files, {}, {}),
         "targets": targets,
@@ -547,6 +579,11 @@ def _build_into(root: Path, options: BuildOptions, plan: Plan) -> dict:
         with step("open-loop replay gate"):
             replay = options.replay_gate(_runners(sessions, files, targets, data, plan, token_feeds, spec,
                                                   head_names), plan.heldout_episodes)
+    elif plan.dataset is not None:
+        from build_engines.episode_replay import replay_episodes
+
+        with step(f"open-loop replay gate on {len(plan.heldout_ids)} held-out episodes"):
+            replay = replay_episodes(root, files, targets, plan, options)
     from build_engines.gate import judge
 
     graph_tolerances = {"vision": options.tolerances.min_vision_cosine,
@@ -558,7 +595,11 @@ def _build_into(root: Path, options: BuildOptions, plan: Plan) -> dict:
     (reports_dir / "accuracy.md").write_text(format_report(report) + "\n")
     if not report["passed"]:
         raise GateRefused("accuracy gate refused the bundle: " + "; ".join(report["failures"]), report)
-    if layers:
+    if layers and not loop and replay is not None and replay.get("kind") == "open_loop_replay":
+        from build_engines.episode_replay import replay_uncertainty
+
+        manifest["uncertainty"] = replay_uncertainty(replay, options, plan)
+    elif layers:
         manifest["uncertainty"] = _uncertainty(options, plan, loop, targets, sessions, files, data, token_feeds,
                                                head_feeds, masks, spec)
     else:
@@ -566,7 +607,8 @@ def _build_into(root: Path, options: BuildOptions, plan: Plan) -> dict:
                                    "method": "--uncertainty none: no MC-dropout masks, T = 1, no threshold"}
     manifest["gate"] = {"environment": plan.environment if loop else None, "closed_loop_seeds":
                         options.gate_seeds if loop else 0, "replay": replay is not None,
-                        "heldout_episodes": len(plan.heldout_episodes)}
+                        "heldout_episodes": len(plan.heldout_ids) if plan.dataset is not None
+                        else len(plan.heldout_episodes)}
 
     with step("TensorRT engines"):
         manifest["engines"] = _tensorrt_engines(root, options, files, exported, reference_inputs)
@@ -577,7 +619,13 @@ def _build_into(root: Path, options: BuildOptions, plan: Plan) -> dict:
     summary = {"report": report, "files": {n: {v: _size(p) for v, p in fv.items()} for n, fv in files.items()},
                "thresholds": manifest["uncertainty"]["threshold"]}
     (reports_dir / "accuracy.json").write_text(json.dumps(report, indent=2) + "\n")
-    (reports_dir / "summary.md").write_text(format_summary(summary) + "\n")
+    text = format_summary(summary)
+    if replay is not None and replay.get("kind") == "open_loop_replay":
+        from build_engines.episode_replay import format_replay
+
+        text += "\n\n" + format_replay(replay)
+    summary["text"] = text
+    (reports_dir / "summary.md").write_text(text + "\n")
     write_manifest(root, manifest)
     return summary
 

@@ -2,6 +2,7 @@
 
     build-engines --int8 --out artifacts/bundle                      # the reference policy
     build-engines --policy my_pkg.policy:make_policy --calib-source episodes/ --int8 --out my_bundle
+    build-engines --onnx-spec policy.yaml --calib-source lerobot_dataset/ --int8 --out my_bundle
     build-engines --engines-only artifacts/bundle     (on the robot: TensorRT engines for this GPU only)
 
 Exit codes:
@@ -34,6 +35,8 @@ from build_engines.build import (
 )
 from build_engines.errors import EXIT_BUILD_ERROR, BuildError, GateRefused
 from build_engines.policy import DEFAULT_POLICY
+from build_engines.replay_gate import ReplayTolerances
+from build_engines.samples import DatasetOptions
 from edge.errors import EdgeError
 
 logger = logging.getLogger(__name__)
@@ -56,13 +59,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=True, help="FP16 graphs (default on)")
     p.add_argument("--out", type=Path, default=Path("artifacts/bundle"), help="bundle directory to write")
     p.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
-    p.add_argument("--policy", default=DEFAULT_POLICY,
+    p.add_argument("--policy", default=None,
                    help="'package.module:factory' returning a build_engines.policy.Policy "
                         f"(default: the reference policy, {DEFAULT_POLICY}); see docs/bring-your-own-policy.md")
+    p.add_argument("--onnx-spec", type=Path, default=None, metavar="YAML",
+                   help="pre-exported ONNX graphs instead of --policy: a YAML naming the vision / language / head "
+                        "graphs next to the policy spec (docs/your-data.md); the head's Dropout nodes become "
+                        "MC-dropout mask inputs")
     p.add_argument("--checkpoint", type=Path, default=None, help="passed to the policy factory as checkpoint=")
     p.add_argument("--calib-source", default=None,
-                   help="a folder of images (with --calib-instructions) or HDF5 episodes; default: the "
-                        "policy's own calibration data")
+                   help="a LeRobot v3 dataset directory, HDF5 episodes (a file or a folder of them), or a folder "
+                        "of images (with --calib-instructions); recorded episodes are split by episode and the "
+                        "held-out ones replayed in the gate; default: the policy's own calibration data")
+    p.add_argument("--heldout-fraction", type=float, default=0.2,
+                   help="fraction of recorded episodes held out for the gate (at least one episode)")
+    p.add_argument("--dataset-camera", action="append", default=[], metavar="CAMERA=FEATURE",
+                   help="LeRobot: the video feature of a spec camera, e.g. front=observation.images.top "
+                        "(repeat per camera; default: the only video, or observation.images.<camera>)")
+    p.add_argument("--dataset-proprio", default=None, metavar="ENTRIES",
+                   help="LeRobot: comma-separated features or key[i] entries making the proprio vector, in order "
+                        "(default: observation.state entries named like the spec's proprio, else all of it)")
+    p.add_argument("--dataset-action", default="action", help="LeRobot: the feature holding the actions")
+    p.add_argument("--max-replay-error", type=float, default=ReplayTolerances.max_mean_abs_vs_reference,
+                   help="replay gate: largest mean action error vs FP32 at any chunk step, of the range")
+    p.add_argument("--max-replay-abs", type=float, default=ReplayTolerances.max_abs_vs_reference,
+                   help="replay gate: largest single action error vs FP32, of the range")
+    p.add_argument("--max-recorded-error", type=float, default=None,
+                   help="replay gate: largest mean action error vs the recorded actions (default: reported only)")
+    p.add_argument("--false-alarm-rate", type=float, default=ReplayTolerances.false_alarm_rate,
+                   help="replay gate: the uncertainty threshold's false-alarm rate on held-out episodes")
     p.add_argument("--env", default=None,
                    help="'package.module:factory' of a simulated environment for the closed-loop gate; "
                         "default: the policy's own (the reference world for the reference policy); 'none': "
@@ -118,8 +143,16 @@ def _build(args: argparse.Namespace) -> int:
     _require_torch()
     if args.mc_samples > args.max_mc_samples or args.mc_samples < 1:
         raise BuildError(f"--mc-samples must be in 1..{args.max_mc_samples}, got {args.mc_samples}")
+    if args.onnx_spec is not None and args.policy is not None:
+        raise BuildError(f"--onnx-spec and --policy {args.policy} both name the policy; give one of them")
     options = BuildOptions(
-        out=args.out, policy=args.policy, int8=args.int8, fp16=args.fp16, checkpoint=args.checkpoint,
+        out=args.out, policy=args.policy or DEFAULT_POLICY, onnx_spec=args.onnx_spec, int8=args.int8,
+        fp16=args.fp16, checkpoint=args.checkpoint, heldout_fraction=args.heldout_fraction,
+        dataset=_dataset_options(args),
+        replay_tolerances=ReplayTolerances(max_mean_abs_vs_reference=args.max_replay_error,
+                                           max_abs_vs_reference=args.max_replay_abs,
+                                           max_mean_abs_vs_recorded=args.max_recorded_error,
+                                           false_alarm_rate=args.false_alarm_rate),
         env=args.env, uncertainty=args.uncertainty, heldout_samples=args.heldout_samples,
         calib_source=args.calib_source, calib_instructions=args.calib_instructions,
         calib_samples=args.calib_samples, calib_method=args.calib_method, gate_seeds=args.gate_seeds,
@@ -129,9 +162,22 @@ def _build(args: argparse.Namespace) -> int:
                               max_success_drop=args.max_success_drop),
     )
     summary = run_build(options)
-    print(format_summary(summary))
+    print(summary.get("text") or format_summary(summary))
     print(f"\nbundle: {args.out}")
     return EXIT_OK
+
+
+def _dataset_options(args: argparse.Namespace) -> DatasetOptions:
+    cameras = {}
+    for pair in args.dataset_camera:
+        camera, sep, feature = pair.partition("=")
+        if not sep or not camera or not feature:
+            raise BuildError(f"--dataset-camera {pair!r} must be CAMERA=FEATURE, e.g. front=observation.images.top")
+        cameras[camera] = feature
+    proprio = None
+    if args.dataset_proprio is not None:
+        proprio = tuple(p.strip() for p in args.dataset_proprio.split(",") if p.strip())
+    return DatasetOptions(cameras=cameras or None, proprio=proprio, action=args.dataset_action)
 
 
 def _engines_only(bundle_dir: Path) -> int:

@@ -125,11 +125,14 @@ class EpisodeCalibrationSource:
 
     Episodes come in a seeded shuffled order and ``per_episode`` evenly spaced steps of each (all steps
     when None), so the first ``n`` samples spread over many episodes. The frame is the named camera's
-    image, turned to BGR as ``CalibrationSample`` carries it.
+    image, turned to BGR as ``CalibrationSample`` carries it; ``views`` (camera name -> the channel order
+    the dataset gives it in) adds the frames of every camera of a policy with several, also as BGR. Each
+    sample names its episode, so a later split by episode stays one.
     """
 
     def __init__(self, dataset: EpisodeDataset, episode_ids: Sequence[Hashable], *, camera: str,
-                 channel_order: str, per_episode: int | None = None, shuffle_seed: int = 0) -> None:
+                 channel_order: str, per_episode: int | None = None, shuffle_seed: int = 0,
+                 views: Mapping[str, str] | None = None) -> None:
         if not episode_ids:
             raise CalibrationError("no episodes to calibrate on: the split left none")
         if per_episode is not None and (isinstance(per_episode, bool) or not isinstance(per_episode, int)
@@ -141,6 +144,10 @@ class EpisodeCalibrationSource:
         self.channel_order = channel_order
         self.per_episode = per_episode
         self.shuffle_seed = shuffle_seed
+        self.views = dict(views or {})
+        for name, order in self.views.items():
+            if order not in ("bgr", "rgb"):
+                raise CalibrationError(f"channel order of camera {name!r} must be 'bgr' or 'rgb', got {order!r}")
 
     def __iter__(self) -> Iterator[CalibrationSample]:
         order = np.random.default_rng(self.shuffle_seed).permutation(len(self.episode_ids))
@@ -148,17 +155,23 @@ class EpisodeCalibrationSource:
             steps = self.dataset.load_episode(self.episode_ids[i])
             picked = range(len(steps)) if self.per_episode is None or self.per_episode >= len(steps) \
                 else np.linspace(0, len(steps) - 1, self.per_episode).round().astype(int)
+            episode = _jsonable(self.episode_ids[i])
             for t in picked:
                 step = steps[t]
-                image = step.images[self.camera]
-                frame = np.ascontiguousarray(image[..., ::-1] if self.channel_order == "rgb" else image)
-                yield CalibrationSample(frame=frame, instruction=step.instruction, proprio=step.proprio)
+                views = {name: _bgr(step.images[name], order) for name, order in self.views.items()} or None
+                yield CalibrationSample(frame=_bgr(step.images[self.camera], self.channel_order),
+                                        instruction=step.instruction, proprio=step.proprio, episode=episode,
+                                        views=views)
 
     def describe(self) -> dict[str, Any]:
         inner = self.dataset.describe()
         return {"kind": f"{inner.get('kind')}_episodes", "name": f"{inner.get('name')}, "
                 f"{len(self.episode_ids)} calibration episodes", "episodes": [_jsonable(i) for i in self.episode_ids],
                 "per_episode": self.per_episode, "camera": self.camera, "dataset": inner}
+
+
+def _bgr(image: np.ndarray, channel_order: str) -> np.ndarray:
+    return np.ascontiguousarray(image[..., ::-1] if channel_order == "rgb" else image)
 
 
 # -- HDF5 episodes --------------------------------------------------------------------------------------

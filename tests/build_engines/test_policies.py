@@ -137,7 +137,7 @@ def test_bad_arguments_are_refused_before_the_policy_is_loaded(tmp_path, capsys)
     assert "--checkpoint" in capsys.readouterr().err and not (tmp_path / "a").exists()
 
 
-def test_hdf5_episodes_calibrate_and_are_split_by_episode(tmp_path):
+def test_hdf5_episodes_calibrate_are_split_by_episode_and_replay_in_the_gate(tmp_path):
     h5py = pytest.importorskip("h5py")
     rng = np.random.default_rng(0)
     path = tmp_path / "episodes.h5"
@@ -148,18 +148,28 @@ def test_hdf5_episodes_calibrate_and_are_split_by_episode(tmp_path):
             group.create_dataset("proprio", data=rng.uniform(-1, 1, (6, 2)).astype(np.float32))
             group.create_dataset("actions", data=rng.uniform(-1, 1, (6, 2)).astype(np.float32))
             group.attrs["instruction"] = "go to the red block"
-    code, out = build(tmp_path, "image96", "--no-fp16", "--calib-source", str(path))
+    # 2 held-out episodes give 12 replayed steps: enough for a conformal threshold at 10 %, not at 5 %
+    code, out = build(tmp_path, "image96", "--no-fp16", "--calib-source", str(path), "--false-alarm-rate", "0.1")
     assert code == 0
     text = (out / "manifest.json").read_text()
     assert str(tmp_path) not in text  # no build-machine path: the data file is named, not located
     manifest = json.loads(text)
-    assert manifest["calibration"]["source"]["kind"] == "hdf5_episodes"
-    assert manifest["calibration"]["source"]["path"] == "episodes.h5"
-    # whole episodes calibrate (6 x 6 frames >= 32), the frames of other episodes are held out
-    assert manifest["calibration"]["samples"] == 36 and manifest["calibration"]["heldout_samples"] == 8
+    source = manifest["calibration"]["source"]
+    assert source["kind"] == "hdf5" and source["path"] == "episodes.h5"
+    # 20 % of 8 episodes held out; calibration takes --calib-samples steps of the other 6
+    assert manifest["calibration"]["samples"] == 32 and manifest["calibration"]["heldout_samples"] == 8
     episodes = manifest["calibration"]["episodes"]
-    assert len(episodes["calibration"]) == 6 and 1 <= len(episodes["heldout"]) <= 2
+    assert len(episodes["calibration"]) == 6 and len(episodes["heldout"]) == 2
     assert not set(episodes["calibration"]) & set(episodes["heldout"])
+    assert source["split"]["held_out"] == episodes["heldout"]
+    report = json.loads((out / "reports" / "accuracy.json").read_text())
+    assert report["replay"]["steps"] == 12 and report["replay"]["episodes"] == episodes["heldout"]
+    assert manifest["gate"]["replay"] and manifest["gate"]["heldout_episodes"] == 2
+    uncertainty = manifest["uncertainty"]
+    assert uncertainty["threshold"]["cpu"] == report["replay"]["variants"]["cpu"]["score"]["threshold"] > 0
+    assert "split-conformal" in uncertainty["method"] and uncertainty["by_samples"]["cpu"].keys() == {"16"}
+    code, _ = build(tmp_path, "image96", "--no-fp16", "--calib-source", str(path), name="strict")
+    assert code == 3  # at the default 5 % the 12 held-out steps cannot set a threshold: refused, not guessed
 
 
 def test_bad_calibration_data_and_checkpoints_end_in_one_line(tmp_path, capsys):
