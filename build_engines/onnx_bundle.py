@@ -86,9 +86,8 @@ def load_imported(path: str | os.PathLike[str], uncertainty: str) -> ImportedGra
     if "language" in graphs:
         language = graphs["language"]
         _keep_first_output(language)
-        name = language.graph.output[0].name
-        for model in (language, head):
-            _rename(model, name, "language_features", where["language"])
+        # the head takes it as language_features already (onnx_import.check_head)
+        _rename(language, language.graph.output[0].name, "language_features", where["language"])
     _keep_first_output(head)
     _rename(head, head.graph.output[0].name, "actions", where["head"])
     layers = _square_masks(head, imported.masks, float(spec.dropout_rate or 0.0))

@@ -242,3 +242,8 @@ def long_known_instruction():
     from dataclasses import replace
 
     return replace(make(), instructions=["go to the red block and then to the blue ball and back"])
+
+
+def lerobot_arm():
+    """A 3-channel position arm with language and chunks of 4, for a LeRobot dataset's 'observation.images.cam0'."""
+    return make(cameras=((64, 80),), proprio=3, action=3, horizon=4, kinds="position", name="lerobot-arm")
