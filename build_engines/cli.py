@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -141,6 +142,10 @@ def _require_torch() -> None:
 
 def _build(args: argparse.Namespace) -> int:
     _require_torch()
+    # `--policy my_policy:make_policy` and `--env` name modules in the current directory as `python -m` would
+    # find them; the installed `build-engines` script does not have it on sys.path. Last, so it shadows nothing.
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
     if args.mc_samples > args.max_mc_samples or args.mc_samples < 1:
         raise BuildError(f"--mc-samples must be in 1..{args.max_mc_samples}, got {args.mc_samples}")
     if args.onnx_spec is not None and args.policy is not None:

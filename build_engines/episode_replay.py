@@ -59,9 +59,11 @@ def format_replay(report: dict[str, Any]) -> str:
         ref, recorded, score = entry["vs_reference"], entry["vs_recorded"], entry["score"]
         lines.append(f"| {target} | {_num(ref['worst_mean_abs'])} | {_num(ref['max_abs_overall'])} | "
                      f"{_num(recorded['worst_mean_abs'])} | {_num(score['threshold']) if score else '-'} |")
+    recorded = tol["max_mean_abs_vs_recorded"]
     lines += ["", f"Limits: mean vs fp32 <= {tol['max_mean_abs_vs_reference']}, max vs fp32 <= "
-              f"{tol['max_abs_vs_reference']}, vs recorded <= {tol['max_mean_abs_vs_recorded'] or 'not gated'}; "
-              f"{'passed' if report['passed'] else 'REFUSED: ' + '; '.join(report['failures'])}"]
+              f"{tol['max_abs_vs_reference']}, " + (f"mean vs recorded <= {recorded}" if recorded is not None
+                                                    else "vs recorded: reported, not gated")
+              + f"; {'passed' if report['passed'] else 'REFUSED: ' + '; '.join(report['failures'])}"]
     return "\n".join(lines)
 
 

@@ -261,3 +261,14 @@ def test_a_default_environment_the_runtime_cannot_drive_yet_is_skipped_not_faked
     manifest = Bundle.load(out).manifest
     assert manifest["gate"]["environment"] is None and manifest["uncertainty"]["source"] == "held-out"
     assert "closed-loop gate in tests.build_engines.tiny_policies:PointArena skipped" in caplog.text
+
+
+def test_a_factory_in_the_current_directory_is_found_as_python_m_would(tmp_path, monkeypatch, capsys):
+    import sys
+
+    (tmp_path / "my_cwd_policy.py").write_text("def make_policy():\n    return {'vision': None}\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    assert cli.main(["--policy", "my_cwd_policy:make_policy", "--out", str(tmp_path / "b")]) == 1
+    # imported (its result is refused), not "cannot import my_cwd_policy"
+    assert "my_cwd_policy:make_policy returned dict" in capsys.readouterr().err
