@@ -65,6 +65,10 @@ def load_imported(path: str | os.PathLike[str], uncertainty: str) -> ImportedGra
     path = Path(path)
     imported = load_onnx_spec(path, uncertainty="mc_dropout" if uncertainty == "mc-dropout" else "none")
     spec = imported.spec
+    if uncertainty == "none" and imported.masks:
+        raise OnnxImportError(f"head graph {imported.sources['head'].name} has dropout mask inputs "
+                              f"{[m.input for m in imported.masks]} but --uncertainty is none: build with "
+                              "--uncertainty mc-dropout, or export the head without its mask inputs")
     graphs = {role: _copy(model) for role, model in imported.graphs.items()}
     where = {role: str(file.name) for role, file in imported.sources.items()}
 
@@ -193,9 +197,11 @@ def _square_masks(head: Any, masks, rate: float) -> list[DropoutLayer]:
     from onnx import TensorProto, helper, numpy_helper
 
     layers = []
-    for index, mask in enumerate(sorted(masks, key=lambda m: int(m.input[len(MASK_PREFIX):]))):
-        if mask.input != f"{MASK_PREFIX}{index}":
-            raise OnnxImportError(f"head mask inputs must be {MASK_PREFIX}0..{len(masks) - 1}; got '{mask.input}'")
+    wanted = [f"{MASK_PREFIX}{i}" for i in range(len(masks))]
+    if sorted(m.input for m in masks) != sorted(wanted):
+        raise OnnxImportError(f"head mask inputs must be named {wanted} (one per dropout, numbered from 0); "
+                              f"the head has {sorted(m.input for m in masks)}")
+    for mask in sorted(masks, key=lambda m: int(m.input[len(MASK_PREFIX):])):
         value = next(v for v in head.graph.input if v.name == mask.input)
         if len(mask.shape) > 2:
             broadcast = f"{mask.input}_broadcast"

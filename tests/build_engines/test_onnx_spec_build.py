@@ -175,3 +175,26 @@ def test_a_bad_yaml_a_missing_file_or_data_that_does_not_fit_end_in_one_line(tmp
     assert build(out, "--onnx-spec", str(spec_file), "--calib-source", str(top.root)) == 1
     assert "no video feature for the spec's camera 'front'" in _one_line(capsys)
     assert not out.exists()
+
+
+def test_a_head_exported_with_its_own_mask_inputs_builds_and_is_not_silently_deterministic(tmp_path, dataset,
+                                                                                          capsys):
+    from tests.build_engines.test_replay_gate import Head
+
+    torch.manual_seed(0)
+    export_vision(Vision(2).eval(), tmp_path / "vision.onnx", CAMERAS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the head multiplies its hidden layer by an input mask [T, 16]
+        torch.onnx.export(Head(3, language=False).eval(), (torch.zeros(1, 8), torch.zeros(1, 3), torch.ones(2, 16)),
+                          str(tmp_path / "head.onnx"), input_names=["vision_features", "proprio", "dropout_mask_0"],
+                          output_names=["actions"], opset_version=17, dynamo=False)
+    spec_file = write_spec(tmp_path, {"vision": "vision.onnx", "head": "head.onnx"})
+    common = ["--no-fp16", "--onnx-spec", str(spec_file), "--calib-source", str(dataset.root),
+              "--heldout-fraction", "0.34"]
+    assert build(tmp_path / "none", *common, "--uncertainty", "none") == 1
+    assert "has dropout mask inputs ['dropout_mask_0'] but --uncertainty is none" in _one_line(capsys)
+    out = tmp_path / "bundle"
+    assert build(out, *common) == 0
+    bundle = Bundle.load(out)
+    assert {s.name: list(s.shape) for s in bundle.graphs["head"].inputs}["dropout_mask_0"] == [-1, 16]
+    assert bundle.manifest["uncertainty"]["threshold"]["cpu"] > 0

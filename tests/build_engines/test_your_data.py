@@ -39,8 +39,9 @@ def test_a_lerobot_dataset_calibrates_and_gates_a_chunking_policy_on_held_out_ep
     assert build(out, "--calib-source", str(dataset.root), "--heldout-fraction", "0.34") == 0
     printed = capsys.readouterr().out
     manifest = Bundle.load(out).manifest
+    assert str(dataset.root.parent) not in (out / "manifest.json").read_text()  # named, not located
     source = manifest["calibration"]["source"]
-    assert source["kind"] == "lerobot" and source["codebase_version"] == "v3.0" and source["episodes"] == 6
+    assert source["path"] == "ds" and source["kind"] == "lerobot" and source["codebase_version"] == "v3.0" and source["episodes"] == 6
     held_out = source["split"]["held_out"]
     assert len(held_out) == 2 and not set(held_out) & set(source["split"]["calibration"])
     assert manifest["calibration"]["episodes"]["heldout"] == [str(e) for e in held_out]
