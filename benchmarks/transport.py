@@ -105,7 +105,8 @@ def measure_dds(iterations: int, domain: int | None = None) -> dict:
                 sent += 1
                 time.sleep(0.01)  # apart, as commands are (10 Hz in the loop); the peer takes each at once
             camera.disconnect()
-            sink.disconnect()
+            sink.disconnect()  # publishes the zero command a stopping sink leaves on its topic
+            sent += 1
     finally:
         try:
             output, _ = peer.communicate(input="", timeout=_WAIT_S)
