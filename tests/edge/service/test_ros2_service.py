@@ -204,3 +204,65 @@ def test_vla_edge_run_drives_the_robot_over_ros2_topics(reference_bundle, tmp_pa
         link.disconnect()
         camera.disconnect()
         controller.stop()
+
+
+# --- the adapter between the bridge's roles and the loop -------------------------------------------------
+
+
+class _Latch:
+    """A stand-in for Ros2EStop: a latch the topic sets and the operator's clear releases."""
+
+    def __init__(self) -> None:
+        self.is_latched = False
+        self.config = type("Config", (), {"topic": "/estop"})()
+
+    def clear(self) -> None:
+        self.is_latched = False
+
+
+class _Instructions:
+    def __init__(self) -> None:
+        self.value, self.count = None, 0
+        self.config = type("Config", (), {"topic": "/instruction"})()
+
+    def say(self, text: str) -> None:
+        self.value, self.count = text, self.count + 1
+
+    def latest(self):
+        return self.value, 0.0, self.count
+
+
+class _Loop:
+    """Records the calls the adapter makes; its e-stop state is what a loop's status would show."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def emergency_stop(self) -> None:
+        self.calls.append(("emergency_stop",))
+
+    def set_instruction(self, text: str) -> None:
+        self.calls.append(("set_instruction", text))
+
+    def status(self) -> None:
+        return None  # no status roles on the bridge: the snapshot is not published
+
+
+def test_the_adapter_hands_each_estop_and_instruction_to_the_loop_once():
+    from edge.service.ros2_roles import Ros2LoopAdapter
+
+    latch, instructions, loop = _Latch(), _Instructions(), _Loop()
+    bridge = type("Bridge", (), {"estop": latch, "instructions": instructions, "mode": None, "diagnostics": None})()
+    adapter = Ros2LoopAdapter(bridge, loop)
+    adapter.step()
+    assert loop.calls == []
+    latch.is_latched = True
+    instructions.say("go to the red block")
+    adapter.step()
+    adapter.step()  # the latch was handed to the loop: no second e-stop, the same instruction not again
+    assert loop.calls == [("emergency_stop",), ("set_instruction", "go to the red block")]
+    assert not latch.is_latched and adapter.estops == 1 and adapter.instructions == 1
+    latch.is_latched = True  # a later true on the topic latches again (after the operator's clear)
+    instructions.say("go to the red block")  # the same text again is a new instruction
+    adapter.step()
+    assert loop.calls[2:] == [("emergency_stop",), ("set_instruction", "go to the red block")]
