@@ -266,3 +266,27 @@ def test_the_adapter_hands_each_estop_and_instruction_to_the_loop_once():
     instructions.say("go to the red block")  # the same text again is a new instruction
     adapter.step()
     assert loop.calls[2:] == [("emergency_stop",), ("set_instruction", "go to the red block")]
+
+
+def test_the_demo_config_over_ros2_loads_without_camera_or_motor(tmp_path):
+    from simulator.demo import write_config
+    from simulator.ros2_graph import WHEEL_JOINTS
+
+    path = tmp_path / "robot.yaml"
+    write_config(path, tmp_path / "bundle", "/dev/unused", "http://unused", tmp_path / "control.sock", ros2_domain=17)
+    config = load_config(path)
+    assert config.camera is None and config.motor is None and config.ros2.domain_id == 17
+    assert config.ros2.command.joint_names == WHEEL_JOINTS and config.ros2.command.kind == "joint_trajectory"
+    assert startup.ros2_problems(config, environ={}) == []
+    serial = tmp_path / "serial.yaml"
+    write_config(serial, tmp_path / "bundle", "/dev/ttyACM0", "http://127.0.0.1:8080/", tmp_path / "control.sock")
+    assert load_config(serial).ros2 is None and load_config(serial).motor.port == "/dev/ttyACM0"
+
+
+def test_a_twist_becomes_wheel_speeds_of_the_differential_drive():
+    from simulator.ros2_graph import twist_to_wheels
+
+    assert twist_to_wheels(0.1, 0.0, 0.12, 0.25) == pytest.approx((0.4, 0.4))
+    left, right = twist_to_wheels(0.0, 1.0, 0.12, 0.25)  # turning left on the spot: right wheel forward
+    assert left == pytest.approx(-0.24) and right == pytest.approx(0.24)
+    assert twist_to_wheels(1.0, 0.0, 0.12, 0.25) == (1.0, 1.0)  # clamped to the top wheel speed
