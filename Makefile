@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH_VERSION := 2.13.0
 ARTIFACTS ?= artifacts
 
-.PHONY: venv demo bundle test lint evaluate train bench bench-long compare gpu-check clean
+.PHONY: venv demo demo-ros2 bundle test lint evaluate train bench bench-long compare gpu-check clean
 
 venv: $(STAMP)
 
@@ -24,6 +24,11 @@ $(STAMP): setup.py Makefile
 
 demo: $(STAMP)
 	$(BIN)/python -m simulator.demo --bundle $(ARTIFACTS)/bundle --out $(ARTIFACTS)/demo
+
+# The same episodes with the camera, the commands and the joint states on ROS 2 topics (DDS on loopback,
+# the cyclonedds binding of the dev extra) instead of the MJPEG stream and the pty (docs/ros2.md).
+demo-ros2: $(STAMP)
+	$(BIN)/python -m simulator.demo --ros2 --bundle $(ARTIFACTS)/bundle --out $(ARTIFACTS)/demo-ros2
 
 bundle: $(STAMP)
 	$(BIN)/python build_engines.py --int8 --out $(ARTIFACTS)/bundle --force

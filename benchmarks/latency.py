@@ -18,6 +18,9 @@ means'); absolute milliseconds mean something only on the target. Three parts:
    cycling over the sample counts tick by tick. The stage times are the loop's own tick records.
 3. Start-up and memory: the runtime's RSS in a subprocess that imports only `edge` (it reports whether
    torch got imported), and start-to-first-command of `vla-edge run` against the simulator.
+4. The transports side by side, one-way on loopback: a camera frame and a command over ROS 2 topics (DDS,
+   to and from another process) next to the serial path (MJPEG camera, SetVelocity on a pty), and the
+   sensor_msgs/Image encode/decode cost per frame (benchmarks/transport.py).
 
 Writes latency.json, latency.md, latency_cdf.png, stage_bars.png and tick_jitter.png into --out.
 Nothing in `edge/` imports this package; torch is imported only for the PyTorch comparison. This module
@@ -83,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--segment-seconds", type=float, default=10.0,
                         help="closed-loop conditions take turns in segments this long (default 10)")
     parser.add_argument("--no-startup", action="store_true", help="skip RSS and start-to-first-command")
+    parser.add_argument("--no-transport", action="store_true",
+                        help="skip the transports: frames and commands over ROS 2 (DDS) next to serial + MJPEG")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
 
@@ -103,7 +108,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         closed_loop=not args.no_closed_loop, startup=not args.no_startup, threads=args.threads, seed=args.seed,
         checkpoint=args.checkpoint, load_bound_s=preset["load_bound_s"],
         fifo_priority=None if args.no_fifo else _fifo_priority(args.fifo_priority),
-        segment_seconds=_at_least("segment_seconds", args.segment_seconds, 0.1),
+        segment_seconds=_at_least("segment_seconds", args.segment_seconds, 0.1), transport=not args.no_transport,
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from benchmarks.settings import LOADS, RATE_HZ, TICK_STAGES
 from benchmarks.stats import stat_at
+from benchmarks.transport import format_transports
 
 
 def _ms(value: float | None, digits: int = 2) -> str:
@@ -92,6 +93,8 @@ def format_markdown(report: dict) -> str:
                           f"mean {tail['tick_slow_mean_ms']:.2f} vs median tick {tail['tick_median_ms']:.2f}): "
                           f"stage mean minus stage median, ms: {parts or 'no stage grew'}. "
                           f"Largest: **{tail['largest']}**.", ""]
+    transports = format_transports(report.get("transports"))
+    lines += [*transports[1:], ""] if transports else []
     lines += ["## Ratios", "", "| ratio | value | numerator (ms) | denominator (ms) |", "|---|---|---|---|"]
     for name, ratio in report["ratios"].items():
         lines.append(f"| {name} | {ratio['value']:.2f}x | {_ms(ratio['numerator_ms'])} | "

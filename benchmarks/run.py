@@ -28,6 +28,7 @@ from benchmarks.settings import SCHEMA, BenchSettings
 from benchmarks.startup import measure_runtime_process, measure_start_to_first_command
 from benchmarks.stats import finite_json
 from benchmarks.torch_eager import torch_configs
+from benchmarks.transport import run_transports
 from edge.control.realtime import freeze_gc_after_warmup
 from edge.errors import ConfigError, EdgeError
 from edge.inference.bundle import Bundle
@@ -166,6 +167,15 @@ def run_benchmark(bundle_dir: Path, out_dir: Path, settings: BenchSettings) -> d
             }
     elif not settings.startup:
         unavailable["start-up and memory"] = "skipped (--no-startup)"
+    report["transports"] = None
+    if settings.transport:
+        mark = time.monotonic()
+        report["transports"] = run_transports(max(50, 3 * settings.iterations))
+        phases["transports"] = time.monotonic() - mark
+        if "unavailable" in report["transports"].get("dds", {}):
+            unavailable["ROS 2 transport"] = report["transports"]["dds"]["unavailable"]
+    else:
+        unavailable["transports"] = "skipped (--no-transport)"
     report["startup"] = startup
     report["unavailable"] = unavailable
     report["ratios"] = compute_ratios(report, settings)

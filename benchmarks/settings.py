@@ -66,4 +66,5 @@ class BenchSettings:
     # condition also runs once at normal priority for comparison.
     fifo_priority: int | None = 50
     segment_seconds: float = 10.0  # closed-loop conditions take turns in segments this long
+    transport: bool = True  # part 4: frames and commands over ROS 2 (DDS) next to serial + MJPEG
 

@@ -3,6 +3,12 @@
     policy bundle -> simulated motor controller (a pty + an MJPEG camera, separate process)
                   -> `vla-edge run` (the real service, separate process) -> several episodes
 
+With ``--ros2`` (`make demo-ros2`) the service takes its camera, commands and joint states from ROS 2 topics
+instead: the simulated robot sits behind a small ROS 2 graph in this process (simulator/ros2_graph.py: a
+camera node publishing sensor_msgs/Image, a base driver taking trajectory_msgs/JointTrajectory to the
+controller's serial port and publishing sensor_msgs/JointState), over DDS on loopback with unicast peers;
+the service's config has a ros2: section and no camera or motor section.
+
 Episodes use training instructions, a held-out paraphrase and OOD scenes. Instructions go to the
 service over its control socket (`vla-edge say`); the simulator's ground truth (pose, success, motors
 stopped) is read for the report only. Writes per-episode results, fallback activity and tick latency
@@ -97,14 +103,29 @@ def ensure_bundle(bundle: Path, gate_seeds: int) -> None:
         raise SystemExit(f"bundle build failed with exit code {code}")
 
 
+def ros2_section(domain_id: int) -> dict:
+    """The service's ros2: section for the simulated robot's ROS 2 graph (simulator/ros2_graph.py): frames
+    and joint states in, wheel velocities out as a JointTrajectory, over loopback unicast discovery."""
+    from simulator.ros2_graph import WHEEL_JOINTS, GraphTopics
+
+    topics = GraphTopics()
+    return {"domain_id": domain_id, "interface_address": "127.0.0.1", "peers": ["127.0.0.1"],
+            "camera": {"topic": topics.image, "open_timeout_s": 20.0},
+            "command": {"topic": topics.joint_trajectory, "kind": "joint_trajectory",
+                        "joint_names": list(WHEEL_JOINTS), "max_abs": [1.0]},
+            "telemetry": {"topic": topics.joint_states}, "estop": {}, "diagnostics": {}, "mode": {}}
+
+
 def write_config(path: Path, bundle: Path, serial: str, camera_url: str, socket_path: Path,
-                 target: str = "cpu") -> None:
+                 target: str = "cpu", ros2_domain: int | None = None) -> None:
+    """The service's config: the simulator's pty and MJPEG stream, or (``ros2_domain``) ROS 2 topics."""
     import yaml
 
+    devices = ({"camera": {"source": camera_url, "open_timeout_s": 10.0}, "motor": {"port": serial}}
+               if ros2_domain is None else {"ros2": ros2_section(ros2_domain)})
     config = {
         "bundle": str(bundle.resolve()),
-        "camera": {"source": camera_url, "open_timeout_s": 10.0},
-        "motor": {"port": serial},
+        **devices,
         # One ONNX Runtime thread: the simulator shares the 2 cores of a small machine, and two spinning
         # intra-op threads on a busy core stall each other (measured: 1.9-2.1x slower ticks under load).
         "policy": {"target": target, "backend": "onnxruntime", "mc_samples": 16, "threads": 1},
@@ -187,15 +208,43 @@ class Rig:
 
 
 @contextlib.contextmanager
-def closed_loop_rig(bundle: Path, out: Path, name: str, seed: int, target: str = "cpu") -> Iterator[Rig]:
-    """Start the simulator, write a config for it, start the real service; stop both (SIGTERM) on exit."""
+def ros2_robot(paths: SimulatorPaths, domain_id: int) -> Iterator[None]:
+    """The simulated robot's ROS 2 graph, in this process: its camera node reads the simulator's MJPEG
+    stream and publishes Image; its base driver takes JointTrajectory (or Twist) to the simulator's pty
+    and publishes JointState. The service then sees the robot only through ROS 2 topics."""
+    from edge.io.camera import Camera, CameraConfig
+    from edge.io.motor_link import MotorLinkConfig, SerialMotorLink
+    from edge.io.ros2.dds import Ros2Config, Ros2Node
+    from simulator.ros2_graph import RobotGraph
+
+    camera = Camera(CameraConfig(source=paths.camera_url, open_timeout_s=10.0))
+    link = SerialMotorLink(MotorLinkConfig(port=paths.serial))
+    camera.connect()
+    try:
+        link.connect()
+        try:
+            with Ros2Node(Ros2Config(domain_id=domain_id)) as node, RobotGraph(node, camera, link):
+                yield
+        finally:
+            link.disconnect()
+    finally:
+        camera.disconnect()
+
+
+@contextlib.contextmanager
+def closed_loop_rig(bundle: Path, out: Path, name: str, seed: int, target: str = "cpu",
+                    ros2_domain: int | None = None) -> Iterator[Rig]:
+    """Start the simulator, write a config for it, start the real service; stop both (SIGTERM) on exit.
+    With ``ros2_domain`` the simulated robot sits behind a ROS 2 graph on that DDS domain."""
     log_path = out / f"service{name}.log"
     with SimulatorProcess(SimulatorConfig(seed=seed), out / f"simulator{name}.log") as simulator, \
-            GroundTruthClient(simulator.paths.ground_truth) as client, open(log_path, "w") as log:
+            GroundTruthClient(simulator.paths.ground_truth) as client, open(log_path, "w") as log, \
+            (ros2_robot(simulator.paths, ros2_domain) if ros2_domain is not None else contextlib.nullcontext()):
         paths = simulator.paths
         socket_path = out / f"control{name}.sock"
         config_path = out / f"robot{name}.yaml"
-        write_config(config_path, bundle, paths.serial, paths.camera_url, socket_path, target=target)
+        write_config(config_path, bundle, paths.serial, paths.camera_url, socket_path, target=target,
+                     ros2_domain=ros2_domain)
         started = time.monotonic()
         service = subprocess.Popen([sys.executable, "-m", "edge.cli", "run", "--config", str(config_path)],
                                    stdout=log, stderr=subprocess.STDOUT, env=child_env())
@@ -213,14 +262,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bundle", type=Path, default=Path("artifacts/bundle"))
     parser.add_argument("--out", type=Path, default=Path("artifacts/demo"))
     parser.add_argument("--gate-seeds", type=int, default=50, help="closed-loop gate episodes if a build is needed")
+    parser.add_argument("--ros2", action="store_true",
+                        help="camera, commands and joint states on ROS 2 topics (DDS on loopback) instead of the "
+                             "MJPEG stream and the pty (make demo-ros2)")
+    parser.add_argument("--domain-id", type=int, default=None,
+                        help="DDS domain for --ros2 (default: a random one in 1..200, apart from other runs)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
     ensure_bundle(args.bundle, args.gate_seeds)
 
-    with closed_loop_rig(args.bundle, args.out, "", DEMO_SEED_BASE) as rig:
-        print(f"service up {rig.startup_s:.1f} s after launch; camera {rig.paths.camera_url}, "
-              f"serial {rig.paths.serial}")
+    domain = None
+    if args.ros2:
+        domain = args.domain_id if args.domain_id is not None else int(np.random.default_rng().integers(1, 201))
+    with closed_loop_rig(args.bundle, args.out, "", DEMO_SEED_BASE, ros2_domain=domain) as rig:
+        if domain is None:
+            print(f"service up {rig.startup_s:.1f} s after launch; camera {rig.paths.camera_url}, "
+                  f"serial {rig.paths.serial}")
+        else:
+            print(f"service up {rig.startup_s:.1f} s after launch; camera, commands and joint states on ROS 2 "
+                  f"topics, DDS domain {domain} on 127.0.0.1")
         socket_path = rig.socket_path
         rng = np.random.default_rng(DEMO_SEED_BASE)
         rows, all_ticks = [], []
@@ -246,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
             "success_in_distribution": f"{sum(r['success'] for r in in_task)}/{len(in_task)}",
             "tick_ms": {"p50": p50, "p90": p90, "p99": p99, "samples": len(all_ticks)},
             "service_status": status,
+            "transport": "ros2" if domain is not None else "serial+mjpeg",
         }
         (args.out / "demo.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
         print(f"\nsuccess {summary['success_in_distribution']} on in-distribution episodes; "

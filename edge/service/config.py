@@ -38,6 +38,7 @@ from edge.errors import ConfigError
 from edge.inference.pipeline import BACKENDS, TARGETS, PolicyConfig
 from edge.io.camera import CameraConfig
 from edge.io.motor_link import MotorLinkConfig
+from edge.io.ros2.bridge import Ros2Section
 from edge.service.control_protocol import InstructionConfig
 from edge.service.metrics import METRICS_HOST, MetricsConfig
 
@@ -55,6 +56,7 @@ __all__ = [
     "RealtimeConfig",
     "RealtimeSection",
     "RobotConfig",
+    "Ros2Section",
     "SafetySection",
     "UncertaintyConfig",
     "config_from_dict",
@@ -77,8 +79,8 @@ _PLACEHOLDER = re.compile(r"\$\{([^}]*)\}")
 @dataclass(frozen=True)
 class RobotConfig:
     bundle: str
-    camera: CameraConfig
-    motor: MotorLinkConfig
+    camera: CameraConfig | None  # None where ros2.camera takes the frames from a topic
+    motor: MotorLinkConfig | None  # None where ros2.command publishes the commands
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     uncertainty: UncertaintyConfig = field(default_factory=UncertaintyConfig)
     safety: SafetySection = field(default_factory=SafetySection)
@@ -86,6 +88,7 @@ class RobotConfig:
     realtime: RealtimeConfig = field(default_factory=RealtimeConfig)
     instruction: InstructionConfig = field(default_factory=InstructionConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    ros2: Ros2Section | None = None  # ROS 2 topics in place of (or beside) the devices; None: no ROS 2
 
 
 _SECTIONS = {
@@ -137,12 +140,14 @@ def _section(name: str, cls, raw: Any):
 def config_from_dict(raw: Any, base_dir: Path | None = None, environ: Mapping[str, str] | None = None) -> RobotConfig:
     if not isinstance(raw, dict):
         raise ConfigError("the configuration must be a YAML mapping with sections bundle, camera, motor, ...")
-    unknown = sorted(set(raw) - {"bundle", *_SECTIONS})
+    unknown = sorted(set(raw) - {"bundle", "ros2", *_SECTIONS})
     if unknown:
-        raise ConfigError(f"unknown top-level key(s) {unknown}; allowed: bundle, {', '.join(_SECTIONS)}")
+        raise ConfigError(f"unknown top-level key(s) {unknown}; allowed: bundle, {', '.join(_SECTIONS)}, ros2")
+    ros2 = _ros2_section(raw.get("ros2"))
+    replaced = _replaced_by_ros2(raw, ros2)
     for required in ("bundle", "camera", "motor"):
-        if required not in raw:
-            raise ConfigError(f"missing required key '{required}'")
+        if required not in raw and required not in replaced:
+            raise ConfigError(f"missing required key '{required}'" + _ROS2_ALTERNATIVE.get(required, ""))
     bundle = raw["bundle"]
     if not isinstance(bundle, str) or not bundle.strip():
         raise ConfigError(f"bundle must be the path of a policy bundle directory, got {bundle!r}")
@@ -153,9 +158,52 @@ def config_from_dict(raw: Any, base_dir: Path | None = None, environ: Mapping[st
     if isinstance(instruction, dict) and isinstance(instruction.get("socket"), str):
         instruction = {**instruction,
                        "socket": expand_directories("instruction.socket", instruction["socket"], environ)}
-    sections = {name: _section(name, cls, instruction if name == "instruction" else raw.get(name))
+    sections = {name: None if name in replaced else
+                _section(name, cls, instruction if name == "instruction" else raw.get(name))
                 for name, cls in _SECTIONS.items()}
-    return RobotConfig(bundle=str(bundle_path), **sections)
+    return RobotConfig(bundle=str(bundle_path), ros2=ros2, **sections)
+
+
+# -- the ros2: section ------------------------------------------------------------------------------------
+
+# The device section each ROS 2 role replaces: the camera topic replaces the OpenCV camera, the command
+# topic (with its joint states) the serial motor link.
+_ROS2_REPLACES = {"camera": "camera", "command": "motor"}
+_ROS2_ALTERNATIVE = {"camera": " (or ros2.camera for an Image topic)",
+                     "motor": " (or ros2.command with ros2.telemetry for ROS 2 topics)"}
+
+
+def _ros2_section(raw: Any) -> Ros2Section | None:
+    """The ``ros2:`` section (edge/io/ros2/bridge.py); absent or null: the robot has no ROS 2 roles."""
+    if raw is None:
+        return None
+    if raw is True or raw == {}:
+        raise ConfigError("ros2: name at least one role (camera, instruction, command, telemetry, estop, "
+                          "diagnostics, mode); see docs/ros2.md")
+    return _section("ros2", Ros2Section, raw)
+
+
+def _replaced_by_ros2(raw: dict, ros2: Ros2Section | None) -> set[str]:
+    """The device sections the ROS 2 roles take the place of; a ConfigError for a combination that
+    cannot work (both a device and its topic, joint states without the command topic they go with)."""
+    if ros2 is None:
+        return set()
+    replaced = set()
+    for role, section in _ROS2_REPLACES.items():
+        if getattr(ros2, role) is None:
+            continue
+        if raw.get(section) is not None:
+            raise ConfigError(f"both {section} and ros2.{role} are set: the robot has one {section} source; "
+                              f"remove the {section} section or ros2.{role}")
+        replaced.add(section)
+    if ros2.command is not None and ros2.telemetry is None:
+        raise ConfigError("ros2.command needs ros2.telemetry (sensor_msgs/JointState): without measured "
+                          "joint states the safety layer stops the robot every tick; add ros2.telemetry "
+                          "(e.g. {topic: /joint_states})")
+    if ros2.telemetry is not None and ros2.command is None:
+        raise ConfigError("ros2.telemetry goes with ros2.command: with the serial motor link the telemetry "
+                          "comes from the controller; remove ros2.telemetry or set ros2.command")
+    return replaced
 
 
 def _unique_key_loader():

@@ -161,6 +161,25 @@ def check_onnxruntime(config: RobotConfig, *, ort: Any = None) -> list[CheckResu
 # --- process limits -----------------------------------------------------------------------------------
 
 
+# --- ROS 2 ---------------------------------------------------------------------------------------------
+
+
+def check_ros2(config: RobotConfig, environ: Mapping[str, str] | None = None) -> list[CheckResult]:
+    """The ros2: section on this machine, by the start-up validation run applies (startup.ros2_problems);
+    one OK line naming the domain, interface and roles when nothing is wrong. Joins no DDS domain."""
+    section = config.ros2
+    if section is None:
+        return []
+    problems = startup.ros2_problems(config, environ)
+    results = [(fail if p.fatal else warn)("ros2", p.message, p.fix) for p in problems]
+    if not any(p.fatal for p in problems):
+        topics = ", ".join(f"{role} {getattr(section, role).topic}" for role in section.roles)
+        results.append(ok("ros2", f"DDS domain {section.domain_id} on {section.interface_address} (peers "
+                          f"{', '.join(section.peers) or 'none'}, multicast "
+                          f"{'on' if section.allow_multicast else 'off'}); {topics}"))
+    return results
+
+
 # --- service endpoints --------------------------------------------------------------------------------
 
 
@@ -232,7 +251,7 @@ def check_running_service(config: RobotConfig, timeout_s: float = 2.0) -> list[C
     if not link.get("connected"):
         results.append(fail("service", f"{summary}; the motor link is down (the robot holds still)",
                             "check the cable and the motor controller's power; the service reconnects by itself"))
-    stale_s = config.camera.stale_after_s
+    stale_s = config.camera.stale_after_s if config.camera is not None else config.ros2.camera.stale_after_s
     frame_age = camera.get("frame_age_s")
     if not isinstance(frame_age, (int, float)) or not frame_age <= stale_s:
         results.append(fail("service", f"{summary}; the camera's latest frame is {frame_age} s old "
@@ -258,8 +277,10 @@ def run_checks(config_path: str | Path, *, open_camera: bool = False, camera_tim
     if config is None:
         return results
     if running:
-        results.append(check_serial(config.motor))
-        results.append(_check_camera_source(config.camera))
+        if config.motor is not None:
+            results.append(check_serial(config.motor))
+        if config.camera is not None:
+            results.append(_check_camera_source(config.camera))
         return results + check_running_service(config)
     bundle_results, bundle = check_bundle(config)
     results += bundle_results
@@ -268,8 +289,11 @@ def run_checks(config_path: str | Path, *, open_camera: bool = False, camera_tim
             results += check_tensorrt(config, bundle, trt=trt, cudart=cudart)
         else:
             results += check_onnxruntime(config, ort=ort)
-    results.append(check_serial(config.motor))
-    results += check_camera(config.camera, open_camera=open_camera, timeout_s=camera_timeout_s)
+    results += check_ros2(config, environ)
+    if config.motor is not None:  # else the commands go to a ROS 2 topic (ros2.command)
+        results.append(check_serial(config.motor))
+    if config.camera is not None:  # else the frames come from a ROS 2 topic (ros2.camera)
+        results += check_camera(config.camera, open_camera=open_camera, timeout_s=camera_timeout_s)
     results += check_realtime(config)
     results += check_jetson_power()  # nothing off a Jetson
     results += check_metrics(config)

@@ -73,6 +73,7 @@ class RobotService:
         self.loop: ControlLoop | None = None
         self.control_socket = None  # edge.service.control_socket.ControlSocketServer when instruction.socket is set
         self.metrics = None  # edge.service.metrics.MetricsServer when metrics.enabled
+        self.ros2 = None  # edge.service.ros2_roles.Ros2Roles when the config has a ros2: section
         self.started_s = time.monotonic()
         self._next_status_s = 0.0
         self._shut_down = False
@@ -101,14 +102,8 @@ class RobotService:
             return False
         self.pipeline = wiring.build_pipeline(self.bundle, cfg)
         self.pipeline.activate()
-        if not self._step(f"connecting camera {cfg.camera.source}"):
+        if not self._connect_devices():
             return False
-        self.camera = Camera(cfg.camera)
-        self.camera.connect()
-        if not self._step(f"connecting motor link {cfg.motor.port}"):
-            return False
-        self.link = SerialMotorLink(cfg.motor)
-        self.link.connect()
         if not self._step(f"warming up ({cfg.loop.warmup_ticks} inference passes)"):
             return False
         self._warm_up()
@@ -122,6 +117,8 @@ class RobotService:
 
             self.control_socket = ControlSocketServer(cfg.instruction.socket, LoopControl(self.loop))
             self.control_socket.start()
+        if self.ros2 is not None:
+            self.ros2.attach(self.loop)  # e-stop and instruction topics in, status topics out
         if cfg.metrics.enabled:
             from edge import __version__
             from edge.service.metrics import LoopCollector, MetricsServer
@@ -140,6 +137,27 @@ class RobotService:
         logger.info("real-time set-up: applied %s, refused %s", report.applied, report.refused)
         self.notifier.ready(status=f"running {cfg.policy.target} policy at {cfg.loop.rate_hz:g} Hz")
         logger.info("ready %.2f s after start", time.monotonic() - self.started_s)
+        return True
+
+    def _connect_devices(self) -> bool:
+        """The ROS 2 roles first where the config has them (their camera and link are the devices then),
+        then the OpenCV camera and the serial link for the roles left on devices."""
+        cfg = self.config
+        if cfg.ros2 is not None:
+            if not self._step(f"joining DDS domain {cfg.ros2.domain_id} on {cfg.ros2.interface_address} for "
+                              f"the ROS 2 roles {', '.join(cfg.ros2.roles)}"):
+                return False
+            self.ros2 = wiring.ros2_roles(cfg)
+            self.ros2.connect()  # the image topic's first frame included, when the camera is a topic
+        if not self._step(f"connecting camera {cfg.ros2.camera.topic if cfg.camera is None else cfg.camera.source}"):
+            return False
+        self.camera = wiring.make_camera(cfg, self.ros2)
+        if not self.camera.is_connected:
+            self.camera.connect()
+        if not self._step(f"connecting motor link {cfg.ros2.command.topic if cfg.motor is None else cfg.motor.port}"):
+            return False
+        self.link = wiring.make_link(cfg, self.ros2)
+        self.link.connect()  # the ROS 2 link connects only what the bridge has not
         return True
 
     def _warm_up(self) -> None:
@@ -196,11 +214,13 @@ class RobotService:
             return
         self._shut_down = True
         self.notifier.stopping("commanded stop")
+        if self.ros2 is not None:
+            self.ros2.detach()  # no e-stop or instruction from a topic into a loop that is stopping
         self._commanded_stop()
         if self.loop is not None:
             logger.info("%s", self.loop.summary_line())
             logger.info("%s", self.loop.keeper.summary())
-        for name in ("control_socket", "metrics", "link", "camera"):
+        for name in ("control_socket", "metrics", "link", "camera", "ros2"):
             part = getattr(self, name)
             if part is None:
                 continue
@@ -229,7 +249,7 @@ class RobotService:
             # Start-up failed after the port opened: we never commanded motion, but the controller may
             # still hold a previous run's command until its watchdog fires; zero is always safe.
             for _ in range(3):
-                link.send_velocity(np.zeros(self.config.motor.channels, np.float32))
+                link.send_velocity(np.zeros(wiring.command_width(self.config), np.float32))
         logger.info("commanded stop sent (zero velocity)")
 
 

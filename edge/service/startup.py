@@ -8,7 +8,8 @@ EX_CONFIG, on any fatal problem; doctor prints each one as a FAIL line with its 
     bundle files   every file and directory of the bundle readable by this (the service) user
     bundle         verified by edge.inference.bundle (schema, hashes)
     combination    the config against the bundle: `policy_problems` below (target, T, channels,
-                   target vs backend)
+                   target vs backend, the ROS 2 command's targets)
+    ros2           the ros2: section on this machine: `ros2_problems` (binding, interface, topics, domain)
 
 A problem is fatal (doctor FAIL, run refuses to start) or a warning (doctor WARN, run logs it and
 starts): a warning is a configuration that runs correctly but not as well as it could.
@@ -16,9 +17,12 @@ starts): a warning is a configuration that runs correctly but not as well as it 
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
+import socket
 import stat
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,7 +171,8 @@ def robot_problems(bundle, config) -> list[StartupProblem]:
             f"set policy.mc_samples to at least 2 (the bundle's threshold was calibrated at "
             f"{calibrated or 'its build default'})"))
     dim = int(bundle.action["dim"])
-    if config.motor.channels != dim:
+    problems += _ros2_command_problems(bundle, config, dim)
+    if config.motor is not None and config.motor.channels != dim:
         names = ", ".join(map(str, bundle.action.get("names") or ())) or "unnamed"
         problems.append(StartupProblem(
             "motor.channels", f"motor.channels is {config.motor.channels} but the policy's action has {dim} "
@@ -183,6 +188,69 @@ def robot_problems(bundle, config) -> list[StartupProblem]:
             f"smoother, so the gate falls back more or less often than calibrated",
             f"set policy.mc_samples: {calibrated_set[0]}, or calibrate a threshold at this T and set "
             f"uncertainty.threshold", fatal=False))
+    return problems
+
+
+def _ros2_command_problems(bundle, config, dim: int) -> list[StartupProblem]:
+    """The ROS 2 command carries the policy's action: one target per action dimension."""
+    command = config.ros2.command if config.ros2 is not None else None
+    if command is None or command.n_targets == dim:
+        return []
+    names = ", ".join(map(str, bundle.action.get("names") or ())) or "unnamed"
+    if command.kind == "twist":
+        return [StartupProblem(
+            "ros2.command.kind", f"ros2.command is a Twist (2 targets: linear x, angular z) but the policy's "
+            f"action has {dim} dimension(s) ({names})",
+            f"set ros2.command.kind: joint_trajectory with {dim} joint_names, or use a bundle whose policy "
+            "commands a differential drive (2 targets)")]
+    return [StartupProblem(
+        "ros2.command.joint_names", f"ros2.command.joint_names has {command.n_targets} joint(s) but the "
+        f"policy's action has {dim} dimension(s) ({names})",
+        f"list {dim} joint names in ros2.command.joint_names, in the order of the policy's action")]
+
+
+def ros2_problems(config, environ: Mapping[str, str] | None = None) -> list[StartupProblem]:
+    """What the ros2: section needs on this machine (doctor's "ros2" lines; run refuses a fatal one):
+    the DDS binding loads, the interface address belongs to this machine, no two roles share a topic,
+    and (a warning) ROS_DOMAIN_ID, where set, is the configured domain."""
+    section = config.ros2
+    if section is None:
+        return []
+    problems = []
+    try:
+        importlib.import_module("cyclonedds.domain")  # loads the C library too, not only the package
+    except (ImportError, OSError) as exc:
+        problems.append(StartupProblem(
+            "ros2", f"the ROS 2 bridge's DDS binding does not load ({exc})",
+            "pip install 'vla-edge[ros2]'; on a Jetson build it against the Cyclone DDS C library and set "
+            "CYCLONEDDS_HOME (docs/ros2.md, On a Jetson)"))
+    address = section.interface_address
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.bind((address, 0))  # only an address of this machine binds; nothing is sent
+    except OSError as exc:
+        problems.append(StartupProblem(
+            "ros2.interface_address", f"ros2.interface_address {address} is not an address of this machine "
+            f"({exc.strerror or exc})",
+            "set it to the IPv4 address of the network interface the robot's ROS 2 graph is on (`ip -4 addr`), "
+            "or 127.0.0.1 for a graph on this host only"))
+    finally:
+        probe.close()
+    topics: dict[str, str] = {}
+    for role in section.roles:
+        topic = "/" + getattr(section, role).topic.lstrip("/")
+        if topic in topics:
+            problems.append(StartupProblem(
+                f"ros2.{role}.topic", f"ros2.{role}.topic and ros2.{topics[topic]}.topic are both {topic}: one "
+                "DDS topic cannot carry two roles' types", f"give ros2.{role} a topic of its own"))
+        topics.setdefault(topic, role)
+    env_domain = (os.environ if environ is None else environ).get("ROS_DOMAIN_ID")
+    if env_domain is not None and env_domain.strip() != str(section.domain_id):
+        problems.append(StartupProblem(
+            "ros2.domain_id", f"ros2.domain_id is {section.domain_id} but ROS_DOMAIN_ID is {env_domain!r} in this "
+            "environment: the service and ROS 2 nodes started from it would not see each other",
+            f"set ros2.domain_id: {env_domain.strip()} (the graph's ROS_DOMAIN_ID), or start the nodes with "
+            f"ROS_DOMAIN_ID={section.domain_id}", fatal=False))
     return problems
 
 

@@ -13,6 +13,10 @@ these functions, so what doctor checks is what run builds (docs/architecture.md,
     safety_config(bundle, config)         the safety layer's limits: bundle's action spec + config
     gate_config(bundle, config)           the uncertainty gate: bundle's threshold unless overridden
     build_loop(pipeline, camera, link, bundle, config)   the control loop with its gate and safety
+    ros2_roles(config)                    the ROS 2 bridge of the ros2: section (None without one)
+    make_camera(config, roles)            the camera: a ROS 2 image topic or the OpenCV camera
+    make_link(config, roles)              the motor link: ROS 2 command topics or the serial link
+    command_width(config)                 how many targets one command carries on that link
 
 Nothing here opens a device: the caller connects the camera and the motor link (run does, doctor
 only checks them), so every check above happens before any device is armed.
@@ -32,8 +36,11 @@ from edge.inference.backends.base import InferenceBackend
 from edge.inference.bundle import Bundle
 from edge.inference.engine_key import EngineKey, key_path
 from edge.inference.pipeline import BackendFactory, PolicyPipeline, onnxruntime_factory
+from edge.io.camera import Camera
+from edge.io.motor_link import SerialMotorLink
 from edge.service import startup
 from edge.service.config import RobotConfig
+from edge.service.ros2_roles import Ros2Roles
 
 
 def rebuild_command(bundle_dir, bundle: Bundle | None = None) -> str:
@@ -59,7 +66,7 @@ def check_startup(bundle: Bundle, config: RobotConfig) -> list[startup.StartupPr
     any device is opened): BundleError for a bundle this runtime cannot run yet, ConfigError listing
     every fatal problem; returns the warnings."""
     bundle.check_runnable()
-    problems = startup.policy_problems(bundle, config)
+    problems = startup.policy_problems(bundle, config) + startup.ros2_problems(config)
     startup.raise_if_fatal(problems)
     return problems
 
@@ -217,3 +224,34 @@ def build_loop(pipeline: PolicyPipeline, camera, link, bundle: Bundle, config: R
         record_ticks=loop_cfg.record_ticks, summary_every_s=loop_cfg.summary_every_s,
         on_deadline_met=on_deadline_met, **loop_options,
     )
+
+
+# -- devices: the OpenCV camera and serial link, or their ROS 2 topics ---------------------------------------
+
+
+def ros2_roles(config: RobotConfig) -> Ros2Roles | None:
+    """The ROS 2 bridge of the config's ros2: section, not yet connected; None when there is none."""
+    return None if config.ros2 is None else Ros2Roles(config.ros2)
+
+
+def make_camera(config: RobotConfig, roles: Ros2Roles | None = None):
+    """The configured camera, not yet connected: the ROS 2 image topic where ros2.camera is set, else the
+    OpenCV camera of the camera section."""
+    if roles is not None and roles.camera is not None:
+        return roles.camera
+    return Camera(config.camera)
+
+
+def make_link(config: RobotConfig, roles: Ros2Roles | None = None):
+    """The configured motor link, not yet connected: Ros2MotorLink where ros2.command is set, else the
+    serial link of the motor section."""
+    if roles is not None and roles.link is not None:
+        return roles.link
+    return SerialMotorLink(config.motor)
+
+
+def command_width(config: RobotConfig) -> int:
+    """Targets per command on the configured link (motor.channels, or the ROS 2 command's targets)."""
+    if config.motor is not None:
+        return config.motor.channels
+    return config.ros2.command.n_targets

@@ -390,3 +390,19 @@ def test_edge_never_imports_the_benchmarks():
     offenders = [str(p) for p in (REPO / "edge").rglob("*.py")
                  if "import benchmarks" in p.read_text() or "from benchmarks" in p.read_text()]
     assert offenders == []
+
+
+def test_the_transports_are_measured_side_by_side(smoke):
+    _, out, report, _ = smoke
+    transports = report["transports"]
+    serial = transports["serial"]
+    assert serial["frame"]["n"] > 0 and serial["command"]["n"] > 0
+    dds = transports["dds"]
+    if "unavailable" in dds:  # without the ros2 extra the report says why
+        assert "ROS 2 transport" in report["unavailable"]
+        return
+    assert dds["frame"]["n"] > 0 and dds["command"]["n"] > 0 and dds["commands_received"] <= dds["commands_sent"]
+    assert set(transports["image_codec"]) == {"320x240", "640x480"}
+    markdown = (out / "latency.md").read_text()
+    assert "## Transports: ROS 2 over DDS next to serial + MJPEG" in markdown
+    assert "| DDS frame: Image published (other process) -> Ros2Camera holds BGR |" in markdown

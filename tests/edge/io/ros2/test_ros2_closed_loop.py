@@ -1,13 +1,12 @@
 """The control loop closed over ROS 2 topics: the simulated robot's camera and motor controller sit behind
-a small ROS 2 graph (a camera node republishing its frames as sensor_msgs/Image, a controller node that
-takes trajectory_msgs/JointTrajectory to the serial controller and publishes sensor_msgs/JointState), and
-the loop sees them only through the bridge (Ros2Camera, Ros2MotorLink), wired by edge.service.wiring."""
+a small ROS 2 graph (simulator/ros2_graph.py: a camera node republishing its frames as sensor_msgs/Image, a
+base driver that takes trajectory_msgs/JointTrajectory to the serial controller and publishes
+sensor_msgs/JointState), and the loop sees them only through the bridge (Ros2Camera, Ros2MotorLink), wired
+by edge.service.wiring."""
 
 from __future__ import annotations
 
 import random
-import threading
-import time
 
 import numpy as np
 import pytest
@@ -24,51 +23,9 @@ from edge.io.ros2.dds import QosProfile, Ros2Node  # noqa: E402
 from edge.io.ros2.link import Ros2MotorLink  # noqa: E402
 from edge.service import wiring  # noqa: E402
 from simulator.controller import SimulatedController  # noqa: E402
+from simulator.ros2_graph import RobotGraph  # noqa: E402
 from tests.edge.control.closed_loop import PERIOD_S, robot_config, run_for  # noqa: E402
 from tests.waiting import wait_until  # noqa: E402
-
-
-class RobotGraph:
-    """The robot's own ROS 2 nodes, in threads: camera -> Image, JointTrajectory -> serial, serial -> JointState."""
-
-    def __init__(self, node: Ros2Node, camera: Camera, link: SerialMotorLink, joints: list[str]) -> None:
-        self.image = node.writer("/camera/image_raw", msgs.Image, QosProfile.SENSOR)
-        self.states = node.writer("/joint_states", msgs.JointState, QosProfile.SENSOR)
-        self.trajectories = node.reader("/joint_trajectory", msgs.JointTrajectory, QosProfile.COMMAND)
-        self.camera, self.link, self.joints = camera, link, joints
-        self.forwarded: list[tuple[float, ...]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> RobotGraph:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        frames = telemetry_seen = 0
-        while not self._stop.is_set():
-            frame, _, count = self.camera.read_latest()
-            if frame is not None and count != frames:
-                frames = count
-                h, w, _ = frame.shape
-                self.image.write(msgs.Image(header=msgs.Header(stamp=msgs.Time.from_seconds(time.time())),
-                                            height=h, width=w, encoding="bgr8", step=w * 3, data=frame.tobytes()))
-            for message in self.trajectories.take(N=8):
-                if isinstance(message, msgs.JointTrajectory) and message.points:
-                    velocities = tuple(message.points[0].velocities)
-                    self.link.send_velocity(velocities)
-                    self.forwarded.append(velocities)
-            telemetry, _ = self.link.latest_telemetry()
-            if telemetry is not None and telemetry.seq != telemetry_seen:
-                telemetry_seen = telemetry.seq
-                self.states.write(msgs.JointState(header=msgs.Header(stamp=msgs.Time.from_seconds(time.time())),
-                                                  name=self.joints, velocity=list(telemetry.velocities),
-                                                  position=list(telemetry.positions)))
-            self._stop.wait(0.005)
 
 
 def test_policy_drives_the_robot_over_ros2_topics_and_the_estop_topic_stops_it(reference_bundle):
@@ -89,7 +46,8 @@ def test_policy_drives_the_robot_over_ros2_topics_and_the_estop_topic_stops_it(r
         sim_camera.connect()
         sim_link.connect()
         pipeline.activate()
-        with graph_node, RobotGraph(graph_node, sim_camera, sim_link, joints) as graph, Ros2Bridge(section) as bridge:
+        with graph_node, RobotGraph(graph_node, sim_camera, sim_link, tuple(joints)) as graph, \
+                Ros2Bridge(section) as bridge:
             link = Ros2MotorLink(bridge.command, bridge.telemetry, bridge.estop)
             loop = wiring.build_loop(pipeline, bridge.camera, link, bundle, config)
             start = controller.ground_truth()
