@@ -26,7 +26,7 @@ from cobs import cobs
 
 from edge.errors import ProtocolError
 
-PROTOCOL_VERSION: int = 1
+PROTOCOL_VERSION: int = 2
 SEQ_MODULUS: int = 1 << 16
 
 _HEADER = struct.Struct("<BBH")  # version, message type, sequence number
@@ -48,7 +48,11 @@ class CrcError(ProtocolError):
 
 
 class VersionMismatchError(ProtocolError):
-    """The frame was written for another major protocol version."""
+    """The frame was written for another major protocol version (``version``, read after the CRC matched)."""
+
+    def __init__(self, message: str, version: int | None = None) -> None:
+        super().__init__(message)
+        self.version = version
 
 
 class PayloadError(ProtocolError):
@@ -102,7 +106,8 @@ def unseal(frame: bytes, max_encoded_bytes: int) -> tuple[int, int, bytes]:
     if version != PROTOCOL_VERSION:
         raise VersionMismatchError(
             f"frame uses protocol version {version}, this runtime speaks version {PROTOCOL_VERSION}: "
-            "update the motor controller firmware or the runtime so both speak the same version"
+            "update the motor controller firmware or the runtime so both speak the same version",
+            version=version,
         )
     return type_byte, seq, body[_HEADER.size :]
 

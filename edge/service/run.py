@@ -35,7 +35,7 @@ import numpy as np
 
 from edge.control.loop import ControlLoop
 from edge.control.realtime import configure_realtime
-from edge.errors import BundleError, ConfigError, EdgeError
+from edge.errors import BundleError, ConfigError, EdgeError, InputError
 from edge.inference.bundle import REBUILD, Bundle
 from edge.inference.pipeline import PolicyPipeline
 from edge.io.camera import Camera
@@ -43,6 +43,7 @@ from edge.io.motor_link import SerialMotorLink
 from edge.service import wiring
 from edge.service.config import RobotConfig, load_config
 from edge.service.sdnotify import SystemdNotifier
+from edge.service.startup import controller_problems, raise_if_fatal
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +110,8 @@ class RobotService:
             return False
         self.link = SerialMotorLink(cfg.motor)
         self.link.connect()
+        # Before the first command: the controller can carry this bundle's action (exit 78 if not).
+        raise_if_fatal(controller_problems(self.link, self.bundle.spec.action))
         if not self._step(f"warming up ({cfg.loop.warmup_ticks} inference passes)"):
             return False
         self._warm_up()
@@ -227,10 +230,15 @@ class RobotService:
             self.loop.stop_motors()
         else:
             # Start-up failed after the port opened: we never commanded motion, but the controller may
-            # still hold a previous run's command until its watchdog fires; zero is always safe.
+            # still hold a previous run's command until its watchdog fires; a stop is always safe.
+            try:
+                stop = link.stop_targets()
+            except InputError as exc:
+                logger.warning("%s; the controller's watchdog stops the motors", exc)
+                return
             for _ in range(3):
-                link.send_velocity(np.zeros(self.config.motor.channels, np.float32))
-        logger.info("commanded stop sent (zero velocity)")
+                link.send_targets(stop)
+        logger.info("commanded stop sent (zero velocity, position channels held)")
 
 
 def run_service(config: RobotConfig | str | os.PathLike, *, environ: Mapping[str, str] | None = None) -> int:
