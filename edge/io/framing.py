@@ -67,9 +67,11 @@ def crc16_ccitt_false(data: bytes) -> int:
 # --- frames ------------------------------------------------------------------------------------------
 
 
-def seal(message_type: int, seq: int, payload: bytes) -> bytes:
-    """The wire frame of one payload: header, CRC, COBS and the trailing 0x00 delimiter."""
-    raw = _HEADER.pack(PROTOCOL_VERSION, message_type, check_seq(seq, "seq")) + payload
+def seal(message_type: int, seq: int, payload: bytes, version: int = PROTOCOL_VERSION) -> bytes:
+    """The wire frame of one payload: header, CRC, COBS and the trailing 0x00 delimiter.
+
+    ``version`` other than PROTOCOL_VERSION only for a simulated controller of an older protocol."""
+    raw = _HEADER.pack(version, message_type, check_seq(seq, "seq")) + payload
     raw += _CRC.pack(crc16_ccitt_false(raw))
     return cobs.encode(raw) + b"\x00"
 

@@ -278,6 +278,7 @@ class LinkState:
         counts["crc_errors"] = decoder.crc_errors
         counts["framing_errors"] = (
             decoder.framing_errors + decoder.oversized + decoder.unknown_messages + decoder.payload_errors
+            + decoder.range_errors
         )
         counts["version_errors"] = decoder.version_errors
         return LinkStats(**counts)

@@ -100,6 +100,10 @@ class UnknownMessageError(ProtocolError):
     """The message type byte (or the object to encode) is not a message of this protocol."""
 
 
+class TargetRangeError(PayloadError):
+    """A SetTargets target is not finite or a velocity is outside [-1, 1] (a controller's rejected_range)."""
+
+
 # --- messages ----------------------------------------------------------------------------------------
 
 
@@ -416,11 +420,12 @@ def _expect_at_least(payload: bytes, fixed: struct.Struct, name: str) -> None:
         raise PayloadError(f"{name} payload is {len(payload)} bytes; expected at least {fixed.size}")
 
 
-def _unpack_floats(payload: bytes, offset: int, count: int, name: str) -> tuple[float, ...]:
+def _unpack_floats(payload: bytes, offset: int, count: int, name: str,
+                   error: type[PayloadError] = PayloadError) -> tuple[float, ...]:
     values = tuple(v for (v,) in _FLOAT32.iter_unpack(payload[offset : offset + count * _FLOAT32.size]))
     for index, value in enumerate(values):
         if not math.isfinite(value):
-            raise PayloadError(f"{name}[{index}] is {value}; the protocol carries finite values only")
+            raise error(f"{name}[{index}] is {value}; the protocol carries finite values only")
     return values
 
 
@@ -432,11 +437,11 @@ def _decode_set_targets(seq: int, payload: bytes) -> SetTargets:
     _expect_length(payload, _SET_TARGETS_FIXED.size + count * _FLOAT32.size, "SetTargets")
     if mask >> count:
         raise PayloadError(f"SetTargets position mask 0x{mask:02x} marks channels beyond its {count}")
-    targets = _unpack_floats(payload, _SET_TARGETS_FIXED.size, count, "SetTargets.targets")
+    targets = _unpack_floats(payload, _SET_TARGETS_FIXED.size, count, "SetTargets.targets", TargetRangeError)
     kinds = tuple(POSITION if mask >> k & 1 else VELOCITY for k in range(count))
     for index, (kind, value) in enumerate(zip(kinds, targets)):
         if kind == VELOCITY and not -1.0 <= value <= 1.0:
-            raise PayloadError(f"SetTargets.targets[{index}]={value} is a velocity outside [-1, 1]")
+            raise TargetRangeError(f"SetTargets.targets[{index}]={value} is a velocity outside [-1, 1]")
     return SetTargets(seq=seq, targets=targets, kinds=kinds)
 
 

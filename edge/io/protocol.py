@@ -51,6 +51,7 @@ from edge.io.messages import (
     MessageType,
     SetTargets,
     StatusFlags,
+    TargetRangeError,
     Telemetry,
     UnknownMessageError,
     decode,
@@ -85,6 +86,7 @@ __all__ = [
     "SequenceCounter",
     "SetTargets",
     "StatusFlags",
+    "TargetRangeError",
     "Telemetry",
     "UnknownMessageError",
     "VersionMismatchError",
@@ -113,6 +115,7 @@ class DecoderStats:
     version_errors: int = 0
     unknown_messages: int = 0
     payload_errors: int = 0
+    range_errors: int = 0  # SetTargets with a non-finite target or a velocity outside [-1, 1]
 
     @property
     def rejected(self) -> int:
@@ -123,6 +126,7 @@ class DecoderStats:
             + self.version_errors
             + self.unknown_messages
             + self.payload_errors
+            + self.range_errors
         )
 
 
@@ -130,6 +134,7 @@ _STATS_FIELD_BY_ERROR = (
     (CrcError, "crc_errors"),
     (VersionMismatchError, "version_errors"),
     (UnknownMessageError, "unknown_messages"),
+    (TargetRangeError, "range_errors"),
     (PayloadError, "payload_errors"),
     (FramingError, "framing_errors"),
 )
