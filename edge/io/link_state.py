@@ -238,7 +238,7 @@ class LinkState:
             if peer_version is not None:
                 return (f"the motor controller speaks serial protocol v{peer_version}; this runtime speaks "
                         f"v{PROTOCOL_VERSION}: update the firmware or the runtime so both speak the same version")
-            return "the controller has not answered GetCapabilities on this connection yet"
+            return "the controller did not answer GetCapabilities on this connection yet"
         if capabilities.channel_count != channels:
             return (f"the controller has {capabilities.channel_count} channels; motor.channels is {channels}")
         for index, (kind, channel) in enumerate(zip(kinds, capabilities.channels)):
