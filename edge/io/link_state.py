@@ -134,8 +134,9 @@ class LinkState:
             self._decoder = decoder
 
     def detach_decoder(self) -> None:
-        """The connection closed: keep its decoder's counts in the totals."""
+        """The connection closed: keep its decoder's counts in the totals, forget its capabilities."""
         with self._lock:
+            self._forget_capabilities_locked()
             if self._decoder is not None:
                 self._decoder_base = _add_stats(self._decoder_base, self._decoder.stats)
                 self._decoder = None

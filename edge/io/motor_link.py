@@ -231,7 +231,7 @@ class SerialMotorLink:
         and sending "something else" instead would hide that bug.
         """
         values = self._clean_targets(targets)
-        problem = self.command_problem()
+        problem = self.command_problem() if self.is_connected else None  # down: undelivered, as any frame
         if problem is not None:
             self._state.count("held_commands")
             self._warn("motor link %s: command not sent: %s", self.config.port, problem)

@@ -517,6 +517,11 @@ def test_a_reconnect_asks_for_capabilities_again(controller):
         assert link.command_problem() is None and link.send_targets([0.1, 0.1]).delivered
 
 
+def measured_position(link: SerialMotorLink, channel: int = 0) -> float:
+    telemetry_now, _ = link.latest_telemetry()
+    return float("nan") if telemetry_now is None else telemetry_now.positions[channel]
+
+
 def test_targets_are_clipped_to_their_kind_and_the_announced_limits():
     kinds = ("position", "velocity", "position")
     layout = ChannelLayout(kinds=kinds, position_limits=((-1.5, 1.5), (0.0, 0.0), (0.0, 0.08)))
@@ -527,8 +532,9 @@ def test_targets_are_clipped_to_their_kind_and_the_announced_limits():
             assert sent.delivered
             assert sent.targets == (1.5, -1.0, pytest.approx(0.05))
             assert wait_until(lambda: link.is_confirmed(sent))
-            # The servo follows the clipped target; nothing was rejected.
-            assert wait_until(lambda: abs(link.latest_telemetry()[0].positions[0] - 1.5) < 1e-3)
+            # The servo follows the clipped target (commanded on, as the loop does); nothing was rejected.
+            assert wait_until(lambda: link.send_targets([2.0, -3.0, 0.05]).delivered
+                              and abs(measured_position(link) - 1.5) < 1e-3)
             telemetry_now = link.latest_telemetry()[0]
             assert telemetry_now.rejected_range == 0 and telemetry_now.rejected_kind == 0
             low = link.send_targets([-9.0, 0.5, -1.0])
@@ -559,8 +565,8 @@ def test_stop_targets_hold_position_channels_where_they_are():
     with SimulatedController(seed=1, layout=layout) as sim:
         with link_to(sim.link_path, kinds=("position", "velocity")) as link:
             armed(link)
-            assert wait_until(lambda: link.is_confirmed(link.send_targets([0.75, 0.5]))
-                              and abs(link.latest_telemetry()[0].positions[0] - 0.75) < 1e-3)
+            assert wait_until(lambda: link.send_targets([0.75, 0.5]).delivered
+                              and abs(measured_position(link) - 0.75) < 1e-3)
             stop = link.stop_targets()
             assert stop[0] == pytest.approx(0.75, abs=1e-3) and stop[1] == 0.0
     with link_to("loop://", kinds=("position", "velocity")) as link:
