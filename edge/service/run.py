@@ -2,7 +2,7 @@
 
 Start-up order: load the config -> verify the bundle (readable by this user) -> check the config
 against the bundle (edge/service/startup.py, as doctor does) -> activate the backends -> connect camera and
-motor link -> warm up the pipeline -> control socket and metrics endpoint -> real-time set-up (gc
+motor link -> the controller's Capabilities against the bundle's action spec (exit 78) -> warm up the pipeline -> control socket and metrics endpoint -> real-time set-up (gc
 frozen) -> READY=1 -> loop. Each step is announced as STATUS= for `systemctl status`, so a start that
 hangs shows where. Shutdown (SIGTERM/SIGINT): the signal only sets the stop event; the loop notices it
 at its next tick boundary (within one period), then STOPPING=1 -> commanded stop (zero velocity) ->
