@@ -231,13 +231,14 @@ class SerialMotorLink:
         and sending "something else" instead would hide that bug.
         """
         values = self._clean_targets(targets)
+        capabilities = self._state.capabilities  # read once: the reader thread may forget them meanwhile
         problem = self.command_problem() if self.is_connected else None  # down: undelivered, as any frame
-        if problem is not None:
+        if problem is not None or (self.is_connected and capabilities is None):
             self._state.count("held_commands")
-            self._warn("motor link %s: command not sent: %s", self.config.port, problem)
+            self._warn("motor link %s: command not sent: %s", self.config.port, problem or "no capabilities")
             return SentCommand(kind=MessageType.SET_TARGETS, seq=self._seq.peek(), targets=values,
                                sent_at_s=self._clock(), delivered=False)
-        values = self._clip_positions(values)
+        values = self._clip_positions(values, capabilities)
         seq = self._seq.next()
         message = SetTargets(seq=seq, targets=values, kinds=self.config.kinds)
         return self._send(message, MessageType.SET_TARGETS, seq, values)
@@ -283,8 +284,7 @@ class SerialMotorLink:
         array = np.where(velocity, np.clip(array, -1.0, 1.0), array)
         return tuple(float(v) for v in array.astype(np.float32))
 
-    def _clip_positions(self, values: tuple[float, ...]) -> tuple[float, ...]:
-        capabilities = self._state.capabilities
+    def _clip_positions(self, values: tuple[float, ...], capabilities: Capabilities | None) -> tuple[float, ...]:
         if capabilities is None:
             return values
         clipped = []

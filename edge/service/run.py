@@ -226,6 +226,7 @@ class RobotService:
             if link is not None:
                 logger.warning("motor link is down: no commanded stop; the controller's watchdog stops the motors")
             return
+        held = ""
         if self.loop is not None:
             self.loop.stop_motors()
         else:
@@ -238,7 +239,8 @@ class RobotService:
                 return
             for _ in range(3):
                 link.send_targets(stop)
-        logger.info("commanded stop sent (zero velocity, position channels held)")
+            held = ", position channels held" if "position" in link.config.kinds else ""
+        logger.info("commanded stop sent (zero velocity%s)", held)
 
 
 def run_service(config: RobotConfig | str | os.PathLike, *, environ: Mapping[str, str] | None = None) -> int:
