@@ -2,7 +2,7 @@
 
     python -m simulator --seed 3 --target "red block" --print-paths [--ground-truth-port 0]
     python -m simulator --kinds position,position,position,position,position,position,position \
-        --position-limits -2.5:2.5 --servo-time-constant-s 0.05      # a 7-joint arm, no world motion
+        --position-limits=-2.5:2.5 --servo-time-constant-s 0.05      # a 7-joint arm, no world motion
     python -m simulator --protocol-version 1                           # a v1 controller (refused)
 
 With ``--print-paths`` the first stdout line is JSON: ``serial`` (the stable symlink to give the
@@ -134,7 +134,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "reference robot's two wheels)")
     parser.add_argument("--position-limits", default=None,
                         help="LOW:HIGH for every channel, or one LOW:HIGH per channel separated by commas "
-                             "(default: -pi:pi)")
+                             "(default: -pi:pi); write --position-limits=-1:1 when LOW is negative")
     parser.add_argument("--servo-time-constant-s", type=float, default=0.05,
                         help="first-order time constant of each simulated channel (non-reference layouts)")
     parser.add_argument("--protocol-version", type=int, choices=(1, 2), default=2,
