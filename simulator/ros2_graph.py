@@ -88,7 +88,7 @@ class RobotGraph:
         self.stop()
 
     def _forward(self, targets: tuple[float, ...]) -> None:
-        self.link.send_velocity(targets)
+        self.link.send_targets(targets)
         self.forwarded.append(targets)
 
     def _run(self) -> None:

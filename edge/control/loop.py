@@ -402,7 +402,7 @@ class ControlLoop:
             command = self._zeros
             mode = Mode.FALLBACK
         with timer.section("send"):
-            sent = self.link.send_velocity(command)
+            sent = self.link.send_targets(command)
         done = self.clock()
         row["tick_ms"] = (done - ready) * 1e3
         row["score"] = score
@@ -471,7 +471,7 @@ class ControlLoop:
         """Commanded stop at shutdown: zero velocity, a few times in case a frame is lost on the line."""
         self.safety.reset()
         for _ in range(repeats):
-            self.link.send_velocity(self._zeros)
+            self.link.send_targets(self._zeros)
 
     def summary_line(self, window: int | None = None) -> str:
         records = self.recorder.latest(window)

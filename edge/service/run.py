@@ -2,7 +2,7 @@
 
 Start-up order: load the config -> verify the bundle (readable by this user) -> check the config
 against the bundle (edge/service/startup.py, as doctor does) -> activate the backends -> connect camera and
-motor link -> warm up the pipeline -> control socket and metrics endpoint -> real-time set-up (gc
+motor link -> the controller's Capabilities against the bundle's action spec (exit 78) -> warm up the pipeline -> control socket and metrics endpoint -> real-time set-up (gc
 frozen) -> READY=1 -> loop. Each step is announced as STATUS= for `systemctl status`, so a start that
 hangs shows where. Shutdown (SIGTERM/SIGINT): the signal only sets the stop event; the loop notices it
 at its next tick boundary (within one period), then STOPPING=1 -> commanded stop (zero velocity) ->
@@ -35,7 +35,7 @@ import numpy as np
 
 from edge.control.loop import ControlLoop
 from edge.control.realtime import configure_realtime
-from edge.errors import BundleError, ConfigError, EdgeError
+from edge.errors import BundleError, ConfigError, EdgeError, InputError
 from edge.inference.bundle import REBUILD, Bundle
 from edge.inference.pipeline import PolicyPipeline
 from edge.io.camera import Camera
@@ -43,6 +43,7 @@ from edge.io.motor_link import SerialMotorLink
 from edge.service import wiring
 from edge.service.config import RobotConfig, load_config
 from edge.service.sdnotify import SystemdNotifier
+from edge.service.startup import controller_problems, raise_if_fatal
 
 logger = logging.getLogger(__name__)
 
@@ -156,8 +157,11 @@ class RobotService:
             self.camera.connect()
         if not self._step(f"connecting motor link {cfg.ros2.command.topic if cfg.motor is None else cfg.motor.port}"):
             return False
-        self.link = wiring.make_link(cfg, self.ros2)
+        self.link = wiring.make_link(cfg, self.ros2, self.bundle)
         self.link.connect()  # the ROS 2 link connects only what the bridge has not
+        if cfg.motor is not None:
+            # Before the first command: the controller can carry this bundle's action (exit 78 if not).
+            raise_if_fatal(controller_problems(self.link, self.bundle.spec.action))
         return True
 
     def _warm_up(self) -> None:
@@ -243,14 +247,23 @@ class RobotService:
             if link is not None:
                 logger.warning("motor link is down: no commanded stop; the controller's watchdog stops the motors")
             return
+        held = ""
         if self.loop is not None:
             self.loop.stop_motors()
         else:
             # Start-up failed after the port opened: we never commanded motion, but the controller may
-            # still hold a previous run's command until its watchdog fires; zero is always safe.
+            # still hold a previous run's command until its watchdog fires; a stop is always safe.
+            stop_targets = getattr(link, "stop_targets", None)  # the serial link holds position channels
+            try:
+                stop = stop_targets() if stop_targets else np.zeros(wiring.command_width(self.config), np.float32)
+            except InputError as exc:
+                logger.warning("%s; the controller's watchdog stops the motors", exc)
+                return
             for _ in range(3):
-                link.send_velocity(np.zeros(wiring.command_width(self.config), np.float32))
-        logger.info("commanded stop sent (zero velocity)")
+                link.send_targets(stop)
+            kinds = getattr(getattr(link, "config", None), "kinds", ())
+            held = ", position channels held" if "position" in kinds else ""
+        logger.info("commanded stop sent (zero velocity%s)", held)
 
 
 def run_service(config: RobotConfig | str | os.PathLike, *, environ: Mapping[str, str] | None = None) -> int:

@@ -10,6 +10,8 @@ EX_CONFIG, on any fatal problem; doctor prints each one as a FAIL line with its 
     combination    the config against the bundle: `policy_problems` below (target, T, channels,
                    target vs backend, the ROS 2 command's targets)
     ros2           the ros2: section on this machine: `ros2_problems` (binding, interface, topics, domain)
+    controller     once the motor link is open, before the first command: the controller's
+                   Capabilities against the bundle's action spec (`controller_problems`)
 
 A problem is fatal (doctor FAIL, run refuses to start) or a warning (doctor WARN, run logs it and
 starts): a warning is a configuration that runs correctly but not as well as it could.
@@ -179,6 +181,7 @@ def robot_problems(bundle, config) -> list[StartupProblem]:
             f"dimension(s) ({names})",
             f"set motor.channels: {dim} (one velocity target per action dimension), or use a bundle whose "
             f"policy drives {config.motor.channels} channel(s)"))
+    problems += _motor_kind_problems(bundle, config)
     within_profile = 2 <= policy.mc_samples <= int(bundle.dropout["max_samples"])  # else refused already
     if (calibrated_set and within_profile and policy.mc_samples not in calibrated_set
             and config.uncertainty.threshold is None):
@@ -189,6 +192,19 @@ def robot_problems(bundle, config) -> list[StartupProblem]:
             f"set policy.mc_samples: {calibrated_set[0]}, or calibrate a threshold at this T and set "
             f"uncertainty.threshold", fatal=False))
     return problems
+
+
+def _motor_kind_problems(bundle, config) -> list[StartupProblem]:
+    """The serial link commands each channel of the kind the bundle's action names (wiring.make_link);
+    a motor.kinds written in the config must agree (the default, all velocity, is the unset value)."""
+    motor, kinds = config.motor, tuple(bundle.spec.action.kinds)
+    if motor is None or len(kinds) != motor.channels or motor.kinds == kinds:
+        return []
+    if all(kind == "velocity" for kind in motor.kinds):
+        return []  # not set: the link takes the bundle's kinds
+    return [StartupProblem(
+        "motor.kinds", f"motor.kinds is {list(motor.kinds)} but the policy's action channels are {list(kinds)}",
+        "remove motor.kinds (the link commands the kinds the bundle names), or use a bundle built for this robot")]
 
 
 def _ros2_command_problems(bundle, config, dim: int) -> list[StartupProblem]:
@@ -268,3 +284,47 @@ def raise_if_fatal(problems: list[StartupProblem]) -> None:
     errors = fatal(problems)
     if errors:
         raise ConfigError(" | ".join(p.text() for p in errors))
+
+
+# -- the controller against the bundle (docs/serial-protocol.md, section 6a, rule 14) ------------------------
+
+CAPABILITIES_TIMEOUT_S = 2.0  # GetCapabilities is repeated every 100 ms; a controller answers within one
+
+
+def capabilities_problems(capabilities, action) -> list[StartupProblem]:
+    """Where the controller's Capabilities (edge.io.protocol) cannot carry the bundle's action spec
+    (edge.inference.spec.ActionSpec): channel count, the kind of each channel, position limits."""
+    key = "motor controller capabilities"
+    flash = "flash firmware that matches the robot the bundle was built for, or use a bundle for this robot"
+    if capabilities.channel_count != action.dim:
+        return [StartupProblem(key, f"the motor controller has {capabilities.channel_count} channel(s), the "
+                               f"policy's action has {action.dim} ({', '.join(action.names)})", flash)]
+    problems = []
+    for index, (name, kind, channel) in enumerate(zip(action.names, action.kinds, capabilities.channels)):
+        if not channel.supports(kind):
+            problems.append(StartupProblem(
+                key, f"channel {index} ({name}): the policy commands a {kind}, the controller supports only "
+                f"{' and '.join(channel.kinds)} on it", flash))
+        elif kind == "position":
+            low, high = action.low[index], action.high[index]
+            if low < channel.position_min or high > channel.position_max:
+                problems.append(StartupProblem(
+                    key, f"channel {index} ({name}): the policy's position range [{low:g}, {high:g}] is not "
+                    f"within the controller's limits [{channel.position_min:g}, {channel.position_max:g}]",
+                    "narrow the policy's action low/high to the controller's limits and rebuild the bundle, "
+                    "or set the controller's limits (firmware) to the joint's real range"))
+    return problems
+
+
+def controller_problems(link, action, timeout_s: float = CAPABILITIES_TIMEOUT_S) -> list[StartupProblem]:
+    """The controller's Capabilities against the bundle once the link (a connected SerialMotorLink) has
+    them; a problem too when they do not arrive within `timeout_s` (a v1 controller never sends any)."""
+    key = "motor controller capabilities"
+    capabilities = link.wait_for_capabilities(timeout_s)
+    if capabilities is None:
+        reason = link.command_problem() or "the controller did not answer GetCapabilities"
+        return [StartupProblem(
+            key, f"motor link {link.config.port}: no capabilities within {timeout_s:g} s: {reason}",
+            "check that the controller runs firmware implementing serial protocol v2 (docs/serial-protocol.md) "
+            "and that motor.port is the controller")]
+    return capabilities_problems(capabilities, action)

@@ -242,12 +242,16 @@ def make_camera(config: RobotConfig, roles: Ros2Roles | None = None):
     return Camera(config.camera)
 
 
-def make_link(config: RobotConfig, roles: Ros2Roles | None = None):
+def make_link(config: RobotConfig, roles: Ros2Roles | None = None, bundle: Bundle | None = None):
     """The configured motor link, not yet connected: Ros2MotorLink where ros2.command is set, else the
-    serial link of the motor section."""
+    serial link of the motor section, commanding each channel of the kind the bundle's action spec
+    names (velocity or position; `motor_kind_problems` in startup refuses a motor.kinds that disagrees)."""
     if roles is not None and roles.link is not None:
         return roles.link
-    return SerialMotorLink(config.motor)
+    motor = config.motor
+    if bundle is not None and len(bundle.spec.action.kinds) == motor.channels:
+        motor = replace(motor, kinds=tuple(bundle.spec.action.kinds))
+    return SerialMotorLink(motor)
 
 
 def command_width(config: RobotConfig) -> int:
