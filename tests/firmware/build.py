@@ -13,7 +13,7 @@ def missing_tools(*tools: str) -> list[str]:
     return [tool for tool in tools if shutil.which(tool) is None]
 
 
-def make(target: str, build_dir: Path, timeout_s: float = 300.0) -> None:
+def make(target: str, build_dir: Path, timeout_s: float = 300.0) -> str:
     """`make -C firmware TARGET BUILD=build_dir`; AssertionError with make's output when it fails."""
     result = subprocess.run(["make", "-C", str(FIRMWARE_DIR), target, f"BUILD={build_dir}"],
                             capture_output=True, text=True, timeout=timeout_s)
