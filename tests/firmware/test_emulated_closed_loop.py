@@ -11,6 +11,7 @@ printed (docs/firmware.md records them).
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import time
@@ -172,6 +173,11 @@ def test_vla_edge_run_drives_the_emulated_firmware_watchdog_and_estop(firmware_i
         emulator.wait_for(driving, DRIVE_TIMEOUT_S, "the PWM to follow commands after the release")
         # Emulated times stay exact when the emulation falls behind; the host then sees late telemetry.
         print(f"emulation behind the wall clock: {emulator.lag_us or 'never by more than 50 ms'}")
+    except BaseException:
+        print(f"logs kept in {workdir}")
+        raise
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
     finally:
         for service in services:
             service.stop()
