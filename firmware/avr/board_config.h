@@ -23,6 +23,23 @@
 /* Velocity estimate: encoder counts differenced over this window. */
 #define BOARD_VELOCITY_WINDOW_MS 10u
 
+/* The channel layout Capabilities announce: kinds (FW_KIND_VELOCITY, FW_KIND_POSITION or both) and, for
+ * the position kind, the limits in rad of the wheel or joint. The reference robot: two velocity wheels.
+ * Override from make with the kinds' bits, e.g. AVR_DEFS=-DBOARD_CHANNEL1_KINDS=0x03 (velocity and position)
+ * in a fresh BUILD directory. */
+#ifndef BOARD_CHANNEL0_KINDS
+#define BOARD_CHANNEL0_KINDS FW_KIND_VELOCITY
+#endif
+#ifndef BOARD_CHANNEL1_KINDS
+#define BOARD_CHANNEL1_KINDS FW_KIND_VELOCITY
+#endif
+#ifndef BOARD_POSITION_MIN
+#define BOARD_POSITION_MIN (-3.14159265f)
+#endif
+#ifndef BOARD_POSITION_MAX
+#define BOARD_POSITION_MAX 3.14159265f
+#endif
+
 extern const fw_config_t board_firmware_config;
 
 #endif
