@@ -316,3 +316,30 @@ def test_the_receiver_agrees_with_the_host_decoder_on_mutated_frames(fwlib):
         assert core_ok == host_ok, frame.hex(" ")
         agreed += 1
     assert agreed == 3000
+
+
+def test_set_targets_verdicts_match_the_simulated_controller(fwlib):
+    """The C core and the Python simulated controller (simulator.channels) reject the same SetTargets
+    for the same reasons, on random frames around a layout of velocity and position channels."""
+    from simulator.channels import ChannelLayout
+
+    kinds, limits = (VELOCITY, POSITION, POSITION), ((0.0, 0.0), (-1.5, 1.5), (0.0, 0.08))
+    reference = ChannelLayout(kinds=kinds, position_limits=limits)
+    firmware = HostFirmware(fwlib, Layout(kinds=kinds, limits=limits))
+    rng = random.Random(7)
+    values = (0.0, 0.04, -1.0, 1.0, 1.5, -1.6, 0.09, 2.0, math.nan, math.inf)
+    verdicts = set()
+    for seq in range(1, 1500):
+        n = rng.choice((2, 3, 3, 3, 4))
+        message = SetTargets(seq=seq, targets=tuple(rng.choice(values) for _ in range(n)),
+                             kinds=tuple(rng.choice((VELOCITY, POSITION)) for _ in range(n)))
+        mask = sum(1 << k for k, kind in enumerate(message.kinds) if kind == POSITION)
+        frame = seal(MessageType.SET_TARGETS, seq, struct.pack("<BB", n, mask)
+                     + struct.pack(f"<{n}f", *message.targets))  # the host encoder refuses NaN
+        before = firmware.rejections()
+        firmware.feed(frame)
+        changed = only_changed(before, firmware.rejections())
+        expected = reference.rejection(message)
+        assert changed == ({expected: 1} if expected else {}), (message, changed)
+        verdicts.add(expected)
+    assert verdicts == {None, "rejected_channel_count", "rejected_kind", "rejected_range"}
