@@ -252,7 +252,7 @@ int fw_init(const fw_config_t *config)
     fw.watchdog_tripped = 1; /* power-up behaves as if the watchdog had tripped */
     read_encoders();
     stop_motors();
-    fw.outputs.enabled = 1;
+    fw.outputs.enabled = fault_code() == FW_FAULT_NONE; /* an implausible encoder at power-up: FAULT */
     board_set_outputs(&fw.outputs);
     fw.next_telemetry_ms = board_millis();
     return 0;

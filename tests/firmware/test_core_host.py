@@ -32,6 +32,7 @@ from edge.io.protocol import (
     decode,
     encode,
 )
+from tests.firmware import host_core
 from tests.firmware.host_core import RX_MESSAGE, HostFirmware, HostMessage, Layout
 
 ARM = Layout(kinds=(VELOCITY, POSITION, "both"), limits=((0.0, 0.0), (-1.5, 1.5), (0.0, 0.08)))
@@ -343,3 +344,14 @@ def test_set_targets_verdicts_match_the_simulated_controller(fwlib):
         assert changed == ({expected: 1} if expected else {}), (message, changed)
         verdicts.add(expected)
     assert verdicts == {None, "rejected_channel_count", "rejected_kind", "rejected_range"}
+
+
+def test_an_implausible_encoder_at_power_up_keeps_the_drivers_off(fwlib):
+    fwlib.host_reset()
+    fwlib.host_set_measured(0, 0.0, 5e6)  # beyond the +-1e6 telemetry may carry
+    config = Layout().config()
+    assert fwlib.fw_init(ctypes.byref(config)) == 0
+    state = host_core.State()
+    fwlib.fw_get_state(ctypes.byref(state))
+    assert state.status == StatusFlags.WATCHDOG_TRIPPED | StatusFlags.FAULT and state.fault_code == FaultCode.ENCODER
+    assert not state.outputs.enabled
