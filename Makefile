@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH_VERSION := 2.13.0
 ARTIFACTS ?= artifacts
 
-.PHONY: venv demo demo-ros2 bundle test lint evaluate train bench bench-long compare gpu-check clean
+.PHONY: venv demo demo-ros2 bundle test lint evaluate train bench bench-long compare gpu-check firmware clean
 
 venv: $(STAMP)
 
@@ -60,6 +60,11 @@ bench-long: $(STAMP)
 gpu-check:
 	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) -m tests.gpu_check --bundle $(ARTIFACTS)/bundle \
 		--json $(ARTIFACTS)/gpu-check.json --budget-s 360
+
+# The reference motor-controller firmware (docs/firmware.md): the host library of its core, the ATmega2560
+# image with its flash/RAM size, the Arduino sketch and the simavr runner. Needs gcc-avr, avr-libc, libsimavr-dev.
+firmware:
+	$(MAKE) -C firmware host avr arduino sim
 
 train: $(STAMP)
 	$(BIN)/python -m reference_policy.train
