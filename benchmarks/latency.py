@@ -19,7 +19,7 @@ means'); absolute milliseconds mean something only on the target. Three parts:
 3. Start-up and memory: the runtime's RSS in a subprocess that imports only `edge` (it reports whether
    torch got imported), and start-to-first-command of `vla-edge run` against the simulator.
 4. The transports side by side, one-way on loopback: a camera frame and a command over ROS 2 topics (DDS,
-   to and from another process) next to the serial path (MJPEG camera, SetVelocity on a pty), and the
+   to and from another process) next to the serial path (MJPEG camera, SetTargets on a pty), and the
    sensor_msgs/Image encode/decode cost per frame (benchmarks/transport.py).
 
 Writes latency.json, latency.md, latency_cdf.png, stage_bars.png and tick_jitter.png into --out.

@@ -9,7 +9,7 @@ Per transport, one-way, as the runtime meets them:
   on loopback, decode), from the time the server took it.
 - command: the runtime's send call -> the robot's side has decoded it. DDS: ``Ros2CommandSink`` publishes
   a trajectory_msgs/JointTrajectory until the peer process takes it. Serial: ``SerialMotorLink`` writes a
-  SetVelocity frame into a pty until the other end has decoded it (as the controller's reader would).
+  SetTargets frame into a pty until the other end has decoded it (as the controller's reader would).
 - image encode / decode: sensor_msgs/Image CDR per frame (the bridge's bytes path), at the camera's size
   and at 640x480.
 
@@ -154,7 +154,7 @@ def _mjpeg_frames(iterations: int) -> list[float]:
 
 def _serial_commands(iterations: int) -> list[float]:
     from edge.io.motor_link import MotorLinkConfig, SerialMotorLink
-    from edge.io.protocol import FrameDecoder, SetVelocity
+    from edge.io.protocol import Capabilities, ChannelCapability, FrameDecoder, GetCapabilities, SetTargets, encode
 
     leader, follower = os.openpty()
     decoded_at: dict[int, float] = {}
@@ -169,8 +169,12 @@ def _serial_commands(iterations: int) -> list[float]:
                 return
             now = time.monotonic()
             for message in decoder.feed(data):
-                if isinstance(message, SetVelocity):
+                if isinstance(message, SetTargets):
                     decoded_at[message.seq] = now
+                elif isinstance(message, GetCapabilities):  # the link commands only after the answer
+                    os.write(leader, encode(Capabilities(seq=0, firmware_version=(2, 0, 0),
+                                                         channels=(ChannelCapability(("velocity",)),) * 2,
+                                                         watchdog_timeout_ms=300, telemetry_period_ms=20)))
 
     reader = threading.Thread(target=controller_reader, daemon=True)
     reader.start()
@@ -178,9 +182,10 @@ def _serial_commands(iterations: int) -> list[float]:
     latencies = []
     try:
         link.connect()
+        link.wait_for_capabilities(2.0)
         for i in range(iterations):
             before = time.monotonic()
-            sent = link.send_velocity([0.1 * (i % 5), -0.1])
+            sent = link.send_targets([0.1 * (i % 5), -0.1])
             deadline = time.monotonic() + 1.0
             while sent.seq not in decoded_at and time.monotonic() < deadline:
                 time.sleep(0.0002)
@@ -232,7 +237,7 @@ def format_transports(transports: dict | None) -> list[str]:
                   f"{dds['command'].get('n', 0)} | {cells(dds['command'])} |"]
     lines += [f"| serial path frame: MJPEG server takes it -> OpenCV camera holds BGR | {serial['frame'].get('n', 0)} | "
               f"{cells(serial['frame'])} |",
-              f"| serial command: SetVelocity written -> decoded at the pty's other end | "
+              f"| serial command: SetTargets written -> decoded at the pty's other end | "
               f"{serial['command'].get('n', 0)} | {cells(serial['command'])} |"]
     for size, costs in (transports.get("image_codec") or {}).items():
         for step, label in (("encode", "CDR encode"), ("decode", "CDR decode"), ("to_bgr", "rgb8 -> BGR")):

@@ -4,8 +4,8 @@ A robot that runs ROS 2 has a camera node and a base driver between its hardware
 they are threads beside the simulated controller:
 
     simulator camera (MJPEG)  --camera node-->  sensor_msgs/Image on /camera/image_raw
-    trajectory_msgs/JointTrajectory on /joint_trajectory  --base driver-->  serial SetVelocity (pty)
-    geometry_msgs/Twist on /cmd_vel                       --base driver-->  serial SetVelocity (pty)
+    trajectory_msgs/JointTrajectory on /joint_trajectory  --base driver-->  serial SetTargets (pty)
+    geometry_msgs/Twist on /cmd_vel                       --base driver-->  serial SetTargets (pty)
     serial telemetry (pty)  --base driver-->  sensor_msgs/JointState on /joint_states
 
 The base driver talks to the simulated motor controller over its serial port, as a real base driver talks

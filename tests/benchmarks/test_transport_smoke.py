@@ -24,5 +24,5 @@ def test_the_serial_path_rows_and_the_markdown():
               "dds": {"unavailable": "not measured in this test"}}
     assert report["serial"]["frame"]["n"] == 8 and report["serial"]["command"]["n"] == 8
     lines = transport.format_transports(report)
-    assert any(line.startswith("| serial command: SetVelocity written -> decoded") for line in lines)
+    assert any(line.startswith("| serial command: SetTargets written -> decoded") for line in lines)
     assert "| DDS | - | not measured in this test | | | |" in lines
