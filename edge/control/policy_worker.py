@@ -105,6 +105,10 @@ class PolicyWorker:
         self.close()
 
     @property
+    def started(self) -> bool:
+        return self._thread is not None
+
+    @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self.died is None
 
