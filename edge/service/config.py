@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edge.control.chunks import ChunkConfig
 from edge.control.loop import LoopConfig
 from edge.control.realtime import RealtimeConfig
 from edge.control.safety import SafetySection
@@ -47,6 +48,7 @@ __all__ = [
     "METRICS_HOST",
     "TARGETS",
     "CameraConfig",
+    "ChunkConfig",
     "InstructionConfig",
     "LoopConfig",
     "MetricsConfig",
@@ -86,6 +88,19 @@ class RobotConfig:
     realtime: RealtimeConfig = field(default_factory=RealtimeConfig)
     instruction: InstructionConfig = field(default_factory=InstructionConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    # `policy.replan_every` and `policy.temporal_ensemble`: keys of the policy: section, kept beside the
+    # chunk scheduler (edge/control/chunks.py).
+    chunks: ChunkConfig = field(default_factory=ChunkConfig)
+    # `cameras:`, one camera config per spec camera name (a policy of several cameras). Without it the
+    # one `camera:` serves a one-camera policy; with it, `camera` is the first entry's config.
+    cameras: Mapping[str, CameraConfig] = field(default_factory=dict)
+
+    def camera_configs(self, names: tuple[str, ...] | list[str]) -> dict[str, CameraConfig]:
+        """The camera config of each spec camera present in the config (`cameras:` by name, or the one
+        `camera:` for a one-camera policy); the start-up check names those missing."""
+        if self.cameras:
+            return {n: self.cameras[n] for n in names if n in self.cameras}
+        return {names[0]: self.camera} if len(names) == 1 else {}
 
 
 _SECTIONS = {
@@ -117,16 +132,18 @@ def expand_directories(key: str, value: str, environ: Mapping[str, str] | None =
     return _PLACEHOLDER.sub(replace, value)
 
 
-def _section(name: str, cls, raw: Any):
+def _section(name: str, cls, raw: Any, also: tuple[str, ...] = ()):
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{name} must be a mapping of keys, got {type(raw).__name__}")
     known = {f.name for f in dataclasses.fields(cls)}
+    raw = {k: v for k, v in raw.items() if k not in also}  # keys another config of the section takes
+    known_text = sorted(known | set(also))
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"unknown key(s) {', '.join(f'{name}.{k}' for k in unknown)}; "
-                          f"allowed keys in {name}: {', '.join(sorted(known))}")
+                          f"allowed keys in {name}: {', '.join(known_text)}")
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
     try:
         return cls(**values)
@@ -137,12 +154,14 @@ def _section(name: str, cls, raw: Any):
 def config_from_dict(raw: Any, base_dir: Path | None = None, environ: Mapping[str, str] | None = None) -> RobotConfig:
     if not isinstance(raw, dict):
         raise ConfigError("the configuration must be a YAML mapping with sections bundle, camera, motor, ...")
-    unknown = sorted(set(raw) - {"bundle", *_SECTIONS})
+    unknown = sorted(set(raw) - {"bundle", "cameras", *_SECTIONS})
     if unknown:
-        raise ConfigError(f"unknown top-level key(s) {unknown}; allowed: bundle, {', '.join(_SECTIONS)}")
-    for required in ("bundle", "camera", "motor"):
+        raise ConfigError(f"unknown top-level key(s) {unknown}; allowed: bundle, {', '.join(_SECTIONS)}, cameras")
+    cameras = _cameras(raw)
+    for required in ("bundle", "motor") if cameras else ("bundle", "camera", "motor"):
         if required not in raw:
-            raise ConfigError(f"missing required key '{required}'")
+            hint = " (or `cameras:`, one camera config per spec camera name)" if required == "camera" else ""
+            raise ConfigError(f"missing required key '{required}'{hint}")
     bundle = raw["bundle"]
     if not isinstance(bundle, str) or not bundle.strip():
         raise ConfigError(f"bundle must be the path of a policy bundle directory, got {bundle!r}")
@@ -153,9 +172,29 @@ def config_from_dict(raw: Any, base_dir: Path | None = None, environ: Mapping[st
     if isinstance(instruction, dict) and isinstance(instruction.get("socket"), str):
         instruction = {**instruction,
                        "socket": expand_directories("instruction.socket", instruction["socket"], environ)}
-    sections = {name: _section(name, cls, instruction if name == "instruction" else raw.get(name))
-                for name, cls in _SECTIONS.items()}
-    return RobotConfig(bundle=str(bundle_path), **sections)
+    chunk_keys = tuple(f.name for f in dataclasses.fields(ChunkConfig))
+    sections = {name: _section(name, cls, instruction if name == "instruction" else raw.get(name),
+                               chunk_keys if name == "policy" else ())
+                for name, cls in _SECTIONS.items() if not (name == "camera" and cameras)}
+    policy = raw.get("policy") if isinstance(raw.get("policy"), dict) else {}
+    chunks = _section("policy", ChunkConfig, {k: policy[k] for k in chunk_keys if k in policy})
+    if cameras:
+        sections["camera"] = next(iter(cameras.values()))
+    return RobotConfig(bundle=str(bundle_path), chunks=chunks, cameras=cameras, **sections)
+
+
+def _cameras(raw: dict) -> dict[str, CameraConfig]:
+    """The `cameras:` section: spec camera name -> camera config (the same keys as `camera:`)."""
+    section = raw.get("cameras")
+    if section is None:
+        return {}
+    if "camera" in raw:
+        raise ConfigError("give either `camera:` (a one-camera policy) or `cameras:` (one entry per spec camera "
+                          "name), not both")
+    if not isinstance(section, dict) or not section:
+        raise ConfigError("cameras must map each of the policy's camera names to a camera config, e.g. "
+                          "cameras: {wrist: {source: /dev/video0}, top: {source: /dev/video2}}")
+    return {str(name): _section(f"cameras.{name}", CameraConfig, value) for name, value in section.items()}
 
 
 def _unique_key_loader():

@@ -68,7 +68,8 @@ class RobotService:
         self.stop_event = threading.Event()
         self.bundle: Bundle | None = None
         self.pipeline: PolicyPipeline | None = None
-        self.camera: Camera | None = None
+        self.camera: Camera | None = None  # the first of `cameras`
+        self.cameras: dict[str, Camera] = {}  # one per spec camera, by spec name
         self.link: SerialMotorLink | None = None
         self.loop: ControlLoop | None = None
         self.control_socket = None  # edge.service.control_socket.ControlSocketServer when instruction.socket is set
@@ -101,10 +102,12 @@ class RobotService:
             return False
         self.pipeline = wiring.build_pipeline(self.bundle, cfg)
         self.pipeline.activate()
-        if not self._step(f"connecting camera {cfg.camera.source}"):
-            return False
-        self.camera = Camera(cfg.camera)
-        self.camera.connect()
+        for name, camera in wiring.build_cameras(self.bundle, cfg).items():
+            if not self._step(f"connecting camera {name} ({camera.config.source})"):
+                return False
+            self.cameras[name] = camera
+            self.camera = self.camera or camera
+            camera.connect()
         if not self._step(f"connecting motor link {cfg.motor.port}"):
             return False
         self.link = SerialMotorLink(cfg.motor)
@@ -112,7 +115,7 @@ class RobotService:
         if not self._step(f"warming up ({cfg.loop.warmup_ticks} inference passes)"):
             return False
         self._warm_up()
-        self.loop = wiring.build_loop(self.pipeline, self.camera, self.link, self.bundle, cfg,
+        self.loop = wiring.build_loop(self.pipeline, self.cameras, self.link, self.bundle, cfg,
                                       on_deadline_met=self._on_deadline_met)
         if cfg.instruction.initial:
             self.loop.set_instruction(cfg.instruction.initial)
@@ -146,12 +149,15 @@ class RobotService:
         """Run the pipeline a few times so that first-run costs (allocation, page faults, lazy kernel
         selection) happen before the first real tick; encode the initial instruction now."""
         initial = self.config.instruction.initial
-        embedding = (self.pipeline.cache.encode_now(initial) if initial
-                     else np.zeros((1, self.pipeline.bundle.graphs["language"].outputs[0].shape[-1]), np.float32))
-        frame = np.zeros(self.camera.frame_shape or (240, 320, 3), np.uint8)
-        proprio = np.zeros(int(self.bundle.action["dim"]), np.float32)
+        spec = self.bundle.spec
+        embedding = None  # a policy without language takes none
+        if spec.language is not None:
+            embedding = (self.pipeline.cache.encode_now(initial) if initial
+                         else np.zeros((1, self.pipeline.bundle.graphs["language"].outputs[0].shape[-1]), np.float32))
+        frames = [np.zeros(camera.frame_shape or (240, 320, 3), np.uint8) for camera in self.cameras.values()]
+        proprio = np.zeros(spec.proprio.dim, np.float32)
         for _ in range(self.config.loop.warmup_ticks):
-            self.pipeline.infer(frame, proprio, embedding)
+            self.pipeline.infer(frames[0] if len(frames) == 1 else frames, proprio, embedding)
 
     def _check_watchdog_interval(self) -> None:
         interval = self.notifier.watchdog_interval_s
@@ -200,8 +206,12 @@ class RobotService:
         if self.loop is not None:
             logger.info("%s", self.loop.summary_line())
             logger.info("%s", self.loop.keeper.summary())
-        for name in ("control_socket", "metrics", "link", "camera"):
-            part = getattr(self, name)
+            self.loop.close()
+        parts = [(name, getattr(self, name)) for name in ("control_socket", "metrics", "link")]
+        parts += [(f"camera {name}", camera) for name, camera in self.cameras.items()]
+        if not self.cameras:
+            parts.append(("camera", self.camera))
+        for name, part in parts:
             if part is None:
                 continue
             try:
@@ -228,9 +238,13 @@ class RobotService:
         else:
             # Start-up failed after the port opened: we never commanded motion, but the controller may
             # still hold a previous run's command until its watchdog fires; zero is always safe.
+            kinds = self.bundle.spec.action.kinds if self.bundle is not None else ()
+            if "position" in kinds:
+                logger.info("no commanded stop before the loop: a position channel has no target to hold yet")
+                return
             for _ in range(3):
                 link.send_velocity(np.zeros(self.config.motor.channels, np.float32))
-        logger.info("commanded stop sent (zero velocity)")
+        logger.info("commanded stop sent (zero velocity; position channels hold)")
 
 
 def run_service(config: RobotConfig | str | os.PathLike, *, environ: Mapping[str, str] | None = None) -> int:

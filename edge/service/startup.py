@@ -186,9 +186,57 @@ def robot_problems(bundle, config) -> list[StartupProblem]:
     return problems
 
 
+def camera_problems(bundle, config) -> list[StartupProblem]:
+    """Each of the policy's cameras has a camera config (`cameras.<name>`, or the one `camera:` for a
+    one-camera policy); a configured camera the policy does not take is a warning (it is never opened)."""
+    names = [c.name for c in bundle.spec.cameras]
+    problems = []
+    configured = config.camera_configs(names)
+    for name in names:
+        if name in configured:
+            continue
+        if config.cameras:
+            message = f"cameras has no entry {name!r}: the policy takes the cameras {', '.join(names)}"
+        else:
+            message = (f"the policy takes {len(names)} cameras ({', '.join(names)}) but `camera:` gives one")
+        problems.append(StartupProblem(
+            f"cameras.{name}", message,
+            f"give each camera under cameras:, e.g. cameras: {{{name}: {{source: /dev/video0}}}}"))
+    for name in config.cameras:
+        if name not in names:
+            problems.append(StartupProblem(
+                f"cameras.{name}", f"cameras.{name} is not a camera of the policy (it takes {', '.join(names)})",
+                "remove it, or rename it to the spec camera it is", fatal=False))
+    return problems
+
+
+def chunk_problems(bundle, config) -> list[StartupProblem]:
+    """policy.replan_every within 1..H (a chunk of H steps cannot be replanned less often than it lasts);
+    a warning for chunk settings that a one-step policy ignores."""
+    horizon = int(bundle.spec.action.horizon)
+    chunks = config.chunks
+    problems = []
+    if horizon == 1:
+        for key, value in (("replan_every", chunks.replan_every), ("temporal_ensemble", chunks.temporal_ensemble)):
+            if value is not None:
+                problems.append(StartupProblem(
+                    f"policy.{key}", f"policy.{key} is set but the policy returns one action per inference "
+                    f"(horizon 1): it has no effect", f"remove policy.{key}", fatal=False))
+        return problems
+    replan = chunks.replan_ticks(horizon)
+    if not 1 <= replan <= horizon:
+        problems.append(StartupProblem(
+            "policy.replan_every", f"policy.replan_every {replan} is out of 1..{horizon}: the policy's chunks are "
+            f"{horizon} steps long, so the robot would stop between chunks",
+            f"set policy.replan_every to at most {horizon} (default {max(1, horizon // 4)}: a quarter of the "
+            f"horizon)"))
+    return problems
+
+
 def policy_problems(bundle, config) -> list[StartupProblem]:
     """Every problem of the config against the bundle: what doctor reports and run refuses or logs."""
-    return pipeline_problems(bundle, config) + robot_problems(bundle, config)
+    return (pipeline_problems(bundle, config) + robot_problems(bundle, config) + camera_problems(bundle, config)
+            + chunk_problems(bundle, config))
 
 
 def fatal(problems: list[StartupProblem]) -> list[StartupProblem]:

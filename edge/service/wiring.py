@@ -12,7 +12,9 @@ these functions, so what doctor checks is what run builds (docs/architecture.md,
     build_pipeline(bundle, config)        the policy pipeline (not yet activated)
     safety_config(bundle, config)         the safety layer's limits: bundle's action spec + config
     gate_config(bundle, config)           the uncertainty gate: bundle's threshold unless overridden
-    build_loop(pipeline, camera, link, bundle, config)   the control loop with its gate and safety
+    build_cameras(bundle, config)         one camera object per spec camera (not connected)
+    build_loop(pipeline, camera, link, bundle, config)   the control loop with its gate and safety,
+                                                        executing chunks for a chunk policy
 
 Nothing here opens a device: the caller connects the camera and the motor link (run does, doctor
 only checks them), so every check above happens before any device is armed.
@@ -181,6 +183,7 @@ def safety_config(bundle: Bundle, config: RobotConfig) -> SafetyConfig:
         stale_after_periods=config.safety.stale_after_periods,
         fallback_behaviour=config.safety.fallback_behaviour,
         damping=config.safety.damping,
+        kinds=tuple(bundle.spec.action.kinds),
     )
 
 
@@ -202,18 +205,28 @@ def gate_config(bundle: Bundle, config: RobotConfig) -> GateConfig:
                       enter_ticks=config.uncertainty.enter_ticks, exit_ticks=config.uncertainty.exit_ticks)
 
 
+def build_cameras(bundle: Bundle, config: RobotConfig) -> dict:
+    """One camera object (edge.io.camera.Camera, not connected) per spec camera, by spec name and in spec
+    order; ConfigError naming a spec camera the config does not give (edge/service/startup.py)."""
+    from edge.io.camera import Camera
+
+    startup.raise_if_fatal(startup.camera_problems(bundle, config))
+    return {name: Camera(cam) for name, cam in config.camera_configs([c.name for c in bundle.spec.cameras]).items()}
+
+
 def build_loop(pipeline: PolicyPipeline, camera, link, bundle: Bundle, config: RobotConfig, *,
                on_deadline_met: Callable[[], None] | None = None, loop_class: type[ControlLoop] = ControlLoop,
                **loop_options) -> ControlLoop:
     """The control loop of the config, with the bundle's safety layer and uncertainty gate.
 
-    `loop_options` go to the loop unchanged (clock, sleep, frame_shape ...: tests and the benchmark);
-    `loop_class` lets the benchmark drive a subclass that adds its own per-tick bookkeeping.
+    `camera` is one camera object or one per spec camera (`build_cameras`). `loop_options` go to the loop
+    unchanged (clock, sleep, frame_shape ...: tests and the benchmark); `loop_class` lets the benchmark
+    drive a subclass that adds its own per-tick bookkeeping.
     """
     loop_cfg = config.loop
     return loop_class(
         pipeline, camera, link, SafetyLayer(safety_config(bundle, config)), UncertaintyGate(gate_config(bundle, config)),
         loop_cfg.period_s, stale_after_s=config.safety.stale_after_periods * loop_cfg.period_s,
         record_ticks=loop_cfg.record_ticks, summary_every_s=loop_cfg.summary_every_s,
-        on_deadline_met=on_deadline_met, **loop_options,
+        on_deadline_met=on_deadline_met, chunk_config=config.chunks, **loop_options,
     )
