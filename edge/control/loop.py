@@ -151,7 +151,7 @@ class ControlLoop:
             output = self.last_output if int(row["samples"]) > 0 else None
             tick = LastTick.from_record(row, Mode(int(row["mode"])).name.lower(),
                                         None if output is None else output.action,
-                                        None if output is None else output.spread)
+                                        None if output is None else output.spread[0])  # the executed step's
         mode = "estop" if estop else (tick.mode if tick is not None else "starting")
         keeper = self.keeper
         timing = Timing(period_s=keeper.period_s, overruns=int(keeper.overruns),
