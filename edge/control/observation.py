@@ -5,7 +5,7 @@ whether it takes language), so the loop never special-cases a policy. `CameraInp
 object per spec camera, in spec order, each with its own frame buffer and capture time: a camera whose
 frame is missing or older than the loop's freshness bound is named in `stale`, and any stale camera
 stops the robot. `fill_proprio` fills the policy's proprio vector from a telemetry sample by the spec's
-sources (`velocities[i]`, `positions[i]`), not by assuming it is as wide as the action.
+sources (`velocities[i]`, `positions[i]`; `ProprioSpec.fill`), not by assuming it is as wide as the action.
 """
 
 from __future__ import annotations
@@ -38,14 +38,11 @@ class PolicyShape:
 
     @classmethod
     def of(cls, pipeline) -> PolicyShape:
+        """From the pipeline's contract attributes (edge/inference/pipeline.py) and its bundle's spec."""
         spec = pipeline.bundle.spec
-        action = spec.action
-        cameras = getattr(pipeline, "cameras", None) or spec.cameras
-        needs_language = getattr(pipeline, "needs_language", spec.language is not None)
-        return cls(name=spec.name, horizon=int(getattr(pipeline, "horizon", action.horizon)),
-                   action_dim=int(getattr(pipeline, "action_dim", action.dim)), kinds=tuple(action.kinds),
-                   cameras=tuple(c.name for c in cameras), needs_language=bool(needs_language),
-                   proprio=spec.proprio)
+        return cls(name=spec.name, horizon=int(pipeline.horizon), action_dim=int(pipeline.action_dim),
+                   kinds=tuple(spec.action.kinds), cameras=tuple(c.name for c in pipeline.cameras),
+                   needs_language=bool(pipeline.needs_language), proprio=spec.proprio)
 
     @property
     def has_positions(self) -> bool:
@@ -53,18 +50,10 @@ class PolicyShape:
 
 
 def fill_proprio(proprio, out: np.ndarray, velocities: Sequence[float], positions: Sequence[float]) -> bool:
-    """`out` from one telemetry sample by the spec's sources; False when a source's channel is missing
-    (the caller treats the sample as not to be believed). Uses the spec's own `fill` where it has one."""
-    fill = getattr(proprio, "fill", None)
-    if fill is not None:
-        return bool(fill(out, velocities, positions))
-    fields = {"velocities": velocities, "positions": positions}
-    for i, (name, channel) in enumerate(proprio.sources):
-        values = fields[name]
-        if channel >= len(values):
-            return False
-        out[i] = values[channel]
-    return True
+    """`out` from one telemetry sample by the spec's sources (ProprioSpec.fill); False when a source's
+    channel is missing (the caller treats the sample as not to be believed). A policy without proprio
+    reads nothing."""
+    return True if proprio.dim == 0 else bool(proprio.fill(out, velocities, positions))
 
 
 class CameraInputs:
