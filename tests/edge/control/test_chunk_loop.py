@@ -259,3 +259,32 @@ def test_chunk_state_is_in_the_status_reply():
         assert reply["stale_cameras"] == [] and reply["language"] is False
     finally:
         loop.close()
+
+
+def test_chunk_state_and_stale_cameras_are_metrics():
+    pytest.importorskip("prometheus_client")
+    from edge.service.metrics import LoopCollector
+
+    clock, pipeline, cameras, _, loop = rig(spec(horizon=4, cameras=("wrist", "top")), hold=False, replan_every=2)
+    for camera in cameras.values():
+        camera.frame_age_s = lambda: 0.0  # health fields of a real camera
+        camera.is_connected = True
+    try:
+        tick(loop, clock)
+        pipeline.wait_done()
+        wait_until(lambda: loop.chunks.worker.completed >= 1, "no chunk")
+        tick(loop, clock)
+        cameras["top"].fresh = False
+        for _ in range(4):
+            tick(loop, clock)
+        metrics = {m.name: m for m in LoopCollector(loop).collect()}
+        replans = metrics["vla_edge_chunk_replans"].samples[0].value
+        assert replans == loop.status().chunks.replans >= 1
+        stats = loop.status().chunks
+        assert metrics["vla_edge_chunk_entry_index"].samples[0].value == stats.entry_index
+        entries = {s.labels["index"]: s.value for s in metrics["vla_edge_chunk_entries"].samples}
+        assert entries == {str(k): float(v) for k, v in stats.entries.items()} and sum(entries.values()) == replans
+        assert {s.labels["camera"]: s.value for s in metrics["vla_edge_camera_stale"].samples} == {"wrist": 0.0,
+                                                                                                   "top": 1.0}
+    finally:
+        loop.close()
