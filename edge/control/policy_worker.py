@@ -194,10 +194,10 @@ class PolicyWorker:
 
     def _infer(self, inputs: _Inputs) -> None:
         pipeline = self.pipeline
-        if self._score_steps is not None and hasattr(pipeline, "score_steps"):
-            pipeline.score_steps = int(self._score_steps())
         frames = inputs.frames[0] if len(inputs.frames) == 1 else inputs.frames
         try:
+            if self._score_steps is not None and hasattr(pipeline, "score_steps"):
+                pipeline.score_steps = int(self._score_steps())
             out = pipeline.infer(frames, inputs.proprio, inputs.language)
         except EdgeError as exc:
             with self._lock:
