@@ -125,6 +125,7 @@ class ControlLoop(OperatorCommands):
         self.chunks = (ChunkExecution(pipeline, shape, period_s, [f.shape for f in self.cameras.frames],
                                       chunk_config or ChunkConfig(), clock=clock) if shape.horizon > 1 else None)
         self._chunk_fallback = False  # the gate's decision on the newest chunk
+        self._chunk_score = np.nan  # and its score
         self._chunk_action = np.zeros(action_dim, np.float32)  # the chunk step executed at the last tick
         self._instruction: str | None = None
         self._instruction_lock = threading.Lock()
@@ -403,25 +404,24 @@ class ControlLoop(OperatorCommands):
             self._record_policy(row, out.times, self.pipeline.samples)
             return (Mode.FALLBACK if decision.fallback else Mode.NOMINAL), out.action, decision.fallback, out.score
         step = self.chunks.step(now, self.cameras, self._proprio, embedding)
-        score = np.nan
         if step.error is not None:
             self.counters["inference_errors"] += 1
             self._warn("%s: controlled stop", step.error)
-            return Mode.FALLBACK, self._zeros, True, score
+            return Mode.FALLBACK, self._zeros, True, np.nan
         if step.arrived is not None:
             self.last_output = step.arrived
-            score = step.arrived.score
+            self._chunk_score = step.arrived.score
             with self.timer.section("gate"):
-                self._chunk_fallback = self.gate.update(score).fallback
+                self._chunk_fallback = self.gate.update(self._chunk_score).fallback
             if step.arrived.times is not None:
                 self._record_policy(row, step.arrived.times, step.arrived.samples)
         if step.action is None:
             self.counters["chunk_empty"] += 1
             self._warn("no chunk has a step for now (the next one is late): controlled stop, no extrapolation")
-            return Mode.FALLBACK, self._zeros, True, score
+            return Mode.FALLBACK, self._zeros, True, np.nan
         np.copyto(self._chunk_action, step.action)
-        fallback = self._chunk_fallback
-        return (Mode.FALLBACK if fallback else Mode.NOMINAL), step.action, fallback, score
+        fallback = self._chunk_fallback  # the score and decision of the chunk being executed
+        return (Mode.FALLBACK if fallback else Mode.NOMINAL), step.action, fallback, self._chunk_score
 
     def _record_policy(self, row: np.void, t, samples: int) -> None:
         """The pipeline's own stage times (it times them inside infer) into the tick's record."""

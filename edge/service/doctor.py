@@ -259,7 +259,7 @@ def run_checks(config_path: str | Path, *, open_camera: bool = False, camera_tim
         return results
     if running:
         results.append(check_serial(config.motor))
-        results.append(_check_camera_source(config.camera))
+        results += [_check_camera_source(camera) for camera in (config.cameras or {"": config.camera}).values()]
         return results + check_running_service(config)
     bundle_results, bundle = check_bundle(config)
     results += bundle_results
@@ -269,7 +269,8 @@ def run_checks(config_path: str | Path, *, open_camera: bool = False, camera_tim
         else:
             results += check_onnxruntime(config, ort=ort)
     results.append(check_serial(config.motor))
-    results += check_camera(config.camera, open_camera=open_camera, timeout_s=camera_timeout_s)
+    for camera in (config.cameras or {"": config.camera}).values():  # every camera of `cameras:`, else the one
+        results += check_camera(camera, open_camera=open_camera, timeout_s=camera_timeout_s)
     results += check_realtime(config)
     results += check_jetson_power()  # nothing off a Jetson
     results += check_metrics(config)

@@ -288,3 +288,19 @@ def test_chunk_state_and_stale_cameras_are_metrics():
                                                                                                    "top": 1.0}
     finally:
         loop.close()
+
+
+def test_an_uncertain_chunk_is_gated_for_the_ticks_that_execute_it():
+    clock, pipeline, _, _, loop = rig(spec(horizon=4), hold=False, replan_every=4)
+    try:
+        pipeline.score = 5.0  # above the gate's hard ceiling (2.0)
+        tick(loop, clock)
+        pipeline.wait_done()
+        wait_until(lambda: loop.chunks.worker.completed >= 1, "no chunk")
+        rows = [tick(loop, clock) for _ in range(3)]
+        assert [r["mode"] for r in rows] == [Mode.FALLBACK] * 3
+        assert all(r["score"] == pytest.approx(5.0) for r in rows), "each tick shows the executed chunk's score"
+        assert all(r["reasons"] & SafetyReason.FALLBACK for r in rows)
+        assert loop.status().chunks.step is not None, "the chunk is there; the gate stops the robot"
+    finally:
+        loop.close()
