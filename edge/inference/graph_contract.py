@@ -28,8 +28,13 @@ class PolicyIO:
     language_dim: int  # 0 without language
 
 
-def _shape(spec: TensorSpec) -> str:
-    return f"{spec.dtype} {['T' if d == -1 else d for d in spec.shape]}"
+def _dims(shape, dynamic: str) -> str:
+    return "[" + ", ".join(dynamic if d == -1 else str(d) for d in shape) + "]"
+
+
+def _shape(spec: TensorSpec, dynamic: str = "N") -> str:
+    """`spec` as e.g. `uint8 [N, 96, 96, 3]` (N the encoders' batch, T the head's samples)."""
+    return f"{spec.dtype} {_dims(spec.shape, dynamic)}"
 
 
 class _Problems:
@@ -69,7 +74,8 @@ def _batched(problems: _Problems, graph: str, spec: TensorSpec | None, dtype: st
     if not ok:
         wanted = "..." if rest is None else ", ".join(map(str, rest))
         lead = "T" if batch == (-1,) else ("1" if batch == (1,) else "N")
-        problems.add(f"{graph} {spec.name} is {_shape(spec)}, expected {dtype} [{lead}, {wanted}]")
+        problems.add(f"{graph} {spec.name} is {_shape(spec, 'T' if graph == 'head' else 'N')}, expected {dtype} "
+                     f"[{lead}, {wanted}]")
 
 
 def check_policy_io(bundle: Bundle) -> PolicyIO:
@@ -124,7 +130,7 @@ def check_policy_io(bundle: Bundle) -> PolicyIO:
         mask = inputs.get(name)
         _batched(problems, "head", mask, "float32", None, batch=(-1,))
         if mask is not None and mask.shape[-1] != width:
-            problems.add(f"head {name} is {_shape(mask)}, its last dimension must be the dropout width {width}")
+            problems.add(f"head {name} is {_shape(mask, 'T')}, its last dimension must be the dropout width {width}")
     outputs = _by_name(problems, "head", "output", head.outputs, ["actions"])
     samples = -1 if masks else 1
     action = spec.action
@@ -132,8 +138,7 @@ def check_policy_io(bundle: Bundle) -> PolicyIO:
     allowed = [(samples, *chunk)] + ([(samples, action.dim)] if action.horizon == 1 else [])
     found = outputs.get("actions")
     if found is not None and (found.dtype != "float32" or tuple(found.shape) not in allowed):
-        problems.add(f"head actions is {_shape(found)}, expected float32 "
-                     f"{['T' if samples == -1 else 1, *(chunk if action.horizon > 1 else chunk[1:])]} "
+        problems.add(f"head actions is {_shape(found, 'T')}, expected float32 {_dims(allowed[-1], 'T')} "
                      f"(spec.action: horizon {action.horizon}, {action.dim} channels)")
     problems.raise_if_any()
     return PolicyIO(masks=tuple(inputs[name] for name in masks), vision_features=features, language_dim=language_dim)

@@ -215,7 +215,7 @@ class PolicyPipeline:
         cache_capacity: int = 64,
     ):
         bundle.check_runnable()  # before any device
-        self.io = check_policy_io(bundle)
+        self.graph_io = check_policy_io(bundle)
         spec = bundle.spec
         self.bundle = bundle
         self.cameras = spec.cameras
@@ -248,7 +248,7 @@ class PolicyPipeline:
         # One bank per mask input, of the input's own trailing shape ([width], or [1, width] for a mask
         # shared over a token or chunk axis), 0 or 1/(1-p).
         self._bank = [((rng.random((mask_bank_rows, *mask.shape[1:])) < keep).astype(np.float32) / keep)
-                      for mask in self.io.masks]
+                      for mask in self.graph_io.masks]
         self._rng = rng
         self.action_range = float(np.max(np.asarray(spec.action.high) - np.asarray(spec.action.low)))
         self.tokenizer: InstructionTokenizer | None = None
@@ -281,7 +281,7 @@ class PolicyPipeline:
         self._head_vision = self._head.input("vision_features")
         self._head_language = self._head.input("language_features") if self.needs_language else None
         self._head_proprio = self._head.input("proprio")[0] if self.proprio_dim else None
-        self._masks = [self._head.input(mask.name) for mask in self.io.masks]
+        self._masks = [self._head.input(mask.name) for mask in self.graph_io.masks]
         if self.needs_language:
             self._ids = self._language.input("input_ids")
             self._attention = self._language.input("attention_mask")
@@ -289,6 +289,7 @@ class PolicyPipeline:
         self._actions = np.zeros(chunk, np.float32)
         self._spread = np.zeros(chunk, np.float32)
         self._square = np.zeros(chunk, np.float32)
+        self._deviation = np.zeros((self.max_samples, *chunk), np.float32)
         self._score_per_step = np.zeros(self.horizon, np.float32)
         self._times = StageTimes()
         self._output = PolicyOutput(actions=self._actions, spread=self._spread,
@@ -381,7 +382,11 @@ class PolicyPipeline:
         actions = self._head.run(samples)["actions"].reshape(samples, self.horizon, self.action_dim)
         t3 = time.perf_counter()
         np.mean(actions, axis=0, out=self._actions)
-        np.std(actions, axis=0, out=self._spread)
+        deviation = self._deviation[:samples]  # the std over the T samples, in preallocated buffers
+        np.subtract(actions, self._actions, out=deviation)
+        np.multiply(deviation, deviation, out=deviation)
+        np.mean(deviation, axis=0, out=self._spread)
+        np.sqrt(self._spread, out=self._spread)
         np.multiply(self._spread, self._spread, out=self._square)
         score = float(np.sqrt(np.mean(self._square[: self._score_steps]))) / self.action_range
         np.mean(self._square, axis=1, out=self._score_per_step)
