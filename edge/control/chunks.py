@@ -6,9 +6,9 @@ scheduler executes step
 
     k = round((t - capture_s) / period_s)
 
-so a chunk that took two periods to compute is entered at step 2, not at step 0: the robot does not
-replay the actions it should have taken while the policy was thinking (the idea of real-time chunking,
-without its guided denoising). Steps before k are skipped; a chunk whose k has reached H is spent.
+(halves round up; a negative delay, a frame stamped after the tick, gives 0), so a chunk that took two
+periods to compute is entered at step 2, not at step 0: the robot does not replay the actions it should
+have taken while the policy was thinking (the idea of real-time chunking, without its guided denoising). Steps before k are skipped; a chunk whose k has reached H is spent.
 
 With temporal ensembling (ACT) every live chunk that has a step for t votes, weighted
 ``w_i = exp(-m * i)`` with i = 0 for the oldest chunk (ACT's convention: a small m gives old and new
@@ -160,7 +160,7 @@ class ChunkScheduler:
 
     # -- actions out ------------------------------------------------------------------------------------
     def _index(self, now_s: float, capture_s: float) -> int:
-        return max(0, int(round((now_s - capture_s) / self.period_s)))
+        return max(0, math.floor((now_s - capture_s) / self.period_s + 0.5))  # round half up
 
     def action(self, now_s: float) -> np.ndarray | None:
         """The action for tick time `now_s` (a view of a buffer reused every tick), or None: no chunk has
