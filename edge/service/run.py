@@ -244,7 +244,7 @@ class RobotService:
                 return
             for _ in range(3):
                 link.send_velocity(np.zeros(self.config.motor.channels, np.float32))
-        logger.info("commanded stop sent (zero velocity; position channels hold)")
+        logger.info("commanded stop sent (zero velocity)")
 
 
 def run_service(config: RobotConfig | str | os.PathLike, *, environ: Mapping[str, str] | None = None) -> int:
