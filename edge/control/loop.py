@@ -474,6 +474,13 @@ class ControlLoop(OperatorCommands):
         for _ in range(repeats):
             self._send(self.safety.last_command)
 
+    def start_worker(self) -> None:
+        """Start the inference worker of a chunk policy now (else on the first tick that runs the policy).
+        The service calls it before its real-time set-up: a thread inherits its creator's scheduling
+        policy and affinity, and the worker must keep normal priority, below the tick."""
+        if self.chunks is not None:
+            self.chunks.start()
+
     def close(self) -> None:
         """End the inference worker of a chunk policy (after `run` returned)."""
         if self.chunks is not None:

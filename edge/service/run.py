@@ -117,6 +117,7 @@ class RobotService:
         self._warm_up()
         self.loop = wiring.build_loop(self.pipeline, self.cameras, self.link, self.bundle, cfg,
                                       on_deadline_met=self._on_deadline_met)
+        self.loop.start_worker()  # a chunk policy's inference thread, at normal priority (before real-time set-up)
         if cfg.instruction.initial:
             self.loop.set_instruction(cfg.instruction.initial)
         if cfg.instruction.socket:

@@ -233,10 +233,20 @@ def chunk_problems(bundle, config) -> list[StartupProblem]:
     return problems
 
 
+def language_problems(bundle, config) -> list[StartupProblem]:
+    """An initial instruction for a policy that takes none (its spec has no language)."""
+    if bundle.spec.language is None and config.instruction.initial:
+        return [StartupProblem(
+            "instruction.initial", f"instruction.initial is set but the policy {bundle.spec.name!r} takes no "
+            "instruction (its bundle has no language input); it runs without one",
+            "remove instruction.initial")]
+    return []
+
+
 def policy_problems(bundle, config) -> list[StartupProblem]:
     """Every problem of the config against the bundle: what doctor reports and run refuses or logs."""
     return (pipeline_problems(bundle, config) + robot_problems(bundle, config) + camera_problems(bundle, config)
-            + chunk_problems(bundle, config))
+            + chunk_problems(bundle, config) + language_problems(bundle, config))
 
 
 def fatal(problems: list[StartupProblem]) -> list[StartupProblem]:

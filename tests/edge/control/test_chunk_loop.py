@@ -304,3 +304,16 @@ def test_an_uncertain_chunk_is_gated_for_the_ticks_that_execute_it():
         assert loop.status().chunks.step is not None, "the chunk is there; the gate stops the robot"
     finally:
         loop.close()
+
+
+def test_the_worker_starts_when_the_service_asks_or_on_the_first_running_tick():
+    clock, _, _, _, loop = rig(spec(horizon=4), hold=False)
+    try:
+        assert not loop.chunks.worker.started, "a loop that never ran the policy owns no thread"
+        loop.start_worker()
+        assert loop.chunks.worker.alive
+        loop.start_worker()  # once only
+        assert tick(loop, clock)["mode"] == Mode.FALLBACK  # the first chunk is being computed
+    finally:
+        loop.close()
+    assert not loop.chunks.worker.alive

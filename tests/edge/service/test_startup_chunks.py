@@ -104,3 +104,14 @@ def test_the_loop_built_for_a_chunk_bundle_executes_chunks_with_the_configured_s
     assert loop.chunks.scheduler.horizon == bundle.spec.action.horizon
     assert loop.status().chunks.replans == 0 and not loop.status().language
     loop.close()
+
+
+def test_an_initial_instruction_for_a_policy_without_language_is_refused(chunk):
+    root, bundle = chunk
+    assert bundle.spec.language is None
+    cfg = config(root, bundle.spec.action.dim, camera={"source": "/dev/video0"},
+                 instruction={"initial": "go to the red block"})
+    problems = startup.language_problems(bundle, cfg)
+    assert keys(problems) == ["instruction.initial"] and "takes no instruction" in problems[0].message
+    with pytest.raises(ConfigError, match="instruction.initial"):
+        wiring.check_startup(bundle, cfg)
