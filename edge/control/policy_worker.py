@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -49,7 +49,7 @@ class _Inputs:
     proprio: np.ndarray
     language: np.ndarray | None = None
     capture_s: float = 0.0
-    extra: dict = field(default_factory=dict)
+    generation: int = 0  # the worker's generation when posted: a discard makes older requests moot
 
 
 class PolicyWorker:
@@ -68,7 +68,12 @@ class PolicyWorker:
         self._working = self._requests[1]  # the set the worker reads; the tick writes the other
         self._result = ChunkResult(np.zeros((horizon, action_dim), np.float32),
                                    np.zeros((horizon, action_dim), np.float32), 0.0, 0.0, 0.0, 0)
+        # What `take` hands the tick: a copy made under the lock, so a result the worker writes meanwhile
+        # never changes a chunk the tick is reading.
+        self._collected = ChunkResult(np.zeros((horizon, action_dim), np.float32),
+                                      np.zeros((horizon, action_dim), np.float32), 0.0, 0.0, 0.0, 0)
         self._result_ready = False
+        self._generation = 0
         self._errors_reported = 0
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -131,6 +136,7 @@ class PolicyWorker:
             np.copyto(target.proprio, proprio)
             target.language = language  # the cache's embedding: never written after it is made
             target.capture_s = float(capture_s)
+            target.generation = self._generation
             if self._pending is not None:
                 self.replaced += 1
             self._pending = target
@@ -142,18 +148,24 @@ class PolicyWorker:
         return b if inputs is a else a
 
     def take(self) -> ChunkResult | None:
-        """The chunk finished since the last call (its buffers stay valid until the next `take`), a
-        result with `error` set when inference failed, or None."""
+        """The chunk finished since the last call (a copy whose buffers stay valid until the next `take`),
+        a result with `error` set when inference failed, or None."""
         with self._lock:
+            out = self._collected
             if self.errors > self._errors_reported:
                 self._errors_reported = self.errors
                 self._result_ready = False
-                return ChunkResult(self._result.actions, self._result.spread, float("nan"), 0.0, 0.0, 0,
-                                   error=self.last_error)
+                out.error, out.score = self.last_error, float("nan")
+                return out
             if not self._result_ready:
                 return None
             self._result_ready = False
-            return self._result
+            result = self._result
+            np.copyto(out.actions, result.actions)
+            np.copyto(out.spread, result.spread)
+            out.score, out.capture_s, out.finished_s = result.score, result.capture_s, result.finished_s
+            out.samples, out.times, out.error = result.samples, result.times, None
+            return out
 
     @property
     def queue_depth(self) -> int:
@@ -164,10 +176,12 @@ class PolicyWorker:
         return self._busy
 
     def discard(self) -> None:
-        """Drop a queued request and an uncollected result (the loop stopped: neither is about now)."""
+        """Drop a queued request, an uncollected result and the one being computed (the loop stopped:
+        none of them is about the moment the robot moves again)."""
         with self._lock:
             self._pending = None
             self._result_ready = False
+            self._generation += 1
 
     def stats(self) -> dict:
         return {"queue_depth": self.queue_depth, "in_flight": self.in_flight, "replaced_requests": self.replaced,
@@ -211,6 +225,9 @@ class PolicyWorker:
         spread = np.asarray(out.spread)
         times = getattr(out, "times", None)
         with self._lock:
+            if inputs.generation != self._generation:
+                self._busy = False  # posted before a discard: dropped
+                return
             result = self._result
             np.copyto(result.actions, actions.reshape(result.actions.shape))
             np.copyto(result.spread, spread.reshape(result.spread.shape))

@@ -317,3 +317,32 @@ def test_the_worker_starts_when_the_service_asks_or_on_the_first_running_tick():
     finally:
         loop.close()
     assert not loop.chunks.worker.alive
+
+
+def test_a_chunk_computed_across_a_stop_is_dropped_and_a_taken_chunk_is_a_copy():
+    clock = FakeClock()
+    pipeline = ChunkPipeline(spec(horizon=4), hold=True)
+    worker = PolicyWorker(pipeline, [(8, 8, 3)], 2, 4, 2, clock=clock).start()
+    try:
+        frame = np.zeros((8, 8, 3), np.uint8)
+        worker.post([frame], np.zeros(2, np.float32), None, 1.0)
+        wait_until(lambda: worker.in_flight, "the worker never took the request")
+        worker.discard()  # the loop stopped while the chunk was being computed
+        pipeline.release()
+        pipeline.wait_done()
+        wait_until(lambda: not worker.in_flight, "the inference never ended")
+        assert worker.take() is None and worker.completed == 0
+        worker.post([frame], np.zeros(2, np.float32), None, 2.0)
+        pipeline.release()
+        pipeline.wait_done()
+        wait_until(lambda: worker.completed == 1, "the next request was not run")
+        taken = worker.take()
+        kept = taken.actions.copy()
+        worker.post([frame], np.zeros(2, np.float32), None, 3.0)
+        pipeline.release()
+        pipeline.wait_done()
+        wait_until(lambda: worker.completed == 2, "the third request was not run")
+        assert (taken.actions == kept).all(), "a finished chunk does not change the one the tick took"
+    finally:
+        pipeline.release()
+        worker.close()
