@@ -1,6 +1,9 @@
 """Run the simulated robot (motor controller on a pty + MJPEG camera) as its own process.
 
     python -m simulator --seed 3 --target "red block" --print-paths [--ground-truth-port 0]
+    python -m simulator --kinds position,position,position,position,position,position,position \
+        --position-limits -2.5:2.5 --servo-time-constant-s 0.05      # a 7-joint arm, no world motion
+    python -m simulator --protocol-version 1                           # a v1 controller (refused)
 
 With ``--print-paths`` the first stdout line is JSON: ``serial`` (the stable symlink to give the
 runtime as its motor port), ``pty``, ``camera_url`` and, with ``--ground-truth-port``, ``ground_truth``
@@ -25,6 +28,7 @@ import threading
 from typing import Any
 
 from reference_world.world import OBJECT_NAMES, OOD_VARIANTS, WorldConfig
+from simulator.channels import ChannelLayout
 from simulator.controller import SimulatedController
 
 logger = logging.getLogger("simulator")
@@ -125,12 +129,35 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--watchdog-timeout-s", type=float, default=0.3)
     parser.add_argument("--time-limit-steps", type=int, default=None,
                         help="episode budget reported in ground truth (the simulation never stops)")
+    parser.add_argument("--kinds", default="velocity,velocity",
+                        help="comma-separated command kind per channel, velocity or position (default: the "
+                             "reference robot's two wheels)")
+    parser.add_argument("--position-limits", default=None,
+                        help="LOW:HIGH for every channel, or one LOW:HIGH per channel separated by commas "
+                             "(default: -pi:pi)")
+    parser.add_argument("--servo-time-constant-s", type=float, default=0.05,
+                        help="first-order time constant of each simulated channel (non-reference layouts)")
+    parser.add_argument("--protocol-version", type=int, choices=(1, 2), default=2,
+                        help="1 simulates an old controller that the runtime must refuse")
     parser.add_argument("--print-paths", action="store_true",
                         help="print one JSON line with the serial path and camera URL to stdout")
     parser.add_argument("--ground-truth-port", type=int, default=None,
                         help="serve ground truth as JSON lines on 127.0.0.1:PORT (0: pick one)")
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     return parser.parse_args(argv)
+
+
+def _layout(args: argparse.Namespace) -> ChannelLayout:
+    """The channel layout of the command line; ValueError naming the option when it is malformed."""
+    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+    limits: tuple = ()
+    if args.position_limits:
+        try:
+            pairs = [tuple(float(x) for x in item.split(":")) for item in args.position_limits.split(",")]
+        except ValueError:
+            raise ValueError(f"--position-limits {args.position_limits!r}: expected LOW:HIGH[,LOW:HIGH...]") from None
+        limits = tuple(pairs * len(kinds)) if len(pairs) == 1 else tuple(pairs)
+    return ChannelLayout(kinds=kinds, position_limits=limits, time_constant_s=args.servo_time_constant_s)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.time_limit_steps is not None:
         world_config = WorldConfig(time_limit_steps=args.time_limit_steps)
     try:
+        layout = _layout(args)
         controller = SimulatedController(
             world_config=world_config,
             seed=args.seed,
@@ -161,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
             telemetry_period_s=args.telemetry_period_s,
             watchdog_timeout_s=args.watchdog_timeout_s,
             camera_port=args.camera_port,
+            layout=layout,
+            protocol_version=args.protocol_version,
         )
     except ValueError as exc:
         logger.error("cannot start the simulator: %s", exc)

@@ -8,7 +8,13 @@ Threads: one reads frames from the pty leader; one "firmware" tick checks the wa
 10 ms and sends telemetry at its period; one physics thread advances the world by its dt on absolute
 monotonic deadlines (the world's motor lag and acceleration limit model the motors); the MJPEG server
 has its own. ``ground_truth()`` and the fault hooks (garbage, bit flips, silence, unplug/replug, camera
-freeze/kill) exist for tests and the demo only.
+freeze/kill, FAULT with a code) exist for tests and the demo only.
+
+Channels (``layout``, simulator.channels): the reference robot's two velocity wheels by default, driven
+through the world's physics; any other layout of velocity and position channels is simulated per
+channel (a first-order servo for a position channel) while the world's robot stays still. The layout's
+kinds and position limits are what Capabilities announce. ``protocol_version=1`` makes it a v1
+controller: it sends v1 telemetry and drops every v2 host frame (for the host's v1 refusal).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import math
 import os
 import select
 import shutil
+import struct
 import tempfile
 import threading
 import time
@@ -26,24 +33,33 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from edge.io.framing import seal
 from edge.io.protocol import (
+    PROTOCOL_VERSION,
+    REJECTION_COUNTERS,
     WATCHDOG_TIMEOUT_S,
+    Capabilities,
     ClearEmergencyStop,
     EmergencyStop,
+    FaultCode,
     FrameDecoder,
+    GetCapabilities,
     Message,
+    MessageType,
     SequenceCounter,
-    SetVelocity,
+    SetTargets,
     StatusFlags,
     Telemetry,
     encode,
 )
 from reference_world.world import TabletopWorld, WorldConfig
+from simulator.channels import ChannelLayout, ChannelModel
 from simulator.mjpeg import MjpegServer
 
 logger = logging.getLogger(__name__)
 
-CHANNELS = 2  # left and right wheel
+CHANNELS = 2  # the reference robot: left and right wheel
+FIRMWARE_VERSION = (2, 0, 0)  # announced in Capabilities
 WHEEL_RADIUS_M = 0.03  # turns wheel speed (m/s) into the wheel angle reported as position (rad)
 # |measured wheel velocity| (normalised) below which a wheel counts as stopped: 2 % of full speed.
 MOTOR_STOPPED_EPSILON = 0.02
@@ -55,6 +71,10 @@ _READ_CHUNK_BYTES = 4096
 _JOIN_TIMEOUT_S = 5.0
 _U16 = 0xFFFF
 _DEFAULT_WORLD_CONFIG = WorldConfig()  # frozen, so one shared default is safe
+_DEFAULT_LAYOUT = ChannelLayout()
+# Protocol v1's telemetry (docs/serial-protocol.md, revision 1.0): time, status, last seq, crc, framing,
+# dropped, n_vel, n_pos; then the floats. Only the v1 mode writes it.
+_V1_TELEMETRY = struct.Struct("<IBHHHHBB")
 
 
 class _FreeRunningWorld(TabletopWorld):
@@ -85,19 +105,21 @@ class GroundTruth:
     success_at_s: float | None
     physics_steps: int  # world steps this episode
     time_limit_reached: bool  # physics_steps >= world_config.time_limit_steps (the episode's budget)
-    wheel_velocities: tuple[float, ...]  # measured, normalised as in telemetry
+    wheel_velocities: tuple[float, ...]  # measured, normalised as in telemetry, one per channel
+    positions: tuple[float, ...]  # measured, one per channel (wheel angle in rad for a wheel)
     applied_targets: tuple[float, ...]
-    targets_zero_since_s: float | None  # since when every applied target is 0 (None while one is not)
+    targets_zero_since_s: float | None  # since when the applied targets are a stop (0, positions held)
     motors_stopped: bool  # every |wheel velocity| < MOTOR_STOPPED_EPSILON
     motors_stopped_since_s: float | None  # first physics step of the current stopped stretch
     watchdog_tripped: bool
     watchdog_tripped_at_s: float | None
     estop_latched: bool
-    last_valid_command_s: float | None  # last valid SetVelocity
+    last_valid_command_s: float | None  # last valid SetTargets
     last_command_seq: int
-    crc_errors: int
-    framing_errors: int
-    dropped_commands: int
+    crc_errors: int  # rejections["rejected_crc"]
+    framing_errors: int  # rejections["rejected_framing"]
+    rejections: dict[str, int]  # Telemetry's seven per-reason counters
+    fault_code: int
     telemetry_sent: int
     telemetry_unsent: int  # frames lost because nothing was listening (buffer full) or unplugged
     physics_overruns: int
@@ -128,11 +150,20 @@ class SimulatedController:
         camera_host: str = "127.0.0.1",
         camera_port: int = 0,
         fault_seed: int = 0,
+        layout: ChannelLayout = _DEFAULT_LAYOUT,
+        protocol_version: int = PROTOCOL_VERSION,
     ) -> None:
         for name, value in (("camera_fps", camera_fps), ("telemetry_period_s", telemetry_period_s),
                             ("watchdog_timeout_s", watchdog_timeout_s)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
+        if protocol_version not in (1, PROTOCOL_VERSION):
+            raise ValueError(f"protocol_version must be 1 or {PROTOCOL_VERSION}, got {protocol_version!r}")
+        if protocol_version == 1 and not layout.is_reference_robot:
+            raise ValueError("protocol_version 1 has velocity channels only; use the default layout")
+        self._layout = layout
+        self._channels = ChannelModel(layout)  # used when the layout is not the reference robot
+        self._protocol_version = protocol_version
         self._world_config = world_config
         self._telemetry_period_s = float(telemetry_period_s)
         self._watchdog_timeout_s = float(watchdog_timeout_s)
@@ -156,19 +187,18 @@ class SimulatedController:
 
         # firmware state, under _state_lock
         self._boot_s = time.monotonic()
-        self._targets: tuple[float, ...] = (0.0,) * CHANNELS
+        self._targets: tuple[float, ...] = layout.stop_targets(self._channels.positions)
         self._targets_zero_since_s: float | None = self._boot_s  # when the applied targets last became zero
         self._watchdog_tripped = True  # power-up behaves as if the watchdog had tripped
         self._watchdog_tripped_at_s: float | None = self._boot_s
         self._estop_latched = False
         self._fault = False  # set by set_fault(): the controller's own verdict (driver, over-current)
+        self._fault_code = FaultCode.NONE
         self._drop_host_frames: dict[type, int] = {}
         self._reported: tuple[tuple[float, ...] | None, tuple[float, ...] | None] = (None, None)  # report()  # drop_next(): host frames of a type lost on the line
         self._last_valid_command_s: float | None = None
         self._last_command_seq = 0
-        self._crc_errors = 0
-        self._framing_errors = 0
-        self._dropped_commands = 0
+        self._rejections = dict.fromkeys(REJECTION_COUNTERS, 0)  # each wraps at 2**16
         self._telemetry_enabled = True
         self._telemetry_sent = 0
         self._telemetry_unsent = 0
@@ -274,6 +304,7 @@ class SimulatedController:
                 physics_steps=self._physics_steps,
                 time_limit_reached=self._physics_steps >= self._world_config.time_limit_steps,
                 wheel_velocities=self._measured,
+                positions=self._positions,
                 applied_targets=self._targets,
                 targets_zero_since_s=self._targets_zero_since_s,
                 motors_stopped=self._stopped_since_s is not None,
@@ -283,9 +314,10 @@ class SimulatedController:
                 estop_latched=self._estop_latched,
                 last_valid_command_s=self._last_valid_command_s,
                 last_command_seq=self._last_command_seq,
-                crc_errors=self._crc_errors,
-                framing_errors=self._framing_errors,
-                dropped_commands=self._dropped_commands,
+                crc_errors=self._rejections["rejected_crc"],
+                framing_errors=self._rejections["rejected_framing"],
+                rejections=dict(self._rejections),
+                fault_code=int(self._fault_code),
                 telemetry_sent=self._telemetry_sent,
                 telemetry_unsent=self._telemetry_unsent,
                 physics_overruns=self._physics_overruns,
@@ -325,20 +357,23 @@ class SimulatedController:
         with self._pty_lock:
             self._flip_probability = float(probability)
 
-    def set_fault(self, on: bool = True) -> None:
-        """Raise (or clear) FAULT: motors disabled, SetVelocity ignored and counted in dropped_commands
-        while it is set (docs/serial-protocol.md, section 6, "Fault")."""
+    def set_fault(self, on: bool = True, code: str = "DRIVER") -> None:
+        """Raise (or clear) FAULT with ``code`` (a FaultCode name): motors disabled, SetTargets ignored and
+        counted in rejected_fault while it is set (docs/serial-protocol.md, section 6, "Fault")."""
+        if on and (code not in FaultCode.__members__ or code == "NONE"):
+            raise ValueError(f"code must be a fault code name other than NONE, got {code!r}")
         with self._state_lock:
             self._fault = bool(on)
+            self._fault_code = FaultCode[code] if on else FaultCode.NONE
             if on:
-                self._set_targets_locked((0.0,) * CHANNELS)
-        logger.info("controller FAULT %s", "raised" if on else "cleared")
+                self._stop_locked()
+        logger.info("controller FAULT %s", f"raised ({code})" if on else "cleared")
 
     def drop_next(self, kind: str, count: int = 1) -> None:
-        """Lose the next ``count`` host frames of ``kind`` (set_velocity, emergency_stop,
-        clear_emergency_stop) on the line: the controller never sees them."""
-        types = {"set_velocity": SetVelocity, "emergency_stop": EmergencyStop,
-                 "clear_emergency_stop": ClearEmergencyStop}
+        """Lose the next ``count`` host frames of ``kind`` (set_targets, emergency_stop,
+        clear_emergency_stop, get_capabilities) on the line: the controller never sees them."""
+        types = {"set_targets": SetTargets, "emergency_stop": EmergencyStop,
+                 "clear_emergency_stop": ClearEmergencyStop, "get_capabilities": GetCapabilities}
         if kind not in types:
             raise ValueError(f"kind must be one of {', '.join(types)}, got {kind!r}")
         with self._state_lock:
@@ -359,10 +394,12 @@ class SimulatedController:
             self._boot_s = now
             self._estop_latched = False
             self._fault = False
+            self._fault_code = FaultCode.NONE
             self._watchdog_tripped = True
             self._watchdog_tripped_at_s = now
             self._last_valid_command_s = None
-            self._set_targets_locked((0.0,) * CHANNELS)
+            self._rejections = dict.fromkeys(REJECTION_COUNTERS, 0)
+            self._stop_locked()
         logger.info("controller firmware restarted")
 
     def stop_telemetry(self) -> None:
@@ -496,31 +533,46 @@ class SimulatedController:
             assert decoder is not None and seen is not None
             messages = decoder.feed(data)
             stats = decoder.stats
-            self._apply(messages, stats.crc_errors - seen.crc_errors,
-                        stats.rejected - seen.rejected - (stats.crc_errors - seen.crc_errors))
+            crc = stats.crc_errors - seen.crc_errors
+            out_of_range = stats.range_errors - seen.range_errors
+            self._count_rejections(rejected_crc=crc, rejected_range=out_of_range,
+                                   rejected_framing=stats.rejected - seen.rejected - crc - out_of_range)
+            if self._protocol_version == PROTOCOL_VERSION:
+                self._apply(messages)
+            else:  # a v1 controller drops every v2 frame at its version check
+                self._count_rejections(rejected_framing=len(messages))
             seen = stats
 
-    def _apply(self, messages: list[Message], new_crc_errors: int, new_framing_errors: int) -> None:
-        now = time.monotonic()
+    def _count_rejections(self, **counts: int) -> None:
         with self._state_lock:
-            self._crc_errors = (self._crc_errors + new_crc_errors) & _U16
-            self._framing_errors = (self._framing_errors + new_framing_errors) & _U16
+            for name, count in counts.items():
+                self._count_locked(name, count)
+
+    def _count_locked(self, name: str, count: int = 1) -> None:
+        self._rejections[name] = (self._rejections[name] + count) & _U16
+
+    def _apply(self, messages: list[Message]) -> None:
+        now = time.monotonic()
+        replies = []
+        with self._state_lock:
             for message in messages:
                 if self._drop_host_frames.get(type(message), 0) > 0:
                     self._drop_host_frames[type(message)] -= 1
                     continue  # lost on the line (drop_next)
-                if isinstance(message, SetVelocity):
-                    if len(message.targets) != CHANNELS:
-                        # A channel count this controller does not have: rejected as the doc recommends.
-                        self._framing_errors = (self._framing_errors + 1) & _U16
+                if isinstance(message, SetTargets):
+                    rejection = self._layout.rejection(message)
+                    if rejection is not None:  # dropped: not echoed, does not feed the watchdog
+                        self._count_locked(rejection)
                         continue
                     self._last_command_seq = message.seq
                     self._last_valid_command_s = now
                     if self._watchdog_tripped:
                         self._watchdog_tripped = False
-                        logger.info("watchdog cleared by SetVelocity seq %d", message.seq)
-                    if self._estop_latched or self._fault:
-                        self._dropped_commands = (self._dropped_commands + 1) & _U16
+                        logger.info("watchdog cleared by SetTargets seq %d", message.seq)
+                    if self._estop_latched:
+                        self._count_locked("rejected_estop")
+                    elif self._fault:
+                        self._count_locked("rejected_fault")
                     else:
                         self._set_targets_locked(tuple(message.targets))
                 elif isinstance(message, EmergencyStop):
@@ -528,15 +580,27 @@ class SimulatedController:
                     if not self._estop_latched:
                         logger.info("emergency stop latched (seq %d)", message.seq)
                     self._estop_latched = True
-                    self._set_targets_locked((0.0,) * CHANNELS)
+                    self._stop_locked()
                 elif isinstance(message, ClearEmergencyStop):
                     self._last_command_seq = message.seq
                     if self._estop_latched:
                         logger.info("emergency stop cleared (seq %d)", message.seq)
                     self._estop_latched = False
+                elif isinstance(message, GetCapabilities):
+                    self._last_command_seq = message.seq
+                    replies.append(self._capabilities())
                 else:
-                    # Telemetry travelling host -> controller: not a host frame, so not echoed.
-                    self._framing_errors = (self._framing_errors + 1) & _U16
+                    # Telemetry or Capabilities travelling host -> controller: not a host frame, not echoed.
+                    self._count_locked("rejected_framing")
+        for reply in replies:
+            with self._pty_lock:
+                self._write_locked(encode(reply))
+
+    def _capabilities(self) -> Capabilities:
+        return Capabilities(seq=self._tx_seq.next(), firmware_version=FIRMWARE_VERSION,
+                            channels=self._layout.capabilities(),
+                            watchdog_timeout_ms=max(1, round(self._watchdog_timeout_s * 1000)),
+                            telemetry_period_ms=max(1, round(self._telemetry_period_s * 1000)))
 
     def _firmware_loop(self) -> None:
         tick_s = min(_WATCHDOG_CHECK_PERIOD_S, self._telemetry_period_s)
@@ -564,12 +628,17 @@ class SimulatedController:
             if last is not None and now - last > self._watchdog_timeout_s:
                 self._watchdog_tripped = True
                 self._watchdog_tripped_at_s = now
-                self._set_targets_locked((0.0,) * CHANNELS)
-                logger.info("watchdog tripped: no valid SetVelocity for %.0f ms", (now - last) * 1e3)
+                self._stop_locked()
+                logger.info("watchdog tripped: no valid SetTargets for %.0f ms", (now - last) * 1e3)
 
-    def _set_targets_locked(self, targets: tuple[float, ...]) -> None:
-        """Apply targets; remember since when they are all zero (the fault suite's "zero command" time)."""
-        zero = not any(targets)
+    def _stop_locked(self) -> None:
+        """Stop every channel: velocity ones at 0, position ones held where they are measured now."""
+        self._set_targets_locked(self._layout.stop_targets(self._positions), stop=True)
+
+    def _set_targets_locked(self, targets: tuple[float, ...], stop: bool = False) -> None:
+        """Apply targets; remember since when they are a stop (the fault suite's "zero command" time): a
+        stop, or every target zero on a robot of velocity channels only."""
+        zero = stop or (self._layout.is_reference_robot and not any(targets))
         if zero and self._targets_zero_since_s is None:
             self._targets_zero_since_s = time.monotonic()
         elif not zero:
@@ -596,14 +665,13 @@ class SimulatedController:
                 seq=self._tx_seq.next(),
                 controller_time_ms=int((now - self._boot_s) * 1000.0) & 0xFFFFFFFF,
                 velocities=self._measured if self._reported[0] is None else self._reported[0],
-                positions=self._wheel_positions if self._reported[1] is None else self._reported[1],
+                positions=self._positions if self._reported[1] is None else self._reported[1],
                 status=self._status_locked(),
                 last_command_seq=self._last_command_seq,
-                crc_errors=self._crc_errors,
-                framing_errors=self._framing_errors,
-                dropped_commands=self._dropped_commands,
+                fault_code=self._fault_code,
+                **self._rejections,
             )
-        frame = encode(message)
+        frame = encode(message) if self._protocol_version == PROTOCOL_VERSION else _encode_v1_telemetry(message)
         with self._pty_lock:
             if self._flip_probability > 0.0:
                 frame = self._flip_locked(frame, self._flip_probability)
@@ -634,12 +702,17 @@ class SimulatedController:
                 deadline = now + dt_s
 
     def _physics_step(self, dt_s: float) -> None:
+        reference = self._layout.is_reference_robot
         with self._world_lock:
             with self._state_lock:
                 targets = self._targets
-            observation = self._world.step(np.asarray(targets, dtype=np.float32))
+            # Another layout moves its own channels; the world's robot stands still (zero wheel targets).
+            wheels = targets if reference else (0.0,) * CHANNELS
+            observation = self._world.step(np.asarray(wheels, dtype=np.float32))
             now = time.monotonic()
             with self._state_lock:
+                if not reference:
+                    self._channels.step(self._targets, dt_s)
                 self._publish_world_locked(observation.frame, now, dt_s)
 
     # world snapshot ------------------------------------------------------------------------------------
@@ -654,6 +727,7 @@ class SimulatedController:
             self._success_at_s = None
             self._physics_steps = 0
             self._wheel_positions: tuple[float, ...] = (0.0,) * CHANNELS
+            self._positions: tuple[float, ...] = self._channels.positions
             self._wheel_speeds_m_s = np.zeros(CHANNELS)
             self._stopped_since_s: float | None = None
             self._publish_world_locked(observation.frame, now, 0.0)
@@ -666,7 +740,12 @@ class SimulatedController:
         self._wheel_positions = tuple(float(p) for p in np.asarray(self._wheel_positions) + travelled)
         self._wheel_speeds_m_s = speeds
         measured = speeds / self._world_config.max_wheel_speed_m_s
-        self._measured = tuple(float(v) for v in measured)
+        if self._layout.is_reference_robot:
+            self._measured = tuple(float(v) for v in measured)
+            self._positions = self._wheel_positions
+        else:
+            self._measured, self._positions = self._channels.velocities, self._channels.positions
+            measured = np.asarray(self._measured)
         if np.all(np.abs(measured) < MOTOR_STOPPED_EPSILON):
             if self._stopped_since_s is None:
                 self._stopped_since_s = now
@@ -683,3 +762,16 @@ class SimulatedController:
     def _camera_frame(self) -> np.ndarray:
         with self._state_lock:
             return self._frame  # never mutated: each physics step publishes a new array
+
+
+def _encode_v1_telemetry(message: Telemetry) -> bytes:
+    """The frame a protocol-v1 controller sends (revision 1.0 of docs/serial-protocol.md)."""
+    dropped = (message.rejected_estop + message.rejected_fault) & _U16
+    other = (message.rejected_framing + message.rejected_channel_count + message.rejected_kind
+             + message.rejected_range) & _U16
+    fixed = _V1_TELEMETRY.pack(message.controller_time_ms, int(message.status), message.last_command_seq,
+                               message.rejected_crc, other, dropped, len(message.velocities),
+                               len(message.positions))
+    floats = struct.pack(f"<{len(message.velocities) + len(message.positions)}f",
+                         *message.velocities, *message.positions)
+    return seal(MessageType.TELEMETRY, message.seq, fixed + floats, version=1)

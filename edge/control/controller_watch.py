@@ -1,15 +1,16 @@
-"""What the motor controller reports, read every tick: its status flags, its error counters and whether
-its telemetry can be believed (docs/serial-protocol.md, sections 4-6).
+"""What the motor controller reports, read every tick: its status flags, its fault code, its per-reason
+rejection counters and whether its telemetry can be believed (docs/serial-protocol.md, sections 4-6a).
 
 The control loop asks `ControllerWatch.observe(telemetry)` once per tick for each new telemetry sample:
 
 - telemetry that breaks the spec's bounds (a velocity beyond `VELOCITY_BOUND`, a position beyond
   `POSITION_BOUND`, a velocity count other than `motor.channels`, a position count other than 0 or
   `motor.channels`) is rejected: the tick treats it as missing, so the safety layer stops the robot;
-- FAULT ("the host treats FAULT like an emergency stop", section 6) and a controller that keeps
-  rejecting our commands (its `dropped_commands`, `crc_errors` or `framing_errors` growing on
-  `REJECTION_TICKS` samples in a row while it is neither latched nor faulted) are faults: the loop
-  commands zero and then holds, as after an e-stop clear, until `resume` or a new instruction;
+- FAULT ("the host treats FAULT like an emergency stop", section 6; the fault code is named) and a
+  controller that keeps rejecting our commands (any of its rejection counters growing on
+  `REJECTION_TICKS` samples in a row; `rejected_estop` and `rejected_fault` only while it is neither
+  latched nor faulted) are faults: the loop commands a stop and then holds, as after an e-stop clear,
+  until `resume` or a new instruction;
 - WATCHDOG_TRIPPED means the controller stopped the motors itself: the loop commands a controlled stop
   and the next motion ramps from zero, never from the command sent before the trip.
 
@@ -20,16 +21,18 @@ from __future__ import annotations
 
 import math
 
-from edge.io.protocol import StatusFlags, Telemetry
+from edge.io.protocol import REJECTION_COUNTERS, FaultCode, StatusFlags, Telemetry, fault_name
 
-# Measured velocities are in SetVelocity's normalised units and "may exceed ±1 slightly" (section 4):
+# Measured velocities are in the velocity targets' normalised units and "may exceed ±1 slightly" (section 4):
 # beyond 2 the value is not a measurement.
 VELOCITY_BOUND = 2.0
 POSITION_BOUND = 1.0e6  # radians; a wheel angle grows without bound, but not to 1e6 rad in a session
 REJECTION_TICKS = 3  # rejection counters growing on this many samples in a row: our commands do not land
 _U16 = 1 << 16
 _U32 = 1 << 32
-COUNTERS = ("crc_errors", "framing_errors", "dropped_commands")
+COUNTERS = REJECTION_COUNTERS
+# Rejections that are expected while either side holds a latch or the controller a fault.
+_EXPECTED_WHILE_STOPPED = ("rejected_estop", "rejected_fault")
 
 
 class ControllerWatch:
@@ -37,7 +40,9 @@ class ControllerWatch:
 
     def __init__(self, channels: int) -> None:
         self.channels = int(channels)
-        self.counters = dict.fromkeys(COUNTERS, 0)  # the controller's own, as last reported
+        self.counters = dict.fromkeys(COUNTERS, 0)  # the controller's own, per reason, as last reported
+        self.fault_code = int(FaultCode.NONE)  # the latest sample's
+        self.last_fault_code = int(FaultCode.NONE)  # the latest non-zero one (a FAULT between two ticks)
         self.rejected_telemetry = 0  # samples refused by `valid`
         self.faults = 0  # times a fault started
         self.watchdog_trips = 0  # times WATCHDOG_TRIPPED appeared after the controller had accepted commands
@@ -83,12 +88,9 @@ class ControllerWatch:
                 self._accepted = False
         if last is not None:
             # u16 counters wrap: the increment is (new - old) mod 65536 (section 5).
-            corrupted = ((telemetry.crc_errors - last.crc_errors) % _U16
-                         or (telemetry.framing_errors - last.framing_errors) % _U16)
-            # Dropped commands are expected while either side holds a latch or the controller a fault.
             expected = estopped or status & (StatusFlags.ESTOP_LATCHED | StatusFlags.FAULT)
-            dropped = (telemetry.dropped_commands - last.dropped_commands) % _U16 and not expected
-            grew = bool(corrupted or dropped)
+            grew = any((getattr(telemetry, name) - getattr(last, name)) % _U16
+                       for name in COUNTERS if not (expected and name in _EXPECTED_WHILE_STOPPED))
         for name in COUNTERS:
             self.counters[name] = int(getattr(telemetry, name))
         self._last = telemetry
@@ -97,11 +99,16 @@ class ControllerWatch:
             self.watchdog_trips += 1
         self._accepted = not status & StatusFlags.WATCHDOG_TRIPPED  # the latest sample: accepting again?
         self.status = StatusFlags(status)
+        self.fault_code = int(telemetry.fault_code)
+        if self.fault_code:
+            self.last_fault_code = self.fault_code
         if seen & StatusFlags.FAULT:
-            return "the controller reports FAULT (motors disabled)"
+            code = fault_name(self.last_fault_code) if self.last_fault_code else "(code not seen)"
+            return f"the controller reports FAULT {code} (motors disabled)"
         if self._rejecting >= REJECTION_TICKS:
-            return (f"the controller rejects our commands (its crc/framing/dropped counters grew on "
-                    f"{self._rejecting} samples in a row: {self.counters})")
+            grown = ", ".join(f"{name[len('rejected_'):]} {count}" for name, count in self.counters.items() if count)
+            return (f"the controller rejects our commands (its rejection counters grew on "
+                    f"{self._rejecting} samples in a row: {grown})")
         return None
 
     def new_connection(self) -> None:
@@ -109,6 +116,11 @@ class ControllerWatch:
         self._last = None
         self._accepted = False
         self._rejecting = 0
+
+    @property
+    def fault_name(self) -> str:
+        """The latest fault code by name (NONE, OVER_CURRENT, ..., VENDOR_0xNN; section 4's table)."""
+        return fault_name(self.fault_code)
 
     @property
     def flag_names(self) -> list[str]:

@@ -386,7 +386,7 @@ class ControlLoop(OperatorCommands):
             self.counters["unsent_no_position"] += 1
             self._warn("no measured position yet for the position channel(s): no command sent")
             return None
-        return self.link.send_velocity(command)
+        return self.link.send_targets(command)
 
     def _run_policy(self, now: float, row: np.void, embedding) -> tuple[Mode, np.ndarray, bool, float]:
         """This tick's proposal from the policy: (mode, action, fallback, score). H = 1 runs inference

@@ -26,7 +26,7 @@ from cobs import cobs
 
 from edge.errors import ProtocolError
 
-PROTOCOL_VERSION: int = 1
+PROTOCOL_VERSION: int = 2
 SEQ_MODULUS: int = 1 << 16
 
 _HEADER = struct.Struct("<BBH")  # version, message type, sequence number
@@ -48,7 +48,11 @@ class CrcError(ProtocolError):
 
 
 class VersionMismatchError(ProtocolError):
-    """The frame was written for another major protocol version."""
+    """The frame was written for another major protocol version (``version``, read after the CRC matched)."""
+
+    def __init__(self, message: str, version: int | None = None) -> None:
+        super().__init__(message)
+        self.version = version
 
 
 class PayloadError(ProtocolError):
@@ -63,9 +67,11 @@ def crc16_ccitt_false(data: bytes) -> int:
 # --- frames ------------------------------------------------------------------------------------------
 
 
-def seal(message_type: int, seq: int, payload: bytes) -> bytes:
-    """The wire frame of one payload: header, CRC, COBS and the trailing 0x00 delimiter."""
-    raw = _HEADER.pack(PROTOCOL_VERSION, message_type, check_seq(seq, "seq")) + payload
+def seal(message_type: int, seq: int, payload: bytes, version: int = PROTOCOL_VERSION) -> bytes:
+    """The wire frame of one payload: header, CRC, COBS and the trailing 0x00 delimiter.
+
+    ``version`` other than PROTOCOL_VERSION only for a simulated controller of an older protocol."""
+    raw = _HEADER.pack(version, message_type, check_seq(seq, "seq")) + payload
     raw += _CRC.pack(crc16_ccitt_false(raw))
     return cobs.encode(raw) + b"\x00"
 
@@ -102,7 +108,8 @@ def unseal(frame: bytes, max_encoded_bytes: int) -> tuple[int, int, bytes]:
     if version != PROTOCOL_VERSION:
         raise VersionMismatchError(
             f"frame uses protocol version {version}, this runtime speaks version {PROTOCOL_VERSION}: "
-            "update the motor controller firmware or the runtime so both speak the same version"
+            "update the motor controller firmware or the runtime so both speak the same version",
+            version=version,
         )
     return type_byte, seq, body[_HEADER.size :]
 

@@ -14,6 +14,12 @@ stable path (``/dev/serial/by-id/...``) so the reopened device is found again af
 While the link is down ``is_connected`` is False and the control loop stays in its controlled stop;
 the controller's own watchdog stops the motors 300 ms after the last command that reached it.
 
+Capabilities: on every (re)opened port, and after the controller restarts, the reader thread sends
+GetCapabilities every 100 ms until the controller's Capabilities arrive; ``send_targets`` sends nothing
+on a connection before they did, nor when they do not fit the configured channels and kinds, nor after
+they changed from the ones the link armed with (docs/serial-protocol.md, section 6a). A v1 controller
+never answers; ``command_problem()`` then says to flash v2 firmware.
+
 Ports: device paths (``/dev/ttyUSB0``, ``/dev/ttyACM0``, ``/dev/serial/by-id/...``, ptys) and any
 pyserial URL handler (``loop://``, ``socket://host:port``, ``rfc2217://...``).
 
@@ -23,9 +29,8 @@ edge.io.link_state; this module owns the port, the reader thread and reconnectio
 
 from __future__ import annotations
 
-import errno
 import logging
-import os
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -35,20 +40,26 @@ from typing import Any
 import numpy as np
 import serial
 
-from edge.errors import InputError, LinkError
-from edge.io.link_state import LinkState, LinkStats
+from edge.errors import ConfigError, InputError, LinkError
+from edge.io.link_state import CapabilitiesReceived, LinkState, LinkStats
 from edge.io.protocol import (
+    KINDS,
     MAX_CHANNELS,
+    POSITION,
+    VELOCITY,
+    Capabilities,
     ClearEmergencyStop,
     EmergencyStop,
     FrameDecoder,
+    GetCapabilities,
     Message,
     MessageType,
     SequenceCounter,
-    SetVelocity,
+    SetTargets,
     Telemetry,
     encode,
 )
+from edge.io.serial_port import describe_port, open_port
 from edge.ratelimit import RateLimitedWarnings
 from edge.validation import check_backoff, check_bool, check_range, check_text
 
@@ -64,17 +75,7 @@ _JOIN_TIMEOUT_S = 2.0
 # Consecutive write timeouts before the port is closed and reopened: three 10 Hz ticks, the controller's
 # watchdog span. One timeout under load (issue 13, finding 19) keeps the port.
 _WRITE_TIMEOUTS_BEFORE_REOPEN = 3
-
-_MISSING_PORT_HINT = (
-    "check the cable and that the adapter is listed in /dev/serial/by-id/ (`ls -l /dev/serial/by-id/`); "
-    "put that stable by-id path in the config rather than /dev/ttyUSB* or /dev/ttyACM*, whose numbers "
-    "change when devices re-enumerate (the udev rule in systemd/ can add a fixed name)"
-)
-_PERMISSION_HINT = (
-    "the user running the runtime must be in the 'dialout' group to open serial devices "
-    "(`sudo usermod -aG dialout $USER`, then log in again, or restart the systemd service)"
-)
-
+_CAPABILITIES_RETRY_S = 0.1  # GetCapabilities repeated until the answer arrives (section 6a, rule 13)
 
 # --- config ------------------------------------------------------------------------------------------
 
@@ -90,7 +91,10 @@ class MotorLinkConfig:
     reconnect_backoff_s: tuple[float, float] = (0.1, 2.0)  # (first, longest) wait between reopen attempts
     exclusive: bool = True  # flock the device so a second process cannot interleave frames
     low_latency: bool = True  # ASYNC_LOW_LATENCY on FTDI-style adapters: 1 ms instead of 16 ms latency timer
-    channels: int = 2  # velocity targets per SetVelocity (wheels or joints)
+    channels: int = 2  # targets per SetTargets (wheels, joints, a gripper)
+    # Command kind per channel, "velocity" (normalised [-1, 1]) or "position" (the channel's unit, within
+    # the limits the controller announces); empty: every channel velocity. Wiring sets it from the bundle.
+    kinds: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_text("motor.port", self.port,
@@ -104,6 +108,11 @@ class MotorLinkConfig:
         check_bool("motor.exclusive", self.exclusive)
         check_bool("motor.low_latency", self.low_latency)
         check_range("motor.channels", self.channels, 1, MAX_CHANNELS, integer=True)
+        kinds = tuple(self.kinds) if self.kinds else (VELOCITY,) * self.channels
+        if len(kinds) != self.channels or any(kind not in KINDS for kind in kinds):
+            raise ConfigError(f"motor.kinds={list(kinds)!r}: expected {self.channels} entries (motor.channels), "
+                              f"each one of {', '.join(KINDS)}")
+        object.__setattr__(self, "kinds", kinds)
 
     @property
     def is_url(self) -> bool:
@@ -119,7 +128,7 @@ class SentCommand:
 
     kind: MessageType
     seq: int
-    targets: tuple[float, ...]  # as encoded (clipped to [-1, 1], float32-rounded); () for the e-stop frames
+    targets: tuple[float, ...]  # as encoded (clipped to their kind's range, float32-rounded); () for others
     sent_at_s: float  # time.monotonic() (or the injected clock) when the write finished or failed
     delivered: bool  # False: the link was down or the write failed; nothing reached the controller
 
@@ -128,7 +137,7 @@ class SentCommand:
 
 
 class SerialMotorLink:
-    """Serial link to the motor controller: ``connect()``, ``send_velocity()``, ``latest_telemetry()``."""
+    """Serial link to the motor controller: ``connect()``, ``send_targets()``, ``latest_telemetry()``."""
 
     def __init__(
         self,
@@ -167,14 +176,14 @@ class SerialMotorLink:
                 f"motor link {self.config.port}: the reader thread of an earlier connection has not exited "
                 "(stuck in the serial driver); restart the process"
             )
-        port = self._open()
+        port = open_port(self.config, self._factory, _READ_TIMEOUT_S)
         self._stop.clear()
         self._state.new_connection()
         self._install(port)
         self._thread = threading.Thread(target=self._run, name=f"motor-link:{self.config.port}", daemon=True)
         self._thread.start()
         self._connected = True
-        logger.info("motor link connected on %s", self._describe(port))
+        logger.info("motor link connected on %s", describe_port(self.config.port, port))
 
     @property
     def is_connected(self) -> bool:
@@ -212,15 +221,27 @@ class SerialMotorLink:
         self.disconnect()
 
     # commands (caller's thread) ------------------------------------------------------------------------
-    def send_velocity(self, targets: Sequence[float] | np.ndarray) -> SentCommand:
-        """Send one SetVelocity; returns what was sent. Never raises for link trouble (see ``delivered``).
+    def send_targets(self, targets: Sequence[float] | np.ndarray) -> SentCommand:
+        """Send one SetTargets, each channel of its ``config.kinds`` kind; returns what was sent.
 
-        Raises InputError for a wrong channel count or a non-finite target: the safety layer upstream
-        must never produce one, and sending "something else" instead would hide that bug.
+        Never raises for link trouble (see ``delivered``). Velocities are clipped to [-1, 1], positions
+        to the limits the controller announced. Held back (not delivered, counted in
+        ``stats.held_commands``) while ``command_problem()`` names a reason. Raises InputError for a
+        wrong channel count or a non-finite target: the safety layer upstream must never produce one,
+        and sending "something else" instead would hide that bug.
         """
         values = self._clean_targets(targets)
+        capabilities = self._state.capabilities  # read once: the reader thread may forget them meanwhile
+        problem = self.command_problem() if self.is_connected else None  # down: undelivered, as any frame
+        if problem is not None or (self.is_connected and capabilities is None):
+            self._state.count("held_commands")
+            self._warn("motor link %s: command not sent: %s", self.config.port, problem or "no capabilities")
+            return SentCommand(kind=MessageType.SET_TARGETS, seq=self._seq.peek(), targets=values,
+                               sent_at_s=self._clock(), delivered=False)
+        values = self._clip_positions(values, capabilities)
         seq = self._seq.next()
-        return self._send(SetVelocity(seq=seq, targets=values), MessageType.SET_VELOCITY, seq, values)
+        message = SetTargets(seq=seq, targets=values, kinds=self.config.kinds)
+        return self._send(message, MessageType.SET_TARGETS, seq, values)
 
     def emergency_stop(self) -> SentCommand:
         """Send EmergencyStop. The controller latches it; repeat until telemetry shows ESTOP_LATCHED."""
@@ -228,26 +249,51 @@ class SerialMotorLink:
         return self._send(EmergencyStop(seq=seq), MessageType.EMERGENCY_STOP, seq, ())
 
     def clear_emergency_stop(self) -> SentCommand:
-        """Release the controller's latch; the motors stay stopped until the next SetVelocity."""
+        """Release the controller's latch; the motors stay stopped until the next SetTargets."""
         seq = self._seq.next()
         return self._send(ClearEmergencyStop(seq=seq), MessageType.CLEAR_EMERGENCY_STOP, seq, ())
 
+    def stop_targets(self) -> np.ndarray:
+        """Targets that stop every channel: 0 for a velocity one, its measured position for a position one
+        (never position 0); InputError when a position channel has no measured position yet."""
+        telemetry, _ = self.latest_telemetry()
+        positions = telemetry.positions if telemetry is not None else ()
+        if POSITION in self.config.kinds and len(positions) != self.config.channels:
+            raise InputError("no measured positions yet: a position channel cannot be held where it is")
+        return np.array([p if k == POSITION else 0.0 for k, p in zip(self.config.kinds, positions or
+                         (0.0,) * self.config.channels)], np.float32)
+
+    def request_capabilities(self) -> SentCommand:
+        """Send GetCapabilities (the reader thread does so on its own at every (re)connect)."""
+        seq = self._seq.next()
+        return self._send(GetCapabilities(seq=seq), MessageType.GET_CAPABILITIES, seq, ())
+
     def _clean_targets(self, targets: Sequence[float] | np.ndarray) -> tuple[float, ...]:
+        channels = self.config.channels
         try:
             array = np.asarray(targets, dtype=np.float64)
         except (TypeError, ValueError):
-            raise InputError(f"velocity targets must be {self.config.channels} numbers, got {targets!r}") from None
-        if array.shape != (self.config.channels,):
-            raise InputError(
-                f"velocity targets must have shape ({self.config.channels},) "
-                f"(motor.channels), got shape {array.shape}"
-            )
+            raise InputError(f"targets must be {channels} numbers, got {targets!r}") from None
+        if array.shape != (channels,):
+            raise InputError(f"targets must have shape ({channels},) (motor.channels), got shape {array.shape}")
         if not np.all(np.isfinite(array)):
-            raise InputError(f"velocity targets must be finite, got {array.tolist()}; the safety layer's "
+            raise InputError(f"targets must be finite, got {array.tolist()}; the safety layer's "
                              "NaN guard should have replaced them")
+        velocity = np.array([kind == VELOCITY for kind in self.config.kinds])
         # Clip before rounding: float32 rounding cannot leave [-1, 1], so what is returned is what is sent.
-        rounded = np.clip(array, -1.0, 1.0).astype(np.float32)
-        return tuple(float(v) for v in rounded)
+        array = np.where(velocity, np.clip(array, -1.0, 1.0), array)
+        return tuple(float(v) for v in array.astype(np.float32))
+
+    def _clip_positions(self, values: tuple[float, ...], capabilities: Capabilities | None) -> tuple[float, ...]:
+        if capabilities is None:
+            return values
+        clipped = []
+        for value, kind, channel in zip(values, self.config.kinds, capabilities.channels):
+            if kind == POSITION:
+                # Limits are float32 on the wire, so the clipped value is exactly representable.
+                value = min(max(value, channel.position_min), channel.position_max)
+            clipped.append(value)
+        return tuple(clipped)
 
     def _send(self, message: Message, kind: MessageType, seq: int, targets: tuple[float, ...]) -> SentCommand:
         frame = encode(message)
@@ -305,6 +351,20 @@ class SerialMotorLink:
         """The newest valid Telemetry and its receive time on the link's clock; (None, -inf) before one."""
         return self._state.latest()
 
+    @property
+    def capabilities(self) -> Capabilities | None:
+        """The controller's Capabilities on this connection; None until they arrived."""
+        return self._state.capabilities
+
+    def command_problem(self) -> str | None:
+        """Why SetTargets are held back now (no Capabilities yet, a v1 controller, a mismatch), or None."""
+        return self._state.command_problem(self.config.channels, self.config.kinds)
+
+    def wait_for_capabilities(self, timeout_s: float) -> Capabilities | None:
+        """This connection's Capabilities, waiting up to ``timeout_s``; None when they did not arrive."""
+        self._state.capabilities_arrived.wait(timeout_s)
+        return self._state.capabilities
+
     def take_status_flags(self):
         """Status flags of every telemetry sample since the previous call (OR-ed): a flag shown only
         between two ticks is not missed."""
@@ -349,7 +409,7 @@ class SerialMotorLink:
                 port = self._port
             if port is None:
                 try:
-                    port = self._open(reconnecting=True)
+                    port = open_port(self.config, self._factory, _READ_TIMEOUT_S, reconnecting=True)
                 except LinkError as exc:
                     self._state.count("open_failures")
                     self._warn("motor link %s still down (%s); next try in %.2f s", self.config.port, exc,
@@ -360,7 +420,7 @@ class SerialMotorLink:
                 self._state.new_connection(reconnect=True)
                 self._install(port)
                 backoff_s = first_s
-                logger.warning("motor link %s reconnected on %s", self.config.port, self._describe(port))
+                logger.warning("motor link %s reconnected on %s", self.config.port, describe_port(self.config.port, port))
             reason = self._pump(port)
             self._close_port(reason)
             if reason != "stopped":
@@ -375,10 +435,14 @@ class SerialMotorLink:
         decoder = FrameDecoder()
         self._state.attach_decoder(decoder)
         seen = decoder.stats
+        asked_at_s = -math.inf
         while not self._stop.is_set():
             if self._reconnect_now.is_set():
                 self._reconnect_now.clear()
                 return "a write failed"
+            if self._state.capabilities is None and time.monotonic() - asked_at_s >= _CAPABILITIES_RETRY_S:
+                asked_at_s = time.monotonic()
+                self.request_capabilities()
             try:
                 data = port.read(min(max(1, port.in_waiting), _READ_CHUNK_BYTES))
             except (serial.SerialException, OSError) as exc:
@@ -390,6 +454,8 @@ class SerialMotorLink:
             stats = decoder.stats
             self._handle(messages, now, len(data))
             if stats.rejected != seen.rejected:
+                if decoder.peer_version is not None:
+                    self._state.note_peer_version(decoder.peer_version)
                 self._warn_frames(
                     "motor link %s: dropped %d bad frame(s) (last: %s); the link keeps running",
                     self.config.port, stats.rejected - seen.rejected, decoder.last_error,
@@ -398,57 +464,20 @@ class SerialMotorLink:
         return "stopped"
 
     def _handle(self, messages: list[Message], now: float, n_bytes: int) -> None:
-        for restart in self._state.receive(messages, now, n_bytes):
+        for event in self._state.receive(messages, now, n_bytes):
+            if isinstance(event, CapabilitiesReceived):
+                if event.armed is not None:
+                    logger.error("motor link %s: %s; no more commands are sent", self.config.port,
+                                 self.command_problem())
+                else:
+                    logger.info("motor link %s: controller capabilities: %s", self.config.port,
+                                event.capabilities.describe())
+                continue
             logger.warning("motor link %s: controller restarted (its clock went back from %d to %d ms); an "
-                           "emergency stop latch, if any, is gone", self.config.port, restart.previous_time_ms,
-                           restart.time_ms)
+                           "emergency stop latch, if any, is gone; asking for its capabilities again",
+                           self.config.port, event.previous_time_ms, event.time_ms)
 
     # port handling -------------------------------------------------------------------------------------
-    def _open(self, reconnecting: bool = False) -> Any:
-        config = self.config
-        try:
-            port = self._factory(
-                config.port,
-                baudrate=config.baudrate,
-                timeout=_READ_TIMEOUT_S,
-                write_timeout=config.write_timeout_ms / 1000.0,
-                exclusive=config.exclusive,
-            )
-        except (serial.SerialException, OSError, ValueError) as exc:
-            raise LinkError(self._open_failure_message(exc)) from exc
-        if config.low_latency:
-            self._set_low_latency(port, reconnecting)
-        return port
-
-    def _set_low_latency(self, port: Any, reconnecting: bool) -> None:
-        log = logger.debug if reconnecting else logger.info
-        setter = getattr(port, "set_low_latency_mode", None)
-        if setter is None:
-            log("motor link %s: low-latency mode does not apply to %s", self.config.port, type(port).__name__)
-            return
-        try:
-            setter(True)
-        except (ValueError, OSError, NotImplementedError) as exc:
-            # ptys, CDC-ACM and some adapters have no ASYNC_LOW_LATENCY; they do not need it either.
-            log("motor link %s: low-latency mode not supported by this device (%s)", self.config.port, exc)
-        else:
-            logger.debug("motor link %s: low-latency mode on", self.config.port)
-
-    def _open_failure_message(self, exc: BaseException) -> str:
-        path = self.config.port
-        code = getattr(exc, "errno", None)
-        text = f"cannot open motor link port {path!r}: {exc}"
-        if self.config.is_url:
-            return f"{text}; check the URL and that the remote end is reachable"
-        if code == errno.EACCES or code == errno.EPERM:
-            return f"{text}; {_PERMISSION_HINT}"
-        if code == errno.EWOULDBLOCK or "exclusively lock" in str(exc):
-            return (f"{text}; another process holds the port (find it with `fuser -v {path}`) and must be "
-                    "stopped: two writers would interleave frames")
-        if code == errno.ENOENT or not os.path.exists(path):
-            return f"{text}; the device {path} does not exist: {_MISSING_PORT_HINT}; {_PERMISSION_HINT}"
-        return f"{text}; {_MISSING_PORT_HINT}; {_PERMISSION_HINT}"
-
     def _install(self, port: Any) -> None:
         with self._io_lock:
             self._port = port
@@ -467,10 +496,3 @@ class SerialMotorLink:
             except (serial.SerialException, OSError) as exc:  # the device is already gone
                 logger.debug("motor link %s: close after %s failed: %s", self.config.port, reason, exc)
         self._state.detach_decoder()
-
-    def _describe(self, port: Any) -> str:
-        name = getattr(port, "name", None) or self.config.port
-        if not self.config.is_url and os.path.islink(self.config.port):
-            return f"{self.config.port} -> {os.path.realpath(self.config.port)}"
-        return str(name)
-

@@ -2,7 +2,7 @@
 
 Start-up order: load the config -> verify the bundle (readable by this user) -> check the config
 against the bundle (edge/service/startup.py, as doctor does) -> activate the backends -> connect camera and
-motor link -> warm up the pipeline -> control socket and metrics endpoint -> real-time set-up (gc
+motor link -> the controller's Capabilities against the bundle's action spec (exit 78) -> warm up the pipeline -> control socket and metrics endpoint -> real-time set-up (gc
 frozen) -> READY=1 -> loop. Each step is announced as STATUS= for `systemctl status`, so a start that
 hangs shows where. Shutdown (SIGTERM/SIGINT): the signal only sets the stop event; the loop notices it
 at its next tick boundary (within one period), then STOPPING=1 -> commanded stop (zero velocity) ->
@@ -35,7 +35,7 @@ import numpy as np
 
 from edge.control.loop import ControlLoop
 from edge.control.realtime import configure_realtime
-from edge.errors import BundleError, ConfigError, EdgeError
+from edge.errors import BundleError, ConfigError, EdgeError, InputError
 from edge.inference.bundle import REBUILD, Bundle
 from edge.inference.pipeline import PolicyPipeline
 from edge.io.camera import Camera
@@ -43,6 +43,7 @@ from edge.io.motor_link import SerialMotorLink
 from edge.service import wiring
 from edge.service.config import RobotConfig, load_config
 from edge.service.sdnotify import SystemdNotifier
+from edge.service.startup import controller_problems, raise_if_fatal
 
 logger = logging.getLogger(__name__)
 
@@ -110,8 +111,10 @@ class RobotService:
             camera.connect()
         if not self._step(f"connecting motor link {cfg.motor.port}"):
             return False
-        self.link = SerialMotorLink(cfg.motor)
+        self.link = SerialMotorLink(wiring.motor_config(self.bundle, cfg))
         self.link.connect()
+        # Before the first command: the controller can carry this bundle's action (exit 78 if not).
+        raise_if_fatal(controller_problems(self.link, self.bundle.spec.action))
         if not self._step(f"warming up ({cfg.loop.warmup_ticks} inference passes)"):
             return False
         self._warm_up()
@@ -234,18 +237,21 @@ class RobotService:
             if link is not None:
                 logger.warning("motor link is down: no commanded stop; the controller's watchdog stops the motors")
             return
+        held = ""
         if self.loop is not None:
             self.loop.stop_motors()
         else:
             # Start-up failed after the port opened: we never commanded motion, but the controller may
-            # still hold a previous run's command until its watchdog fires; zero is always safe.
-            kinds = self.bundle.spec.action.kinds if self.bundle is not None else ()
-            if "position" in kinds:
-                logger.info("no commanded stop before the loop: a position channel has no target to hold yet")
+            # still hold a previous run's command until its watchdog fires; a stop is always safe.
+            try:
+                stop = link.stop_targets()
+            except InputError as exc:
+                logger.warning("%s; the controller's watchdog stops the motors", exc)
                 return
             for _ in range(3):
-                link.send_velocity(np.zeros(self.config.motor.channels, np.float32))
-        logger.info("commanded stop sent (zero velocity)")
+                link.send_targets(stop)
+            held = ", position channels held" if "position" in link.config.kinds else ""
+        logger.info("commanded stop sent (zero velocity%s)", held)
 
 
 def run_service(config: RobotConfig | str | os.PathLike, *, environ: Mapping[str, str] | None = None) -> int:

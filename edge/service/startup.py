@@ -9,6 +9,8 @@ EX_CONFIG, on any fatal problem; doctor prints each one as a FAIL line with its 
     bundle         verified by edge.inference.bundle (schema, hashes)
     combination    the config against the bundle: `policy_problems` below (target, T, channels,
                    target vs backend)
+    controller     once the motor link is open, before the first command: the controller's
+                   Capabilities against the bundle's action spec (`controller_problems`)
 
 A problem is fatal (doctor FAIL, run refuses to start) or a warning (doctor WARN, run logs it and
 starts): a warning is a configuration that runs correctly but not as well as it could.
@@ -258,3 +260,47 @@ def raise_if_fatal(problems: list[StartupProblem]) -> None:
     errors = fatal(problems)
     if errors:
         raise ConfigError(" | ".join(p.text() for p in errors))
+
+
+# -- the controller against the bundle (docs/serial-protocol.md, section 6a, rule 14) ------------------------
+
+CAPABILITIES_TIMEOUT_S = 2.0  # GetCapabilities is repeated every 100 ms; a controller answers within one
+
+
+def capabilities_problems(capabilities, action) -> list[StartupProblem]:
+    """Where the controller's Capabilities (edge.io.protocol) cannot carry the bundle's action spec
+    (edge.inference.spec.ActionSpec): channel count, the kind of each channel, position limits."""
+    key = "motor controller capabilities"
+    flash = "flash firmware that matches the robot the bundle was built for, or use a bundle for this robot"
+    if capabilities.channel_count != action.dim:
+        return [StartupProblem(key, f"the motor controller has {capabilities.channel_count} channel(s), the "
+                               f"policy's action has {action.dim} ({', '.join(action.names)})", flash)]
+    problems = []
+    for index, (name, kind, channel) in enumerate(zip(action.names, action.kinds, capabilities.channels)):
+        if not channel.supports(kind):
+            problems.append(StartupProblem(
+                key, f"channel {index} ({name}): the policy commands a {kind}, the controller supports only "
+                f"{' and '.join(channel.kinds)} on it", flash))
+        elif kind == "position":
+            low, high = action.low[index], action.high[index]
+            if low < channel.position_min or high > channel.position_max:
+                problems.append(StartupProblem(
+                    key, f"channel {index} ({name}): the policy's position range [{low:g}, {high:g}] is not "
+                    f"within the controller's limits [{channel.position_min:g}, {channel.position_max:g}]",
+                    "narrow the policy's action low/high to the controller's limits and rebuild the bundle, "
+                    "or set the controller's limits (firmware) to the joint's real range"))
+    return problems
+
+
+def controller_problems(link, action, timeout_s: float = CAPABILITIES_TIMEOUT_S) -> list[StartupProblem]:
+    """The controller's Capabilities against the bundle once the link (a connected SerialMotorLink) has
+    them; a problem too when they do not arrive within `timeout_s` (a v1 controller never sends any)."""
+    key = "motor controller capabilities"
+    capabilities = link.wait_for_capabilities(timeout_s)
+    if capabilities is None:
+        reason = link.command_problem() or "the controller did not answer GetCapabilities"
+        return [StartupProblem(
+            key, f"motor link {link.config.port}: no capabilities within {timeout_s:g} s: {reason}",
+            "check that the controller runs firmware implementing serial protocol v2 (docs/serial-protocol.md) "
+            "and that motor.port is the controller")]
+    return capabilities_problems(capabilities, action)

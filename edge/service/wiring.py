@@ -11,6 +11,7 @@ these functions, so what doctor checks is what run builds (docs/architecture.md,
     backend_factory(bundle, config)       backends for the configured target
     build_pipeline(bundle, config)        the policy pipeline (not yet activated)
     safety_config(bundle, config)         the safety layer's limits: bundle's action spec + config
+    motor_config(bundle, config)          the motor link's config with the bundle's command kinds
     gate_config(bundle, config)           the uncertainty gate: bundle's threshold unless overridden
     build_cameras(bundle, config)         one camera object per spec camera (not connected)
     build_loop(pipeline, camera, link, bundle, config)   the control loop with its gate and safety,
@@ -34,6 +35,7 @@ from edge.inference.backends.base import InferenceBackend
 from edge.inference.bundle import Bundle
 from edge.inference.engine_key import EngineKey, key_path
 from edge.inference.pipeline import BackendFactory, PolicyPipeline, onnxruntime_factory
+from edge.io.motor_link import MotorLinkConfig
 from edge.service import startup
 from edge.service.config import RobotConfig
 
@@ -203,6 +205,11 @@ def gate_config(bundle: Bundle, config: RobotConfig) -> GateConfig:
         ceiling = threshold
     return GateConfig(threshold=threshold, hard_ceiling=max(ceiling, threshold),
                       enter_ticks=config.uncertainty.enter_ticks, exit_ticks=config.uncertainty.exit_ticks)
+
+
+def motor_config(bundle: Bundle, config: RobotConfig) -> MotorLinkConfig:
+    """The config's motor link, each channel of the kind the policy commands (spec.action.kinds)."""
+    return replace(config.motor, kinds=tuple(bundle.spec.action.kinds))
 
 
 def build_cameras(bundle: Bundle, config: RobotConfig) -> dict:

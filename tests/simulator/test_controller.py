@@ -18,19 +18,30 @@ import pytest
 import serial
 from cobs import cobs
 
+from edge.control.controller_watch import REJECTION_TICKS, ControllerWatch
+from edge.io.framing import seal
 from edge.io.protocol import (
+    Capabilities,
     ClearEmergencyStop,
     EmergencyStop,
+    FaultCode,
     FrameDecoder,
+    GetCapabilities,
     SequenceCounter,
-    SetVelocity,
+    SetTargets,
     StatusFlags,
     Telemetry,
     encode,
 )
 from reference_world.expert import expert_action
 from reference_world.world import WorldConfig
-from simulator.controller import MOTOR_STOPPED_EPSILON, SimulatedController, _FreeRunningWorld
+from simulator.channels import ChannelLayout
+from simulator.controller import (
+    FIRMWARE_VERSION,
+    MOTOR_STOPPED_EPSILON,
+    SimulatedController,
+    _FreeRunningWorld,
+)
 from simulator.process import SimulatorConfig, SimulatorProcess
 from tests.waiting import HANG_GUARD_S, wait_until
 
@@ -51,11 +62,26 @@ class RawHost:
         return message_or_bytes.seq
 
     def set_velocity(self, left: float, right: float) -> int:
-        return self.send(SetVelocity(seq=self.seq.next(), targets=(left, right)))
+        return self.send(SetTargets(seq=self.seq.next(), targets=(left, right)))
+
+    def set_targets(self, targets, kinds) -> int:
+        return self.send(SetTargets(seq=self.seq.next(), targets=tuple(targets), kinds=tuple(kinds)))
 
     def telemetry(self) -> list[Telemetry]:
+        return [m for m in self.messages() if isinstance(m, Telemetry)]
+
+    def messages(self) -> list:
         data = self.port.read(max(1, self.port.in_waiting))
-        return [m for m in self.decoder.feed(data) if isinstance(m, Telemetry)]
+        return self.decoder.feed(data)
+
+    def capabilities(self, timeout_s: float = HANG_GUARD_S) -> Capabilities:
+        seq = self.send(GetCapabilities(seq=self.seq.next()))
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for message in self.messages():
+                if isinstance(message, Capabilities):
+                    return message
+        raise AssertionError(f"no Capabilities in reply to GetCapabilities seq {seq}")
 
     def telemetry_until(self, predicate, timeout_s: float = HANG_GUARD_S) -> Telemetry:
         deadline = time.monotonic() + timeout_s
@@ -102,7 +128,7 @@ def test_power_up_is_stopped_with_the_watchdog_tripped_and_telemetry_flows(contr
     assert controller.port_path.startswith("/dev/pts/")
 
 
-def test_set_velocity_enables_motors_and_moves_the_wheels(controller, host):
+def test_set_targets_enables_motors_and_moves_the_wheels(controller, host):
     start = controller.ground_truth()
 
     def driving(t: Telemetry) -> bool:
@@ -136,7 +162,7 @@ def test_watchdog_stops_the_motors_after_commands_stop(controller, host):
     since_command = truth.watchdog_tripped_at_s - truth.last_valid_command_s
     assert 0.3 <= since_command < 0.6
     assert truth.motors_stopped_since_s - truth.last_valid_command_s < 1.5
-    # The next valid SetVelocity clears the trip.
+    # The next valid SetTargets clears the trip.
     seq = host.set_velocity(0.2, 0.2)
     cleared = host.telemetry_until(echoes(seq))
     assert StatusFlags.WATCHDOG_TRIPPED not in cleared.status
@@ -152,37 +178,40 @@ def test_emergency_stop_latches_drops_commands_and_clear_waits_for_a_new_command
         last = host.set_velocity(0.9, 0.9)
     still = host.telemetry_until(echoes(last))
     assert StatusFlags.ESTOP_LATCHED in still.status
-    assert still.dropped_commands == 4
+    assert still.rejected_estop == 4 and still.rejected_fault == 0
     assert StatusFlags.WATCHDOG_TRIPPED not in still.status  # ignored commands still feed the watchdog
     host.send(EmergencyStop(seq=host.seq.next()))  # repeating it is harmless
     clear_seq = host.send(ClearEmergencyStop(seq=host.seq.next()))
     cleared = host.telemetry_until(echoes(clear_seq))
     assert StatusFlags.ESTOP_LATCHED not in cleared.status
-    assert controller.ground_truth().applied_targets == (0.0, 0.0)  # stopped until the next SetVelocity
+    assert controller.ground_truth().applied_targets == (0.0, 0.0)  # stopped until the next SetTargets
     seq = host.set_velocity(0.3, -0.3)
     host.telemetry_until(echoes(seq))
     truth = controller.ground_truth()
     assert truth.applied_targets == (pytest.approx(0.3), pytest.approx(-0.3))
-    assert truth.dropped_commands == 4 and not truth.estop_latched
+    assert truth.rejections["rejected_estop"] == 4 and not truth.estop_latched
 
 
 def test_invalid_frames_are_counted_and_neither_applied_nor_echoed(controller, host):
     good = host.set_velocity(0.1, 0.1)
     host.telemetry_until(echoes(good))
-    raw = bytearray(cobs.decode(encode(SetVelocity(seq=500, targets=(0.9, 0.9)))[:-1]))
+    raw = bytearray(cobs.decode(encode(SetTargets(seq=500, targets=(0.9, 0.9)))[:-1]))
     raw[-1] ^= 0xFF
     host.send(cobs.encode(bytes(raw)) + b"\x00")  # bad CRC
     host.send(b"\x07\x01\x01\x00")  # bad COBS
-    host.send(encode(SetVelocity(seq=501, targets=(0.9, 0.9, 0.9))))  # a channel count it does not have
+    host.send(seal(0x01, 503, b"\x02\x00" + b"\x00\x00\x00\x3f" * 2, version=1))  # another protocol version
+    host.send(encode(SetTargets(seq=501, targets=(0.9, 0.9, 0.9))))  # a channel count it does not have
+    host.send(encode(SetTargets(seq=504, targets=(0.9, 0.9), kinds=("velocity", "position"))))  # a kind it lacks
+    host.send(seal(0x01, 505, b"\x02\x00" + b"\x00\x00\xc0\x7f" * 2))  # NaN: out of range
+    host.send(seal(0x01, 506, b"\x02\x00" + b"\x00\x00\x00\x40" * 2))  # velocity 2.0: out of range
     host.send(encode(Telemetry(seq=502, controller_time_ms=0, velocities=(), positions=(),
-                               status=StatusFlags.NONE, last_command_seq=0, crc_errors=0,
-                               framing_errors=0, dropped_commands=0)))  # wrong direction
+                               status=StatusFlags.NONE, last_command_seq=0)))  # wrong direction
     marker = host.set_velocity(0.2, 0.2)
     after = host.telemetry_until(echoes(marker))
-    assert after.crc_errors == 1
-    assert after.framing_errors == 3
+    assert after.rejections == {"rejected_crc": 1, "rejected_framing": 3, "rejected_channel_count": 1,
+                                "rejected_kind": 1, "rejected_range": 2, "rejected_estop": 0, "rejected_fault": 0}
     truth = controller.ground_truth()
-    assert truth.crc_errors == 1 and truth.framing_errors == 3
+    assert truth.rejections == after.rejections and truth.crc_errors == 1 and truth.framing_errors == 3
     assert truth.applied_targets == (pytest.approx(0.2), pytest.approx(0.2))  # 0.9 never applied
 
 
@@ -296,6 +325,134 @@ def test_constructor_validates():
         SimulatedController(telemetry_period_s=0)
     with pytest.raises(ValueError):
         SimulatedController(target="nothing")
+    with pytest.raises(ValueError, match="protocol_version"):
+        SimulatedController(protocol_version=3)
+    with pytest.raises(ValueError, match="velocity channels only"):
+        SimulatedController(protocol_version=1, layout=ChannelLayout(kinds=("position",)))
+    with pytest.raises(ValueError, match="kinds"):
+        ChannelLayout(kinds=("torque",))
+    with pytest.raises(ValueError, match="position_limits"):
+        ChannelLayout(kinds=("position",), position_limits=((1.0, -1.0),))
+    with pytest.raises(ValueError, match="time_constant_s"):
+        ChannelLayout(time_constant_s=0.0)
+
+
+# --- protocol v2: capabilities, position channels, rejection reasons, fault codes ----------------------
+
+
+def test_capabilities_answer_get_capabilities_in_any_state(controller, host):
+    caps = host.capabilities()
+    assert caps.firmware_version == FIRMWARE_VERSION and caps.channel_count == 2
+    assert [c.kinds for c in caps.channels] == [("velocity",), ("velocity",)]
+    assert caps.watchdog_timeout_ms == 300 and caps.telemetry_period_ms == 20
+    host.send(EmergencyStop(seq=host.seq.next()))
+    controller.set_fault(True, code="ENCODER")
+    again = host.capabilities()
+    assert again.seq != caps.seq and again.channels == caps.channels  # constant while it runs
+    echoed = host.telemetry_until(lambda t: StatusFlags.FAULT in t.status)
+    assert echoed.last_command_seq == host.seq.peek() - 1  # GetCapabilities is echoed like any host frame
+    assert not controller.ground_truth().last_valid_command_s  # ... but feeds no watchdog
+
+
+ARM = ChannelLayout(kinds=("position", "position", "velocity"), position_limits=((-1.0, 1.0), (0.0, 0.08), (0, 0)),
+                    time_constant_s=0.05, max_speed_per_s=2.0)
+
+
+@pytest.fixture
+def arm():
+    with SimulatedController(seed=2, layout=ARM) as sim:
+        yield sim
+
+
+def test_position_channels_follow_a_first_order_servo_within_the_announced_limits(arm):
+    host = RawHost(arm.link_path)
+    try:
+        caps = host.capabilities()
+        assert [c.kinds for c in caps.channels] == [("position",), ("position",), ("velocity",)]
+        assert [(c.position_min, c.position_max) for c in caps.channels[:2]] == [(-1.0, 1.0),
+                                                                                 (0.0, pytest.approx(0.08))]
+        kinds = ("position", "position", "velocity")
+        samples = []
+
+        def settled(t: Telemetry) -> bool:
+            host.set_targets((0.5, 0.04, 0.25), kinds)
+            samples.append(t)
+            return abs(t.positions[0] - 0.5) < 1e-3 and abs(t.positions[1] - 0.04) < 1e-4
+        final = host.telemetry_until(settled)
+        # Monotonic approach, never past the target (first order, no overshoot), speed within +-1.
+        joint = [t.positions[0] for t in samples]
+        assert all(b >= a - 1e-6 for a, b in pairwise(joint)) and max(joint) <= 0.5 + 1e-6
+        assert all(abs(v) <= 1.0 + 1e-6 for t in samples for v in t.velocities)
+        assert final.velocities[2] == pytest.approx(0.25, abs=0.02)  # the velocity channel spins
+        assert final.positions[2] > 0
+        assert arm.ground_truth().applied_targets == (0.5, pytest.approx(0.04), 0.25)
+        # Out of the announced range: rejected and counted, never applied.
+        seq = host.set_targets((1.5, 0.04, 0.25), kinds)
+        marker = host.set_targets((-0.25, 0.0, 0.0), kinds)
+        after = host.telemetry_until(echoes(marker))
+        assert after.rejected_range == 1 and seq != marker
+        assert arm.ground_truth().applied_targets == (-0.25, 0.0, 0.0)  # 1.5 never applied
+        back = host.telemetry_until(lambda t: host.set_targets((-0.25, 0.0, 0.0), kinds)
+                                    and abs(t.positions[0] + 0.25) < 1e-3)
+        assert back.rejected_range == 1
+    finally:
+        host.close()
+
+
+def test_a_stop_holds_position_channels_where_they_are(arm):
+    host = RawHost(arm.link_path)
+    try:
+        kinds = ("position", "position", "velocity")
+        host.telemetry_until(lambda t: host.set_targets((0.6, 0.05, 0.5), kinds) and abs(t.positions[0] - 0.6) < 1e-3)
+        host.send(EmergencyStop(seq=host.seq.next()))
+        latched = host.telemetry_until(lambda t: StatusFlags.ESTOP_LATCHED in t.status)
+        truth = arm.ground_truth()
+        # Held, not sent to position 0; the velocity channel stops.
+        assert truth.applied_targets[0] == pytest.approx(0.6, abs=1e-3) and truth.applied_targets[2] == 0.0
+        assert truth.targets_zero_since_s is not None
+        later = host.telemetry_until(lambda t: abs(t.velocities[2]) < 0.01)
+        assert later.positions[0] == pytest.approx(latched.positions[0], abs=2e-3)
+    finally:
+        host.close()
+
+
+def test_rejection_reasons_and_fault_codes_reach_the_watch_by_name(controller, host):
+    watch = ControllerWatch(channels=2)
+    results = []
+    for _ in range(REJECTION_TICKS + 1):
+        host.send(encode(SetTargets(seq=host.seq.next(), targets=(0.1,))))  # wrong channel count, every tick
+        marker = host.send(GetCapabilities(seq=host.seq.next()))
+        results.append(watch.observe(host.telemetry_until(echoes(marker)), estopped=False))
+    assert watch.counters["rejected_channel_count"] == REJECTION_TICKS + 1
+    assert results[-1] is not None and "channel_count" in results[-1]
+    controller.set_fault(True, code="OVER_CURRENT")
+    faulted = host.telemetry_until(lambda t: StatusFlags.FAULT in t.status)
+    assert faulted.fault_code == FaultCode.OVER_CURRENT
+    assert "FAULT OVER_CURRENT" in watch.observe(faulted, estopped=False)
+    seq = host.set_velocity(0.3, 0.3)
+    ignored = host.telemetry_until(echoes(seq))
+    assert ignored.rejected_fault == 1 and controller.ground_truth().applied_targets == (0.0, 0.0)
+    controller.set_fault(False)
+    assert host.telemetry_until(lambda t: StatusFlags.FAULT not in t.status).fault_code == 0
+    with pytest.raises(ValueError, match="fault code"):
+        controller.set_fault(True, code="NONE")
+
+
+def test_a_v1_controller_sends_v1_telemetry_and_drops_every_v2_frame():
+    with SimulatedController(seed=2, protocol_version=1) as sim:
+        host = RawHost(sim.link_path)
+        try:
+            host.set_velocity(0.5, 0.5)
+            host.send(GetCapabilities(seq=host.seq.next()))
+            deadline = time.monotonic() + HANG_GUARD_S
+            while host.decoder.stats.version_errors < 5 and time.monotonic() < deadline:
+                assert host.messages() == []  # nothing it sends is v2
+            assert host.decoder.peer_version == 1 and host.decoder.stats.version_errors >= 5
+            truth = sim.ground_truth()
+            assert truth.last_valid_command_s is None and truth.applied_targets == (0.0, 0.0)
+            assert truth.rejections["rejected_framing"] == 2
+        finally:
+            host.close()
 
 
 # --- the process -------------------------------------------------------------------------------------

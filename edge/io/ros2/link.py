@@ -1,5 +1,5 @@
 """A motor link on ROS 2 topics: the command sink, joint-state telemetry and an e-stop latch behind the
-serial link's interface (``send_velocity``, ``emergency_stop``, ``clear_emergency_stop``,
+serial link's interface (``send_targets``, ``emergency_stop``, ``clear_emergency_stop``,
 ``latest_telemetry``, ``telemetry_age_s``, ``stats``), so the control loop and the status readers take
 either link.
 
@@ -65,7 +65,7 @@ class Ros2MotorLink:
     def is_latched(self) -> bool:
         return self._latched.is_set() or (self.estop is not None and self.estop.is_latched)
 
-    def send_velocity(self, targets: Sequence[float] | np.ndarray) -> SentRos2Command:
+    def send_targets(self, targets: Sequence[float] | np.ndarray) -> SentRos2Command:
         """Publish ``targets`` (zeros while the e-stop is latched); returns what was published."""
         sent = self.sink.send_velocity(self._zeros if self.is_latched else targets)
         self._count(sent)

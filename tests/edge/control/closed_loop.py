@@ -58,7 +58,7 @@ def closed_loop(bundle_dir, *, uncertainty: dict[str, float], wrap_camera: Calla
     config = robot_config(bundle_dir, controller, uncertainty, policy)
     pipeline = wiring.build_pipeline(bundle, config)
     camera = Camera(config.camera)
-    link = SerialMotorLink(config.motor)
+    link = SerialMotorLink(wiring.motor_config(bundle, config))
     try:
         pipeline.activate()
         camera.connect()

@@ -68,10 +68,9 @@ class FakeLink:
         self._seq += 1
         return Telemetry(seq=self._seq, controller_time_ms=1000 + self._seq, velocities=tuple(self.velocities),
                          positions=tuple(self.positions), status=StatusFlags.MOTORS_ENABLED,
-                         last_command_seq=self._seq, crc_errors=0, framing_errors=0,
-                         dropped_commands=0), self.clock()
+                         last_command_seq=self._seq), self.clock()
 
-    def send_velocity(self, command):
+    def send_targets(self, command):
         self.sent.append(np.array(command, np.float32))
         return SimpleNamespace(delivered=True)
 

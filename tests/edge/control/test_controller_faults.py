@@ -18,17 +18,19 @@ from edge.control.loop import Mode
 from edge.control.safety import SafetyReason
 from edge.errors import InputError
 from edge.inference.bundle import Bundle
-from edge.io.protocol import StatusFlags, Telemetry
+from edge.io.protocol import REJECTION_COUNTERS, FaultCode, StatusFlags, Telemetry
 from edge.service.loop_control import status_reply
 from tests.edge.control.closed_loop import closed_loop
 from tests.waiting import HANG_GUARD_S
 
 
 def sample(status=StatusFlags.MOTORS_ENABLED, velocities=(0.1, -0.1), positions=(1.0, 2.0), crc=0, framing=0,
-           dropped=0, seq=1):
+           dropped=0, seq=1, fault_code=None, **rejections):
+    if fault_code is None:
+        fault_code = FaultCode.DRIVER if status & StatusFlags.FAULT else FaultCode.NONE
+    counters = {"rejected_crc": crc, "rejected_framing": framing, "rejected_estop": dropped, **rejections}
     return Telemetry(seq=seq, controller_time_ms=1000 + seq, velocities=velocities, positions=positions,
-                     status=status, last_command_seq=seq, crc_errors=crc, framing_errors=framing,
-                     dropped_commands=dropped)
+                     status=status, last_command_seq=seq, fault_code=fault_code, **counters)
 
 
 # --- the watch on its own ----------------------------------------------------------------------------------
@@ -57,10 +59,35 @@ def test_telemetry_within_bounds_is_believed():
 
 def test_fault_is_a_fault_and_the_counters_and_flags_are_kept():
     watch = ControllerWatch(channels=2)
-    assert watch.observe(sample(crc=4, framing=2, dropped=1), estopped=False) is None
-    assert watch.counters == {"crc_errors": 4, "framing_errors": 2, "dropped_commands": 1}
-    fault = watch.observe(sample(status=StatusFlags.FAULT, seq=2, dropped=2), estopped=False)
-    assert fault is not None and "FAULT" in fault and watch.flag_names == ["FAULT"]
+    assert watch.observe(sample(crc=4, framing=2, dropped=1, rejected_range=3), estopped=False) is None
+    assert watch.counters == {**dict.fromkeys(REJECTION_COUNTERS, 0), "rejected_crc": 4, "rejected_framing": 2,
+                              "rejected_estop": 1, "rejected_range": 3}
+    assert watch.fault_name == "NONE"
+    fault = watch.observe(sample(status=StatusFlags.FAULT, seq=2, dropped=2, fault_code=FaultCode.OVER_TEMPERATURE),
+                          estopped=False)
+    assert fault is not None and "FAULT OVER_TEMPERATURE" in fault and watch.flag_names == ["FAULT"]
+    assert watch.fault_code == FaultCode.OVER_TEMPERATURE and watch.fault_name == "OVER_TEMPERATURE"
+    vendor = watch.observe(sample(status=StatusFlags.FAULT, seq=3, fault_code=0x91), estopped=False)
+    assert "FAULT VENDOR_0x91" in vendor
+
+
+def test_a_fault_seen_only_between_two_ticks_is_named_by_the_last_code_seen():
+    watch = ControllerWatch(channels=2)
+    assert "(code not seen)" in watch.observe(sample(), estopped=False, seen=StatusFlags.FAULT)
+    watch.observe(sample(status=StatusFlags.FAULT, seq=2, fault_code=FaultCode.UNDER_VOLTAGE), estopped=False)
+    assert "UNDER_VOLTAGE" in watch.observe(sample(seq=3), estopped=False, seen=StatusFlags.FAULT)
+    assert watch.fault_code == 0  # the latest sample is healthy again
+
+
+@pytest.mark.parametrize("counter", ["rejected_crc", "rejected_framing", "rejected_channel_count", "rejected_kind",
+                                     "rejected_range", "rejected_estop", "rejected_fault"])
+def test_every_rejection_reason_becomes_a_fault_when_it_keeps_growing(counter):
+    watch = ControllerWatch(channels=2)
+    results = [watch.observe(sample(seq=1 + i, **{counter: i}), estopped=False) for i in range(REJECTION_TICKS + 1)]
+    assert results[:-1] == [None] * REJECTION_TICKS
+    reason = counter[len("rejected_"):]
+    assert results[-1] is not None and f"{reason} {REJECTION_TICKS}" in results[-1]
+    assert watch.counters[counter] == REJECTION_TICKS
 
 
 def test_rejected_commands_become_a_fault_after_a_few_ticks_in_a_row_and_counters_wrap():
@@ -120,7 +147,7 @@ def test_controller_fault_stops_the_robot_then_holds_until_resume(rig):
     run_for(loop, 3.0, until=lambda: moving(loop))
     assert moving(loop), "the policy drives before the fault"
     fault_at = loop.counters["ticks"]
-    controller.set_fault(True)
+    controller.set_fault(True, code="OVER_CURRENT")
     run_for(loop, 1.0, until=lambda: loop.status().hold_reason is not None)
     run_for(loop, 0.3)
     records = loop.recorder.latest()
@@ -131,6 +158,8 @@ def test_controller_fault_stops_the_robot_then_holds_until_resume(rig):
     assert not np.abs(after["command"][stopped[0]:]).any()
     status = loop.status()
     assert "FAULT" in status.hold_reason and "FAULT" in status.controller["flags"]
+    assert "OVER_CURRENT" in status.controller["fault"]  # the fault code, by name
+    assert set(status.controller["counters"]) == set(REJECTION_COUNTERS)  # every reason, by name
     assert "| holding: controller fault" in status.line()  # systemd's STATUS= line says why
     assert loop.counters["controller_faults"] == 1
     with pytest.raises(InputError, match="FAULT"):
@@ -228,8 +257,7 @@ def test_a_controller_restart_counts_as_a_trip_even_when_no_sample_shows_the_fla
     watch = ControllerWatch(channels=2)
     watch.observe(sample(), estopped=False)
     restarted = Telemetry(seq=9, controller_time_ms=12, velocities=(0.0, 0.0), positions=(0.0, 0.0),
-                          status=StatusFlags.MOTORS_ENABLED, last_command_seq=9, crc_errors=0, framing_errors=0,
-                          dropped_commands=0)
+                          status=StatusFlags.MOTORS_ENABLED, last_command_seq=9)
     assert watch.observe(restarted, estopped=False) is None
     assert watch.watchdog_trips == 1
 

@@ -1,7 +1,8 @@
-"""Tests of the serial protocol (edge/io/protocol.py) against its specification (docs/serial-protocol.md)."""
+"""Tests of the serial protocol v2 (edge/io/protocol.py) against its specification (docs/serial-protocol.md)."""
 
 from __future__ import annotations
 
+import re
 import struct
 import threading
 from pathlib import Path
@@ -14,30 +15,39 @@ from edge.io import protocol
 from edge.io.protocol import (
     MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
+    REJECTION_COUNTERS,
     WATCHDOG_TIMEOUT_S,
+    Capabilities,
+    ChannelCapability,
     ClearEmergencyStop,
     CrcError,
     EmergencyStop,
+    FaultCode,
     FrameDecoder,
     FramingError,
+    GetCapabilities,
     PayloadError,
     SequenceCounter,
-    SetVelocity,
+    SetTargets,
     StatusFlags,
+    TargetRangeError,
     Telemetry,
     UnknownMessageError,
     VersionMismatchError,
     decode,
     encode,
+    fault_name,
     seq_delta,
 )
 
 DOC = Path(__file__).resolve().parents[3] / "docs" / "serial-protocol.md"
+V, P = "velocity", "position"
 
-# Worked example of the doc, derived by hand: header 01 01 02 01, n=2, 0.5 and -0.25 as f32 LE,
-# CRC 0x5311 big-endian, then COBS runs [01 01 02 01 02] [] [] [3f] [] [80 be 53 11] and the delimiter.
-EXAMPLE_MESSAGE = SetVelocity(seq=0x0102, targets=(0.5, -0.25))
-EXAMPLE_FRAME_HEX = "06 01 01 02 01 02 01 01 02 3f 01 05 80 be 53 11 00"
+# Worked example of the doc, derived by hand: header 02 01 02 01, n=2, position mask 0b10, 0.5 and 1.25
+# as f32 LE, CRC 0x6F50 big-endian, then COBS runs [02 01 02 01 02 02] [] [] [3f] [] [a0 3f 6f 50] and the
+# delimiter.
+EXAMPLE_MESSAGE = SetTargets(seq=0x0102, targets=(0.5, 1.25), kinds=(V, P))
+EXAMPLE_FRAME_HEX = "07 02 01 02 01 02 02 01 01 02 3f 01 05 a0 3f 6f 50 00"
 
 
 def bitwise_crc16_ccitt_false(data: bytes) -> int:
@@ -55,59 +65,73 @@ def frame_from_body(body: bytes) -> bytes:
     return cobs.encode(body + struct.pack(">H", bitwise_crc16_ccitt_false(body)))
 
 
+def telemetry(seq=1, time_ms=0, velocities=(), positions=(), status=StatusFlags.NONE, last=0, fault_code=0,
+              **rejections) -> Telemetry:
+    return Telemetry(seq=seq, controller_time_ms=time_ms, velocities=velocities, positions=positions,
+                     status=status, last_command_seq=last, fault_code=fault_code, **rejections)
+
+
 def full_telemetry(seq: int = 65535) -> Telemetry:
-    return Telemetry(
+    return telemetry(
         seq=seq,
-        controller_time_ms=2**32 - 1,
+        time_ms=2**32 - 1,
         velocities=(1.5, -1.25, 0.0, -0.0, 2.0**-10, 2.0, -3.5, 0.125),
         positions=(3.140625, -6.25, 1000.5, -0.5, 0.0, 1.0, 2.0, 4.0),
         status=StatusFlags.ESTOP_LATCHED | StatusFlags.FAULT,
-        last_command_seq=65535,
-        crc_errors=65535,
-        framing_errors=1,
-        dropped_commands=2,
+        last=65535,
+        fault_code=0xFF,
+        **{name: 65535 - i for i, name in enumerate(REJECTION_COUNTERS)},
     )
+
+
+def arm_capabilities(seq: int = 4) -> Capabilities:
+    """Seven position joints and a gripper with both kinds: the largest Capabilities frame."""
+    joints = tuple(ChannelCapability((P,), -2.5 - i, 2.5 + i) for i in range(7))
+    return Capabilities(seq=seq, firmware_version=(1, 4, 255), channels=joints + (ChannelCapability((V, P), 0.0, 0.0625),),
+                        watchdog_timeout_ms=300, telemetry_period_ms=20, protocol_minor=3)
 
 
 # Float values chosen to be exact in float32 so round trips compare equal.
 ROUND_TRIP_MESSAGES = [
-    SetVelocity(seq=0, targets=(0.0,)),
-    SetVelocity(seq=1, targets=(1.0, -1.0)),
-    SetVelocity(seq=65535, targets=(0.5, -0.25, 0.125, -0.0625, 1.0, -1.0, 0.75, 0.0)),
+    SetTargets(seq=0, targets=(0.0,)),
+    SetTargets(seq=1, targets=(1.0, -1.0)),
+    SetTargets(seq=65535, targets=(0.5, -0.25, 0.125, -0.0625, 1.0, -1.0, 0.75, 0.0)),
+    # Position channels: any finite value in the channel's unit (limits are the controller's to check).
+    SetTargets(seq=2, targets=(2.5, -1000.0, 0.0625), kinds=(P, P, P)),
+    SetTargets(seq=3, targets=(0.25, 3.5, -1.0, 1e6, 0.5, -0.5, 0.75, 0.0), kinds=(V, P, V, P, P, V, P, V)),
     EmergencyStop(seq=0),
     EmergencyStop(seq=0xFF00),
     ClearEmergencyStop(seq=12345),
-    Telemetry(
-        seq=0,
-        controller_time_ms=0,
-        velocities=(),
-        positions=(),
-        status=StatusFlags.NONE,
-        last_command_seq=0,
-        crc_errors=0,
-        framing_errors=0,
-        dropped_commands=0,
-    ),
-    Telemetry(
-        seq=300,
-        controller_time_ms=123456,
-        velocities=(0.25, -0.5),
-        positions=(1.5,),
-        status=StatusFlags.MOTORS_ENABLED,
-        last_command_seq=299,
-        crc_errors=3,
-        framing_errors=4,
-        dropped_commands=5,
-    ),
+    GetCapabilities(seq=7),
+    Capabilities(seq=9, firmware_version=(2, 0, 0), channels=(ChannelCapability((V,)), ChannelCapability((V,))),
+                 watchdog_timeout_ms=300, telemetry_period_ms=20),
+    Capabilities(seq=10, firmware_version=(0, 0, 1), channels=(ChannelCapability((P,), -1.5, -1.5),),
+                 watchdog_timeout_ms=65535, telemetry_period_ms=1),
+    arm_capabilities(),
+    telemetry(seq=0),
+    telemetry(seq=300, time_ms=123456, velocities=(0.25, -0.5), positions=(1.5,), status=StatusFlags.MOTORS_ENABLED,
+              last=299, rejected_crc=3, rejected_framing=4, rejected_estop=5),
+    telemetry(seq=301, status=StatusFlags.FAULT, fault_code=FaultCode.OVER_CURRENT, rejected_fault=9),
     full_telemetry(),
 ]
 
 
 def test_constants_match_the_specification():
-    assert PROTOCOL_VERSION == 1
+    assert PROTOCOL_VERSION == 2
     assert WATCHDOG_TIMEOUT_S == 0.3
-    assert MAX_FRAME_BYTES == 87  # doc section 2: 4 + 15 + 64 + 2 = 85, +1 COBS, +1 delimiter
+    assert MAX_FRAME_BYTES == 96  # doc section 2: 4 + 24 + 64 + 2 = 94, +1 COBS, +1 delimiter
     assert [int(flag) for flag in StatusFlags if flag] == [0x01, 0x02, 0x04, 0x08]
+    assert REJECTION_COUNTERS == ("rejected_crc", "rejected_framing", "rejected_channel_count", "rejected_kind",
+                                  "rejected_range", "rejected_estop", "rejected_fault")
+
+
+def test_fault_codes_match_the_documented_table():
+    doc = DOC.read_text(encoding="utf-8")
+    table = dict(re.findall(r"^\| 0x([0-9A-F]{2}) \| ([A-Z_]+) \|", doc, flags=re.MULTILINE))
+    assert {int(code, 16): name for code, name in table.items()} == {int(c): c.name for c in FaultCode}
+    assert fault_name(2) == "OVER_CURRENT"
+    assert fault_name(0x09) == "UNKNOWN_0x09"
+    assert fault_name(0x85) == "VENDOR_0x85"
 
 
 def test_crc_check_value_and_residue():
@@ -126,29 +150,22 @@ def test_known_answer_frame_matches_the_doc_example():
     assert decode(frame[:-1]) == EXAMPLE_MESSAGE
     doc = DOC.read_text(encoding="utf-8")
     assert EXAMPLE_FRAME_HEX in doc
-    # The doc's other two examples must also be what the code sends.
+    # The doc's other examples must also be what the code sends.
     assert encode(EmergencyStop(seq=5)).hex(" ") in doc
     assert encode(ClearEmergencyStop(seq=6)).hex(" ") in doc
+    assert encode(GetCapabilities(seq=7)).hex(" ") in doc
 
 
 def test_telemetry_body_layout_byte_by_byte():
-    message = Telemetry(
-        seq=7,
-        controller_time_ms=0x01020304,
-        velocities=(0.5,),
-        positions=(1.0, -2.0),
-        status=StatusFlags.ESTOP_LATCHED,
-        last_command_seq=0x0A0B,
-        crc_errors=1,
-        framing_errors=2,
-        dropped_commands=3,
-    )
+    message = telemetry(seq=7, time_ms=0x01020304, velocities=(0.5,), positions=(1.0, -2.0),
+                        status=StatusFlags.FAULT, last=0x0A0B, fault_code=FaultCode.ENCODER,
+                        **{name: i + 1 for i, name in enumerate(REJECTION_COUNTERS)})
     expected_body = bytes.fromhex(
-        "01 81 07 00"  # version, type, seq LE
+        "02 81 07 00"  # version, type, seq LE
         "04 03 02 01"  # controller_time_ms LE
-        "02"  # status
+        "04 05"  # status, fault_code
         "0b 0a"  # last_command_seq
-        "01 00 02 00 03 00"  # crc_errors, framing_errors, dropped_commands
+        "01 00 02 00 03 00 04 00 05 00 06 00 07 00"  # crc, framing, channel count, kind, range, estop, fault
         "01 02"  # n_vel, n_pos
         "00 00 00 3f"  # 0.5
         "00 00 80 3f 00 00 00 c0"  # 1.0, -2.0
@@ -158,6 +175,27 @@ def test_telemetry_body_layout_byte_by_byte():
     raw = cobs.decode(frame[:-1])
     assert raw[:-2] == expected_body
     assert raw[-2:] == struct.pack(">H", bitwise_crc16_ccitt_false(expected_body))
+
+
+def test_capabilities_body_layout_byte_by_byte():
+    message = Capabilities(seq=1, firmware_version=(3, 2, 1),
+                           channels=(ChannelCapability((V,)), ChannelCapability((P,), -1.0, 2.0),
+                                     ChannelCapability((V, P), 0.0, 0.5)),
+                           watchdog_timeout_ms=300, telemetry_period_ms=20, protocol_minor=0)
+    expected_body = bytes.fromhex(
+        "02 82 01 00"  # version, type, seq LE
+        "02 00 03 02 01 03"  # protocol major, minor, firmware major, minor, patch, n
+        "2c 01 14 00"  # watchdog 300 ms, telemetry 20 ms
+        "01 00 00 00 00 00 00 00 00"  # velocity only; limits 0
+        "02 00 00 80 bf 00 00 00 40"  # position, -1.0, 2.0
+        "03 00 00 00 00 00 00 00 3f"  # both, 0.0, 0.5
+    )
+    assert cobs.decode(encode(message)[:-1])[:-2] == expected_body
+
+
+def test_set_targets_position_mask_layout():
+    raw = cobs.decode(encode(SetTargets(seq=1, targets=(0.0, 0.0, 0.0), kinds=(P, V, P)))[:-1])
+    assert raw[4:6] == bytes([3, 0b101])  # n, mask: channels 0 and 2 are positions
 
 
 @pytest.mark.parametrize("message", ROUND_TRIP_MESSAGES, ids=lambda m: type(m).__name__)
@@ -177,43 +215,72 @@ def test_decoded_fields_have_wire_types():
     assert isinstance(decoded.status, StatusFlags)
     assert decoded.status == StatusFlags.ESTOP_LATCHED | StatusFlags.FAULT
     assert isinstance(decoded.velocities, tuple) and all(type(v) is float for v in decoded.velocities)
+    assert decoded.rejections == {name: 65535 - i for i, name in enumerate(REJECTION_COUNTERS)}
     assert len(encode(full_telemetry())) == MAX_FRAME_BYTES  # the bound is tight
+    capabilities = decode(encode(arm_capabilities())[:-1])
+    assert capabilities.channel_count == 8 and capabilities.channels[7].supports(P)
+    assert not capabilities.channels[0].supports(V)
 
 
 def test_floats_travel_as_float32_and_lists_are_accepted():
-    message = SetVelocity(seq=3, targets=[0.1, -0.7])  # a list becomes a tuple
-    assert message.targets == (0.1, -0.7)
+    message = SetTargets(seq=3, targets=[0.1, -0.7])  # a list becomes a tuple
+    assert message.targets == (0.1, -0.7) and message.kinds == (V, V)
     decoded = decode(encode(message)[:-1])
     expected = tuple(struct.unpack("<2f", struct.pack("<2f", 0.1, -0.7)))
     assert decoded.targets == expected
     assert decoded.targets != message.targets  # really float32 on the wire
 
 
+def caps(**overrides) -> Capabilities:
+    fields = dict(seq=1, firmware_version=(1, 0, 0), channels=(ChannelCapability((V,)),), watchdog_timeout_ms=300,
+                  telemetry_period_ms=20)
+    fields.update(overrides)
+    return Capabilities(**fields)
+
+
 @pytest.mark.parametrize(
     "message",
     [
-        SetVelocity(seq=0, targets=(float("nan"),)),
-        SetVelocity(seq=0, targets=(0.0, float("inf"))),
-        SetVelocity(seq=0, targets=(float("-inf"),)),
-        SetVelocity(seq=0, targets=(1.0000001,)),
-        SetVelocity(seq=0, targets=(-1.5,)),
-        SetVelocity(seq=0, targets=()),
-        SetVelocity(seq=0, targets=(0.0,) * 9),
-        SetVelocity(seq=0, targets=("fast",)),
-        SetVelocity(seq=-1, targets=(0.0,)),
-        SetVelocity(seq=65536, targets=(0.0,)),
+        SetTargets(seq=0, targets=(float("nan"),)),
+        SetTargets(seq=0, targets=(0.0, float("inf"))),
+        SetTargets(seq=0, targets=(float("-inf"),), kinds=(P,)),
+        SetTargets(seq=0, targets=(1.0000001,)),
+        SetTargets(seq=0, targets=(-1.5,)),
+        SetTargets(seq=0, targets=(1e39,), kinds=(P,)),  # beyond float32
+        SetTargets(seq=0, targets=()),
+        SetTargets(seq=0, targets=(0.0,) * 9),
+        SetTargets(seq=0, targets=("fast",)),
+        SetTargets(seq=0, targets=(0.0, 0.0), kinds=(V,)),  # a kind per target
+        SetTargets(seq=0, targets=(0.0,), kinds=("effort",)),
+        SetTargets(seq=-1, targets=(0.0,)),
+        SetTargets(seq=65536, targets=(0.0,)),
         EmergencyStop(seq=1.0),
         ClearEmergencyStop(seq="1"),
-        Telemetry(1, 0, (float("nan"),), (), StatusFlags.NONE, 0, 0, 0, 0),
-        Telemetry(1, 0, (), (float("inf"),), StatusFlags.NONE, 0, 0, 0, 0),
-        Telemetry(1, 0, (), (1e39,), StatusFlags.NONE, 0, 0, 0, 0),  # beyond float32
-        Telemetry(1, 0, (0.0,) * 9, (), StatusFlags.NONE, 0, 0, 0, 0),
-        Telemetry(1, 0, (), (), 0x10, 0, 0, 0, 0),  # reserved status bit
-        Telemetry(1, 2**32, (), (), StatusFlags.NONE, 0, 0, 0, 0),
-        Telemetry(1, 0, (), (), StatusFlags.NONE, 65536, 0, 0, 0),
-        Telemetry(1, 0, (), (), StatusFlags.NONE, 0, 65536, 0, 0),
-        Telemetry(1, 0, (), (), StatusFlags.NONE, 0, 0, -1, 0),
-        Telemetry(1, 0, (), (), StatusFlags.NONE, 0, 0, 0, 70000),
+        GetCapabilities(seq=-3),
+        caps(channels=()),
+        caps(channels=(ChannelCapability((V,)),) * 9),
+        caps(channels=(ChannelCapability(()),)),
+        caps(channels=(ChannelCapability(("torque",)),)),
+        caps(channels=(ChannelCapability((P,), 1.0, -1.0),)),  # min above max
+        caps(channels=(ChannelCapability((P,), float("nan"), 1.0),)),
+        caps(firmware_version=(1, 0)),
+        caps(firmware_version=(256, 0, 0)),
+        caps(watchdog_timeout_ms=0),
+        caps(telemetry_period_ms=65536),
+        caps(protocol_minor=-1),
+        telemetry(velocities=(float("nan"),)),
+        telemetry(positions=(float("inf"),)),
+        telemetry(positions=(1e39,)),  # beyond float32
+        telemetry(velocities=(0.0,) * 9),
+        telemetry(status=0x10),  # reserved status bit
+        telemetry(status=StatusFlags.FAULT),  # FAULT without a code
+        telemetry(fault_code=FaultCode.DRIVER),  # a code without FAULT
+        telemetry(status=StatusFlags.FAULT, fault_code=256),
+        telemetry(time_ms=2**32),
+        telemetry(last=65536),
+        telemetry(rejected_crc=65536),
+        telemetry(rejected_kind=-1),
+        telemetry(rejected_fault=70000),
     ],
 )
 def test_encode_refuses_values_the_protocol_does_not_carry(message):
@@ -222,12 +289,24 @@ def test_encode_refuses_values_the_protocol_does_not_carry(message):
 
 
 def test_encode_refuses_objects_that_are_not_messages():
-    with pytest.raises(UnknownMessageError, match="SetVelocity"):
-        encode(("SetVelocity", 0, (0.0,)))
+    with pytest.raises(UnknownMessageError, match="SetTargets"):
+        encode(("SetTargets", 0, (0.0,)))
 
 
-def _set_velocity_body(seq: int, floats_le: bytes, count: int, version: int = PROTOCOL_VERSION) -> bytes:
-    return struct.pack("<BBHB", version, 0x01, seq, count) + floats_le
+def _set_targets_body(seq: int, floats_le: bytes, count: int, mask: int = 0, version: int = PROTOCOL_VERSION) -> bytes:
+    return struct.pack("<BBHBB", version, 0x01, seq, count, mask) + floats_le
+
+
+def _capabilities_body(count: int, channels: bytes, major: int = PROTOCOL_VERSION, watchdog: int = 300,
+                       period: int = 20) -> bytes:
+    return struct.pack("<BBHBBBBBBHH", PROTOCOL_VERSION, 0x82, 9, major, 0, 1, 0, 0, count, watchdog, period) + channels
+
+
+_TELEMETRY = "<BBHIBBH7HBB"
+
+
+def _telemetry_body(status=0, fault=0, n_vel=0, n_pos=0, floats=b"") -> bytes:
+    return struct.pack(_TELEMETRY, PROTOCOL_VERSION, 0x81, 9, 0, status, fault, 0, *[0] * 7, n_vel, n_pos) + floats
 
 
 @pytest.mark.parametrize(
@@ -239,26 +318,40 @@ def _set_velocity_body(seq: int, floats_le: bytes, count: int, version: int = PR
         (cobs.encode(b"\x01\x02\x03\x04\x05"), FramingError),  # shorter than header + CRC
         (b"\x01" * (MAX_FRAME_BYTES), FramingError),  # longer than any frame
         (encode(EXAMPLE_MESSAGE)[:-2], FramingError),  # truncated: COBS run incomplete
-        (frame_from_body(struct.pack("<BBH", 1, 0x7F, 9)), UnknownMessageError),
-        (frame_from_body(struct.pack("<BBH", 1, 0x00, 9)), UnknownMessageError),
-        (frame_from_body(struct.pack("<BBH", 1, 0x02, 9) + b"\x00"), PayloadError),  # e-stop with payload
-        (frame_from_body(struct.pack("<BBH", 1, 0x03, 9) + b"\x01"), PayloadError),
-        (frame_from_body(struct.pack("<BBH", 1, 0x01, 9)), PayloadError),  # no count byte
-        (frame_from_body(_set_velocity_body(9, b"", 0)), PayloadError),  # zero channels
-        (frame_from_body(_set_velocity_body(9, struct.pack("<9f", *[0.0] * 9), 9)), PayloadError),
-        (frame_from_body(_set_velocity_body(9, struct.pack("<f", 0.0), 2)), PayloadError),  # short
-        (frame_from_body(_set_velocity_body(9, struct.pack("<2f", 0.0, 0.0), 1)), PayloadError),  # long
-        (frame_from_body(_set_velocity_body(9, struct.pack("<f", float("nan")), 1)), PayloadError),
-        (frame_from_body(_set_velocity_body(9, struct.pack("<f", float("inf")), 1)), PayloadError),
-        (frame_from_body(_set_velocity_body(9, struct.pack("<f", 1.5), 1)), PayloadError),
-        (frame_from_body(struct.pack("<BBH", 1, 0x81, 9) + b"\x00" * 14), PayloadError),  # short fixed part
-        (frame_from_body(struct.pack("<BBHIBHHHHBB", 1, 0x81, 9, 0, 0x20, 0, 0, 0, 0, 0, 0)), PayloadError),
-        (frame_from_body(struct.pack("<BBHIBHHHHBB", 1, 0x81, 9, 0, 0, 0, 0, 0, 0, 9, 0)), PayloadError),
-        (frame_from_body(struct.pack("<BBHIBHHHHBB", 1, 0x81, 9, 0, 0, 0, 0, 0, 0, 0, 1)), PayloadError),
-        (
-            frame_from_body(struct.pack("<BBHIBHHHHBBf", 1, 0x81, 9, 0, 0, 0, 0, 0, 0, 1, 0, float("nan"))),
-            PayloadError,
-        ),
+        (frame_from_body(struct.pack("<BBH", 2, 0x7F, 9)), UnknownMessageError),
+        (frame_from_body(struct.pack("<BBH", 2, 0x00, 9)), UnknownMessageError),
+        (frame_from_body(struct.pack("<BBH", 2, 0x05, 9)), UnknownMessageError),
+        (frame_from_body(struct.pack("<BBH", 2, 0x02, 9) + b"\x00"), PayloadError),  # e-stop with payload
+        (frame_from_body(struct.pack("<BBH", 2, 0x03, 9) + b"\x01"), PayloadError),
+        (frame_from_body(struct.pack("<BBH", 2, 0x04, 9) + b"\x01"), PayloadError),  # GetCapabilities
+        (frame_from_body(struct.pack("<BBH", 2, 0x01, 9) + b"\x01"), PayloadError),  # no mask byte
+        (frame_from_body(_set_targets_body(9, b"", 0)), PayloadError),  # zero channels
+        (frame_from_body(_set_targets_body(9, struct.pack("<9f", *[0.0] * 9), 9)), PayloadError),
+        (frame_from_body(_set_targets_body(9, struct.pack("<f", 0.0), 2)), PayloadError),  # short
+        (frame_from_body(_set_targets_body(9, struct.pack("<2f", 0.0, 0.0), 1)), PayloadError),  # long
+        (frame_from_body(_set_targets_body(9, struct.pack("<f", 0.0), 1, mask=0b10)), PayloadError),  # mask > n
+        (frame_from_body(_set_targets_body(9, struct.pack("<f", float("nan")), 1)), TargetRangeError),
+        (frame_from_body(_set_targets_body(9, struct.pack("<f", float("inf")), 1, mask=1)), TargetRangeError),
+        (frame_from_body(_set_targets_body(9, struct.pack("<f", 1.5), 1)), TargetRangeError),
+        (frame_from_body(_capabilities_body(0, b"")), PayloadError),
+        (frame_from_body(_capabilities_body(9, struct.pack("<Bff", 1, 0, 0) * 9)), FramingError),  # too long
+        (frame_from_body(_capabilities_body(9, struct.pack("<Bff", 1, 0, 0) * 8)), PayloadError),
+        (frame_from_body(_capabilities_body(1, struct.pack("<Bff", 1, 0, 0), major=1)), PayloadError),
+        (frame_from_body(_capabilities_body(1, struct.pack("<Bff", 0, 0, 0))), PayloadError),  # no kind
+        (frame_from_body(_capabilities_body(1, struct.pack("<Bff", 4, 0, 0))), PayloadError),  # reserved kind
+        (frame_from_body(_capabilities_body(1, struct.pack("<Bff", 2, 1, 0))), PayloadError),  # min > max
+        (frame_from_body(_capabilities_body(1, struct.pack("<Bff", 2, 0, float("inf")))), PayloadError),
+        (frame_from_body(_capabilities_body(1, struct.pack("<Bff", 1, 0, 0), watchdog=0)), PayloadError),
+        (frame_from_body(_capabilities_body(1, struct.pack("<Bff", 1, 0, 0), period=0)), PayloadError),
+        (frame_from_body(_capabilities_body(2, struct.pack("<Bff", 1, 0, 0))), PayloadError),  # short
+        (frame_from_body(struct.pack("<BBH", 2, 0x82, 9) + b"\x02" * 5), PayloadError),  # short fixed part
+        (frame_from_body(struct.pack("<BBH", 2, 0x81, 9) + b"\x00" * 23), PayloadError),  # short fixed part
+        (frame_from_body(_telemetry_body(status=0x20)), PayloadError),
+        (frame_from_body(_telemetry_body(status=0x04)), PayloadError),  # FAULT, code 0
+        (frame_from_body(_telemetry_body(fault=3)), PayloadError),  # a code, FAULT clear
+        (frame_from_body(_telemetry_body(n_vel=9)), PayloadError),
+        (frame_from_body(_telemetry_body(n_pos=1)), PayloadError),
+        (frame_from_body(_telemetry_body(n_vel=1, floats=struct.pack("<f", float("nan")))), PayloadError),
     ],
 )
 def test_decode_rejects_malformed_frames(frame, error):
@@ -278,24 +371,35 @@ def test_decode_rejects_non_bytes_with_a_protocol_error():
         decode("06 01 01")
 
 
-@pytest.mark.parametrize("version", [0, 2, 255])
+@pytest.mark.parametrize("version", [0, 1, 3, 255])
 def test_version_mismatch_names_both_versions(version):
     body = struct.pack("<BBH", version, 0x02, 1)
     with pytest.raises(VersionMismatchError) as excinfo:
         decode(frame_from_body(body))
     assert isinstance(excinfo.value, ProtocolError)
+    assert excinfo.value.version == version
     text = str(excinfo.value)
     assert f"version {version}" in text and f"version {PROTOCOL_VERSION}" in text
     decoder = FrameDecoder()
+    assert decoder.peer_version is None
     assert decoder.feed(frame_from_body(body) + b"\x00" + encode(EmergencyStop(seq=2))) == [
         EmergencyStop(seq=2)
     ]
     assert decoder.stats.version_errors == 1
+    assert decoder.peer_version == version
     assert isinstance(decoder.last_error, VersionMismatchError)
 
 
+def test_a_v1_telemetry_frame_is_recognised_by_its_version():
+    # A v1 controller's telemetry (revision 1.0 layout): dropped at the version check, never misread.
+    v1 = struct.pack("<BBHIBHHHHBBff", 1, 0x81, 3, 1000, 0x08, 0, 0, 0, 0, 1, 1, 0.5, 2.0)
+    decoder = FrameDecoder()
+    assert decoder.feed(frame_from_body(v1) + b"\x00") == []
+    assert decoder.peer_version == 1 and decoder.stats.version_errors == 1
+
+
 def test_crc_is_checked_before_the_version():
-    body = bytearray(struct.pack("<BBH", 2, 0x02, 1))
+    body = bytearray(struct.pack("<BBH", 1, 0x02, 1))
     frame = bytearray(cobs.decode(frame_from_body(bytes(body))))
     frame[-1] ^= 0xFF  # noise that also happens to corrupt a version: report noise
     with pytest.raises(CrcError):
@@ -306,9 +410,12 @@ def test_crc_is_checked_before_the_version():
 
 FLIP_MESSAGES = [
     EXAMPLE_MESSAGE,
-    SetVelocity(seq=40000, targets=(0.5, -0.25, 0.125, -1.0, 1.0, 0.0, 0.75, -0.75)),
+    SetTargets(seq=40000, targets=(0.5, -0.25, 0.125, -1.0, 1.0, 0.0, 0.75, -0.75)),
+    SetTargets(seq=40001, targets=(0.5, 2.25, 0.125, -1.0), kinds=(V, P, P, V)),
     EmergencyStop(seq=5),
     ClearEmergencyStop(seq=0),
+    GetCapabilities(seq=77),
+    arm_capabilities(seq=1),
     full_telemetry(seq=1),
 ]
 
@@ -356,7 +463,7 @@ def test_stream_split_at_every_byte_gives_the_same_messages():
 
 
 def test_resynchronises_after_garbage_and_recovers_following_frames():
-    messages = [SetVelocity(seq=i, targets=(0.5, -0.5)) for i in range(5)]
+    messages = [SetTargets(seq=i, targets=(0.5, -0.5)) for i in range(5)]
     garbage = bytes([0x13, 0x37, 0xFF, 0x01, 0x80] * 7)  # no zeros: merges with what follows
     stream = garbage + encode(messages[0]) + b"".join(encode(m) for m in messages[1:])
     stream += b"\x42\x00\x99\x00" + encode(EmergencyStop(seq=9))  # garbage containing delimiters
@@ -385,8 +492,9 @@ def test_counts_each_kind_of_error():
         [
             cobs.encode(bytes(corrupted)) + b"\x00",  # crc
             b"\x05\x01\x00",  # framing
-            frame_from_body(struct.pack("<BBH", 1, 0x55, 1)) + b"\x00",  # unknown type
-            frame_from_body(_set_velocity_body(1, struct.pack("<f", 2.0), 1)) + b"\x00",  # payload
+            frame_from_body(struct.pack("<BBH", 2, 0x55, 1)) + b"\x00",  # unknown type
+            frame_from_body(_set_targets_body(1, struct.pack("<f", 0.0), 2)) + b"\x00",  # payload
+            frame_from_body(_set_targets_body(1, struct.pack("<f", 2.0), 1)) + b"\x00",  # range
             frame_from_body(struct.pack("<BBH", 3, 0x02, 1)) + b"\x00",  # version
             b"\x01" * 200 + b"\x00",  # oversized
             encode(EXAMPLE_MESSAGE),
@@ -402,8 +510,9 @@ def test_counts_each_kind_of_error():
         version_errors=1,
         unknown_messages=1,
         payload_errors=1,
+        range_errors=1,
     )
-    assert decoder.stats.rejected == 6
+    assert decoder.stats.rejected == 7
 
 
 def test_oversized_input_does_not_grow_memory():

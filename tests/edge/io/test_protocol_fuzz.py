@@ -1,9 +1,15 @@
-"""Property-based fuzzing of the serial protocol: no input bytes may escape as anything but ProtocolError."""
+"""Fuzzing of the serial protocol v2: no input bytes may escape as anything but ProtocolError.
+
+Property-based tests (hypothesis) for the shapes of the input, and one deterministic run of a million
+decoder inputs (mutated valid frames, mutated bodies with a recomputed CRC, random bytes) for volume.
+"""
 
 from __future__ import annotations
 
 import random
 import struct
+import time
+from collections import Counter
 
 from cobs import cobs
 from hypothesis import HealthCheck, given, settings
@@ -11,15 +17,27 @@ from hypothesis import strategies as st
 
 from edge.errors import ProtocolError
 from edge.io.protocol import (
+    KINDS,
     MAX_CHANNELS,
     MAX_FRAME_BYTES,
+    POSITION,
     PROTOCOL_VERSION,
+    REJECTION_COUNTERS,
+    Capabilities,
+    ChannelCapability,
     ClearEmergencyStop,
+    CrcError,
     EmergencyStop,
     FrameDecoder,
-    SetVelocity,
+    FramingError,
+    GetCapabilities,
+    PayloadError,
+    SetTargets,
     StatusFlags,
+    TargetRangeError,
     Telemetry,
+    UnknownMessageError,
+    VersionMismatchError,
     crc16_ccitt_false,
     decode,
     encode,
@@ -34,22 +52,45 @@ targets = st.floats(-1.0, 1.0, width=32, allow_nan=False)
 readings = st.floats(width=32, allow_nan=False, allow_infinity=False)
 channels = st.lists(readings, max_size=MAX_CHANNELS).map(tuple)
 
+
+@st.composite
+def set_targets(draw):
+    kinds = draw(st.lists(st.sampled_from(KINDS), min_size=1, max_size=MAX_CHANNELS))
+    values = tuple(draw(readings if kind == POSITION else targets) for kind in kinds)
+    return SetTargets(seq=draw(u16), targets=values, kinds=tuple(kinds))
+
+
+@st.composite
+def channel_capabilities(draw):
+    kinds = draw(st.sampled_from([("velocity",), ("position",), KINDS]))
+    low, high = sorted((draw(readings), draw(readings)))
+    return ChannelCapability(kinds=kinds, position_min=low, position_max=high)
+
+
+@st.composite
+def telemetries(draw):
+    status = draw(st.integers(0, 0x0F))
+    code = draw(st.integers(1, 0xFF)) if status & StatusFlags.FAULT else 0
+    return Telemetry(seq=draw(u16), controller_time_ms=draw(st.integers(0, 2**32 - 1)), velocities=draw(channels),
+                     positions=draw(channels), status=StatusFlags(status), last_command_seq=draw(u16),
+                     fault_code=code, **{name: draw(u16) for name in REJECTION_COUNTERS})
+
+
 messages = st.one_of(
-    st.builds(SetVelocity, seq=u16, targets=st.lists(targets, min_size=1, max_size=MAX_CHANNELS).map(tuple)),
+    set_targets(),
     st.builds(EmergencyStop, seq=u16),
     st.builds(ClearEmergencyStop, seq=u16),
+    st.builds(GetCapabilities, seq=u16),
     st.builds(
-        Telemetry,
+        Capabilities,
         seq=u16,
-        controller_time_ms=st.integers(0, 2**32 - 1),
-        velocities=channels,
-        positions=channels,
-        status=st.integers(0, 0x0F).map(StatusFlags),
-        last_command_seq=u16,
-        crc_errors=u16,
-        framing_errors=u16,
-        dropped_commands=u16,
+        firmware_version=st.tuples(st.integers(0, 255), st.integers(0, 255), st.integers(0, 255)),
+        channels=st.lists(channel_capabilities(), min_size=1, max_size=MAX_CHANNELS).map(tuple),
+        watchdog_timeout_ms=st.integers(1, 0xFFFF),
+        telemetry_period_ms=st.integers(1, 0xFFFF),
+        protocol_minor=st.integers(0, 255),
     ),
+    telemetries(),
 )
 
 
@@ -67,28 +108,33 @@ def test_decode_of_arbitrary_bytes_raises_only_protocol_errors(data):
 @st.composite
 def bodies_with_valid_crc(draw):
     """Bodies that pass COBS and CRC, so the payload parser (not the CRC) meets the fuzz."""
-    version = draw(st.sampled_from([PROTOCOL_VERSION, PROTOCOL_VERSION, 0, 2, 255]))
-    message_type = draw(st.sampled_from([0x01, 0x02, 0x03, 0x81, 0x00, 0x04, 0x80, 0xFF]))
+    version = draw(st.sampled_from([PROTOCOL_VERSION, PROTOCOL_VERSION, 0, 1, 3, 255]))
+    message_type = draw(st.sampled_from([0x01, 0x02, 0x03, 0x04, 0x81, 0x82, 0x00, 0x05, 0x80, 0xFF]))
     seq = draw(u16)
     if message_type == 0x81 and draw(st.booleans()):
         # Plausible fixed part so that the counts and floats get exercised, not just the length check.
         fixed = struct.pack(
-            "<IBHHHHBB",
+            "<IBBH7HBB",
             draw(st.integers(0, 2**32 - 1)),
             draw(st.integers(0, 0xFF)),
+            draw(st.sampled_from([0, 0, 1, 0x85, 0xFF])),
             draw(u16),
-            draw(u16),
-            draw(u16),
-            draw(u16),
+            *(draw(u16) for _ in REJECTION_COUNTERS),
             draw(st.integers(0, 10)),
             draw(st.integers(0, 10)),
         )
         payload = fixed + draw(st.binary(max_size=4 * 2 * 10))
+    elif message_type == 0x82 and draw(st.booleans()):
+        count = draw(st.integers(0, 10))
+        fixed = struct.pack("<BBBBBBHH", draw(st.sampled_from([PROTOCOL_VERSION, 1])), 0, 1, 2, 3, count,
+                            draw(st.integers(0, 2)), draw(st.integers(0, 2)))
+        payload = fixed + draw(st.binary(min_size=max(0, 9 * count - 2), max_size=9 * count + 2))
     elif message_type == 0x01 and draw(st.booleans()):
         count = draw(st.integers(0, 10))
-        payload = bytes([count]) + draw(st.binary(min_size=max(0, 4 * count - 2), max_size=4 * count + 2))
+        mask = draw(st.integers(0, 0xFF))
+        payload = bytes([count, mask]) + draw(st.binary(min_size=max(0, 4 * count - 2), max_size=4 * count + 2))
     else:
-        payload = draw(st.binary(max_size=90))
+        payload = draw(st.binary(max_size=95))
     body = struct.pack("<BBH", version, message_type, seq) + payload
     return cobs.encode(body + struct.pack(">H", crc16_ccitt_false(body)))
 
@@ -130,25 +176,36 @@ def _message_pool(size: int) -> list:
     pool = []
     for index in range(size):
         seq = rng.choice([0, 0x0100, 0x00FF, 0xFFFF, rng.randrange(0x10000)])
-        kind = index % 4
+        kind = index % 6
         if kind == 0:
-            pool.append(SetVelocity(seq, tuple(value(1.0) for _ in range(rng.randint(1, MAX_CHANNELS)))))
+            kinds = tuple(rng.choice(KINDS) for _ in range(rng.randint(1, MAX_CHANNELS)))
+            pool.append(SetTargets(seq, tuple(value(100.0 if k == POSITION else 1.0) for k in kinds), kinds))
         elif kind == 1:
             pool.append(EmergencyStop(seq))
         elif kind == 2:
             pool.append(ClearEmergencyStop(seq))
+        elif kind == 3:
+            pool.append(GetCapabilities(seq))
+        elif kind == 4:
+            chans = []
+            for _ in range(rng.randint(1, MAX_CHANNELS)):
+                low, high = sorted((value(10.0), value(10.0)))
+                chans.append(ChannelCapability(rng.choice([("velocity",), ("position",), KINDS]), low, high))
+            pool.append(Capabilities(seq, (rng.randrange(256), rng.randrange(256), rng.randrange(256)),
+                                     tuple(chans), rng.randint(1, 0xFFFF), rng.randint(1, 0xFFFF),
+                                     rng.randrange(256)))
         else:
+            status = StatusFlags(rng.randrange(16))
             pool.append(
                 Telemetry(
                     seq=seq,
                     controller_time_ms=rng.choice([0, rng.randrange(2**32)]),
                     velocities=tuple(value(2.0) for _ in range(rng.randint(0, MAX_CHANNELS))),
                     positions=tuple(value(100.0) for _ in range(rng.randint(0, MAX_CHANNELS))),
-                    status=StatusFlags(rng.randrange(16)),
+                    status=status,
                     last_command_seq=rng.randrange(0x10000),
-                    crc_errors=rng.choice([0, rng.randrange(0x10000)]),
-                    framing_errors=rng.choice([0, rng.randrange(0x10000)]),
-                    dropped_commands=rng.choice([0, rng.randrange(0x10000)]),
+                    fault_code=rng.randint(1, 0xFF) if status & StatusFlags.FAULT else 0,
+                    **{name: rng.choice([0, rng.randrange(0x10000)]) for name in REJECTION_COUNTERS},
                 )
             )
     return pool
@@ -214,3 +271,66 @@ def test_stream_decoder_never_raises_and_returns_every_untouched_frame(case):
     whole = FrameDecoder()
     assert whole.feed(stream) == received
     assert whole.stats == decoder.stats
+
+
+# --- one million decoder inputs ------------------------------------------------------------------------
+
+FUZZ_INPUTS = 1_000_000
+_ERRORS = (CrcError, VersionMismatchError, UnknownMessageError, TargetRangeError, PayloadError, FramingError)
+
+
+def _mutate(data: bytearray, rng: random.Random) -> None:
+    """One to four random edits of ``data`` in place: bit flips, byte sets, inserts, deletes, cuts."""
+    for _ in range(rng.randint(1, 4)):
+        op = rng.randrange(6)
+        n = len(data)
+        if op == 0 and n:
+            data[rng.randrange(n)] ^= 1 << rng.randrange(8)
+        elif op == 1 and n:
+            data[rng.randrange(n)] = rng.choice((0x00, 0x01, 0x02, 0x04, 0x7F, 0x80, 0x81, 0x82, 0xFF,
+                                                 rng.randrange(256)))
+        elif op == 2:
+            data.insert(rng.randint(0, n), rng.randrange(256))
+        elif op == 3 and n:
+            del data[rng.randrange(n)]
+        elif op == 4 and n:
+            del data[rng.randrange(n):]
+        elif op == 5 and n:
+            start = rng.randrange(n)
+            data[start:start] = data[start:start + rng.randint(1, 8)]  # duplicate a slice
+
+
+def test_a_million_decoder_inputs_raise_nothing_but_protocol_errors():
+    """Mutated valid frames (the COBS and CRC layers), mutated bodies with a recomputed CRC (the version,
+    type and payload checks behind them) and random bytes: ``decode`` returns a message or raises a
+    ProtocolError subclass, and every accepted input is canonical (re-encodes to the same bytes)."""
+    rng = random.Random(0x5EED_0002)
+    frames = [encode(m)[:-1] for m in MESSAGE_POOL]
+    bodies = [cobs.decode(f)[:-2] for f in frames]
+    outcomes: Counter[str] = Counter()
+    started = time.perf_counter()
+    for index in range(FUZZ_INPUTS):
+        mode = index % 5
+        if mode == 0:  # random bytes, up to twice the largest frame
+            data = rng.randbytes(rng.randrange(2 * MAX_FRAME_BYTES))
+        elif mode in (1, 2):  # a whole mutated frame: the CRC almost always catches it
+            edited = bytearray(rng.choice(frames))
+            _mutate(edited, rng)
+            data = bytes(edited)
+        else:  # a mutated body sealed with a valid CRC, so the payload parser meets the mutation
+            body = bytearray(rng.choice(bodies))
+            _mutate(body, rng)
+            data = cobs.encode(bytes(body) + struct.pack(">H", crc16_ccitt_false(bytes(body))))
+        try:
+            message = decode(data)
+        except ProtocolError as exc:
+            outcomes[next(e.__name__ for e in _ERRORS if isinstance(exc, e))] += 1
+            continue
+        outcomes["accepted"] += 1
+        assert encode(message) == data + b"\x00", f"input {index}: {data.hex()} decoded to {message}"
+    elapsed_s = time.perf_counter() - started
+    print(f"{FUZZ_INPUTS} decoder inputs in {elapsed_s:.1f} s: {dict(outcomes)}")
+    assert sum(outcomes.values()) == FUZZ_INPUTS
+    # The mix reached every check: each error type and a good share of accepted (mutated yet valid) frames.
+    for name in ("accepted", *(e.__name__ for e in _ERRORS)):
+        assert outcomes[name] > 100, f"the fuzz never reached {name}: {dict(outcomes)}"

@@ -60,7 +60,7 @@ class RobotGraph:
             for message in self.trajectories.take(N=8):
                 if isinstance(message, msgs.JointTrajectory) and message.points:
                     velocities = tuple(message.points[0].velocities)
-                    self.link.send_velocity(velocities)
+                    self.link.send_targets(velocities)
                     self.forwarded.append(velocities)
             telemetry, _ = self.link.latest_telemetry()
             if telemetry is not None and telemetry.seq != telemetry_seen:

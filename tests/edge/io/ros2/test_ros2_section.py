@@ -125,16 +125,16 @@ def test_ros2_link_latches_the_estop_and_reads_joint_states_like_the_serial_link
                                        or link.latest_telemetry()[0] is not None))
             telemetry, stamp = link.latest_telemetry()
             assert telemetry.velocities == (0.25, -0.5) and stamp > -np.inf and link.telemetry_age_s() >= 0
-            assert link.send_velocity([0.5, 0.5]).targets == (0.5, 0.5)
+            assert link.send_targets([0.5, 0.5]).targets == (0.5, 0.5)
             assert link.emergency_stop().targets == (0.0, 0.0)
-            assert link.send_velocity([0.5, 0.5]).targets == (0.0, 0.0)  # latched: zeros, whatever is asked
+            assert link.send_targets([0.5, 0.5]).targets == (0.0, 0.0)  # latched: zeros, whatever is asked
             link.clear_emergency_stop()
-            assert link.send_velocity([0.5, 0.5]).targets == (0.5, 0.5)
+            assert link.send_targets([0.5, 0.5]).targets == (0.5, 0.5)
             # A true on the e-stop topic latches the link the same way.
             assert wait_until(lambda: estop_writer.get_matched_subscriptions() != [])
             estop_writer.write(msgs.Bool(True))
             assert wait_until(lambda: link.is_latched)
-            assert link.send_velocity([0.5, 0.5]).targets == (0.0, 0.0)
+            assert link.send_targets([0.5, 0.5]).targets == (0.0, 0.0)
             link.clear_emergency_stop()
             assert not link.is_latched
             stats = link.stats
