@@ -132,12 +132,19 @@ def expand_directories(key: str, value: str, environ: Mapping[str, str] | None =
     return _PLACEHOLDER.sub(replace, value)
 
 
+# Fields of a section's dataclass that come from the bundle, not the file (wiring sets them).
+FROM_BUNDLE = {"motor": {"kinds": "each channel's command kind comes from the bundle's spec.action.kinds"}}
+
+
 def _section(name: str, cls, raw: Any, also: tuple[str, ...] = ()):
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{name} must be a mapping of keys, got {type(raw).__name__}")
-    known = {f.name for f in dataclasses.fields(cls)}
+    for key, why in FROM_BUNDLE.get(name, {}).items():
+        if key in raw:
+            raise ConfigError(f"{name}.{key} is not a config key: {why}; remove it")
+    known = {f.name for f in dataclasses.fields(cls)} - set(FROM_BUNDLE.get(name, {}))
     raw = {k: v for k, v in raw.items() if k not in also}  # keys another config of the section takes
     known_text = sorted(known | set(also))
     unknown = sorted(set(raw) - known)

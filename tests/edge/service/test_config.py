@@ -12,7 +12,14 @@ import yaml
 
 from edge.errors import ConfigError
 from edge.io.camera import SourceKind
-from edge.service.config import _SECTIONS, ChunkConfig, RobotConfig, config_from_dict, load_config
+from edge.service.config import (
+    _SECTIONS,
+    FROM_BUNDLE,
+    ChunkConfig,
+    RobotConfig,
+    config_from_dict,
+    load_config,
+)
 
 EXAMPLE = Path(__file__).resolve().parents[3] / "systemd" / "robot.example.yaml"
 
@@ -24,7 +31,8 @@ def example_raw() -> dict:
 
 def section_fields(name: str, cls) -> tuple[dataclasses.Field, ...]:
     """The keys of one section: its dataclass's fields; the policy section also holds the chunk keys."""
-    return dataclasses.fields(cls) + (dataclasses.fields(ChunkConfig) if name == "policy" else ())
+    fields = dataclasses.fields(cls) + (dataclasses.fields(ChunkConfig) if name == "policy" else ())
+    return tuple(f for f in fields if f.name not in FROM_BUNDLE.get(name, {}))
 
 
 def write_config(tmp_path: Path, raw) -> Path:
@@ -273,3 +281,8 @@ def test_camera_and_cameras_together_are_refused(tmp_path, example_raw):
     raw["cameras"] = {"wrist": {"source": "/dev/video0"}}
     with pytest.raises(ConfigError, match="either `camera:`.*or `cameras:`"):
         load_config(write_config(tmp_path, raw))
+
+
+def test_motor_kinds_come_from_the_bundle_not_the_file(tmp_path, example_raw):
+    with pytest.raises(ConfigError, match=r"motor.kinds is not a config key: .*spec.action.kinds"):
+        load_modified(tmp_path, example_raw, "motor", "kinds", ["position", "velocity"])
