@@ -21,14 +21,10 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import select
-import shutil
 import struct
-import tempfile
 import threading
 import time
-import tty
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -55,6 +51,7 @@ from edge.io.protocol import (
 from reference_world.world import TabletopWorld, WorldConfig
 from simulator.channels import ChannelLayout, ChannelModel
 from simulator.mjpeg import MjpegServer
+from simulator.pty_device import PtyDevice
 
 logger = logging.getLogger(__name__)
 
@@ -171,18 +168,13 @@ class SimulatedController:
         # Lock order: _world_lock, then _state_lock; never the other way round.
         self._world_lock = threading.Lock()
         self._state_lock = threading.Lock()
-        self._pty_lock = threading.Lock()  # guards the fds, the generation and writes to the leader
+        self._fault_lock = threading.Lock()  # guards the fault generator and the bit-flip probability
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._started = False
         self._rng = np.random.default_rng(fault_seed)  # garbage and bit flips, repeatable per run
 
-        # pty ("USB adapter") state, under _pty_lock
-        self._leader_fd: int | None = None
-        self._follower_fd: int | None = None  # held open so the leader never sees EIO between host opens
-        self._generation = 0  # bumped by every plug/unplug, so the reader never reads a stale fd
-        self._port_path: str | None = None
-        self._link_dir: str | None = None
+        self._pty = PtyDevice(LINK_NAME)  # the "USB adapter"
         self._flip_probability = 0.0
 
         # firmware state, under _state_lock
@@ -215,16 +207,11 @@ class SimulatedController:
         if self._started:
             raise RuntimeError("SimulatedController already started")
         self._stop.clear()
-        self._link_dir = tempfile.mkdtemp(prefix="vla-sim-serial-")
+        self._pty.open()
         try:
-            with self._pty_lock:
-                self._plug_locked()
             self._camera.start()
-        except OSError:  # e.g. no ptys left or the camera port taken: leave nothing behind
-            with self._pty_lock:
-                self._unplug_locked()
-            shutil.rmtree(self._link_dir, ignore_errors=True)
-            self._link_dir = None
+        except OSError:  # e.g. the camera port taken: leave nothing behind
+            self._pty.close()
             raise
         self._threads = [
             threading.Thread(target=self._guarded, args=(self._read_loop,), name="sim-controller-rx", daemon=True),
@@ -250,11 +237,7 @@ class SimulatedController:
                 logger.error("simulator thread %s did not exit within %.1f s", thread.name, _JOIN_TIMEOUT_S)
         self._threads = []
         self._camera.stop()
-        with self._pty_lock:
-            self._unplug_locked()
-        if self._link_dir is not None:
-            shutil.rmtree(self._link_dir, ignore_errors=True)
-            self._link_dir = None
+        self._pty.close()
         self._started = False
         logger.info("simulated motor controller stopped")
 
@@ -268,15 +251,12 @@ class SimulatedController:
     @property
     def port_path(self) -> str | None:
         """The current pty (e.g. /dev/pts/7); changes on every replug; None while unplugged."""
-        with self._pty_lock:
-            return self._port_path
+        return self._pty.port_path
 
     @property
     def link_path(self) -> str:
         """Stable symlink to the current pty, as /dev/serial/by-id/...; absent while unplugged."""
-        if self._link_dir is None:
-            raise RuntimeError("the controller is not started; link_path exists between start() and stop()")
-        return os.path.join(self._link_dir, LINK_NAME)
+        return self._pty.link_path
 
     @property
     def camera_url(self) -> str:
@@ -288,8 +268,7 @@ class SimulatedController:
 
     # ground truth --------------------------------------------------------------------------------------
     def ground_truth(self) -> GroundTruth:
-        with self._pty_lock:
-            plugged, port_path = self._leader_fd is not None, self._port_path
+        plugged, port_path = self._pty.plugged, self._pty.port_path
         with self._state_lock:
             return GroundTruth(
                 time_s=time.monotonic(),
@@ -344,9 +323,9 @@ class SimulatedController:
         """Write ``n_bytes`` random bytes (zeros included) to the host between two frames."""
         if isinstance(n_bytes, bool) or not isinstance(n_bytes, int) or n_bytes < 0:
             raise ValueError(f"n_bytes must be a non-negative integer, got {n_bytes!r}")
-        with self._pty_lock:
+        with self._fault_lock:
             garbage = self._rng.integers(0, 256, size=n_bytes, dtype=np.uint8).tobytes()
-            self._write_locked(garbage)
+        self._pty.write(garbage)
 
     def flip_bits(self, probability: float) -> None:
         """Flip each bit of outgoing telemetry with ``probability`` (0 turns the fault off)."""
@@ -354,7 +333,7 @@ class SimulatedController:
             0.0 <= probability <= 1.0
         ):
             raise ValueError(f"probability must be in [0, 1], got {probability!r}")
-        with self._pty_lock:
+        with self._fault_lock:
             self._flip_probability = float(probability)
 
     def set_fault(self, on: bool = True, code: str = "DRIVER") -> None:
@@ -413,18 +392,12 @@ class SimulatedController:
 
     def unplug(self) -> None:
         """The adapter vanishes: the pty closes (the host's reads and writes fail) and the symlink goes."""
-        with self._pty_lock:
-            self._unplug_locked()
+        self._pty.unplug()
         logger.info("simulated controller unplugged")
 
     def replug(self) -> None:
         """The adapter comes back as a new pty; ``link_path`` now points at it (``port_path`` changes)."""
-        with self._pty_lock:
-            if self._leader_fd is not None:
-                raise RuntimeError(f"already plugged in at {self._port_path}; unplug() first")
-            if self._link_dir is None:
-                raise RuntimeError("the controller is not started")
-            self._plug_locked()
+        self._pty.plug()
         logger.info("simulated controller replugged at %s", self.port_path)
 
     def freeze_camera(self) -> None:
@@ -443,52 +416,6 @@ class SimulatedController:
         if not self._camera.is_running:
             self._camera.start()
 
-    # pty -----------------------------------------------------------------------------------------------
-    def _plug_locked(self) -> None:
-        leader, follower = os.openpty()
-        try:
-            tty.setraw(follower)  # no echo, no line editing, no XON/XOFF: bytes pass untouched
-            os.set_blocking(leader, False)  # a full buffer (host not reading) drops frames, as a UART would
-            path = os.ttyname(follower)
-            assert self._link_dir is not None
-            link = os.path.join(self._link_dir, LINK_NAME)
-            staging = link + ".new"
-            if os.path.lexists(staging):
-                os.unlink(staging)
-            os.symlink(path, staging)
-            os.replace(staging, link)  # atomic: the host never sees a half-made link
-        except OSError:
-            os.close(leader)
-            os.close(follower)
-            raise
-        self._leader_fd, self._follower_fd, self._port_path = leader, follower, path
-        self._generation += 1
-
-    def _unplug_locked(self) -> None:
-        if self._link_dir is not None:
-            try:
-                os.unlink(os.path.join(self._link_dir, LINK_NAME))
-            except FileNotFoundError:
-                logger.debug("symlink already gone")
-        for fd in (self._leader_fd, self._follower_fd):
-            if fd is not None:
-                os.close(fd)
-        self._leader_fd = self._follower_fd = None
-        self._port_path = None
-        self._generation += 1
-
-    def _write_locked(self, data: bytes) -> bool:
-        if self._leader_fd is None or not data:
-            return False
-        try:
-            written = os.write(self._leader_fd, data)
-        except BlockingIOError:
-            return False  # nobody reads the other end and its buffer is full: the bytes are lost
-        except OSError as exc:
-            logger.debug("pty write failed: %s", exc)
-            return False
-        return written == len(data)
-
     # threads -------------------------------------------------------------------------------------------
     def _guarded(self, loop) -> None:
         try:
@@ -502,8 +429,7 @@ class SimulatedController:
         generation = -1
         seen = None
         while not self._stop.is_set():
-            with self._pty_lock:
-                fd, current = self._leader_fd, self._generation
+            fd, current = self._pty.current()
             if fd is None:
                 self._stop.wait(_READ_POLL_S)
                 continue
@@ -517,16 +443,9 @@ class SimulatedController:
                 continue  # unplug() closed the fd while we waited; the generation check catches it
             if not ready:
                 continue
-            with self._pty_lock:
-                if self._generation != generation:
-                    continue
-                try:
-                    data = os.read(fd, _READ_CHUNK_BYTES)
-                except BlockingIOError:
-                    continue
-                except OSError as exc:
-                    logger.debug("pty read failed: %s", exc)
-                    data = b""
+            data = self._pty.read(generation, _READ_CHUNK_BYTES)
+            if data is None:
+                continue  # replugged meanwhile, or nothing there after all
             if not data:
                 self._stop.wait(_READ_POLL_S)  # select said readable but nothing came: do not spin
                 continue
@@ -593,8 +512,7 @@ class SimulatedController:
                     # Telemetry or Capabilities travelling host -> controller: not a host frame, not echoed.
                     self._count_locked("rejected_framing")
         for reply in replies:
-            with self._pty_lock:
-                self._write_locked(encode(reply))
+            self._pty.write(encode(reply))
 
     def _capabilities(self) -> Capabilities:
         return Capabilities(seq=self._tx_seq.next(), firmware_version=FIRMWARE_VERSION,
@@ -672,10 +590,10 @@ class SimulatedController:
                 **self._rejections,
             )
         frame = encode(message) if self._protocol_version == PROTOCOL_VERSION else _encode_v1_telemetry(message)
-        with self._pty_lock:
+        with self._fault_lock:
             if self._flip_probability > 0.0:
                 frame = self._flip_locked(frame, self._flip_probability)
-            sent = self._write_locked(frame)
+        sent = self._pty.write(frame)
         with self._state_lock:
             if sent:
                 self._telemetry_sent += 1
