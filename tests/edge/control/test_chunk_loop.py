@@ -346,3 +346,28 @@ def test_a_chunk_computed_across_a_stop_is_dropped_and_a_taken_chunk_is_a_copy()
     finally:
         pipeline.release()
         worker.close()
+
+
+def test_vla_edge_status_shows_the_chunks_the_cameras_and_no_instruction_needed():
+    from edge.cli.control import format_status
+
+    clock, pipeline, cameras, _, loop = rig(spec(horizon=4, cameras=("wrist", "top")), hold=False, replan_every=2)
+    for camera in cameras.values():
+        camera.frame_age_s = lambda: 0.0
+        camera.is_connected = True
+    try:
+        tick(loop, clock)
+        pipeline.wait_done()
+        wait_until(lambda: loop.chunks.worker.completed >= 1, "no chunk")
+        tick(loop, clock)
+        cameras["top"].fresh = False
+        for _ in range(4):
+            tick(loop, clock)
+        stats = loop.status().chunks
+        text = format_status({"ok": True, **status_reply(loop.status())})
+    finally:
+        loop.close()
+    assert "none needed: the policy takes no instruction" in text
+    assert "camera       wrist: connected" in text and "top: connected" in text and "STALE" in text
+    assert f"chunks       H 4, replan every 2: {stats.replans} replans" in text
+    assert f"entered at {stats.entry_index} after" in text and f"empty stops {stats.empty_stops}" in text
