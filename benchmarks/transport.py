@@ -154,7 +154,14 @@ def _mjpeg_frames(iterations: int) -> list[float]:
 
 def _serial_commands(iterations: int) -> list[float]:
     from edge.io.motor_link import MotorLinkConfig, SerialMotorLink
-    from edge.io.protocol import Capabilities, ChannelCapability, FrameDecoder, GetCapabilities, SetTargets, encode
+    from edge.io.protocol import (
+        Capabilities,
+        ChannelCapability,
+        FrameDecoder,
+        GetCapabilities,
+        SetTargets,
+        encode,
+    )
 
     leader, follower = os.openpty()
     decoded_at: dict[int, float] = {}

@@ -29,6 +29,18 @@ logger = logging.getLogger(__name__)
 GATE_SEED_BASE = 8_000_000  # held out from training, evaluation and calibration
 
 
+def closed_loop_gaps(spec) -> list[str]:
+    """What this gate cannot drive for a policy of `spec` (a PolicySpec), though the runtime runs it: an
+    environment's observation carries one frame, and the gate steps one action per step (executing a
+    chunk against the measured latency is the robot loop's job, not the gate's)."""
+    gaps = []
+    if len(spec.cameras) != 1:
+        gaps.append(f"{len(spec.cameras)} cameras")
+    if spec.action.horizon != 1:
+        gaps.append(f"action chunks (horizon {spec.action.horizon})")
+    return gaps
+
+
 def make_environment(reference: str):
     from build_engines.errors import GateError
     from build_engines.policy import resolve
@@ -56,7 +68,7 @@ def closed_loop(bundle_dir: Path, targets: list[str], seeds: int, mc_samples: in
             calm_scores: list[float] = []
             for seed in range(GATE_SEED_BASE, GATE_SEED_BASE + seeds):
                 obs = world.reset(seed)
-                embedding = pipeline.cache.encode_now(obs.instruction)
+                embedding = pipeline.cache.encode_now(obs.instruction) if pipeline.needs_language else None
                 scores = []
                 while not world.done:
                     out = pipeline.infer(obs.frame, obs.proprio, embedding)

@@ -343,22 +343,25 @@ def _check_instructions(policy, texts: list[str]) -> None:
 
 
 def _environment(options: BuildOptions, policy) -> str | None:
-    """The closed-loop environment, or None. The loop runs the bundle through the runtime, so a policy the
-    runtime cannot run yet is refused here, before any graph is built, when --env names one explicitly;
-    the policy's own default environment is then skipped with a warning (the held-out gate still runs)."""
+    """The closed-loop environment, or None. The loop runs the bundle through the runtime's pipeline, one
+    frame and one action per step, so a policy it cannot drive (several cameras, chunks) is refused here,
+    before any graph is built, when --env names one explicitly; the policy's own default environment is
+    then skipped with a warning (the held-out gate still runs)."""
+    from build_engines.accuracy_gate import closed_loop_gaps
     from edge.inference.bundle import runtime_gaps
 
     explicit = options.env is not None
     environment = options.env if explicit else policy.environment
     if environment in (None, NO_ENVIRONMENT):
         return None
-    gaps = runtime_gaps(policy.spec, options.uncertainty)
+    gaps = runtime_gaps(policy.spec, options.uncertainty) + closed_loop_gaps(policy.spec)
     if not gaps:
         return environment
     if explicit:
-        raise GateError(f"--env {environment}: the closed-loop gate drives the bundle through the runtime, which "
-                        f"cannot run {', '.join(gaps)} yet; pass --env none to gate on held-out data only")
-    logger.warning("closed-loop gate in %s skipped: the runtime cannot run %s yet; gating on held-out data",
+        raise GateError(f"--env {environment}: the closed-loop gate steps the environment with one camera frame "
+                        f"and one action per step, so it cannot run {', '.join(gaps)} yet; pass --env none to "
+                        "gate on held-out data only")
+    logger.warning("closed-loop gate in %s skipped: the gate cannot run %s yet; gating on held-out data",
                    environment, ", ".join(gaps))
     return None
 

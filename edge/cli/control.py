@@ -121,7 +121,10 @@ def format_status(status: Mapping[str, Any]) -> str:
     estop = status.get("estop")
     lines.append(f"mode         {status.get('mode', '-')}" + ("  (E-STOP LATCHED)" if estop else ""))
     instruction = status.get("instruction")
-    lines.append(f"instruction  {instruction!r}" if instruction else "instruction  (none: holding)")
+    if status.get("language") is False:
+        lines.append("instruction  (none needed: the policy takes no instruction)")
+    else:
+        lines.append(f"instruction  {instruction!r}" if instruction else "instruction  (none: holding)")
     if status.get("hold_reason"):
         lines.append(f"holding      {status['hold_reason']}")
     unc = section("uncertainty")
@@ -151,10 +154,21 @@ def format_status(status: Mapping[str, Any]) -> str:
     reasons = tick.get("reason_names")
     if reasons:
         lines.append(f"safety       {', '.join(reasons)}")
-    camera = section("camera")
-    cam_state = {True: "connected", False: "DOWN"}.get(camera.get("connected"), "-")
-    lines.append(f"camera       {cam_state}, frame age {num(camera.get('frame_age_s'), '.2f', ' s')}, "
-                 f"reconnects {camera.get('reconnects', '-')}")
+    cameras = section("cameras") or {"": section("camera")}
+    stale = status.get("stale_cameras") or []
+    for name, camera in cameras.items():
+        camera = camera if isinstance(camera, Mapping) else {}
+        cam_state = {True: "connected", False: "DOWN"}.get(camera.get("connected"), "-")
+        lines.append(f"camera       {name + ': ' if name else ''}{cam_state}, frame age "
+                     f"{num(camera.get('frame_age_s'), '.2f', ' s')}, reconnects {camera.get('reconnects', '-')}"
+                     + (", STALE" if name in stale else ""))
+    chunks = section("chunks")
+    if chunks:
+        lines.append(f"chunks       H {chunks.get('horizon', '-')}, replan every {chunks.get('replan_every', '-')}: "
+                     f"{chunks.get('replans', '-')} replans ({num(chunks.get('replans_per_s'), '.1f', '/s')}), "
+                     f"step {chunks.get('step', '-')}, entered at {chunks.get('entry_index', '-')} after "
+                     f"{num(chunks.get('entry_delay_s'), '.3f', ' s')}, queue {chunks.get('queue_depth', '-')}, "
+                     f"empty stops {chunks.get('empty_stops', '-')}, late {chunks.get('late_chunks', '-')}")
     counters = section("counters")
     if counters:
         lines.append("counters     " + ", ".join(f"{k} {v}" for k, v in counters.items()))

@@ -1,8 +1,11 @@
 """The 10 Hz control loop: tick -> observe -> infer -> gate -> guard -> send -> wait.
 
-Every tick sends a command: the policy's (clamped, slew-limited) action when the inputs are fresh,
-the instruction's embedding is ready and the uncertainty gate is calm; otherwise a controlled stop.
-A tick never waits on the camera, the motor link or the language encoder.
+Every tick sends a command: the policy's (clamped, slew-limited) action when every camera's frame is
+fresh, the instruction's embedding is ready (a language-free policy needs none) and the uncertainty gate
+is calm; otherwise a controlled stop. A tick never waits on a camera, the motor link, the language
+encoder or, for a chunk policy (H > 1), the inference worker: its chunks are executed by the scheduler
+against the measured delay (edge/control/chunk_execution.py, docs/chunks.md); H = 1 runs inference
+inside the tick.
 
 Per-tick records (timestamps, named stage timings, score, mode, command) go into a preallocated ring
 buffer; at the end of every tick the loop publishes one frozen `LoopStatus` snapshot, which is all that
@@ -21,7 +24,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edge.control.chunk_execution import ChunkExecution
+from edge.control.chunks import ChunkConfig
 from edge.control.controller_watch import ControllerWatch
+from edge.control.observation import CameraInputs, PolicyShape, fill_proprio
+from edge.control.operator_commands import HOLD_AFTER_ESTOP, STOPPED_HOLD, OperatorCommands
 from edge.control.ratekeeper import RateKeeper
 from edge.control.realtime import collect_in_slack
 from edge.control.safety import SafetyLayer, reason_names
@@ -38,16 +45,15 @@ from edge.control.status import (
     tick_dtype,
 )
 from edge.control.uncertainty_gate import UncertaintyGate
-from edge.errors import EdgeError, InputError
+from edge.errors import EdgeError
 from edge.io.protocol import WATCHDOG_TIMEOUT_S, StatusFlags
 from edge.ratelimit import RateLimitedWarnings
 from edge.validation import check_range
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ControlLoop", "LoopConfig", "Mode", "TickRecorder", "tick_dtype"]
+__all__ = ["HOLD_AFTER_ESTOP", "STOPPED_HOLD", "ControlLoop", "LoopConfig", "Mode", "TickRecorder", "tick_dtype"]
 JITTER_PERCENTILES = (50.0, 90.0, 99.0, 100.0)
-HOLD_AFTER_ESTOP = "emergency stop: holding until `vla-edge resume` or a new instruction"
 # The controller must show ESTOP_LATCHED within this long after our EmergencyStop (its own watchdog
 # bound); the frame is repeated every tick until it does (docs/serial-protocol.md, section 6).
 ESTOP_CONFIRM_S = WATCHDOG_TIMEOUT_S
@@ -73,7 +79,7 @@ class LoopConfig:
         return 1.0 / self.rate_hz
 
 
-class ControlLoop:
+class ControlLoop(OperatorCommands):
     def __init__(
         self,
         pipeline,
@@ -92,9 +98,15 @@ class ControlLoop:
         on_deadline_met: Callable[[], None] | None = None,
         gc_min_slack_s: float = 0.02,
         window_refresh_ticks: int = 10,
+        chunk_config: ChunkConfig | None = None,
     ):
+        """`camera`: one camera object for a one-camera policy, or one per spec camera (a sequence in
+        spec order or a mapping by spec name); each needs `read_into(out) -> (capture_s, count) | None`."""
         self.pipeline = pipeline
-        self.camera = camera
+        self.shape = shape = PolicyShape.of(pipeline)
+        self._warn = RateLimitedWarnings(logger)
+        self.cameras = CameraInputs.of(camera, shape.cameras, frame_shape, self._warn)
+        self.camera = self.cameras.devices[0]
         self.link = link
         self.safety = safety
         self.gate = gate
@@ -106,12 +118,15 @@ class ControlLoop:
         self.summary_every_s = summary_every_s
         self.on_deadline_met = on_deadline_met
         self.gc_min_slack_s = gc_min_slack_s
-        action_dim = int(pipeline.bundle.action["dim"])
+        action_dim = shape.action_dim
         self.recorder = TickRecorder(record_ticks, action_dim)
         self._zeros = np.zeros(action_dim, np.float32)
-        self._proprio = np.zeros(action_dim, np.float32)
-        shape = frame_shape or camera.frame_shape or (480, 640, 3)
-        self._frame = np.zeros(shape, np.uint8)
+        self._proprio = np.zeros(shape.proprio_dim, np.float32)
+        self.chunks = (ChunkExecution(pipeline, shape, period_s, [f.shape for f in self.cameras.frames],
+                                      chunk_config or ChunkConfig(), clock=clock) if shape.horizon > 1 else None)
+        self._chunk_fallback = False  # the gate's decision on the newest chunk
+        self._chunk_score = np.nan  # and its score
+        self._chunk_action = np.zeros(action_dim, np.float32)  # the chunk step executed at the last tick
         self._instruction: str | None = None
         self._instruction_lock = threading.Lock()
         self._hold_reason: str | None = None  # set from an e-stop until resume() or a new instruction
@@ -122,13 +137,13 @@ class ControlLoop:
         self._estop_sent = None  # the last EmergencyStop frame (SentCommand), repeated until confirmed
         self._estop_since_s = 0.0
         self._estop_confirmed = False
-        self._warn = RateLimitedWarnings(logger)
         self._last_summary_s = clock()
         self._last_mode = Mode.HOLD
         self._last_tick_s: float | None = None
         self.counters = {"ticks": 0, "nominal": 0, "fallback": 0, "hold": 0, "estop": 0, "inference_errors": 0,
                          "undelivered": 0, "transitions": 0, "controller_faults": 0, "watchdog_trips": 0,
-                         "telemetry_rejected": 0, "estop_resends": 0}
+                         "telemetry_rejected": 0, "estop_resends": 0, "stale_camera": 0, "chunk_empty": 0,
+                         "unsent_no_position": 0}
         self.last_output = None
         self.timer = StageTimer(clock)
         # The window's quantiles cost about a millisecond: refreshed every N ticks, in slack time (run()).
@@ -148,17 +163,17 @@ class ControlLoop:
         estop = bool(self.safety.estopped)
         tick = None
         if row is not None:
-            output = self.last_output if int(row["samples"]) > 0 else None
-            tick = LastTick.from_record(row, Mode(int(row["mode"])).name.lower(),
-                                        None if output is None else output.action,
-                                        None if output is None else output.spread)
+            action, spread = self._policy_view(row)
+            tick = LastTick.from_record(row, Mode(int(row["mode"])).name.lower(), action, spread)
         mode = "estop" if estop else (tick.mode if tick is not None else "starting")
         keeper = self.keeper
         timing = Timing(period_s=keeper.period_s, overruns=int(keeper.overruns),
                         missed_deadlines=int(keeper.missed_deadlines), max_lag_s=float(keeper.max_lag_s),
                         jitter_s=self._jitter_s)
         link = LinkHealth.of(self.link) if hasattr(self.link, "stats") else None
-        camera = CameraHealth.of(self.camera) if hasattr(self.camera, "frame_age_s") else None
+        cameras = {name: CameraHealth.of(device) for name, device in zip(self.cameras.names, self.cameras.devices)
+                   if hasattr(device, "frame_age_s")}
+        camera = cameras.get(self.cameras.names[0])
         gate = self.gate.config
         watch = self.watch
         controller = {"flags": watch.flag_names, "counters": dict(watch.counters), "fault": self._controller_fault,
@@ -166,7 +181,23 @@ class ControlLoop:
         return LoopStatus(mode=mode, estop=estop, instruction=self._instruction, tick=tick,
                           counters=dict(self.counters), threshold=float(gate.threshold),
                           hard_ceiling=float(gate.hard_ceiling), timing=timing, window=self._window,
-                          link=link, camera=camera, hold_reason=self._hold_reason, controller=controller)
+                          link=link, camera=camera, hold_reason=self._hold_reason, controller=controller,
+                          cameras=cameras, stale_cameras=self.cameras.stale,
+                          chunks=None if self.chunks is None else self.chunks.stats(),
+                          language=self.shape.needs_language)
+
+    def _policy_view(self, row: np.void) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """The policy's action and spread behind this tick's command (None when the policy did not run)."""
+        if self.chunks is not None:
+            step = self.chunks.scheduler.step
+            if step is None or Mode(int(row["mode"])) not in (Mode.NOMINAL, Mode.FALLBACK):
+                return None, None
+            return self._chunk_action, self.chunks.spread[step]
+        output = self.last_output if int(row["samples"]) > 0 else None
+        if output is None:
+            return None, None
+        spread = np.asarray(output.spread)
+        return output.action, (spread[0] if spread.ndim == 2 else spread)  # [H, A] with H = 1, or [A]
 
     def _publish(self, row: np.void) -> None:
         status = self._snapshot(row)
@@ -196,92 +227,25 @@ class ControlLoop:
         with self._status_lock:
             self._status = dataclasses.replace(self._status, **changes)
 
-    # -- commands from other threads (instruction socket, signal handlers) --------------------------
-    def set_instruction(self, text: str | None) -> None:
-        """Raises InputError (and keeps the current instruction) if the tokenizer cannot take `text`, or
-        while the emergency stop is latched (a new instruction must not arm motion then). A new
-        instruction is an explicit request to move: it also ends a hold after an e-stop clear."""
-        text = text.strip() if text else None
-        if text is not None:
-            if self.safety.estopped:
-                raise InputError("the emergency stop is latched: the instruction was not taken and the robot "
-                                 "stays stopped; release it with `vla-edge clear`, then send the instruction")
-            self.pipeline.tokenizer.encode(text)  # refuse here, before the robot drops what it is doing
-        with self._instruction_lock:
-            self._instruction = text
-            if text is not None and self._controller_fault is None:
-                self._release_hold("new instruction")
-        self._amend_status(instruction=text, hold_reason=self._hold_reason)
-        logger.info("instruction set: %r", text)
-
-    def resume(self) -> None:
-        """End the hold that follows an e-stop clear: motion resumes on the current instruction, slewing up
-        from zero. InputError while the e-stop is latched or when there is no hold to end."""
-        if self.safety.estopped:
-            raise InputError("the emergency stop is latched: release it with `vla-edge clear` first")
-        if self._controller_fault is not None:
-            raise InputError(f"{self._controller_fault}: the robot holds until the controller is healthy; check "
-                             "its power, cable and `vla-edge status`, then resume")
-        with self._instruction_lock:
-            if self._hold_reason is None:
-                raise InputError("nothing to resume: the robot is not held after an emergency stop")
-            self._release_hold("resume")
-        self._amend_status(hold_reason=None)
-
-    def _release_hold(self, why: str) -> None:
-        if self._hold_reason is not None:
-            logger.info("hold (%s) ended by %s: commands slew up from zero", self._hold_reason, why)
-        self._hold_reason = None
-
-    @property
-    def instruction(self) -> str | None:
-        return self._instruction
-
-    def emergency_stop(self) -> None:
-        with self._instruction_lock:
-            self._hold_reason = HOLD_AFTER_ESTOP
-        self.safety.estop()
-        self._estop_confirmed = False
-        self._estop_since_s = self.clock()
-        self._estop_sent = self.link.emergency_stop()
-        self._amend_status(mode="estop", estop=True, hold_reason=HOLD_AFTER_ESTOP)
-        logger.warning("emergency stop latched")
-
-    def clear_emergency_stop(self) -> None:
-        """Release the latch; the robot then HOLDS (an e-stop clear never restarts motion, as in industrial
-        practice): motion resumes only on `resume()` or a new instruction."""
-        with self._instruction_lock:
-            if self.safety.estopped:
-                self._hold_reason = HOLD_AFTER_ESTOP
-        self.safety.clear_estop()
-        self.link.clear_emergency_stop()
-        self._amend_status(estop=False, hold_reason=self._hold_reason)
-        logger.info("emergency stop cleared; holding until `vla-edge resume` or a new instruction")
-
     # -- one tick -----------------------------------------------------------------------------------
-    def _observe(self, now: float) -> tuple[float | None, float | None]:
-        try:
-            stamp = self.camera.read_into(self._frame)
-        except InputError as exc:
-            # The camera came back with another resolution (reconnect, replugged device): a new buffer,
-            # once; this tick has no frame, so it commands a controlled stop.
-            self._warn("camera frame size changed (%s); reallocating the frame buffer", exc)
-            shape = self.camera.frame_shape
-            if shape is not None:
-                self._frame = np.zeros(shape, np.uint8)
-            stamp = None
-        frame_time = stamp[0] if stamp is not None else None
+    def _observe(self, now: float) -> float | None:
+        """Every camera's newest frame into its buffer, the newest telemetry through the watch, proprio
+        from it by the spec's sources; returns the telemetry's time (None: none, or not to be believed)."""
+        self.cameras.read()
         telemetry, telemetry_time = self.link.latest_telemetry()
         if telemetry is not None and telemetry is not self._seen_telemetry:
             self._seen_telemetry = telemetry
             self._watch(telemetry)
+            if self._telemetry_ok and self.shape.has_positions:
+                self.safety.observe_positions(telemetry.positions)
         if telemetry is not None and self._telemetry_ok:
-            velocities = telemetry.velocities
-            for i in range(min(len(velocities), len(self._proprio))):
-                self._proprio[i] = velocities[i]
+            if not fill_proprio(self.shape.proprio, self._proprio, telemetry.velocities, telemetry.positions):
+                self._warn("telemetry lacks a channel the policy's proprio reads (%s): controlled stop",
+                           ", ".join(f"{f}[{i}]" for f, i in self.shape.proprio.sources))
+                telemetry_time = None
         else:
             telemetry_time = None  # none yet, or not to be believed: the safety layer stops the robot
-        return frame_time, telemetry_time
+        return telemetry_time
 
     def _watch(self, telemetry) -> None:
         """Read what the controller reports in a new telemetry sample (edge/control/controller_watch.py)."""
@@ -349,7 +313,8 @@ class ControlLoop:
         row["lag_ms"] = row["policy_ms"] = np.nan
         row["samples"] = 0
         with timer.section("observe"):
-            frame_time, telemetry_time = self._observe(now)
+            telemetry_time = self._observe(now)
+        frame_time = self.cameras.oldest_s  # the oldest camera's frame: a stale one stops the robot
         row["frame_time_s"] = frame_time if frame_time is not None else np.nan
         row["telemetry_time_s"] = telemetry_time if telemetry_time is not None else np.nan
         ready = self.clock()
@@ -359,32 +324,23 @@ class ControlLoop:
         mode = Mode.HOLD
         score = np.nan
         embedding = self._embedding()
-        fresh = frame_time is not None and now - frame_time <= self.stale_after_s
+        instructed = embedding is not None or not self.shape.needs_language
+        fresh = self.cameras.check_fresh(now, self.stale_after_s)
+        running = False
         if self.safety.estopped:
             mode = Mode.ESTOP
             self._repeat_estop(now)
         elif self._hold_reason is not None:
-            mode = Mode.HOLD  # after an e-stop clear: zero until resume or a new instruction
-        elif embedding is not None and fresh:
-            try:
-                out = self.pipeline.infer(self._frame, self._proprio, embedding)
-            except EdgeError as exc:
-                self.counters["inference_errors"] += 1
-                self._warn("inference failed, controlled stop: %s", exc)
-                mode = Mode.FALLBACK
-            else:
-                self.last_output = out
-                score = out.score
-                with timer.section("gate"):
-                    decision = self.gate.update(score)
-                fallback = decision.fallback
-                mode = Mode.FALLBACK if fallback else Mode.NOMINAL
-                action = out.action
-                self._record_policy(row, out.times)
-        elif embedding is not None:
+            mode = Mode.HOLD  # after an e-stop clear or a stop: zero until resume (or a new instruction)
+        elif instructed and fresh:
+            running = True
+            mode, action, fallback, score = self._run_policy(now, row, embedding)
+        elif instructed:
             mode = Mode.FALLBACK
-            self._warn("no fresh camera frame (age %s): controlled stop",
-                       "never" if frame_time is None else f"{now - frame_time:.2f} s")
+            self.counters["stale_camera"] += 1
+            self._warn("no fresh frame from camera(s) %s: controlled stop", self.cameras.age_text(now))
+        if not running and self.chunks is not None:
+            self.chunks.stop()
         with timer.section("safety"):
             result = self.safety.apply(action, now_s=now, frame_time_s=frame_time,
                                        telemetry_time_s=telemetry_time, fallback=fallback)
@@ -399,10 +355,10 @@ class ControlLoop:
             self._warn("tick stalled for %.2f s before sending: sending a stop instead of its stale command",
                        stalled_s)
             self.safety.reset()
-            command = self._zeros
+            command = self.safety.last_command  # zero velocity; position channels hold
             mode = Mode.FALLBACK
         with timer.section("send"):
-            sent = self.link.send_targets(command)
+            sent = self._send(command)
         done = self.clock()
         row["tick_ms"] = (done - ready) * 1e3
         row["score"] = score
@@ -423,9 +379,53 @@ class ControlLoop:
         self._publish(row)
         return row
 
-    def _record_policy(self, row: np.void, t) -> None:
+    def _send(self, command: np.ndarray):
+        """One command to the link; none while a position channel's position is unknown (any target would
+        be a motion command: the controller's watchdog keeps the motors stopped meanwhile)."""
+        if not self.safety.positions_known:
+            self.counters["unsent_no_position"] += 1
+            self._warn("no measured position yet for the position channel(s): no command sent")
+            return None
+        return self.link.send_targets(command)
+
+    def _run_policy(self, now: float, row: np.void, embedding) -> tuple[Mode, np.ndarray, bool, float]:
+        """This tick's proposal from the policy: (mode, action, fallback, score). H = 1 runs inference
+        here; a chunk policy takes the scheduler's action for now (None: stop, never extrapolate)."""
+        if self.chunks is None:
+            try:
+                out = self.pipeline.infer(self.cameras.policy_frames, self._proprio, embedding)
+            except EdgeError as exc:
+                self.counters["inference_errors"] += 1
+                self._warn("inference failed, controlled stop: %s", exc)
+                return Mode.FALLBACK, self._zeros, True, np.nan
+            self.last_output = out
+            with self.timer.section("gate"):
+                decision = self.gate.update(out.score)
+            self._record_policy(row, out.times, self.pipeline.samples)
+            return (Mode.FALLBACK if decision.fallback else Mode.NOMINAL), out.action, decision.fallback, out.score
+        step = self.chunks.step(now, self.cameras, self._proprio, embedding)
+        if step.error is not None:
+            self.counters["inference_errors"] += 1
+            self._warn("%s: controlled stop", step.error)
+            return Mode.FALLBACK, self._zeros, True, np.nan
+        if step.arrived is not None:
+            self.last_output = step.arrived
+            self._chunk_score = step.arrived.score
+            with self.timer.section("gate"):
+                self._chunk_fallback = self.gate.update(self._chunk_score).fallback
+            if step.arrived.times is not None:
+                self._record_policy(row, step.arrived.times, step.arrived.samples)
+        if step.action is None:
+            self.counters["chunk_empty"] += 1
+            self._warn("no chunk has a step for now (the next one is late): controlled stop, no extrapolation")
+            return Mode.FALLBACK, self._zeros, True, np.nan
+        np.copyto(self._chunk_action, step.action)
+        fallback = self._chunk_fallback  # the score and decision of the chunk being executed
+        return (Mode.FALLBACK if fallback else Mode.NOMINAL), step.action, fallback, self._chunk_score
+
+    def _record_policy(self, row: np.void, t, samples: int) -> None:
         """The pipeline's own stage times (it times them inside infer) into the tick's record."""
-        row["samples"] = self.pipeline.samples
+        row["samples"] = samples
         row["resize_ms"], row["vision_ms"], row["head_ms"], row["reduce_ms"] = (
             t.resize_ms, t.vision_ms, t.head_ms, t.reduce_ms)
         row["h2d_ms"], row["d2h_ms"] = t.h2d_ms, t.d2h_ms
@@ -468,10 +468,23 @@ class ControlLoop:
         self._amend_status(window=self._window, timing=timing)
 
     def stop_motors(self, repeats: int = 3) -> None:
-        """Commanded stop at shutdown: zero velocity, a few times in case a frame is lost on the line."""
+        """Commanded stop at shutdown: zero velocity (position channels hold), a few times in case a frame
+        is lost on the line."""
         self.safety.reset()
         for _ in range(repeats):
-            self.link.send_targets(self._zeros)
+            self._send(self.safety.last_command)
+
+    def start_worker(self) -> None:
+        """Start the inference worker of a chunk policy now (else on the first tick that runs the policy).
+        The service calls it before its real-time set-up: a thread inherits its creator's scheduling
+        policy and affinity, and the worker must keep normal priority, below the tick."""
+        if self.chunks is not None:
+            self.chunks.start()
+
+    def close(self) -> None:
+        """End the inference worker of a chunk policy (after `run` returned)."""
+        if self.chunks is not None:
+            self.chunks.close()
 
     def summary_line(self, window: int | None = None) -> str:
         records = self.recorder.latest(window)

@@ -14,7 +14,7 @@ rate, NaN/Inf guard, stale inputs), the motor controller's own watchdog, and sys
      Deceleration is a limit of its own; config validation requires
      ``decel_per_s <= max_slew_per_s`` so a controlled stop never changes the command faster
      than the slew limit would allow.
-   - ``damped``: ``damping * action``, then clamped and slew-limited like a nominal action.
+   - ``damped``: ``damping * action`` (position channels hold), then clamped and slew-limited like a nominal action.
      Only used when the action is finite and the inputs are fresh, i.e. for the gate's
      fallback. A NaN action has nothing to damp, and an action computed from stale inputs
      is not about the present, so those two always run the controlled stop.
@@ -26,6 +26,15 @@ rate, NaN/Inf guard, stale inputs), the motor controller's own watchdog, and sys
 allows no change); the first call after construction or ``reset`` uses ``period_s``.
 
 The stop command (all zeros) must lie within the limits; the config checks it.
+
+Position channels (``kinds``, from the policy's ``spec.action.kinds``): a command is a position target,
+so "stop" cannot mean zero (that is a place, maybe across the workspace). For a position channel a
+controlled stop and the e-stop HOLD the last commanded position (the target does not move, the
+controller's servo settles there); ``reset`` takes the last measured position (``observe_positions``)
+where telemetry gave one, else keeps the last commanded. Limits and slew apply to the target as to a
+velocity (the slew limit of a position channel is its largest speed); 0 need not lie within its limits.
+Until every position channel has a known position (`positions_known`) the caller must not send a
+command: any value would be a motion command (the loop sends none until telemetry gives the positions).
 """
 
 from __future__ import annotations
@@ -45,6 +54,7 @@ from edge.validation import check_bound, check_choice, check_number, check_range
 logger = logging.getLogger(__name__)
 
 FALLBACK_BEHAVIOURS = ("controlled_stop", "damped")
+COMMAND_KINDS = ("velocity", "position")
 # A timestamp up to this many periods in the future is tolerated (rounding, producer stamping
 # just after our clock read); more than that means a different clock.
 _FUTURE_TOLERANCE_PERIODS = 1.0
@@ -85,10 +95,15 @@ class SafetyConfig:
     stale_after_periods: float = 3.0  # inputs older than this many periods force the fallback
     fallback_behaviour: str = "controlled_stop"  # one of FALLBACK_BEHAVIOURS
     damping: float = 0.5  # factor on the action in the "damped" fallback; 0..1
+    kinds: tuple[str, ...] | None = None  # per dimension "velocity" or "position"; None: all velocity
 
     def __post_init__(self) -> None:
         low = _vector(self.action_low, "safety.action_low", None)
         dim = len(low)
+        kinds = ("velocity",) * dim if self.kinds is None else check_sequence(
+            "spec.action.kinds", self.kinds, lambda k, v: check_choice(k, v, COMMAND_KINDS), length=dim,
+            each="one per action dimension")
+        object.__setattr__(self, "kinds", kinds)
         high = _vector(self.action_high, "safety.action_high", dim)
         slew = _vector(self.max_slew_per_s, "safety.max_slew_per_s", dim)
         decel = _vector(self.decel_per_s, "safety.decel_per_s", dim)
@@ -97,7 +112,7 @@ class SafetyConfig:
                 raise ConfigError(
                     f"safety.action_low[{i}] ({low[i]!r}) must be < safety.action_high[{i}] ({high[i]!r})"
                 )
-            if not (low[i] <= 0.0 <= high[i]):
+            if kinds[i] == "velocity" and not (low[i] <= 0.0 <= high[i]):
                 raise ConfigError(
                     f"safety.action_low[{i}]..action_high[{i}] ({low[i]!r}..{high[i]!r}) must include 0: "
                     "zero is the stop command the fallback and e-stop send"
@@ -195,6 +210,12 @@ class SafetyLayer:
         self._neg_limit = np.zeros(dim, dtype=np.float64)
         self._clamped = np.zeros(dim, dtype=np.float64)
         self._finite = np.zeros(dim, dtype=bool)
+        # 1 for velocity channels, 0 for position channels: a stop ramps velocities, holds positions.
+        self._ramps = np.array([k == "velocity" for k in config.kinds], dtype=np.float64)
+        self._holds = 1.0 - self._ramps
+        self._has_positions = not bool(self._ramps.all())
+        self._measured = np.zeros(dim, dtype=np.float64)  # last measured position per channel
+        self._known = self._ramps.astype(bool)  # position known (velocity channels: always)
         self._sent = np.zeros(dim, dtype=np.float32)
         self._sent_view = self._sent.view()
         self._sent_view.flags.writeable = False
@@ -215,14 +236,35 @@ class SafetyLayer:
     def estopped(self) -> bool:
         return self._estop
 
+    @property
+    def positions_known(self) -> bool:
+        """Every position channel has a known position (always True without position channels)."""
+        return bool(self._known.all())
+
+    def observe_positions(self, positions: Sequence[float]) -> None:
+        """The controller's measured positions (a telemetry sample already checked for bounds): the
+        position channels' hold target after a `reset`. The first sample also starts from them."""
+        if not self._has_positions:
+            return
+        first = not self.positions_known
+        for i in range(min(len(positions), len(self._measured))):
+            if not self._ramps[i]:
+                self._measured[i] = positions[i]
+                self._known[i] = True
+        if first and self.positions_known:
+            self.reset()
+
     def reset(self, command: np.ndarray | Sequence[float] | None = None) -> None:
-        """Start-up: set the command the motors are known to hold (zeros by default).
+        """Start-up: set the command the motors are known to hold (by default zero velocity, and the
+        measured position of position channels where known, else their last command).
 
         The next ``apply`` slews from it using ``period_s`` as elapsed time. A latched e-stop
         stays latched; only ``clear_estop`` releases it.
         """
         if command is None:
-            self._prev.fill(0.0)
+            # prev = ramps * 0 + (1 - ramps) * (measured where known, else prev)
+            held = np.where(self._known, self._measured, self._prev) if self._has_positions else self._prev
+            np.multiply(held, self._holds, out=self._prev)
         else:
             arr = self._checked(command, "reset command")
             if not np.all(np.isfinite(arr)):
@@ -236,7 +278,7 @@ class SafetyLayer:
         if not self._estop:
             logger.warning("emergency stop latched: commanding zero")
         self._estop = True
-        self._prev.fill(0.0)
+        self._prev *= self._holds  # zero velocity; position channels hold their target
         self._publish()
 
     def clear_estop(self) -> None:
@@ -269,8 +311,8 @@ class SafetyLayer:
         self.ticks += 1
 
         if self._estop:
-            # _prev is already zero (estop() zeroed it); publish again in case reset() ran since.
-            self._prev.fill(0.0)
+            # estop() already stopped the velocities; again in case reset() ran since.
+            self._prev *= self._holds
             self._publish()
             self.estop_ticks += 1
             return SafetyResult(self._sent_view, SafetyReason.ESTOP, True)
@@ -295,10 +337,15 @@ class SafetyLayer:
                 np.negative(self._limit, out=self._neg_limit)
                 np.negative(self._prev, out=self._step)
                 np.clip(self._step, self._neg_limit, self._limit, out=self._step)
+                self._step *= self._ramps  # position channels hold
                 self._prev += self._step
                 self._publish()
                 return SafetyResult(self._sent_view, reasons, True)
             np.multiply(arr, cfg.damping, out=self._target)
+            if self._has_positions:
+                # A damped position target would pull toward 0: position channels hold instead.
+                self._target *= self._ramps
+                self._target += self._prev * self._holds
         else:
             self._target[:] = arr
 

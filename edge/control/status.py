@@ -230,6 +230,13 @@ class LoopStatus:
     # What the controller reports (edge/control/controller_watch.py): flags, its counters, a fault, and
     # whether it confirmed our e-stop (None when none is latched).
     controller: Mapping[str, Any] | None = None
+    # Every camera by spec name (`camera` is the first), and those whose frame is missing or too old.
+    cameras: Mapping[str, CameraHealth] = field(default_factory=dict)
+    stale_cameras: tuple[str, ...] = ()
+    # A chunk policy's execution (edge/control/chunks.py): replans, entry index vs measured delay, stops
+    # on an empty chunk queue, the worker's queue (None for a one-step policy).
+    chunks: Any = None
+    language: bool = True  # the policy takes an instruction
 
     @property
     def ticks(self) -> int:
@@ -238,7 +245,11 @@ class LoopStatus:
     def line(self) -> str:
         """One line for `systemctl status` (sd_notify STATUS=)."""
         text = self.instruction
+        chunks = self.chunks
         return (f"{self.mode} | {self.ticks} ticks, {self.timing.overruns} overruns, "
                 f"{self.counters.get('fallback', 0)} fallback | instruction: "
-                + (repr(text[:60]) if text else "none (holding)")
+                + ((repr(text[:60]) if text else "none (holding)") if self.language else "none needed")
+                + (f" | stale camera(s): {', '.join(self.stale_cameras)}" if self.stale_cameras else "")
+                + (f" | chunks: {chunks.replans} replans, entry {chunks.entry_index}, {chunks.empty_stops} "
+                   "empty stops" if chunks is not None else "")
                 + (f" | holding: {self.hold_reason}" if self.hold_reason else ""))

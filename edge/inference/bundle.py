@@ -112,20 +112,18 @@ class EngineEntry:
     precision: str
 
 
+UNCERTAINTY_SIGNALS = ("mc-dropout", "none")  # what the pipeline computes: MC-dropout spread, or nothing (T = 1)
+
+
 def runtime_gaps(spec: PolicySpec, uncertainty_signal: str) -> list[str]:
-    """What this runtime cannot run yet for a policy of `spec` (the build asks before a closed-loop gate)."""
-    reasons = []
-    if len(spec.cameras) != 1:
-        reasons.append(f"{len(spec.cameras)} cameras")
-    if spec.action.horizon != 1:
-        reasons.append(f"action chunks (horizon {spec.action.horizon})")
-    if spec.language is None:
-        reasons.append("a policy without language")
-    if "position" in spec.action.kinds:
-        reasons.append("position command channels")
-    if uncertainty_signal != "mc-dropout":
-        reasons.append("no MC-dropout uncertainty (--uncertainty none)")
-    return reasons
+    """What this runtime cannot run of a policy of `spec` (the build asks before its closed-loop gate,
+    doctor and run before any device). Every shape schema v2 describes runs: one or more cameras, with or
+    without language, proprio of any size, action chunks, velocity and position channels, MC-dropout or
+    no uncertainty signal; what is left is a signal this runtime does not compute."""
+    if uncertainty_signal not in UNCERTAINTY_SIGNALS:
+        return [f"the uncertainty signal {uncertainty_signal!r} (this runtime computes "
+                f"{' or '.join(UNCERTAINTY_SIGNALS)})"]
+    return []
 
 
 class Bundle:
@@ -252,16 +250,21 @@ class Bundle:
         return {**action.to_dict(), "dim": action.dim}
 
     def unsupported_by_runtime(self) -> list[str]:
-        """What this runtime cannot run yet in this bundle (issue 15 brings it); empty when it can."""
+        """What this runtime cannot run in this bundle; empty when it can."""
         return runtime_gaps(self.spec, self.manifest["uncertainty"]["signal"])
 
     def check_runnable(self) -> None:
-        """Raise BundleError (before any device is armed) for a bundle this runtime cannot run yet."""
+        """Raise BundleError (before any device is armed) for a bundle this runtime cannot run."""
         reasons = self.unsupported_by_runtime()
         if reasons:
-            raise BundleError(f"bundle {self.root} ({self.spec.name}) needs runtime support that is coming in a "
-                              f"later release: {', '.join(reasons)}. This runtime runs one camera, one action "
-                              "per inference, language-conditioned, velocity channels with MC-dropout")
+            raise BundleError(f"bundle {self.root} ({self.spec.name}) needs what this runtime does not have: "
+                              f"{', '.join(reasons)}; rebuild it with a signal this runtime computes: "
+                              f"{rebuild_hint(self.manifest)} --uncertainty mc-dropout (or none)")
+
+    @property
+    def has_uncertainty(self) -> bool:
+        """False for a bundle built with --uncertainty none: no dropout masks, T = 1, no threshold."""
+        return self.manifest["uncertainty"]["signal"] != "none"
 
     @property
     def dropout(self) -> dict:

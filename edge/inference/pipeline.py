@@ -1,14 +1,21 @@
 """The policy pipeline of one control tick (docs/architecture.md, "One control tick").
 
-    frame -> resize into the vision input buffer -> vision graph/engine
-          -> head with T Monte-Carlo dropout masks in ONE batch -> mean action, spread, score
+    frames (one per camera) -> resize into the vision inputs -> vision graph/engine
+          -> head with T Monte-Carlo dropout masks in ONE batch -> a chunk of H actions per sample
+          -> mean actions [H, A], spread [H, A], score per chunk step, score over the executed steps
+
+Any bundle schema v2 describes runs: one or more cameras (one uint8 input of the vision graph each),
+with or without language, proprio of any size (0 included), single actions (H = 1) or chunks, and
+heads without dropout masks (``--uncertainty none``: T = 1, spread 0). The bundle's graph IO is checked
+against its spec once, at construction; every buffer is allocated at `activate()`, none per tick.
 
 The language encoder runs only when the instruction changes, on its own thread, behind an LRU cache
 seeded with the bundle's precomputed embeddings; until a new instruction's embedding is ready the
 pipeline reports "not ready" and the loop holds the robot (it never waits for the encoder).
 
 Dropout masks come from a bank generated once at start-up; each tick copies T consecutive rows from a
-random offset into the head's mask inputs, so nothing is allocated per tick.
+random offset into the head's mask inputs, so nothing is allocated per tick. The score's meaning over a
+chunk is in docs/bundle.md, "Uncertainty over chunks".
 """
 
 from __future__ import annotations
@@ -18,15 +25,16 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from edge.errors import ConfigError, EdgeError, InputError
+from edge.errors import BundleError, ConfigError, EdgeError, InputError
 from edge.inference.backends.base import InferenceBackend, TensorSpec
-from edge.inference.bundle import Bundle
+from edge.inference.bundle import Bundle, rebuild_hint
 from edge.inference.frames import resize_into
+from edge.inference.graph_contract import check_policy_io
 from edge.inference.tokenizer import InstructionTokenizer
 from edge.validation import check_choice, check_range
 
@@ -86,10 +94,15 @@ class StageTimes:
 
 @dataclass
 class PolicyOutput:
-    action: np.ndarray  # float32 [action_dim], mean over the T samples (buffer reused every tick)
-    spread: np.ndarray  # float32 [action_dim], std over the T samples (buffer reused every tick)
-    score: float  # RMS of spread over the action range
-    samples: np.ndarray  # float32 [T, action_dim], a view of the head's output buffer
+    """One inference: a chunk of H actions (H = 1 for a single-step policy) from T samples. Every array is
+    a buffer of the pipeline, overwritten by its next infer(): copy what must outlive the tick."""
+
+    actions: np.ndarray  # float32 [H, A], mean over the T samples
+    spread: np.ndarray  # float32 [H, A], std over the T samples (0 without uncertainty)
+    samples: np.ndarray  # float32 [T, H, A], a view of the head's output buffer
+    score_per_step: np.ndarray  # float32 [H], RMS of the spread over the channels / the action range
+    score: float  # RMS of the spread over the first `score_steps` steps and every channel / the action range
+    action: np.ndarray  # float32 [A], actions[0] (a view): the step a single-step loop executes
     times: StageTimes = field(default_factory=StageTimes)
 
 
@@ -184,7 +197,12 @@ class EmbeddingCache:
 
 
 class PolicyPipeline:
-    """Vision + cached language + MC-dropout head, on any backend, with preallocated buffers."""
+    """Vision + cached language + MC-dropout head, on any backend, with preallocated buffers.
+
+    Attributes other parts read: `cameras` (the spec's CameraSpec tuple, the order of infer's frames),
+    `horizon` (H), `action_dim` (A), `proprio_dim` (P, may be 0), `needs_language`, `has_uncertainty`,
+    `samples` (T) and `score_steps` (how many leading chunk steps the score covers).
+    """
 
     def __init__(
         self,
@@ -196,65 +214,95 @@ class PolicyPipeline:
         backend_factory: BackendFactory | None = None,
         cache_capacity: int = 64,
     ):
-        bundle.check_runnable()  # several cameras, chunks, no language: a clear refusal, before any device
+        bundle.check_runnable()  # before any device
+        self.graph_io = check_policy_io(bundle)
+        spec = bundle.spec
+        self.bundle = bundle
+        self.cameras = spec.cameras
+        self.horizon = spec.action.horizon
+        self.action_dim = spec.action.dim
+        self.proprio_dim = spec.proprio.dim
+        self.needs_language = spec.language is not None
+        self.has_uncertainty = bundle.has_uncertainty
         dropout = bundle.dropout
         self.max_samples = int(dropout["max_samples"])
         self.samples = int(mc_samples if mc_samples is not None else dropout["default_samples"])
+        if not self.has_uncertainty and self.samples != 1:
+            raise ConfigError(f"policy.mc_samples must be 1 for this bundle, got {self.samples}: it was built with "
+                              "--uncertainty none, so its head has no dropout masks and runs once per inference")
         if not 1 <= self.samples <= self.max_samples:
             raise ConfigError(f"policy.mc_samples must be in 1..{self.max_samples} (the engine profile's "
                               f"maximum), got {self.samples}")
         if mask_bank_rows < self.samples:
             raise ConfigError(f"mask bank of {mask_bank_rows} rows cannot hold {self.samples} samples")
-        self.bundle = bundle
         self.target = target
         self.variants = bundle.target_variants(target)
+        missing = sorted(set(bundle.graphs) - set(self.variants))
+        if missing:
+            raise BundleError(f"bundle {bundle.root}: target {target!r} names no variant of the {', '.join(missing)} "
+                              f"graph; rebuild with: {rebuild_hint(bundle.manifest)}")
         self._factory = backend_factory or onnxruntime_factory(bundle)
         self.widths = [int(w) for w in dropout["widths"]]
-        rate = float(dropout["rate"])
         rng = np.random.default_rng(mask_seed)
-        keep = np.float32(1.0 - rate)
-        self._bank = [((rng.random((mask_bank_rows, w)) < keep).astype(np.float32) / keep) for w in self.widths]
+        keep = np.float32(1.0 - float(dropout["rate"])) if self.has_uncertainty else np.float32(1.0)
+        # One bank per mask input, of the input's own trailing shape ([width], or [1, width] for a mask
+        # shared over a token or chunk axis), 0 or 1/(1-p).
+        self._bank = [((rng.random((mask_bank_rows, *mask.shape[1:])) < keep).astype(np.float32) / keep)
+                      for mask in self.graph_io.masks]
         self._rng = rng
-        self.action_range = float(np.max(np.asarray(bundle.action["high"]) - np.asarray(bundle.action["low"])))
-        self.tokenizer = InstructionTokenizer(bundle.tokenizer_path, max_tokens=bundle.max_tokens)
-        self.cache = EmbeddingCache(self._encode, cache_capacity, bundle.embeddings())
+        self.action_range = float(np.max(np.asarray(spec.action.high) - np.asarray(spec.action.low)))
+        self.tokenizer: InstructionTokenizer | None = None
+        self.cache: EmbeddingCache | None = None  # None for a policy without language
+        if self.needs_language:
+            self.tokenizer = InstructionTokenizer(bundle.tokenizer_path, max_tokens=bundle.max_tokens)
+            self.cache = EmbeddingCache(self._encode, cache_capacity, bundle.embeddings())
         self._vision: InferenceBackend | None = None
         self._head: InferenceBackend | None = None
         self._language: InferenceBackend | None = None
         self._language_lock = threading.Lock()
         self._deterministic = False
+        self._score_steps = self.horizon
 
     # -- life cycle ---------------------------------------------------------------------------------
     def activate(self) -> None:
+        """Open the backends and allocate every buffer a tick uses."""
         graphs = self.bundle.graphs
         make = self._factory
         self._vision = make("vision", self.variants["vision"], graphs["vision"].inputs, graphs["vision"].outputs, 1)
         self._head = make("head", self.variants["head"], graphs["head"].inputs, graphs["head"].outputs,
                           self.max_samples)
-        self._language = make("language", self.variants["language"], graphs["language"].inputs,
-                              graphs["language"].outputs, 1)
-        for backend in (self._vision, self._head, self._language):
+        if self.needs_language:
+            self._language = make("language", self.variants["language"], graphs["language"].inputs,
+                                  graphs["language"].outputs, 1)
+        for backend in self.backends.values():
             backend.activate()
-        self._image = self._vision.input("image")[0]
+        spec = self.bundle.spec
+        self._images = tuple(self._vision.input(spec.camera_input(c))[0] for c in self.cameras)
         self._head_vision = self._head.input("vision_features")
-        self._head_language = self._head.input("language_features")
-        self._head_proprio = self._head.input("proprio")
-        self._masks = [self._head.input(f"dropout_mask_{i}") for i in range(len(self.widths))]
-        self._ids = self._language.input("input_ids")
-        self._attention = self._language.input("attention_mask")
-        action_dim = int(self.bundle.action["dim"])
-        self._mean = np.zeros(action_dim, np.float32)
-        self._spread = np.zeros(action_dim, np.float32)
-        self._scratch = np.zeros((self.max_samples, action_dim), np.float32)
+        self._head_language = self._head.input("language_features") if self.needs_language else None
+        self._head_proprio = self._head.input("proprio")[0] if self.proprio_dim else None
+        self._masks = [self._head.input(mask.name) for mask in self.graph_io.masks]
+        if self.needs_language:
+            self._ids = self._language.input("input_ids")
+            self._attention = self._language.input("attention_mask")
+        chunk = (self.horizon, self.action_dim)
+        self._actions = np.zeros(chunk, np.float32)
+        self._spread = np.zeros(chunk, np.float32)
+        self._square = np.zeros(chunk, np.float32)
+        self._deviation = np.zeros((self.max_samples, *chunk), np.float32)
+        self._score_per_step = np.zeros(self.horizon, np.float32)
         self._times = StageTimes()
-        self._output = PolicyOutput(self._mean, self._spread, 0.0, self._scratch[:1], self._times)
-        self.cache.start()
+        self._output = PolicyOutput(actions=self._actions, spread=self._spread,
+                                    samples=np.zeros((1, *chunk), np.float32), score_per_step=self._score_per_step,
+                                    score=0.0, action=self._actions[0], times=self._times)
+        if self.cache is not None:
+            self.cache.start()
 
     def close(self) -> None:
-        self.cache.stop()
-        for backend in (self._vision, self._head, self._language):
-            if backend is not None:
-                backend.close()
+        if self.cache is not None:
+            self.cache.stop()
+        for backend in self.backends.values():
+            backend.close()
 
     def __enter__(self) -> PolicyPipeline:
         self.activate()
@@ -271,7 +319,11 @@ class PolicyPipeline:
             return out.copy()
 
     def embedding(self, text: str) -> np.ndarray | None:
-        """The cached embedding, or None while it is being computed. Raises InputError if refused."""
+        """The cached embedding, or None while it is being computed. Raises InputError if refused, and
+        for a policy without language (it takes no instruction)."""
+        if self.cache is None:
+            raise InputError(f"the policy {self.bundle.spec.name} takes no instruction (its bundle has no "
+                             "language graph): run it without one")
         vector = self.cache.request(text)
         if vector is None:
             error = self.cache.error(text)
@@ -281,36 +333,65 @@ class PolicyPipeline:
 
     # -- the tick -----------------------------------------------------------------------------------
     def set_mc_samples(self, samples: int, deterministic: bool = False) -> None:
+        if not self.has_uncertainty and samples != 1:
+            raise ConfigError(f"mc_samples must be 1 for a bundle without uncertainty (no dropout masks), got {samples}")
         if not 1 <= samples <= self.max_samples:
             raise ConfigError(f"mc_samples must be in 1..{self.max_samples}, got {samples}")
         self.samples = samples
         self._deterministic = deterministic
 
-    def infer(self, frame: np.ndarray, proprio: np.ndarray, language: np.ndarray) -> PolicyOutput:
+    @property
+    def score_steps(self) -> int:
+        """How many leading steps of the chunk the score covers: the part that will be executed (default H)."""
+        return self._score_steps
+
+    @score_steps.setter
+    def score_steps(self, steps: int) -> None:
+        if isinstance(steps, bool) or not isinstance(steps, int | np.integer) or not 1 <= steps <= self.horizon:
+            raise ConfigError(f"score_steps must be an integer in 1..{self.horizon} (the chunk's horizon), "
+                              f"got {steps!r}")
+        self._score_steps = int(steps)
+
+    def infer(self, frames: Sequence[np.ndarray] | np.ndarray, proprio: np.ndarray | None,
+              language: np.ndarray | None = None) -> PolicyOutput:
+        """One inference: `frames` one uint8 [H, W, 3] frame per camera in `cameras` order (a single array
+        for a one-camera policy), `proprio` float [proprio_dim], `language` the instruction's embedding
+        (None for a policy without language). Raises InputError naming what does not fit."""
         t0 = time.perf_counter()
-        resize_into(frame, self._image)
+        if isinstance(frames, np.ndarray):
+            frames = (frames,)
+        if len(frames) != len(self._images):
+            raise InputError(f"the policy has {len(self._images)} camera(s) ({', '.join(c.name for c in self.cameras)}); "
+                             f"got {len(frames)} frame(s): pass one uint8 [H, W, 3] frame per camera, in that order")
+        for frame, image in zip(frames, self._images):
+            resize_into(frame, image)
         t1 = time.perf_counter()
         features = self._vision.run(1)["vision_features"]
         np.copyto(self._head_vision, features)
         t2 = time.perf_counter()
-        np.copyto(self._head_language, language)
-        proprio = np.asarray(proprio)
-        if proprio.shape[-1] != self._head_proprio.shape[-1]:
-            raise InputError(f"proprio must have {self._head_proprio.shape[-1]} values, got shape {proprio.shape}")
-        self._head_proprio[0] = proprio
+        self._set_language(language)
+        self._set_proprio(proprio)
         samples = self.samples
         if self._deterministic:
             for mask in self._masks:
                 mask[:samples] = 1.0
-        else:
+        elif self._masks:
             offset = int(self._rng.integers(0, self._bank[0].shape[0] - samples + 1))
             for mask, bank in zip(self._masks, self._bank):
                 np.copyto(mask[:samples], bank[offset : offset + samples])
-        actions = self._head.run(samples)["actions"]
+        actions = self._head.run(samples)["actions"].reshape(samples, self.horizon, self.action_dim)
         t3 = time.perf_counter()
-        np.mean(actions, axis=0, out=self._mean)
-        np.std(actions, axis=0, out=self._spread)
-        score = float(np.sqrt(np.mean(self._spread * self._spread))) / self.action_range
+        np.mean(actions, axis=0, out=self._actions)
+        deviation = self._deviation[:samples]  # the std over the T samples, in preallocated buffers
+        np.subtract(actions, self._actions, out=deviation)
+        np.multiply(deviation, deviation, out=deviation)
+        np.mean(deviation, axis=0, out=self._spread)
+        np.sqrt(self._spread, out=self._spread)
+        np.multiply(self._spread, self._spread, out=self._square)
+        score = float(np.sqrt(np.mean(self._square[: self._score_steps]))) / self.action_range
+        np.mean(self._square, axis=1, out=self._score_per_step)
+        np.sqrt(self._score_per_step, out=self._score_per_step)
+        self._score_per_step /= np.float32(self.action_range)
         t4 = time.perf_counter()
         self._times.resize_ms = (t1 - t0) * 1e3
         self._times.vision_ms = (t2 - t1) * 1e3
@@ -323,6 +404,32 @@ class PolicyPipeline:
         self._output.samples = actions
         return self._output
 
+    def _set_language(self, language: np.ndarray | None) -> None:
+        if self._head_language is None:
+            if language is not None:
+                raise InputError(f"the policy {self.bundle.spec.name} takes no instruction (no language graph): "
+                                 "pass language=None")
+            return
+        if language is None:
+            raise InputError("the policy is conditioned on an instruction: pass its embedding "
+                             "(pipeline.embedding(text)), not None")
+        shape = np.shape(language)
+        if shape not in ((self._head_language.shape[-1],), tuple(self._head_language.shape)):
+            raise InputError(f"the language embedding must be float [{self._head_language.shape[-1]}] or "
+                             f"{list(self._head_language.shape)}, got shape {list(shape)}")
+        np.copyto(self._head_language, language)
+
+    def _set_proprio(self, proprio: np.ndarray | None) -> None:
+        size = 0 if proprio is None else np.size(proprio)
+        if size != self.proprio_dim:
+            names = ", ".join(self.bundle.spec.proprio.names) or "none"
+            raise InputError(f"proprio must have {self.proprio_dim} values ({names}), got shape "
+                             f"{None if proprio is None else list(np.shape(proprio))}")
+        if self._head_proprio is not None:
+            np.copyto(self._head_proprio, np.reshape(proprio, self.proprio_dim))
+
     @property
     def backends(self) -> dict[str, InferenceBackend]:
-        return {"vision": self._vision, "head": self._head, "language": self._language}
+        """The active backends by graph ("language" only for a policy with language)."""
+        backends = {"vision": self._vision, "head": self._head, "language": self._language}
+        return {name: backend for name, backend in backends.items() if backend is not None}

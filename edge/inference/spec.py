@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from edge.errors import ConfigError
+from edge.errors import ConfigError, InputError
 from edge.validation import check_choice, check_range, check_sequence, check_text
 
 CHANNEL_ORDERS = ("bgr", "rgb")  # what the vision graph's uint8 input expects; OpenCV delivers bgr
@@ -131,6 +131,21 @@ class ProprioSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return {"names": list(self.names), "sources": [f"{f}[{i}]" for f, i in self.sources]}
+
+    def fill(self, out: Any, velocities: Any, positions: Any) -> bool:
+        """Write the proprio vector of one telemetry sample into `out` (float [dim], preallocated), entry i
+        from its source (`velocities[j]` or `positions[j]`). False when a source's channel is missing from
+        the sample (fewer channels than the spec reads, or a field the sample lacks, None): the caller
+        treats the sample as missing; `out` may then be partly written. Allocates nothing."""
+        if len(out) != len(self.sources):
+            raise InputError(f"the proprio buffer has {len(out)} values; the policy's proprio has {self.dim} "
+                             f"({', '.join(self.names) or 'none'})")
+        for i, (source, index) in enumerate(self.sources):
+            values = velocities if source == "velocities" else positions
+            if values is None or index >= len(values):
+                return False
+            out[i] = values[index]
+        return True
 
 
 def _source(key: str, value: Any) -> tuple[str, int]:

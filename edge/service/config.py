@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edge.control.chunks import ChunkConfig
 from edge.control.loop import LoopConfig
 from edge.control.realtime import RealtimeConfig
 from edge.control.safety import SafetySection
@@ -48,6 +49,7 @@ __all__ = [
     "METRICS_HOST",
     "TARGETS",
     "CameraConfig",
+    "ChunkConfig",
     "InstructionConfig",
     "LoopConfig",
     "MetricsConfig",
@@ -89,6 +91,19 @@ class RobotConfig:
     instruction: InstructionConfig = field(default_factory=InstructionConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     ros2: Ros2Section | None = None  # ROS 2 topics in place of (or beside) the devices; None: no ROS 2
+    # `policy.replan_every` and `policy.temporal_ensemble`: keys of the policy: section, kept beside the
+    # chunk scheduler (edge/control/chunks.py).
+    chunks: ChunkConfig = field(default_factory=ChunkConfig)
+    # `cameras:`, one camera config per spec camera name (a policy of several cameras). Without it the
+    # one `camera:` serves a one-camera policy; with it, `camera` is the first entry's config.
+    cameras: Mapping[str, CameraConfig] = field(default_factory=dict)
+
+    def camera_configs(self, names: tuple[str, ...] | list[str]) -> dict[str, CameraConfig]:
+        """The camera config of each spec camera present in the config (`cameras:` by name, or the one
+        `camera:` for a one-camera policy); the start-up check names those missing."""
+        if self.cameras:
+            return {n: self.cameras[n] for n in names if n in self.cameras}
+        return {names[0]: self.camera} if len(names) == 1 else {}
 
 
 _SECTIONS = {
@@ -120,16 +135,25 @@ def expand_directories(key: str, value: str, environ: Mapping[str, str] | None =
     return _PLACEHOLDER.sub(replace, value)
 
 
-def _section(name: str, cls, raw: Any):
+# Fields of a section's dataclass that come from the bundle, not the file (wiring sets them).
+FROM_BUNDLE = {"motor": {"kinds": "each channel's command kind comes from the bundle's spec.action.kinds"}}
+
+
+def _section(name: str, cls, raw: Any, also: tuple[str, ...] = ()):
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{name} must be a mapping of keys, got {type(raw).__name__}")
-    known = {f.name for f in dataclasses.fields(cls)}
+    for key, why in FROM_BUNDLE.get(name, {}).items():
+        if key in raw:
+            raise ConfigError(f"{name}.{key} is not a config key: {why}; remove it")
+    known = {f.name for f in dataclasses.fields(cls)} - set(FROM_BUNDLE.get(name, {}))
+    raw = {k: v for k, v in raw.items() if k not in also}  # keys another config of the section takes
+    known_text = sorted(known | set(also))
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"unknown key(s) {', '.join(f'{name}.{k}' for k in unknown)}; "
-                          f"allowed keys in {name}: {', '.join(sorted(known))}")
+                          f"allowed keys in {name}: {', '.join(known_text)}")
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
     try:
         return cls(**values)
@@ -140,14 +164,21 @@ def _section(name: str, cls, raw: Any):
 def config_from_dict(raw: Any, base_dir: Path | None = None, environ: Mapping[str, str] | None = None) -> RobotConfig:
     if not isinstance(raw, dict):
         raise ConfigError("the configuration must be a YAML mapping with sections bundle, camera, motor, ...")
-    unknown = sorted(set(raw) - {"bundle", "ros2", *_SECTIONS})
+    unknown = sorted(set(raw) - {"bundle", "ros2", "cameras", *_SECTIONS})
     if unknown:
-        raise ConfigError(f"unknown top-level key(s) {unknown}; allowed: bundle, {', '.join(_SECTIONS)}, ros2")
+        raise ConfigError(f"unknown top-level key(s) {unknown}; allowed: bundle, {', '.join(_SECTIONS)}, cameras, ros2")
     ros2 = _ros2_section(raw.get("ros2"))
+    cameras = _cameras(raw)
     replaced = _replaced_by_ros2(raw, ros2)
-    for required in ("bundle", "camera", "motor"):
+    if cameras and "camera" in replaced:
+        raise ConfigError("both cameras and ros2.camera are set: the robot has one camera source; remove the "
+                          "cameras section or ros2.camera")
+    for required in ("bundle", "motor") if cameras else ("bundle", "camera", "motor"):
         if required not in raw and required not in replaced:
-            raise ConfigError(f"missing required key '{required}'" + _ROS2_ALTERNATIVE.get(required, ""))
+            hint = _ROS2_ALTERNATIVE.get(required, "")
+            if required == "camera":
+                hint += " (or `cameras:`, one camera config per spec camera name)"
+            raise ConfigError(f"missing required key '{required}'{hint}")
     bundle = raw["bundle"]
     if not isinstance(bundle, str) or not bundle.strip():
         raise ConfigError(f"bundle must be the path of a policy bundle directory, got {bundle!r}")
@@ -158,10 +189,16 @@ def config_from_dict(raw: Any, base_dir: Path | None = None, environ: Mapping[st
     if isinstance(instruction, dict) and isinstance(instruction.get("socket"), str):
         instruction = {**instruction,
                        "socket": expand_directories("instruction.socket", instruction["socket"], environ)}
+    chunk_keys = tuple(f.name for f in dataclasses.fields(ChunkConfig))
     sections = {name: None if name in replaced else
-                _section(name, cls, instruction if name == "instruction" else raw.get(name))
-                for name, cls in _SECTIONS.items()}
-    return RobotConfig(bundle=str(bundle_path), ros2=ros2, **sections)
+                _section(name, cls, instruction if name == "instruction" else raw.get(name),
+                         chunk_keys if name == "policy" else ())
+                for name, cls in _SECTIONS.items() if not (name == "camera" and cameras)}
+    policy = raw.get("policy") if isinstance(raw.get("policy"), dict) else {}
+    chunks = _section("policy", ChunkConfig, {k: policy[k] for k in chunk_keys if k in policy})
+    if cameras:
+        sections["camera"] = next(iter(cameras.values()))
+    return RobotConfig(bundle=str(bundle_path), ros2=ros2, chunks=chunks, cameras=cameras, **sections)
 
 
 # -- the ros2: section ------------------------------------------------------------------------------------
@@ -204,6 +241,20 @@ def _replaced_by_ros2(raw: dict, ros2: Ros2Section | None) -> set[str]:
         raise ConfigError("ros2.telemetry goes with ros2.command: with the serial motor link the telemetry "
                           "comes from the controller; remove ros2.telemetry or set ros2.command")
     return replaced
+
+
+def _cameras(raw: dict) -> dict[str, CameraConfig]:
+    """The `cameras:` section: spec camera name -> camera config (the same keys as `camera:`)."""
+    section = raw.get("cameras")
+    if section is None:
+        return {}
+    if "camera" in raw:
+        raise ConfigError("give either `camera:` (a one-camera policy) or `cameras:` (one entry per spec camera "
+                          "name), not both")
+    if not isinstance(section, dict) or not section:
+        raise ConfigError("cameras must map each of the policy's camera names to a camera config, e.g. "
+                          "cameras: {wrist: {source: /dev/video0}, top: {source: /dev/video2}}")
+    return {str(name): _section(f"cameras.{name}", CameraConfig, value) for name, value in section.items()}
 
 
 def _unique_key_loader():

@@ -279,8 +279,8 @@ def run_checks(config_path: str | Path, *, open_camera: bool = False, camera_tim
     if running:
         if config.motor is not None:
             results.append(check_serial(config.motor))
-        if config.camera is not None:
-            results.append(_check_camera_source(config.camera))
+        results += [_check_camera_source(camera) for camera in (config.cameras or {"": config.camera}).values()
+                    if camera is not None]
         return results + check_running_service(config)
     bundle_results, bundle = check_bundle(config)
     results += bundle_results
@@ -292,8 +292,9 @@ def run_checks(config_path: str | Path, *, open_camera: bool = False, camera_tim
     results += check_ros2(config, environ)
     if config.motor is not None:  # else the commands go to a ROS 2 topic (ros2.command)
         results.append(check_serial(config.motor))
-    if config.camera is not None:  # else the frames come from a ROS 2 topic (ros2.camera)
-        results += check_camera(config.camera, open_camera=open_camera, timeout_s=camera_timeout_s)
+    for camera in (config.cameras or {"": config.camera}).values():  # every camera of `cameras:`, else the one
+        if camera is not None:  # else the frames come from a ROS 2 topic (ros2.camera)
+            results += check_camera(camera, open_camera=open_camera, timeout_s=camera_timeout_s)
     results += check_realtime(config)
     results += check_jetson_power()  # nothing off a Jetson
     results += check_metrics(config)

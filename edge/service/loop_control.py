@@ -3,6 +3,7 @@ from the loop's one snapshot (`ControlLoop.status()`), never from its internals.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -73,4 +74,17 @@ def status_reply(status: LoopStatus) -> dict[str, Any]:
                                                "reconnects": camera.reconnects},
         "counters": dict(status.counters),
         "controller": None if status.controller is None else dict(status.controller),
+        "cameras": {name: {"connected": c.connected, "frame_age_s": c.frame_age_s, "reconnects": c.reconnects}
+                    for name, c in status.cameras.items()},
+        "stale_cameras": list(status.stale_cameras),
+        "language": status.language,
+        "chunks": None if status.chunks is None else _chunks_reply(status.chunks),
     }
+
+
+def _chunks_reply(stats) -> dict[str, Any]:
+    """A chunk policy's execution (edge/control/chunks.py, ChunkStats) with JSON keys."""
+    reply = dataclasses.asdict(stats)
+    reply["entries"] = {str(k): v for k, v in stats.entries.items()}
+    reply["mean_delay_s"] = {str(k): v for k, v in stats.mean_delay_s.items()}
+    return reply

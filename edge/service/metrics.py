@@ -146,6 +146,34 @@ class LoopCollector:
             yield from _link_metrics(status.link, CounterMetricFamily, GaugeMetricFamily)
         if status.camera is not None:
             yield from _camera_metrics(status.camera, CounterMetricFamily, GaugeMetricFamily)
+        stale = GaugeMetricFamily(f"{PREFIX}_camera_stale", "1 for a spec camera whose frame is missing or too "
+                                  "old at the last tick", labels=["camera"])
+        for name in status.cameras:
+            stale.add_metric([name], float(name in status.stale_cameras))
+        yield stale
+        if status.chunks is not None:
+            yield from _chunk_metrics(status.chunks, CounterMetricFamily, GaugeMetricFamily)
+
+
+def _chunk_metrics(chunks, counter, gauge) -> Iterator[Any]:
+    """A chunk policy's execution (edge/control/chunks.py, ChunkStats)."""
+    yield _counter(counter, "chunk_replans", "Chunks accepted from the inference worker", chunks.replans)
+    yield _gauge(gauge, "chunk_replans_per_second", "Chunks accepted per second", chunks.replans_per_s)
+    yield _gauge(gauge, "chunk_entry_index", "Step the newest chunk was entered at (NaN before one)",
+                 math.nan if chunks.entry_index is None else chunks.entry_index)
+    yield _gauge(gauge, "chunk_entry_delay_seconds", "Capture-to-execution delay of the newest chunk",
+                 math.nan if chunks.entry_delay_s is None else chunks.entry_delay_s)
+    yield _gauge(gauge, "chunk_step", "Chunk step executed at the last tick (NaN: none, stopped)",
+                 math.nan if chunks.step is None else chunks.step)
+    entries = counter(f"{PREFIX}_chunk_entries", "Chunks entered per entry index", labels=["index"])
+    for index, count in chunks.entries.items():
+        entries.add_metric([str(index)], float(count))
+    yield entries
+    yield _counter(counter, "chunk_empty_stops", "Times the chunks ran out and the robot stopped", chunks.empty_stops)
+    yield _counter(counter, "chunk_late", "Chunks spent before they arrived", chunks.late_chunks)
+    yield _gauge(gauge, "chunk_queue_depth", "Inference requests waiting for the worker (0 or 1)", chunks.queue_depth)
+    yield _counter(counter, "chunk_replaced_requests", "Requests replaced by a newer one before inference",
+                   chunks.replaced_requests)
 
 
 def _link_metrics(link: LinkHealth, counter, gauge) -> Iterator[Any]:

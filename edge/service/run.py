@@ -69,7 +69,8 @@ class RobotService:
         self.stop_event = threading.Event()
         self.bundle: Bundle | None = None
         self.pipeline: PolicyPipeline | None = None
-        self.camera: Camera | None = None
+        self.camera: Camera | None = None  # the first of `cameras`
+        self.cameras: dict[str, Camera] = {}  # one per spec camera, by spec name
         self.link: SerialMotorLink | None = None
         self.loop: ControlLoop | None = None
         self.control_socket = None  # edge.service.control_socket.ControlSocketServer when instruction.socket is set
@@ -108,8 +109,9 @@ class RobotService:
         if not self._step(f"warming up ({cfg.loop.warmup_ticks} inference passes)"):
             return False
         self._warm_up()
-        self.loop = wiring.build_loop(self.pipeline, self.camera, self.link, self.bundle, cfg,
+        self.loop = wiring.build_loop(self.pipeline, self.cameras, self.link, self.bundle, cfg,
                                       on_deadline_met=self._on_deadline_met)
+        self.loop.start_worker()  # a chunk policy's inference thread, at normal priority (before real-time set-up)
         if cfg.instruction.initial:
             self.loop.set_instruction(cfg.instruction.initial)
         if cfg.instruction.socket:
@@ -150,11 +152,14 @@ class RobotService:
                 return False
             self.ros2 = wiring.ros2_roles(cfg)
             self.ros2.connect()  # the image topic's first frame included, when the camera is a topic
-        if not self._step(f"connecting camera {cfg.ros2.camera.topic if cfg.camera is None else cfg.camera.source}"):
-            return False
-        self.camera = wiring.make_camera(cfg, self.ros2)
-        if not self.camera.is_connected:
-            self.camera.connect()
+        for name, camera in wiring.make_cameras(self.bundle, cfg, self.ros2).items():
+            source = camera.config.source if cfg.camera is not None or cfg.cameras else cfg.ros2.camera.topic
+            if not self._step(f"connecting camera {name} ({source})"):
+                return False
+            self.cameras[name] = camera
+            self.camera = self.camera or camera
+            if not camera.is_connected:
+                camera.connect()
         if not self._step(f"connecting motor link {cfg.ros2.command.topic if cfg.motor is None else cfg.motor.port}"):
             return False
         self.link = wiring.make_link(cfg, self.ros2, self.bundle)
@@ -168,12 +173,15 @@ class RobotService:
         """Run the pipeline a few times so that first-run costs (allocation, page faults, lazy kernel
         selection) happen before the first real tick; encode the initial instruction now."""
         initial = self.config.instruction.initial
-        embedding = (self.pipeline.cache.encode_now(initial) if initial
-                     else np.zeros((1, self.pipeline.bundle.graphs["language"].outputs[0].shape[-1]), np.float32))
-        frame = np.zeros(self.camera.frame_shape or (240, 320, 3), np.uint8)
-        proprio = np.zeros(int(self.bundle.action["dim"]), np.float32)
+        spec = self.bundle.spec
+        embedding = None  # a policy without language takes none
+        if spec.language is not None:
+            embedding = (self.pipeline.cache.encode_now(initial) if initial
+                         else np.zeros((1, self.pipeline.bundle.graphs["language"].outputs[0].shape[-1]), np.float32))
+        frames = [np.zeros(camera.frame_shape or (240, 320, 3), np.uint8) for camera in self.cameras.values()]
+        proprio = np.zeros(spec.proprio.dim, np.float32)
         for _ in range(self.config.loop.warmup_ticks):
-            self.pipeline.infer(frame, proprio, embedding)
+            self.pipeline.infer(frames[0] if len(frames) == 1 else frames, proprio, embedding)
 
     def _check_watchdog_interval(self) -> None:
         interval = self.notifier.watchdog_interval_s
@@ -224,8 +232,13 @@ class RobotService:
         if self.loop is not None:
             logger.info("%s", self.loop.summary_line())
             logger.info("%s", self.loop.keeper.summary())
-        for name in ("control_socket", "metrics", "link", "camera", "ros2"):
-            part = getattr(self, name)
+            self.loop.close()
+        parts = [(name, getattr(self, name)) for name in ("control_socket", "metrics", "link")]
+        parts += [(f"camera {name}", camera) for name, camera in self.cameras.items()]
+        if not self.cameras:
+            parts.append(("camera", self.camera))
+        parts.append(("ros2", self.ros2))
+        for name, part in parts:
             if part is None:
                 continue
             try:

@@ -181,7 +181,6 @@ def robot_problems(bundle, config) -> list[StartupProblem]:
             f"dimension(s) ({names})",
             f"set motor.channels: {dim} (one velocity target per action dimension), or use a bundle whose "
             f"policy drives {config.motor.channels} channel(s)"))
-    problems += _motor_kind_problems(bundle, config)
     within_profile = 2 <= policy.mc_samples <= int(bundle.dropout["max_samples"])  # else refused already
     if (calibrated_set and within_profile and policy.mc_samples not in calibrated_set
             and config.uncertainty.threshold is None):
@@ -192,19 +191,6 @@ def robot_problems(bundle, config) -> list[StartupProblem]:
             f"set policy.mc_samples: {calibrated_set[0]}, or calibrate a threshold at this T and set "
             f"uncertainty.threshold", fatal=False))
     return problems
-
-
-def _motor_kind_problems(bundle, config) -> list[StartupProblem]:
-    """The serial link commands each channel of the kind the bundle's action names (wiring.make_link);
-    a motor.kinds written in the config must agree (the default, all velocity, is the unset value)."""
-    motor, kinds = config.motor, tuple(bundle.spec.action.kinds)
-    if motor is None or len(kinds) != motor.channels or motor.kinds == kinds:
-        return []
-    if all(kind == "velocity" for kind in motor.kinds):
-        return []  # not set: the link takes the bundle's kinds
-    return [StartupProblem(
-        "motor.kinds", f"motor.kinds is {list(motor.kinds)} but the policy's action channels are {list(kinds)}",
-        "remove motor.kinds (the link commands the kinds the bundle names), or use a bundle built for this robot")]
 
 
 def _ros2_command_problems(bundle, config, dim: int) -> list[StartupProblem]:
@@ -270,9 +256,67 @@ def ros2_problems(config, environ: Mapping[str, str] | None = None) -> list[Star
     return problems
 
 
+def camera_problems(bundle, config) -> list[StartupProblem]:
+    """Each of the policy's cameras has a camera config (`cameras.<name>`, or the one `camera:` for a
+    one-camera policy); a configured camera the policy does not take is a warning (it is never opened)."""
+    names = [c.name for c in bundle.spec.cameras]
+    problems = []
+    configured = config.camera_configs(names)
+    for name in names:
+        if name in configured:
+            continue
+        if config.cameras:
+            message = f"cameras has no entry {name!r}: the policy takes the cameras {', '.join(names)}"
+        else:
+            message = (f"the policy takes {len(names)} cameras ({', '.join(names)}) but `camera:` gives one")
+        problems.append(StartupProblem(
+            f"cameras.{name}", message,
+            f"give each camera under cameras:, e.g. cameras: {{{name}: {{source: /dev/video0}}}}"))
+    for name in config.cameras:
+        if name not in names:
+            problems.append(StartupProblem(
+                f"cameras.{name}", f"cameras.{name} is not a camera of the policy (it takes {', '.join(names)})",
+                "remove it, or rename it to the spec camera it is", fatal=False))
+    return problems
+
+
+def chunk_problems(bundle, config) -> list[StartupProblem]:
+    """policy.replan_every within 1..H (a chunk of H steps cannot be replanned less often than it lasts);
+    a warning for chunk settings that a one-step policy ignores."""
+    horizon = int(bundle.spec.action.horizon)
+    chunks = config.chunks
+    problems = []
+    if horizon == 1:
+        for key, value in (("replan_every", chunks.replan_every), ("temporal_ensemble", chunks.temporal_ensemble)):
+            if value is not None:
+                problems.append(StartupProblem(
+                    f"policy.{key}", f"policy.{key} is set but the policy returns one action per inference "
+                    f"(horizon 1): it has no effect", f"remove policy.{key}", fatal=False))
+        return problems
+    replan = chunks.replan_ticks(horizon)
+    if not 1 <= replan <= horizon:
+        problems.append(StartupProblem(
+            "policy.replan_every", f"policy.replan_every {replan} is out of 1..{horizon}: the policy's chunks are "
+            f"{horizon} steps long, so the robot would stop between chunks",
+            f"set policy.replan_every to at most {horizon} (default {max(1, horizon // 4)}: a quarter of the "
+            f"horizon)"))
+    return problems
+
+
+def language_problems(bundle, config) -> list[StartupProblem]:
+    """An initial instruction for a policy that takes none (its spec has no language)."""
+    if bundle.spec.language is None and config.instruction.initial:
+        return [StartupProblem(
+            "instruction.initial", f"instruction.initial is set but the policy {bundle.spec.name!r} takes no "
+            "instruction (its bundle has no language input); it runs without one",
+            "remove instruction.initial")]
+    return []
+
+
 def policy_problems(bundle, config) -> list[StartupProblem]:
     """Every problem of the config against the bundle: what doctor reports and run refuses or logs."""
-    return pipeline_problems(bundle, config) + robot_problems(bundle, config)
+    return (pipeline_problems(bundle, config) + robot_problems(bundle, config) + camera_problems(bundle, config)
+            + chunk_problems(bundle, config) + language_problems(bundle, config))
 
 
 def fatal(problems: list[StartupProblem]) -> list[StartupProblem]:

@@ -11,11 +11,14 @@ these functions, so what doctor checks is what run builds (docs/architecture.md,
     backend_factory(bundle, config)       backends for the configured target
     build_pipeline(bundle, config)        the policy pipeline (not yet activated)
     safety_config(bundle, config)         the safety layer's limits: bundle's action spec + config
+    motor_config(bundle, config)          the motor link's config with the bundle's command kinds
     gate_config(bundle, config)           the uncertainty gate: bundle's threshold unless overridden
-    build_loop(pipeline, camera, link, bundle, config)   the control loop with its gate and safety
+    build_cameras(bundle, config)         one camera object per spec camera (not connected)
+    build_loop(pipeline, camera, link, bundle, config)   the control loop with its gate and safety,
+                                                        executing chunks for a chunk policy
     ros2_roles(config)                    the ROS 2 bridge of the ros2: section (None without one)
-    make_camera(config, roles)            the camera: a ROS 2 image topic or the OpenCV camera
-    make_link(config, roles)              the motor link: ROS 2 command topics or the serial link
+    make_cameras(bundle, config, roles)   the cameras: a ROS 2 image topic or one OpenCV camera per spec camera
+    make_link(config, roles, bundle)      the motor link: ROS 2 command topics or the serial link
     command_width(config)                 how many targets one command carries on that link
 
 Nothing here opens a device: the caller connects the camera and the motor link (run does, doctor
@@ -37,7 +40,7 @@ from edge.inference.bundle import Bundle
 from edge.inference.engine_key import EngineKey, key_path
 from edge.inference.pipeline import BackendFactory, PolicyPipeline, onnxruntime_factory
 from edge.io.camera import Camera
-from edge.io.motor_link import SerialMotorLink
+from edge.io.motor_link import MotorLinkConfig, SerialMotorLink
 from edge.service import startup
 from edge.service.config import RobotConfig
 from edge.service.ros2_roles import Ros2Roles
@@ -188,6 +191,7 @@ def safety_config(bundle: Bundle, config: RobotConfig) -> SafetyConfig:
         stale_after_periods=config.safety.stale_after_periods,
         fallback_behaviour=config.safety.fallback_behaviour,
         damping=config.safety.damping,
+        kinds=tuple(bundle.spec.action.kinds),
     )
 
 
@@ -209,20 +213,33 @@ def gate_config(bundle: Bundle, config: RobotConfig) -> GateConfig:
                       enter_ticks=config.uncertainty.enter_ticks, exit_ticks=config.uncertainty.exit_ticks)
 
 
+def motor_config(bundle: Bundle, config: RobotConfig) -> MotorLinkConfig:
+    """The config's motor link, each channel of the kind the policy commands (spec.action.kinds)."""
+    return replace(config.motor, kinds=tuple(bundle.spec.action.kinds))
+
+
+def build_cameras(bundle: Bundle, config: RobotConfig) -> dict:
+    """One camera object (edge.io.camera.Camera, not connected) per spec camera, by spec name and in spec
+    order; ConfigError naming a spec camera the config does not give (edge/service/startup.py)."""
+    startup.raise_if_fatal(startup.camera_problems(bundle, config))
+    return {name: Camera(cam) for name, cam in config.camera_configs([c.name for c in bundle.spec.cameras]).items()}
+
+
 def build_loop(pipeline: PolicyPipeline, camera, link, bundle: Bundle, config: RobotConfig, *,
                on_deadline_met: Callable[[], None] | None = None, loop_class: type[ControlLoop] = ControlLoop,
                **loop_options) -> ControlLoop:
     """The control loop of the config, with the bundle's safety layer and uncertainty gate.
 
-    `loop_options` go to the loop unchanged (clock, sleep, frame_shape ...: tests and the benchmark);
-    `loop_class` lets the benchmark drive a subclass that adds its own per-tick bookkeeping.
+    `camera` is one camera object or one per spec camera (`build_cameras`). `loop_options` go to the loop
+    unchanged (clock, sleep, frame_shape ...: tests and the benchmark); `loop_class` lets the benchmark
+    drive a subclass that adds its own per-tick bookkeeping.
     """
     loop_cfg = config.loop
     return loop_class(
         pipeline, camera, link, SafetyLayer(safety_config(bundle, config)), UncertaintyGate(gate_config(bundle, config)),
         loop_cfg.period_s, stale_after_s=config.safety.stale_after_periods * loop_cfg.period_s,
         record_ticks=loop_cfg.record_ticks, summary_every_s=loop_cfg.summary_every_s,
-        on_deadline_met=on_deadline_met, **loop_options,
+        on_deadline_met=on_deadline_met, chunk_config=config.chunks, **loop_options,
     )
 
 
@@ -234,24 +251,20 @@ def ros2_roles(config: RobotConfig) -> Ros2Roles | None:
     return None if config.ros2 is None else Ros2Roles(config.ros2)
 
 
-def make_camera(config: RobotConfig, roles: Ros2Roles | None = None):
-    """The configured camera, not yet connected: the ROS 2 image topic where ros2.camera is set, else the
-    OpenCV camera of the camera section."""
+def make_cameras(bundle: Bundle, config: RobotConfig, roles: Ros2Roles | None = None) -> dict:
+    """The configured cameras by spec name, not yet connected: the ROS 2 image topic where ros2.camera is
+    set (a one-camera policy), else one OpenCV camera per spec camera (`build_cameras`)."""
     if roles is not None and roles.camera is not None:
-        return roles.camera
-    return Camera(config.camera)
+        return {bundle.spec.cameras[0].name: roles.camera}
+    return build_cameras(bundle, config)
 
 
 def make_link(config: RobotConfig, roles: Ros2Roles | None = None, bundle: Bundle | None = None):
     """The configured motor link, not yet connected: Ros2MotorLink where ros2.command is set, else the
-    serial link of the motor section, commanding each channel of the kind the bundle's action spec
-    names (velocity or position; `motor_kind_problems` in startup refuses a motor.kinds that disagrees)."""
+    serial link of the motor section, each channel of the kind the bundle's action names (`motor_config`)."""
     if roles is not None and roles.link is not None:
         return roles.link
-    motor = config.motor
-    if bundle is not None and len(bundle.spec.action.kinds) == motor.channels:
-        motor = replace(motor, kinds=tuple(bundle.spec.action.kinds))
-    return SerialMotorLink(motor)
+    return SerialMotorLink(config.motor if bundle is None else motor_config(bundle, config))
 
 
 def command_width(config: RobotConfig) -> int:

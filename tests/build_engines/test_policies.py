@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from build_engines import cli
-from edge.errors import BundleError
+from edge.errors import InputError
 from edge.inference.bundle import Bundle
 
 POLICIES = "tests.build_engines.tiny_policies"
@@ -47,7 +47,7 @@ def test_a_96px_language_policy_builds_and_runs_in_the_runtime_pipeline(tmp_path
     with PolicyPipeline(bundle, target="cpu", mc_samples=8) as pipeline:
         out_ = pipeline.infer(np.full((120, 160, 3), 90, np.uint8), np.zeros(2, np.float32),
                               pipeline.cache.encode_now("pick up the blue ball"))
-        assert out_.action.shape == (2,) and out_.samples.shape == (8, 2) and out_.score > 0
+        assert out_.action.shape == (2,) and out_.samples.shape == (8, 1, 2) and out_.score > 0
 
 
 def test_a_256x192_seven_dof_chunking_policy_without_language(tmp_path):
@@ -63,8 +63,13 @@ def test_a_256x192_seven_dof_chunking_policy_without_language(tmp_path):
     assert set(inputs(bundle, "head")) == {"vision_features", "proprio", "dropout_mask_0"}
     assert bundle.action["horizon"] == 8 and bundle.action["kinds"] == ["position"] * 7
     assert bundle.manifest["targets"]["cpu"] == {"vision": "int8-cpu", "head": "int8-cpu"}
-    with pytest.raises(BundleError, match="coming in a later release.*action chunks.*without language.*position"):
-        PolicyPipeline(bundle, target="cpu")
+    bundle.check_runnable()  # chunks, no language and position channels run in the runtime
+    with PolicyPipeline(bundle, target="cpu", mc_samples=4) as pipeline:
+        assert (pipeline.horizon, pipeline.action_dim, pipeline.proprio_dim) == (8, 7, 7)
+        assert not pipeline.needs_language and pipeline.cache is None
+        out = pipeline.infer(np.full((192, 256, 3), 90, np.uint8), np.zeros(7, np.float32), None)
+        assert out.actions.shape == (8, 7) and out.samples.shape == (4, 8, 7) and out.score_per_step.shape == (8,)
+        assert out.score > 0  # the dropout on the per-step tokens spreads every step
 
 
 def test_two_cameras_are_two_uint8_inputs_of_the_vision_graph(tmp_path):
@@ -82,17 +87,23 @@ def test_two_cameras_are_two_uint8_inputs_of_the_vision_graph(tmp_path):
     session = ort.InferenceSession(str(bundle.graph_path("vision", "int8-cpu")), providers=["CPUExecutionProvider"])
     expected = next(iter(load_outputs(out / entry["outputs"]["int8-cpu"]).values()))[0]
     np.testing.assert_allclose(session.run(None, feeds)[0], expected["vision_features"], atol=1e-5)
-    with pytest.raises(BundleError, match="2 cameras"):
-        bundle.check_runnable()
-    from edge.service import doctor, wiring
+    bundle.check_runnable()  # several cameras run in the runtime
+    from edge.inference.pipeline import PolicyPipeline
+    from edge.service import wiring
     from edge.service.config import config_from_dict
 
     config = config_from_dict({"bundle": str(out), "camera": {"source": 0}, "motor": {"port": "loop://"},
                                "policy": {"target": "cpu"}})
-    with pytest.raises(BundleError, match="coming in a later release"):
-        wiring.check_policy(bundle, config)  # what run checks before any device
-    results, _ = doctor.check_bundle(config)
-    assert results[-1].status is doctor.Status.FAIL and "2 cameras" in results[-1].message  # not "ready"
+    wiring.check_policy(bundle, config)  # what run checks before any device
+    frames = [feeds["image_cam0"][0], feeds["image_cam1"][0]]
+    with PolicyPipeline(bundle, target="cpu", mc_samples=4) as pipeline:
+        assert [c.name for c in pipeline.cameras] == ["cam0", "cam1"]
+        pipeline.infer(frames, np.zeros(2, np.float32), pipeline.cache.encode_now("go to the red block"))
+        # each frame went to its own camera's input: the features are the vision graph's on the reference
+        np.testing.assert_allclose(pipeline.backends["head"].input("vision_features")[0], expected["vision_features"][0],
+                                   atol=1e-5)
+        with pytest.raises(InputError, match=r"2 camera\(s\) \(cam0, cam1\); got 1 frame"):
+            pipeline.infer(frames[0], np.zeros(2, np.float32), pipeline.cache.encode_now("go to the red block"))
 
 
 def test_a_head_without_dropout_needs_uncertainty_none(tmp_path, capsys):

@@ -122,15 +122,19 @@ class EpisodeSource:
 
 
 def make(cameras=((96, 96),), language=True, proprio=2, action=2, horizon=1, dropout: float | None = 0.1,
-         kinds="velocity", head="mlp", name="tiny") -> Policy:
+         kinds="velocity", head="mlp", name="tiny", proprio_sources=None, action_names=None) -> Policy:
+    """A tiny policy: `proprio` values read from velocities[0..] unless `proprio_sources` names them; `kinds`
+    one command kind for every channel or a list of them."""
     torch.manual_seed(0)
     tokenizer = word_tokenizer() if language else None
+    sources = list(proprio_sources) if proprio_sources is not None else [f"velocities[{i}]" for i in range(proprio)]
     spec = PolicySpec.from_dict({
         "name": name,
         "cameras": [{"name": f"cam{i}", "height": h, "width": w} for i, (h, w) in enumerate(cameras)],
         "language": {"tokenizer": str(tokenizer), "max_tokens": 8} if language else None,
-        "proprio": {"names": [f"p{i}" for i in range(proprio)], "sources": [f"velocities[{i}]" for i in range(proprio)]},
-        "action": {"names": [f"a{i}" for i in range(action)], "horizon": horizon, "kinds": [kinds] * action,
+        "proprio": {"names": [f"p{i}" for i in range(proprio)], "sources": sources},
+        "action": {"names": list(action_names or [f"a{i}" for i in range(action)]), "horizon": horizon,
+                   "kinds": [kinds] * action if isinstance(kinds, str) else list(kinds),
                    "low": [-1.0] * action, "high": [1.0] * action, "max_slew_per_s": [4.0] * action},
         "dropout_rate": dropout,
     })
@@ -151,6 +155,19 @@ def image96():
 def image256x192_arm():
     return make(cameras=((192, 256),), language=False, proprio=7, action=7, horizon=8, kinds="position",
                 head="chunk-tokens", name="arm-chunks")
+
+
+def arm7_two_cameras():
+    """A 7-DoF arm: six position joints and a position gripper, two cameras, no language, chunks of 8,
+    proprio of 14 values (the seven measured positions, then the seven velocities)."""
+    return make(cameras=((64, 64), (48, 64)), language=False, proprio=14, action=7, horizon=8, kinds="position",
+                proprio_sources=[f"positions[{i}]" for i in range(7)] + [f"velocities[{i}]" for i in range(7)],
+                action_names=[f"joint{i}" for i in range(6)] + ["gripper"], name="arm7-two-cameras")
+
+
+def chunk_without_proprio():
+    """One camera, no language, no proprio, chunks of 4 velocity actions."""
+    return make(cameras=((64, 64),), language=False, proprio=0, action=3, horizon=4, name="chunk-no-proprio")
 
 
 def two_cameras():

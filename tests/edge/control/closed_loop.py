@@ -21,13 +21,15 @@ from simulator.controller import SimulatedController
 PERIOD_S = 0.1
 
 
-def robot_config(bundle_dir, controller: SimulatedController, uncertainty: dict[str, float]) -> RobotConfig:
-    """The robot config of these rigs: the bundle's cpu target at T = 8 and 10 Hz on the simulator."""
+def robot_config(bundle_dir, controller: SimulatedController, uncertainty: dict[str, float],
+                 policy: dict | None = None) -> RobotConfig:
+    """The robot config of these rigs: the bundle's cpu target at T = 8 and 10 Hz on the simulator;
+    `policy` adds keys to the policy section (replan_every, temporal_ensemble ...)."""
     return config_from_dict({
         "bundle": str(bundle_dir),
         "camera": {"source": controller.camera_url, "open_timeout_s": 10.0},
         "motor": {"port": controller.link_path},
-        "policy": {"target": "cpu", "mc_samples": 8},
+        "policy": {"target": "cpu", "mc_samples": 8, **(policy or {})},
         "safety": {"max_slew_per_s": 4.0, "decel_per_s": 2.0},
         "uncertainty": uncertainty,
         "loop": {"rate_hz": 1.0 / PERIOD_S},
@@ -49,20 +51,24 @@ def run_for(loop: ControlLoop, seconds: float, until: Callable[[], bool] | None 
 
 @contextlib.contextmanager
 def closed_loop(bundle_dir, *, uncertainty: dict[str, float], wrap_camera: Callable[[Camera], Any] | None = None,
-                **loop_options) -> Iterator[tuple[SimulatedController, ControlLoop]]:
+                policy: dict | None = None, **loop_options) -> Iterator[tuple[SimulatedController, ControlLoop]]:
     """(controller, loop) for the bundle's cpu target at T = 8 and 10 Hz; everything closed afterwards."""
     bundle = Bundle.load(bundle_dir)
     controller = SimulatedController(seed=1_234_567, target="blue ball").start()
-    config = robot_config(bundle_dir, controller, uncertainty)
+    config = robot_config(bundle_dir, controller, uncertainty, policy)
     pipeline = wiring.build_pipeline(bundle, config)
     camera = Camera(config.camera)
-    link = SerialMotorLink(config.motor)
+    link = SerialMotorLink(wiring.motor_config(bundle, config))
     try:
         pipeline.activate()
         camera.connect()
         link.connect()
         device = wrap_camera(camera) if wrap_camera else camera
-        yield controller, wiring.build_loop(pipeline, device, link, bundle, config, **loop_options)
+        loop = wiring.build_loop(pipeline, device, link, bundle, config, **loop_options)
+        try:
+            yield controller, loop
+        finally:
+            loop.close()
     finally:
         link.disconnect()
         camera.disconnect()

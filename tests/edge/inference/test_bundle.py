@@ -141,3 +141,20 @@ def test_the_rebuild_command_names_the_policy_the_bundle_was_built_from(tiny_bun
         Bundle.load(copy)
     # rebuilt without --policy, a user's bundle would silently become the reference policy's
     assert f"{REBUILD} --policy tests.build_engines.tiny_policies:image96" in str(err.value)
+
+
+def test_every_policy_shape_of_schema_v2_is_runnable():
+    from edge.inference.bundle import runtime_gaps
+    from edge.inference.spec import PolicySpec
+
+    def spec(**changes):
+        raw = {"name": "p", "cameras": [{"name": "a", "height": 32, "width": 32}, {"name": "b", "height": 16, "width": 24}],
+               "language": None, "proprio": {"names": [], "sources": []},
+               "action": {"names": ["j0", "grip"], "horizon": 8, "kinds": ["position", "position"],
+                          "low": [-1, 0], "high": [1, 1], "max_slew_per_s": [1, 1]}, "dropout_rate": None}
+        raw.update(changes)
+        return PolicySpec.from_dict(raw)
+
+    assert runtime_gaps(spec(), "none") == [] and runtime_gaps(spec(dropout_rate=0.1), "mc-dropout") == []
+    assert runtime_gaps(spec(), "deep-ensemble") == [
+        "the uncertainty signal 'deep-ensemble' (this runtime computes mc-dropout or none)"]

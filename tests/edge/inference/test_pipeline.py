@@ -74,11 +74,15 @@ def test_mc_mean_and_spread_match_numpy_head(bundle, observation):
         masks = [pipeline.backends["head"].input(f"dropout_mask_{i}")[:16].astype(np.float64) for i in range(2)]
         expected = _numpy_head(weights, features, embedding.astype(np.float64),
                                observation.proprio[None].astype(np.float64), masks)
-        np.testing.assert_allclose(out.samples, expected, atol=2e-4)
+        # a single-step policy is a chunk of one step: samples [T, 1, A], actions and spread [1, A]
+        assert out.samples.shape == (16, 1, 2) and out.actions.shape == (1, 2) and out.spread.shape == (1, 2)
+        np.testing.assert_allclose(out.samples[:, 0], expected, atol=2e-4)
         np.testing.assert_allclose(out.action, expected.mean(0), atol=2e-4)
-        np.testing.assert_allclose(out.spread, expected.std(0), atol=2e-4)
+        np.testing.assert_allclose(out.actions[0], expected.mean(0), atol=2e-4)
+        np.testing.assert_allclose(out.spread[0], expected.std(0), atol=2e-4)
         assert out.score == pytest.approx(np.sqrt(np.mean(expected.std(0) ** 2)) / 2.0, abs=2e-4)
-        assert out.score > 0
+        assert out.score > 0 and out.score_per_step.shape == (1,)
+        assert out.score_per_step[0] == pytest.approx(out.score, rel=1e-5)
 
 
 def test_t1_ones_mask_is_the_deterministic_policy(bundle, observation):

@@ -80,3 +80,25 @@ def test_the_documented_yaml_example_loads():
     example = doc[doc.index("form::") + len("form::"):doc.index("Every field is checked")]
     spec = PolicySpec.from_dict(yaml.safe_load(example))
     assert spec.action.dim == 2 and spec.proprio.sources == (("velocities", 0), ("velocities", 1))
+
+
+def test_proprio_is_filled_from_the_telemetry_fields_the_spec_names():
+    import numpy as np
+
+    from edge.errors import InputError
+    from edge.inference.spec import ProprioSpec
+
+    spec = ProprioSpec.from_dict({"names": ["grip_pos", "j0_vel", "j0_pos", "j2_vel"],
+                                  "sources": ["positions[6]", "velocities[0]", "positions[0]", "velocities[2]"]},
+                                 "spec.proprio")
+    out = np.full(4, np.nan, np.float32)
+    positions = np.arange(7, dtype=np.float32) / 10  # 0.0 .. 0.6
+    velocities = -np.arange(7, dtype=np.float32)
+    assert spec.fill(out, velocities, positions) is True
+    np.testing.assert_allclose(out, [0.6, -0.0, 0.0, -2.0])
+    assert spec.fill(out, velocities, positions[:6]) is False  # positions[6] missing from a 6-channel sample
+    assert spec.fill(out, None, positions) is False  # a sample without velocities
+    with pytest.raises(InputError, match=r"proprio buffer has 3 values; the policy's proprio has 4 \(grip_pos"):
+        spec.fill(np.zeros(3, np.float32), velocities, positions)
+    empty = ProprioSpec()
+    assert empty.fill(np.zeros(0, np.float32), velocities, None) is True  # nothing to read

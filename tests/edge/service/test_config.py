@@ -12,7 +12,14 @@ import yaml
 
 from edge.errors import ConfigError
 from edge.io.camera import SourceKind
-from edge.service.config import _SECTIONS, RobotConfig, config_from_dict, load_config
+from edge.service.config import (
+    _SECTIONS,
+    FROM_BUNDLE,
+    ChunkConfig,
+    RobotConfig,
+    config_from_dict,
+    load_config,
+)
 
 EXAMPLE = Path(__file__).resolve().parents[3] / "systemd" / "robot.example.yaml"
 
@@ -20,6 +27,12 @@ EXAMPLE = Path(__file__).resolve().parents[3] / "systemd" / "robot.example.yaml"
 @pytest.fixture(scope="module")
 def example_raw() -> dict:
     return yaml.safe_load(EXAMPLE.read_text())
+
+
+def section_fields(name: str, cls) -> tuple[dataclasses.Field, ...]:
+    """The keys of one section: its dataclass's fields; the policy section also holds the chunk keys."""
+    fields = dataclasses.fields(cls) + (dataclasses.fields(ChunkConfig) if name == "policy" else ())
+    return tuple(f for f in fields if f.name not in FROM_BUNDLE.get(name, {}))
 
 
 def write_config(tmp_path: Path, raw) -> Path:
@@ -52,7 +65,7 @@ def test_example_loads_for_a_jetson_with_csi_camera_and_usb_motor_controller():
 def test_example_sets_every_option_of_every_section(example_raw):
     assert set(example_raw) == {"bundle", *_SECTIONS}
     for name, cls in _SECTIONS.items():
-        fields = {f.name for f in dataclasses.fields(cls)}
+        fields = {f.name for f in section_fields(name, cls)}
         assert set(example_raw[name]) == fields, f"section {name}: example differs from {cls.__name__}"
 
 
@@ -60,7 +73,7 @@ def test_example_keeps_the_defaults_where_it_does_not_mean_to_differ(example_raw
     # A changed default in the code must not be silently contradicted by a stale example.
     intended = {("policy", "target"), ("policy", "backend"), ("instruction", "socket")}
     for name, cls in _SECTIONS.items():
-        for f in dataclasses.fields(cls):
+        for f in section_fields(name, cls):
             if f.default is dataclasses.MISSING or (name, f.name) in intended:
                 continue
             value = example_raw[name][f.name]
@@ -92,7 +105,7 @@ def example_option_docs() -> dict[str, str]:
 
 def test_every_option_in_the_example_is_commented_with_its_default_or_required():
     docs = example_option_docs()
-    expected = {"bundle"} | {f"{name}.{f.name}" for name, cls in _SECTIONS.items() for f in dataclasses.fields(cls)}
+    expected = {"bundle"} | {f"{name}.{f.name}" for name, cls in _SECTIONS.items() for f in section_fields(name, cls)}
     assert set(docs) == expected
     undocumented = [key for key, doc in docs.items() if not doc]
     assert undocumented == []
@@ -202,3 +215,74 @@ def test_empty_bundle_is_refused_and_a_relative_one_is_resolved_next_to_the_file
         load_config(write_config(tmp_path, raw))
     raw["bundle"] = "bundles/reference"
     assert load_config(write_config(tmp_path, raw)).bundle == str(tmp_path / "bundles" / "reference")
+
+
+# --- chunk execution and several cameras (issue 15) ------------------------------------------------------
+
+
+def test_chunk_keys_of_the_policy_section_load_beside_the_pipelines(tmp_path, example_raw):
+    raw = copy.deepcopy(example_raw)
+    raw["policy"].update(replan_every=4, temporal_ensemble=0.01)
+    config = load_config(write_config(tmp_path, raw))
+    assert config.chunks == ChunkConfig(replan_every=4, temporal_ensemble=0.01)
+    assert config.policy.target == "tensorrt", "the pipeline's keys are untouched"
+    assert load_config(EXAMPLE).chunks == ChunkConfig()
+
+
+@pytest.mark.parametrize(("key", "value", "fragment"), [
+    ("replan_every", 0, "policy.replan_every must be an integer in [1, 1024] ticks or null, got 0"),
+    ("replan_every", 2.5, "policy.replan_every must be an integer"),
+    ("temporal_ensemble", -0.1, "policy.temporal_ensemble must be a number in [0.0, 10.0]"),
+    ("temporal_ensemble", "yes", "policy.temporal_ensemble must be a number"),
+])
+def test_bad_chunk_keys_name_the_key_and_range(tmp_path, example_raw, key, value, fragment):
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        load_modified(tmp_path, example_raw, "policy", key, value)
+
+
+def test_an_unknown_policy_key_lists_the_chunk_keys_too(tmp_path, example_raw):
+    with pytest.raises(ConfigError, match=r"policy\.replan_evry.*replan_every.*temporal_ensemble"):
+        load_modified(tmp_path, example_raw, "policy", "replan_evry", 4)
+
+
+def test_a_cameras_section_maps_spec_camera_names_to_camera_configs(tmp_path, example_raw):
+    raw = copy.deepcopy(example_raw)
+    del raw["camera"]
+    raw["cameras"] = {"wrist": {"source": "/dev/video0"}, "top": {"source": "/dev/video2", "fps": 30}}
+    config = load_config(write_config(tmp_path, raw))
+    assert list(config.cameras) == ["wrist", "top"] and config.cameras["top"].fps == 30
+    assert config.camera is config.cameras["wrist"], "the first camera serves the one-camera checks"
+    assert config.camera_configs(["top", "wrist"]) == {"top": config.cameras["top"], "wrist": config.cameras["wrist"]}
+    assert config.camera_configs(["top", "side"]) == {"top": config.cameras["top"]}
+
+
+def test_one_camera_section_serves_a_one_camera_policy_only():
+    config = load_config(EXAMPLE)
+    assert config.camera_configs(["front"]) == {"front": config.camera}
+    assert config.camera_configs(["wrist", "top"]) == {}
+
+
+@pytest.mark.parametrize(("cameras", "fragment"), [
+    ({}, "cameras must map each of the policy's camera names"),
+    ([{"source": "/dev/video0"}], "cameras must map each of the policy's camera names"),
+    ({"wrist": {"source": "/dev/video0", "colour": "rgb"}}, "unknown key(s) cameras.wrist.colour"),
+    ({"wrist": {"fps": 30}}, "cameras.wrist"),
+])
+def test_a_bad_cameras_section_is_named(tmp_path, example_raw, cameras, fragment):
+    raw = copy.deepcopy(example_raw)
+    del raw["camera"]
+    raw["cameras"] = cameras
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        load_config(write_config(tmp_path, raw))
+
+
+def test_camera_and_cameras_together_are_refused(tmp_path, example_raw):
+    raw = copy.deepcopy(example_raw)
+    raw["cameras"] = {"wrist": {"source": "/dev/video0"}}
+    with pytest.raises(ConfigError, match="either `camera:`.*or `cameras:`"):
+        load_config(write_config(tmp_path, raw))
+
+
+def test_motor_kinds_come_from_the_bundle_not_the_file(tmp_path, example_raw):
+    with pytest.raises(ConfigError, match=r"motor.kinds is not a config key: .*spec.action.kinds"):
+        load_modified(tmp_path, example_raw, "motor", "kinds", ["position", "velocity"])
