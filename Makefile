@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH_VERSION := 2.13.0
 ARTIFACTS ?= artifacts
 
-.PHONY: venv demo bundle bundle-act test lint evaluate evaluate-act train train-act bench bench-long compare gpu-check clean
+.PHONY: venv demo demo-act bundle bundle-act test lint evaluate evaluate-act train train-act bench bench-long compare gpu-check clean
 
 venv: $(STAMP)
 
@@ -24,6 +24,10 @@ $(STAMP): setup.py Makefile
 
 demo: $(STAMP)
 	$(BIN)/python -m simulator.demo --bundle $(ARTIFACTS)/bundle --out $(ARTIFACTS)/demo
+
+# The demo's episodes with the ACT-style example's bundle (needs a runtime that executes action chunks).
+demo-act: $(STAMP) $(ARTIFACTS)/bundle-act/manifest.json
+	$(BIN)/python -m simulator.demo --bundles act=$(ARTIFACTS)/bundle-act --out $(ARTIFACTS)/demo
 
 bundle: $(STAMP)
 	$(BIN)/python build_engines.py --int8 --out $(ARTIFACTS)/bundle --force
