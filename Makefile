@@ -75,7 +75,7 @@ gpu-check:
 train: $(STAMP)
 	$(BIN)/python -m reference_policy.train
 
-# Retrain the ACT-style example's head (about 20 minutes on 2 cores; the checkpoint is committed).
+# Retrain the ACT-style example's head (39 minutes on a busy 2-core machine; the checkpoint is committed).
 train-act: $(STAMP)
 	$(BIN)/python -m examples.act_policy.train
 
