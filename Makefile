@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH_VERSION := 2.13.0
 ARTIFACTS ?= artifacts
 
-.PHONY: venv demo demo-ros2 bundle test lint evaluate train bench bench-long compare gpu-check firmware clean
+.PHONY: venv demo demo-ros2 demo-act bundle bundle-act test lint evaluate evaluate-act train train-act bench bench-long compare gpu-check firmware clean
 
 venv: $(STAMP)
 
@@ -30,8 +30,23 @@ demo: $(STAMP)
 demo-ros2: $(STAMP)
 	$(BIN)/python -m simulator.demo --ros2 --bundle $(ARTIFACTS)/bundle --out $(ARTIFACTS)/demo-ros2
 
+# The demo's episodes with the ACT-style example's bundle (action chunks of 16, replanned every 4 ticks).
+demo-act: $(STAMP) $(ARTIFACTS)/bundle-act/manifest.json
+	$(BIN)/python -m simulator.demo --bundles act=$(ARTIFACTS)/bundle-act --out $(ARTIFACTS)/demo
+
 bundle: $(STAMP)
 	$(BIN)/python build_engines.py --int8 --out $(ARTIFACTS)/bundle --force
+
+# The ACT-style example policy (examples/act_policy), built only through the public --policy interface;
+# rebuilt when its code or checkpoint changes.
+ACT_BUNDLE := $(ARTIFACTS)/bundle-act
+bundle-act: $(ACT_BUNDLE)/manifest.json
+
+$(ARTIFACTS)/bundle/manifest.json: | $(STAMP)
+	$(BIN)/python build_engines.py --int8 --out $(ARTIFACTS)/bundle --force
+
+$(ACT_BUNDLE)/manifest.json: $(wildcard examples/act_policy/*.py examples/act_policy/checkpoint/*) | $(STAMP)
+	$(BIN)/python build_engines.py --int8 --policy examples.act_policy.policy:make_policy --out $(ACT_BUNDLE) --force
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
@@ -43,9 +58,10 @@ evaluate: $(STAMP)
 	$(BIN)/python -m reference_policy.evaluate --seeds 50 --paraphrase-seeds 50 --ood-seeds 20 \
 		--json $(ARTIFACTS)/evaluation.json
 
-compare: $(STAMP)
-	$(BIN)/python -m simulator.compare --bundle $(ARTIFACTS)/bundle --targets cpu cpu-fp32 --episodes 50 \
-		--out $(ARTIFACTS)/compare
+# Both policies through the real serial and camera path (a reference bundle whose checkpoint changed is rebuilt).
+compare: $(STAMP) $(ARTIFACTS)/bundle/manifest.json $(ACT_BUNDLE)/manifest.json
+	$(BIN)/python -m simulator.compare --bundles reference=$(ARTIFACTS)/bundle act=$(ACT_BUNDLE) \
+		--targets cpu cpu-fp32 --episodes 50 --out $(ARTIFACTS)/compare
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.latency --bundle $(ARTIFACTS)/bundle --quick --out $(ARTIFACTS)/bench
@@ -68,6 +84,14 @@ firmware:
 
 train: $(STAMP)
 	$(BIN)/python -m reference_policy.train
+
+# Retrain the ACT-style example's head (39 minutes on a busy 2-core machine; the checkpoint is committed).
+train-act: $(STAMP)
+	$(BIN)/python -m examples.act_policy.train
+
+# The ACT-style example in PyTorch with chunk execution, next to the reference policy, on 50 held-out seeds.
+evaluate-act: $(STAMP)
+	$(BIN)/python -m examples.act_policy.evaluate --seeds 50 --replan-every 2 4 --json $(ARTIFACTS)/act-evaluation.json
 
 clean:
 	rm -rf $(VENV) $(ARTIFACTS) .pytest_cache .ruff_cache *.egg-info

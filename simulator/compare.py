@@ -1,10 +1,13 @@
-"""Closed-loop success of bundle targets through the real path (serial pty + MJPEG camera + service).
+"""Closed-loop success of one or more policy bundles through the real path (serial pty + MJPEG camera +
+service), per bundle target.
 
     python -m simulator.compare --targets cpu cpu-fp32 --episodes 50
+    python -m simulator.compare --bundles reference=artifacts/bundle act=artifacts/bundle-act --targets cpu
 
-For each target: one simulator process and one `vla-edge run` process; the same held-out seeds and
-instructions for every target. Reports success rate, fallback share on in-distribution episodes,
-command -> telemetry round trip and tick latency, as a table and JSON.
+For each bundle and target: one simulator process and one `vla-edge run` process; the same held-out seeds and
+instructions for every bundle and target. Reports success rate, fallback share on in-distribution episodes,
+command -> telemetry round trip and tick latency, as a table and JSON. A bundle the runtime cannot run
+(yet) is reported as such and the others still run; the exit code is then 1.
 """
 
 from __future__ import annotations
@@ -16,14 +19,22 @@ from pathlib import Path
 
 import numpy as np
 
-from simulator.demo import closed_loop_rig, ensure_bundle, run_episode
+from simulator.demo import (
+    DEFAULT_BUNDLE,
+    closed_loop_rig,
+    ensure_bundle,
+    parse_bundles,
+    run_episode,
+    runtime_refusal,
+)
 
 COMPARE_SEED_BASE = 9_000_000  # held out from training, evaluation, calibration, gate and demo seeds
 TARGETS = ("red block", "blue ball", "green triangle", "yellow star")
 
 
-def run_target(target: str, bundle: Path, episodes: int, out: Path) -> dict:
-    with closed_loop_rig(bundle, out, f"-{target}", COMPARE_SEED_BASE, target=target) as rig:
+def run_target(target: str, bundle: Path, episodes: int, out: Path, name: str = "") -> dict:
+    suffix = f"-{name}-{target}" if name else f"-{target}"
+    with closed_loop_rig(bundle, out, suffix, COMPARE_SEED_BASE, target=target) as rig:
         rng = np.random.default_rng(COMPARE_SEED_BASE)
         rows, ticks = [], []
         for i in range(episodes):
@@ -33,7 +44,8 @@ def run_target(target: str, bundle: Path, episodes: int, out: Path) -> dict:
             ticks.extend(episode_ticks)
     round_trips = [r["round_trip_ms_median"] for r in rows if r["round_trip_ms_median"] is not None]
     return {
-        "target": target, "episodes": len(rows), "successes": sum(r["success"] for r in rows),
+        "bundle": name or str(bundle), "target": target, "episodes": len(rows),
+        "successes": sum(r["success"] for r in rows),
         "success_rate": sum(r["success"] for r in rows) / len(rows),
         "fallback_share": float(np.mean([r["fallback_share"] for r in rows])),
         "round_trip_ms_median": float(np.median(round_trips)) if round_trips else None,
@@ -42,29 +54,57 @@ def run_target(target: str, bundle: Path, episodes: int, out: Path) -> dict:
     }
 
 
+def format_table(results: list[dict]) -> str:
+    lines = ["| bundle | target | success | fallback share (in-distribution) | command->telemetry round trip p50 | "
+             "tick p50 / p99 |", "|---|---|---|---|---|---|"]
+    for r in results:
+        if "refused" in r:
+            lines.append(f"| {r['bundle']} | {r['target']} | not run: {r['refused']} | - | - | - |")
+            continue
+        rt = "-" if r["round_trip_ms_median"] is None else f"{r['round_trip_ms_median']:.1f} ms"
+        tick = r["tick_ms"]
+        lines.append(f"| {r['bundle']} | {r['target']} | {r['successes']}/{r['episodes']} ({r['success_rate']:.0%}) | "
+                     f"{r['fallback_share']:.1%} | {rt} | {tick.get('p50', float('nan')):.1f} / "
+                     f"{tick.get('p99', float('nan')):.1f} ms |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bundle", type=Path, default=Path("artifacts/bundle"))
+    parser.add_argument("--bundle", type=Path, default=None,
+                        help=f"one bundle (default {DEFAULT_BUNDLE}, built when missing); or use --bundles")
+    parser.add_argument("--bundles", nargs="+", default=None, metavar="NAME=DIR",
+                        help="several bundles by name, e.g. reference=artifacts/bundle act=artifacts/bundle-act; "
+                             f"{DEFAULT_BUNDLE} is built when missing, others must exist (make bundle-act)")
     parser.add_argument("--out", type=Path, default=Path("artifacts/compare"))
     parser.add_argument("--targets", nargs="+", default=["cpu", "cpu-fp32"])
     parser.add_argument("--episodes", type=int, default=50)
     args = parser.parse_args(argv)
+    if args.bundle is not None and args.bundles is not None:
+        parser.error("give --bundle or --bundles, not both")
+    if args.episodes < 1:
+        parser.error("--episodes must be >= 1")
+    try:
+        bundles = parse_bundles(args.bundles) if args.bundles else {"": args.bundle or DEFAULT_BUNDLE}
+    except ValueError as exc:
+        parser.error(str(exc))
     args.out.mkdir(parents=True, exist_ok=True)
-    ensure_bundle(args.bundle, 50)
+    for path in bundles.values():
+        ensure_bundle(path, 50, build_missing=args.bundles is None)
     started = time.monotonic()
-    results = [run_target(t, args.bundle, args.episodes, args.out) for t in args.targets]
-    print("| target | success | fallback share (in-distribution) | command->telemetry round trip p50 | "
-          "tick p50 / p99 |")
-    print("|---|---|---|---|---|")
-    for r in results:
-        rt = "-" if r["round_trip_ms_median"] is None else f"{r['round_trip_ms_median']:.1f} ms"
-        tick = r["tick_ms"]
-        print(f"| {r['target']} | {r['successes']}/{r['episodes']} ({r['success_rate']:.0%}) | "
-              f"{r['fallback_share']:.1%} | {rt} | {tick.get('p50', float('nan')):.1f} / "
-              f"{tick.get('p99', float('nan')):.1f} ms |")
+    results = []
+    for name, path in bundles.items():
+        refusal = runtime_refusal(path)
+        for target in args.targets:
+            if refusal is not None:
+                print(f"bundle {name or path}: not run, {refusal}", flush=True)
+                results.append({"bundle": name or str(path), "target": target, "refused": refusal})
+                continue
+            results.append(run_target(target, path, args.episodes, args.out, name))
+    print(format_table(results))
     (args.out / "compare.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     print(f"\n{time.monotonic() - started:.0f} s; details in {args.out / 'compare.json'}")
-    return 0
+    return 1 if any("refused" in r for r in results) else 0
 
 
 if __name__ == "__main__":

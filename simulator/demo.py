@@ -77,23 +77,51 @@ def _status(socket_path: Path) -> dict | None:
     return reply if reply.get("ok") else None
 
 
-def _bundle_is_current(bundle: Path) -> bool:
-    """The bundle exists and was built from the policy checkpoint that is here now."""
+DEFAULT_BUNDLE = Path("artifacts/bundle")
+
+
+def _manifest_policy(bundle: Path) -> dict | None:
+    try:
+        return json.loads((bundle / "manifest.json").read_text())["policy"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _bundle_is_current(policy: dict) -> bool:
+    """A bundle of the default policy was built from the policy checkpoint that is here now."""
     from edge.inference.bundle import file_sha256
     from reference_policy.model import DEFAULT_CHECKPOINT_DIR
 
-    try:
-        built_from = json.loads((bundle / "manifest.json").read_text())["policy"]["checkpoint_sha256"]
-    except (OSError, ValueError, KeyError):
-        return False
     current = {p.name: file_sha256(p) for p in sorted(DEFAULT_CHECKPOINT_DIR.iterdir()) if p.is_file()}
-    return built_from == current
+    return policy.get("checkpoint_sha256") == current
 
 
-def ensure_bundle(bundle: Path, gate_seeds: int) -> None:
-    if _bundle_is_current(bundle):
-        print(f"using the policy bundle in {bundle}")
+def parse_bundles(values: list[str]) -> dict[str, Path]:
+    """["reference=artifacts/bundle", "act=artifacts/bundle-act"] -> {name: directory}, names unique."""
+    bundles: dict[str, Path] = {}
+    for value in values:
+        name, sep, directory = value.partition("=")
+        if not sep or not name or not directory:
+            raise ValueError(f"--bundles entry {value!r} must be NAME=DIRECTORY, e.g. act=artifacts/bundle-act")
+        if name in bundles:
+            raise ValueError(f"--bundles names {name!r} twice; give each bundle its own name")
+        bundles[name] = Path(directory)
+    return bundles
+
+
+def ensure_bundle(bundle: Path, gate_seeds: int, build_missing: bool = True) -> None:
+    """Use the bundle in `bundle`. One of the default (reference) policy is rebuilt when its checkpoint
+    changed; one of any other policy is used as built. A missing bundle is built from the default policy
+    when `build_missing`, else refused with the command that builds it."""
+    from build_engines.policy import DEFAULT_POLICY
+
+    policy = _manifest_policy(bundle)
+    if policy is not None and (policy.get("factory") != DEFAULT_POLICY or _bundle_is_current(policy)):
+        print(f"using the policy bundle in {bundle} ({policy.get('name')}, {policy.get('factory')})")
         return
+    if policy is None and not build_missing:
+        raise SystemExit(f"no policy bundle in {bundle}; build it first: build-engines --int8 --policy "
+                         f"module:factory --out {bundle} (make bundle, make bundle-act)")
     print(f"building the policy bundle into {bundle} (first run, or the policy changed) ...", flush=True)
     from build_engines.cli import main as build_main
 
@@ -114,6 +142,18 @@ def ros2_section(domain_id: int) -> dict:
             "command": {"topic": topics.joint_trajectory, "kind": "joint_trajectory",
                         "joint_names": list(WHEEL_JOINTS), "max_abs": [1.0]},
             "telemetry": {"topic": topics.joint_states}, "estop": {}, "diagnostics": {}, "mode": {}}
+
+
+def runtime_refusal(bundle: Path) -> str | None:
+    """Why this runtime cannot run the bundle (None when it can), before any process starts."""
+    from edge.errors import EdgeError
+    from edge.inference.bundle import Bundle
+
+    try:
+        Bundle.load(bundle).check_runnable()
+    except EdgeError as exc:
+        return str(exc)
+    return None
 
 
 def write_config(path: Path, bundle: Path, serial: str, camera_url: str, socket_path: Path,
@@ -259,7 +299,10 @@ def closed_loop_rig(bundle: Path, out: Path, name: str, seed: int, target: str =
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bundle", type=Path, default=Path("artifacts/bundle"))
+    parser.add_argument("--bundle", type=Path, default=None, help=f"the bundle to run (default {DEFAULT_BUNDLE})")
+    parser.add_argument("--bundles", nargs="+", default=None, metavar="NAME=DIR",
+                        help="run the demo for each of several bundles, e.g. reference=artifacts/bundle "
+                             "act=artifacts/bundle-act (results under OUT/NAME)")
     parser.add_argument("--out", type=Path, default=Path("artifacts/demo"))
     parser.add_argument("--gate-seeds", type=int, default=50, help="closed-loop gate episodes if a build is needed")
     parser.add_argument("--ros2", action="store_true",
@@ -268,14 +311,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--domain-id", type=int, default=None,
                         help="DDS domain for --ros2 (default: a random one in 1..200, apart from other runs)")
     args = parser.parse_args(argv)
+    if args.bundle is not None and args.bundles is not None:
+        parser.error("give --bundle or --bundles, not both")
+    try:
+        runs = ({name: (path, args.out / name) for name, path in parse_bundles(args.bundles).items()}
+                if args.bundles else {"": (args.bundle or DEFAULT_BUNDLE, args.out)})
+    except ValueError as exc:
+        parser.error(str(exc))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args.out.mkdir(parents=True, exist_ok=True)
-    ensure_bundle(args.bundle, args.gate_seeds)
-
+    for bundle, _ in runs.values():
+        ensure_bundle(bundle, args.gate_seeds, build_missing=args.bundles is None)
     domain = None
     if args.ros2:
         domain = args.domain_id if args.domain_id is not None else int(np.random.default_rng().integers(1, 201))
-    with closed_loop_rig(args.bundle, args.out, "", DEMO_SEED_BASE, ros2_domain=domain) as rig:
+    refused = 0
+    for name, (bundle, out) in runs.items():
+        if name:
+            print(f"\n## {name}: {bundle}")
+        refusal = runtime_refusal(bundle)
+        if refusal is not None:
+            print(f"not run: {refusal}")
+            refused += 1
+            continue
+        run_demo(bundle, out, domain)
+    return 1 if refused else 0
+
+
+
+def run_demo(bundle: Path, out: Path, domain: int | None = None) -> None:
+    """The demo's episodes with one bundle: pictures, demo.json and the logs in `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    with closed_loop_rig(bundle, out, "", DEMO_SEED_BASE, ros2_domain=domain) as rig:
         if domain is None:
             print(f"service up {rig.startup_s:.1f} s after launch; camera {rig.paths.camera_url}, "
                   f"serial {rig.paths.serial}")
@@ -290,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         print("|---|---|---|---|---|---|---|")
         for i, spec in enumerate(EPISODES):
             row, result, ticks = run_episode(spec, DEMO_SEED_BASE + i, rig.sim, socket_path, rng)
-            picture = args.out / f"episode_{i}.png"
+            picture = out / f"episode_{i}.png"
             draw_trajectories(world_config, [result], picture)
             row["picture"] = str(picture)
             rows.append(row)
@@ -300,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         send_request(socket_path, {"cmd": "stop"})
         status = _status(socket_path)
         p50, p90, p99 = np.percentile(all_ticks, [50, 90, 99]) if all_ticks else (np.nan,) * 3
-        latency_histogram(all_ticks, args.out / "tick_latency.png")
+        latency_histogram(all_ticks, out / "tick_latency.png")
         in_task = [r for r in rows if not r["episode"].startswith("OOD")]
         summary = {
             "episodes": rows,
@@ -309,11 +375,10 @@ def main(argv: list[str] | None = None) -> int:
             "service_status": status,
             "transport": "ros2" if domain is not None else "serial+mjpeg",
         }
-        (args.out / "demo.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        (out / "demo.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
         print(f"\nsuccess {summary['success_in_distribution']} on in-distribution episodes; "
               f"tick latency p50 {p50:.1f} ms, p90 {p90:.1f} ms, p99 {p99:.1f} ms ({len(all_ticks)} ticks)")
-        print(f"pictures, demo.json, service.log and simulator.log in {args.out}")
-    return 0
+        print(f"pictures, demo.json, service.log and simulator.log in {out}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""Example policies built only through the public interface (`build-engines --policy module:factory`)."""
