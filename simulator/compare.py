@@ -26,6 +26,7 @@ from simulator.demo import (
     parse_bundles,
     run_episode,
     runtime_refusal,
+    service_status,
 )
 
 COMPARE_SEED_BASE = 9_000_000  # held out from training, evaluation, calibration, gate and demo seeds
@@ -42,6 +43,7 @@ def run_target(target: str, bundle: Path, episodes: int, out: Path, name: str = 
             row, _, episode_ticks = run_episode(spec, COMPARE_SEED_BASE + i, rig.sim, rig.socket_path, rng)
             rows.append(row)
             ticks.extend(episode_ticks)
+        status = service_status(rig.socket_path) or {}
     round_trips = [r["round_trip_ms_median"] for r in rows if r["round_trip_ms_median"] is not None]
     return {
         "bundle": name or str(bundle), "target": target, "episodes": len(rows),
@@ -50,8 +52,26 @@ def run_target(target: str, bundle: Path, episodes: int, out: Path, name: str = 
         "fallback_share": float(np.mean([r["fallback_share"] for r in rows])),
         "round_trip_ms_median": float(np.median(round_trips)) if round_trips else None,
         "tick_ms": {q: float(np.percentile(ticks, p)) for q, p in (("p50", 50), ("p99", 99))} if ticks else {},
+        "chunks": status.get("chunks"),  # a chunk policy's replans, entry index vs delay, empty stops
         "episodes_detail": rows,
     }
+
+
+def format_chunks(results: list[dict]) -> str:
+    """Chunk execution per run of a chunk policy (edge/control/chunks.py, ChunkStats), over the whole run."""
+    lines = ["| bundle | target | horizon / replan every | replans per s | entry index: chunks (mean delay) | "
+             "empty-chunk stops / ticks | late chunks | replaced requests |", "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        c = r.get("chunks")
+        if not c:
+            continue
+        entries = ", ".join(f"{k}: {n} ({c['mean_delay_s'].get(k, float('nan')) * 1e3:.0f} ms)"
+                            for k, n in sorted(c["entries"].items(), key=lambda kv: int(kv[0])))
+        lines.append(f"| {r['bundle']} | {r['target']} | {c['horizon']} / {c['replan_every']} | "
+                     f"{c['replans_per_s']:.2f} | {entries} | {c['empty_stops']} / {c['empty_ticks']} | "
+                     f"{c['late_chunks']} | {c['replaced_requests']} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
 
 
 def format_table(results: list[dict]) -> str:
@@ -102,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             results.append(run_target(target, path, args.episodes, args.out, name))
     print(format_table(results))
+    chunks = format_chunks(results)
+    if chunks:
+        print("\nchunk execution (over each run):\n" + chunks)
     (args.out / "compare.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     print(f"\n{time.monotonic() - started:.0f} s; details in {args.out / 'compare.json'}")
     return 1 if any("refused" in r for r in results) else 0

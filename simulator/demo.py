@@ -69,7 +69,7 @@ def _wait_for(predicate, timeout_s: float, what: str, poll_s: float = 0.05):
     raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
-def _status(socket_path: Path) -> dict | None:
+def service_status(socket_path: Path) -> dict | None:
     try:
         reply = send_request(socket_path, {"cmd": "status"}, timeout_s=1.0)
     except Exception:  # noqa: BLE001 - the service may be starting or gone; the caller retries or reports
@@ -182,7 +182,7 @@ def run_episode(spec: dict, seed: int, sim: GroundTruthClient, socket_path: Path
     sim.command("reset_episode", seed=seed, target=spec["target"], variant=spec.get("variant"))
     truth = sim.ground_truth()
     instruction = heldout_instruction(spec["target"], rng) if spec.get("paraphrase") else truth["instruction"]
-    before = _status(socket_path)["counters"]
+    before = service_status(socket_path)["counters"]
     reply = send_request(socket_path, {"cmd": "say", "text": instruction})
     if not reply.get("ok"):
         raise RuntimeError(f"service refused the instruction: {reply}")
@@ -191,7 +191,7 @@ def run_episode(spec: dict, seed: int, sim: GroundTruthClient, socket_path: Path
     while time.monotonic() - started < EPISODE_TIMEOUT_S:
         truth = sim.ground_truth()
         poses.append(truth["pose"])
-        status = _status(socket_path)
+        status = service_status(socket_path)
         if status and status.get("tick"):
             ticks[status["tick"]["index"]] = status["tick"]["tick_ms"]
             modes.append(status["mode"])
@@ -200,7 +200,7 @@ def run_episode(spec: dict, seed: int, sim: GroundTruthClient, socket_path: Path
         if truth["success"]:
             break
         time.sleep(0.05)
-    after = _status(socket_path)["counters"]
+    after = service_status(socket_path)["counters"]
     elapsed = time.monotonic() - started
     ran = max(1, after["ticks"] - before["ticks"])
     row = {
@@ -289,7 +289,7 @@ def closed_loop_rig(bundle: Path, out: Path, name: str, seed: int, target: str =
         service = subprocess.Popen([sys.executable, "-m", "edge.cli", "run", "--config", str(config_path)],
                                    stdout=log, stderr=subprocess.STDOUT, env=child_env())
         try:
-            _wait_for(lambda: service.poll() is not None or _status(socket_path), 60.0, "the service to start")
+            _wait_for(lambda: service.poll() is not None or service_status(socket_path), 60.0, "the service to start")
             if service.poll() is not None:
                 raise SystemExit(f"the service exited with code {service.returncode}; see {log_path}")
             yield Rig(paths, socket_path, client, time.monotonic() - started)
@@ -364,7 +364,7 @@ def run_demo(bundle: Path, out: Path, domain: int | None = None) -> None:
             print(f"| {i} | {row['episode']} | {row['instruction']} | {'yes' if row['success'] else 'no'} | "
                   f"{row['seconds']} | {row['final_distance_m']} | {row['fallback_share']:.0%} |", flush=True)
         send_request(socket_path, {"cmd": "stop"})
-        status = _status(socket_path)
+        status = service_status(socket_path)
         p50, p90, p99 = np.percentile(all_ticks, [50, 90, 99]) if all_ticks else (np.nan,) * 3
         latency_histogram(all_ticks, out / "tick_latency.png")
         in_task = [r for r in rows if not r["episode"].startswith("OOD")]
