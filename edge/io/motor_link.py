@@ -87,7 +87,7 @@ class MotorLinkConfig:
     port: str  # /dev/serial/by-id/... (survives replugging), /dev/ttyUSB0, or a pyserial URL
     baudrate: int = 1_000_000  # must match a real UART's controller firmware; USB CDC and ptys ignore it
     write_timeout_ms: float = 20.0  # a write that blocks longer marks the link down (the tick never stalls)
-    telemetry_stale_after_s: float = 0.3  # older telemetry is not fresh: three 10 Hz ticks, as the watchdog
+    telemetry_stale_after_s: float = 0.15  # older telemetry stops the robot: 7 samples of the suggested 50 Hz
     reconnect_backoff_s: tuple[float, float] = (0.1, 2.0)  # (first, longest) wait between reopen attempts
     exclusive: bool = True  # flock the device so a second process cannot interleave frames
     low_latency: bool = True  # ASYNC_LOW_LATENCY on FTDI-style adapters: 1 ms instead of 16 ms latency timer

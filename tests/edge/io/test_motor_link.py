@@ -287,7 +287,7 @@ def test_telemetry_stamps_round_trip_and_confirmation_use_the_injected_clock(scr
         assert link.last_round_trip_s == pytest.approx(0.25)
         assert link.is_confirmed(first) and not link.is_confirmed(second)
         assert link.telemetry_age_s(now=100.45) == pytest.approx(0.2)
-        assert link.has_fresh_telemetry(now=100.5) and not link.has_fresh_telemetry(now=100.6)
+        assert link.has_fresh_telemetry(now=100.35) and not link.has_fresh_telemetry(now=100.45)  # 0.15 s default
 
         clock.now = 100.5
         scripted.write(encode(telemetry(seq=1, last_command_seq=second.seq)))
