@@ -91,10 +91,7 @@ class MotorLinkConfig:
     reconnect_backoff_s: tuple[float, float] = (0.1, 2.0)  # (first, longest) wait between reopen attempts
     exclusive: bool = True  # flock the device so a second process cannot interleave frames
     low_latency: bool = True  # ASYNC_LOW_LATENCY on FTDI-style adapters: 1 ms instead of 16 ms latency timer
-    # Opening a tty raises DTR and RTS (and pyserial keeps them asserted); closing drops them (HUPCL). A
-    # board that resets on DTR (Arduino-style auto-reset) then restarts on every reopen. False clears
-    # HUPCL, so a reopen of a port that stayed plugged in (after a write timeout) leaves DTR high.
-    hangup_on_close: bool = True
+    hangup_on_close: bool = True  # closing drops DTR/RTS (HUPCL); False keeps them up (docs/deployment.md)
     channels: int = 2  # targets per SetTargets (wheels, joints, a gripper)
     # Command kind per channel, "velocity" (normalised [-1, 1]) or "position" (the channel's unit, within
     # the limits the controller announces); empty: every channel velocity. Wiring sets it from the bundle.
@@ -109,9 +106,8 @@ class MotorLinkConfig:
         # YAML gives a list; the frozen config keeps a tuple.
         object.__setattr__(self, "reconnect_backoff_s",
                            check_backoff("motor.reconnect_backoff_s", self.reconnect_backoff_s))
-        check_bool("motor.exclusive", self.exclusive)
-        check_bool("motor.low_latency", self.low_latency)
-        check_bool("motor.hangup_on_close", self.hangup_on_close)
+        for key in ("exclusive", "low_latency", "hangup_on_close"):
+            check_bool(f"motor.{key}", getattr(self, key))
         check_range("motor.channels", self.channels, 1, MAX_CHANNELS, integer=True)
         kinds = tuple(self.kinds) if self.kinds else (VELOCITY,) * self.channels
         if len(kinds) != self.channels or any(kind not in KINDS for kind in kinds):
