@@ -268,8 +268,8 @@ def test_a_trip_the_host_did_not_cause_stops_and_holds_until_resume(rig, fault):
         controller.drop_next("set_targets", 6)  # 0.6 s of commands never arrive
     run_for(loop, 2.0, until=lambda: loop.status().hold_reason is not None)
     run_for(loop, 0.5)
-    assert loop.counters["watchdog_trips"] == trips + 1
-    assert loop.trips.unexplained == 1 and loop.trips.explained == 0
+    # One trip the host did not cause; a pause of this test between two run_for calls may add one it did.
+    assert loop.counters["watchdog_trips"] >= trips + 1 and loop.trips.unexplained == 1
     assert loop.status().hold_reason == UNEXPLAINED_TRIP_HOLD
     held = loop.recorder.latest(4)
     assert (held["mode"] == Mode.HOLD).all() and not np.abs(held["command"]).any(), "held at a stop"
