@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -53,8 +54,8 @@ def _positive_int_list(text: str) -> tuple[int, ...]:
     return values
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.latency", description=__doc__.split("\n\n")[0])
+def build_parser(prog: str = "python -m benchmarks.latency") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--bundle", required=True, help="policy bundle directory (build-engines --int8 --out DIR)")
     parser.add_argument("--out", default="artifacts/benchmarks/latency", help="where JSON, Markdown and plots go")
     mode = parser.add_mutually_exclusive_group()
@@ -125,7 +126,8 @@ def _fifo_priority(value: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    # `vla-edge bench` runs this module and names itself, so usage and errors show the command typed.
+    args = build_parser(os.environ.get("VLA_EDGE_BENCH_PROG", "python -m benchmarks.latency")).parse_args(argv)
     logging.basicConfig(stream=sys.stdout, level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 

@@ -42,7 +42,8 @@ def _bench(args: argparse.Namespace) -> int:
     command = [sys.executable, "-m", "benchmarks.latency", *args.bench_args]
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(sys.executable, command)
+    # Its usage lines name the command that ran it (issue 13, finding 13), not `python -m ...`.
+    os.execve(sys.executable, command, {**os.environ, "VLA_EDGE_BENCH_PROG": "vla-edge bench"})
     return 0  # not reached: execv returns only by raising
 
 

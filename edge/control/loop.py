@@ -45,6 +45,7 @@ from edge.control.status import (
     tick_dtype,
 )
 from edge.control.uncertainty_gate import UncertaintyGate
+from edge.control.watchdog_trips import WatchdogTrips
 from edge.errors import EdgeError
 from edge.io.protocol import WATCHDOG_TIMEOUT_S, StatusFlags
 from edge.ratelimit import RateLimitedWarnings
@@ -54,9 +55,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["HOLD_AFTER_ESTOP", "STOPPED_HOLD", "ControlLoop", "LoopConfig", "Mode", "TickRecorder", "tick_dtype"]
 JITTER_PERCENTILES = (50.0, 90.0, 99.0, 100.0)
-# The controller must show ESTOP_LATCHED within this long after our EmergencyStop (its own watchdog
-# bound); the frame is repeated every tick until it does (docs/serial-protocol.md, section 6).
-ESTOP_CONFIRM_S = WATCHDOG_TIMEOUT_S
 
 
 @dataclass(frozen=True)
@@ -132,6 +130,7 @@ class ControlLoop(OperatorCommands):
         self._hold_reason: str | None = None  # set from an e-stop until resume() or a new instruction
         self.watch = ControllerWatch(getattr(getattr(link, "config", None), "channels", action_dim))
         self._controller_fault: str | None = None  # what the controller reports now (FAULT, rejections)
+        self.trips = WatchdogTrips()  # whether a watchdog trip has a cause the host knows
         self._seen_telemetry = None  # the last sample the watch took (one per new sample)
         self._telemetry_ok = False
         self._estop_sent = None  # the last EmergencyStop frame (SentCommand), repeated until confirmed
@@ -263,11 +262,12 @@ class ControlLoop(OperatorCommands):
         trips = watch.watchdog_trips
         take = getattr(self.link, "take_status_flags", None)
         fault = watch.observe(telemetry, estopped=self.safety.estopped, seen=take() if take else None)
-        if watch.watchdog_trips != trips:
-            # Read, not inferred: the controller stopped the motors; the next command ramps from zero.
+        if watch.watchdog_trips != trips:  # read, not inferred: the controller stopped the motors
             self.counters["watchdog_trips"] += 1
-            self._warn("the controller reports WATCHDOG_TRIPPED: it stopped the motors; commands ramp up from zero")
-            self.safety.reset()
+            self.safety.reset()  # the next motion ramps from zero; a trip the host did not cause also holds
+            with self._instruction_lock:
+                self._hold_reason = self._hold_reason or self.trips.trip()
+        self.trips.settle(bool(telemetry.status & StatusFlags.WATCHDOG_TRIPPED), self.link.is_confirmed)
         if fault is not None and self._controller_fault is None:
             self.counters["controller_faults"] += 1
             logger.error("%s: controlled stop (zero command); the robot then holds until `vla-edge resume` or a "
@@ -284,17 +284,6 @@ class ControlLoop(OperatorCommands):
             sent = self._estop_sent
             self._estop_confirmed = latched and sent is not None and self.link.is_confirmed(sent)
 
-    def _repeat_estop(self, now: float) -> None:
-        """While our e-stop is latched and the controller does not show it (lost frame, controller reset),
-        send EmergencyStop again, once per tick."""
-        if self._estop_confirmed:
-            return
-        if now - self._estop_since_s > ESTOP_CONFIRM_S:
-            self._warn("the controller has not confirmed the emergency stop after %.2f s (no ESTOP_LATCHED echo); "
-                       "repeating it, commands stay zero", now - self._estop_since_s)
-        self._estop_sent = self.link.emergency_stop()
-        self.counters["estop_resends"] += 1
-
     def tick(self) -> np.void:
         now = self.clock()
         if self._last_tick_s is not None and now - self._last_tick_s > WATCHDOG_TIMEOUT_S:
@@ -303,6 +292,7 @@ class ControlLoop(OperatorCommands):
             self._warn("control loop stalled for %.2f s: motors were stopped by the controller's watchdog",
                        now - self._last_tick_s)
             self.safety.reset()
+            self.trips.host_gap(f"control loop stalled for {now - self._last_tick_s:.2f} s")
         self._last_tick_s = now
         row = self.recorder.next()
         timer = self.timer
@@ -355,10 +345,12 @@ class ControlLoop(OperatorCommands):
             self._warn("tick stalled for %.2f s before sending: sending a stop instead of its stale command",
                        stalled_s)
             self.safety.reset()
+            self.trips.host_gap(f"tick stalled for {stalled_s:.2f} s before sending")
             command = self.safety.last_command  # zero velocity; position channels hold
             mode = Mode.FALLBACK
         with timer.section("send"):
             sent = self._send(command)
+        self.trips.sent(sent)
         done = self.clock()
         row["tick_ms"] = (done - ready) * 1e3
         row["score"] = score

@@ -12,11 +12,15 @@ from __future__ import annotations
 import logging
 
 from edge.errors import InputError
+from edge.io.protocol import WATCHDOG_TIMEOUT_S
 
 logger = logging.getLogger("edge.control.loop")
 
 HOLD_AFTER_ESTOP = "emergency stop: holding until `vla-edge resume` or a new instruction"
 STOPPED_HOLD = "stopped by `vla-edge stop`: holding until `vla-edge resume`"
+# The controller must show ESTOP_LATCHED within this long after our EmergencyStop (its own watchdog
+# bound); the frame is repeated every tick until it does (docs/serial-protocol.md, section 6).
+ESTOP_CONFIRM_S = WATCHDOG_TIMEOUT_S
 
 
 class OperatorCommands:
@@ -86,6 +90,17 @@ class OperatorCommands:
         self._estop_sent = self.link.emergency_stop()
         self._amend_status(mode="estop", estop=True, hold_reason=HOLD_AFTER_ESTOP)
         logger.warning("emergency stop latched")
+
+    def _repeat_estop(self, now: float) -> None:
+        """While our e-stop is latched and the controller does not show it (lost frame, controller reset),
+        send EmergencyStop again, once per tick."""
+        if self._estop_confirmed:
+            return
+        if now - self._estop_since_s > ESTOP_CONFIRM_S:
+            self._warn("the controller has not confirmed the emergency stop after %.2f s (no ESTOP_LATCHED echo); "
+                       "repeating it, commands stay zero", now - self._estop_since_s)
+        self._estop_sent = self.link.emergency_stop()
+        self.counters["estop_resends"] += 1
 
     def clear_emergency_stop(self) -> None:
         """Release the latch; the robot then HOLDS (an e-stop clear never restarts motion, as in industrial

@@ -6,10 +6,15 @@ rate, NaN/Inf guard, stale inputs), the motor controller's own watchdog, and sys
 1. E-stop latched -> command is zero at once, regardless of slew (an e-stop is a stop).
 2. Fallback is forced by any of: the caller's ``fallback`` (uncertainty gate), a non-finite
    action (NAN_GUARD), a camera frame or telemetry sample that is missing or older than
-   ``stale_after_periods * period_s`` (STALE_FRAME / STALE_TELEMETRY). A timestamp more than
+   ``stale_after_periods * period_s`` (STALE_FRAME; telemetry: ``telemetry_stale_after_s`` where set,
+   STALE_TELEMETRY). A timestamp more than
    one period in the *future* also counts as stale: it means the producer uses another clock,
    which would otherwise hide staleness forever.
-3. Fallback behaviour:
+3. Fallback behaviour. A stop forced by lost input (stale frame or telemetry) or a NaN action follows
+   ``input_loss_stop``: ``immediate`` (default) commands zero velocity at once, as the e-stop and the
+   controller's watchdog do: the command was computed without fresh inputs, and the goal is a zero
+   command at the controller within 300 ms of a fault the host can see (docs/faults.md); ``ramp``
+   runs the controlled stop below instead. The gate's fallback (inputs fine, the policy uncertain):
    - ``controlled_stop``: ramp every dimension toward zero by at most ``decel_per_s * dt``.
      Deceleration is a limit of its own; config validation requires
      ``decel_per_s <= max_slew_per_s`` so a controlled stop never changes the command faster
@@ -17,7 +22,7 @@ rate, NaN/Inf guard, stale inputs), the motor controller's own watchdog, and sys
    - ``damped``: ``damping * action`` (position channels hold), then clamped and slew-limited like a nominal action.
      Only used when the action is finite and the inputs are fresh, i.e. for the gate's
      fallback. A NaN action has nothing to damp, and an action computed from stale inputs
-     is not about the present, so those two always run the controlled stop.
+     is not about the present, so those two always stop (``input_loss_stop``).
 4. Nominal (and damped): clamp to ``[action_low, action_high]`` (CLAMPED), then limit the
    change against the previously SENT command to ``max_slew_per_s * dt`` (SLEW_LIMITED).
 
@@ -54,6 +59,7 @@ from edge.validation import check_bound, check_choice, check_number, check_range
 logger = logging.getLogger(__name__)
 
 FALLBACK_BEHAVIOURS = ("controlled_stop", "damped")
+INPUT_LOSS_STOPS = ("immediate", "ramp")
 COMMAND_KINDS = ("velocity", "position")
 # A timestamp up to this many periods in the future is tolerated (rounding, producer stamping
 # just after our clock read); more than that means a different clock.
@@ -92,12 +98,18 @@ class SafetyConfig:
     max_slew_per_s: tuple[float, ...]  # largest change of the command per second; > 0
     decel_per_s: tuple[float, ...]  # controlled-stop ramp toward zero per second; 0 < x <= max_slew
     period_s: float = 0.1  # control period (10 Hz)
-    stale_after_periods: float = 3.0  # inputs older than this many periods force the fallback
+    stale_after_periods: float = 2.0  # inputs older than this many periods force the fallback
     fallback_behaviour: str = "controlled_stop"  # one of FALLBACK_BEHAVIOURS
     damping: float = 0.5  # factor on the action in the "damped" fallback; 0..1
     kinds: tuple[str, ...] | None = None  # per dimension "velocity" or "position"; None: all velocity
+    input_loss_stop: str = "immediate"  # stale input or NaN: one of INPUT_LOSS_STOPS
+    telemetry_stale_after_s: float | None = None  # telemetry older than this is stale; None: stale_after_s
 
     def __post_init__(self) -> None:
+        check_choice("safety.input_loss_stop", self.input_loss_stop, INPUT_LOSS_STOPS, quote=False)
+        if self.telemetry_stale_after_s is not None:
+            check_bound("motor.telemetry_stale_after_s", check_number(
+                "motor.telemetry_stale_after_s", self.telemetry_stale_after_s), 0, unit="s", low_open=True)
         low = _vector(self.action_low, "safety.action_low", None)
         dim = len(low)
         kinds = ("velocity",) * dim if self.kinds is None else check_sequence(
@@ -148,6 +160,11 @@ class SafetyConfig:
     def stale_after_s(self) -> float:
         return self.stale_after_periods * self.period_s
 
+    @property
+    def telemetry_stale_s(self) -> float:
+        """Telemetry's own limit (a 50 Hz controller allows a tighter one than a 10 fps camera)."""
+        return self.stale_after_s if self.telemetry_stale_after_s is None else float(self.telemetry_stale_after_s)
+
 
 def _vector(value: object, key: str, dim: int | None) -> tuple[float, ...]:
     """Finite numbers, one per action dimension; with ``dim`` known, one number stands for all."""
@@ -164,9 +181,11 @@ class SafetySection:
     decel_per_s: float = 2.0  # controlled-stop ramp toward zero, normalised units per second
     fallback_behaviour: str = "controlled_stop"  # controlled_stop | damped
     damping: float = 0.5  # damped fallback: this share of the policy's action
-    stale_after_periods: float = 3.0  # frame or telemetry older than this many periods -> fallback
+    stale_after_periods: float = 2.0  # frame or telemetry older than this many periods -> fallback
+    input_loss_stop: str = "immediate"  # immediate (zero velocity at once) | ramp (at decel_per_s)
 
     def __post_init__(self) -> None:
+        check_choice("safety.input_loss_stop", self.input_loss_stop, INPUT_LOSS_STOPS, quote=False)
         check_range("safety.max_slew_per_s", self.max_slew_per_s, 0.01, 100.0, unit="units/s", nullable=True)
         check_range("safety.decel_per_s", self.decel_per_s, 0.01, 100.0, unit="units/s")
         check_choice("safety.fallback_behaviour", self.fallback_behaviour, FALLBACK_BEHAVIOURS, quote=False)
@@ -322,15 +341,19 @@ class SafetyLayer:
         finite = bool(self._finite.all())
         if not finite:
             reasons |= SafetyReason.NAN_GUARD
-        if self._stale(frame_time_s, now_s):
+        if self._stale(frame_time_s, now_s, cfg.stale_after_s):
             reasons |= SafetyReason.STALE_FRAME
-        if self._stale(telemetry_time_s, now_s):
+        if self._stale(telemetry_time_s, now_s, cfg.telemetry_stale_s):
             reasons |= SafetyReason.STALE_TELEMETRY
         forced_stop = bool(reasons)  # NaN or stale: a controlled stop whatever is configured
 
         if forced_stop or fallback:
             reasons |= SafetyReason.FALLBACK
             self.fallback_ticks += 1
+            if forced_stop and cfg.input_loss_stop == "immediate":
+                self._prev *= self._holds  # zero velocity at once; position channels hold
+                self._publish()
+                return SafetyResult(self._sent_view, reasons, True)
             if forced_stop or cfg.fallback_behaviour == "controlled_stop":
                 # Ramp toward zero: step = clip(-prev, -decel*dt, +decel*dt).
                 np.multiply(self._decel, dt, out=self._limit)
@@ -376,14 +399,14 @@ class SafetyLayer:
             )
         return arr
 
-    def _stale(self, stamp_s: float | None, now_s: float) -> bool:
+    def _stale(self, stamp_s: float | None, now_s: float, limit_s: float) -> bool:
         if stamp_s is None:
             return True
         age_s = now_s - float(stamp_s)
         if not math.isfinite(age_s):
             return True
         period = self.config.period_s
-        return age_s > self.config.stale_after_s or age_s < -_FUTURE_TOLERANCE_PERIODS * period
+        return age_s > limit_s or age_s < -_FUTURE_TOLERANCE_PERIODS * period
 
     def _publish(self) -> None:
         # Rounding to float32 is monotonic, so a value within the float64 limits stays within

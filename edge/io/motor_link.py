@@ -87,10 +87,11 @@ class MotorLinkConfig:
     port: str  # /dev/serial/by-id/... (survives replugging), /dev/ttyUSB0, or a pyserial URL
     baudrate: int = 1_000_000  # must match a real UART's controller firmware; USB CDC and ptys ignore it
     write_timeout_ms: float = 20.0  # a write that blocks longer marks the link down (the tick never stalls)
-    telemetry_stale_after_s: float = 0.3  # older telemetry is not fresh: three 10 Hz ticks, as the watchdog
+    telemetry_stale_after_s: float = 0.15  # older telemetry stops the robot: 7 samples of the suggested 50 Hz
     reconnect_backoff_s: tuple[float, float] = (0.1, 2.0)  # (first, longest) wait between reopen attempts
     exclusive: bool = True  # flock the device so a second process cannot interleave frames
     low_latency: bool = True  # ASYNC_LOW_LATENCY on FTDI-style adapters: 1 ms instead of 16 ms latency timer
+    hangup_on_close: bool = True  # closing drops DTR/RTS (HUPCL); False keeps them up (docs/deployment.md)
     channels: int = 2  # targets per SetTargets (wheels, joints, a gripper)
     # Command kind per channel, "velocity" (normalised [-1, 1]) or "position" (the channel's unit, within
     # the limits the controller announces); empty: every channel velocity. Wiring sets it from the bundle.
@@ -105,8 +106,8 @@ class MotorLinkConfig:
         # YAML gives a list; the frozen config keeps a tuple.
         object.__setattr__(self, "reconnect_backoff_s",
                            check_backoff("motor.reconnect_backoff_s", self.reconnect_backoff_s))
-        check_bool("motor.exclusive", self.exclusive)
-        check_bool("motor.low_latency", self.low_latency)
+        for key in ("exclusive", "low_latency", "hangup_on_close"):
+            check_bool(f"motor.{key}", getattr(self, key))
         check_range("motor.channels", self.channels, 1, MAX_CHANNELS, integer=True)
         kinds = tuple(self.kinds) if self.kinds else (VELOCITY,) * self.channels
         if len(kinds) != self.channels or any(kind not in KINDS for kind in kinds):

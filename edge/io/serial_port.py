@@ -1,7 +1,8 @@
 """Opening the motor controller's serial port, with errors that say what to check.
 
 edge.io.motor_link owns the port once it is open; this module only opens it (exclusive, with read and
-write timeouts, low latency where the adapter has it) and names it for log lines.
+write timeouts, low latency where the adapter has it, HUPCL cleared when `motor.hangup_on_close` is
+false) and names it for log lines.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import termios
 from collections.abc import Callable
 from typing import Any
 
@@ -43,7 +45,27 @@ def open_port(config: Any, factory: Callable[..., Any], read_timeout_s: float, r
         raise LinkError(_open_failure_message(config, exc)) from exc
     if config.low_latency:
         _set_low_latency(config.port, port, reconnecting)
+    if not config.hangup_on_close:
+        _keep_lines_on_close(config.port, port)
     return port
+
+
+def _keep_lines_on_close(path: str, port: Any) -> None:
+    """Clear HUPCL: closing the port no longer drops DTR and RTS, so a reopen is no reset edge for a
+    board that resets on DTR. A port without a file descriptor (a URL) has no such lines."""
+    try:
+        fd = port.fileno()
+    except (AttributeError, ValueError, OSError, NotImplementedError, serial.SerialException):
+        logger.debug("motor link %s: no tty to clear HUPCL on (%s)", path, type(port).__name__)
+        return
+    try:
+        attrs = termios.tcgetattr(fd)
+        attrs[2] &= ~termios.HUPCL  # cflag
+        termios.tcsetattr(fd, termios.TCSANOW, attrs)
+    except termios.error as exc:
+        raise LinkError(f"motor link {path}: cannot clear HUPCL (motor.hangup_on_close: false): {exc}; set "
+                        "motor.hangup_on_close: true, or check that the port is a serial tty") from exc
+    logger.debug("motor link %s: HUPCL cleared, DTR/RTS stay up across close and reopen", path)
 
 
 def describe_port(path: str, port: Any) -> str:

@@ -8,7 +8,7 @@ EX_CONFIG, on any fatal problem; doctor prints each one as a FAIL line with its 
     bundle files   every file and directory of the bundle readable by this (the service) user
     bundle         verified by edge.inference.bundle (schema, hashes)
     combination    the config against the bundle: `policy_problems` below (target, T, channels,
-                   target vs backend, the ROS 2 command's targets)
+                   target vs backend, the ROS 2 command's targets, proprio vs telemetry)
     ros2           the ros2: section on this machine: `ros2_problems` (binding, interface, topics, domain)
     controller     once the motor link is open, before the first command: the controller's
                    Capabilities against the bundle's action spec (`controller_problems`)
@@ -313,10 +313,32 @@ def language_problems(bundle, config) -> list[StartupProblem]:
     return []
 
 
+def proprio_problems(bundle, config) -> list[StartupProblem]:
+    """A proprio source the telemetry can never fill: its channel index lies beyond the controller's
+    channels (`motor.channels`; a ROS 2 JointState is read for the action's dimension, edge/control/
+    controller_watch.py refuses any other count), so every tick would be a controlled stop."""
+    proprio = bundle.spec.proprio
+    if config.motor is not None:
+        channels, key, what = config.motor.channels, "motor.channels", f"motor.channels is {config.motor.channels}"
+    elif config.ros2 is not None and config.ros2.telemetry is not None:
+        channels = int(bundle.action["dim"])
+        key, what = "ros2.telemetry", f"the ROS 2 JointState (ros2.telemetry) carries {channels} joint(s)"
+    else:
+        return []
+    beyond = [f"{field}[{index}]" for field, index in proprio.sources if index >= channels]
+    if not beyond:
+        return []
+    return [StartupProblem(
+        key, f"the policy's proprio reads {', '.join(beyond)} but {what} (channels 0..{channels - 1}): the "
+        f"telemetry can never give it, so the robot would stop every tick",
+        f"rebuild the bundle with proprio sources within channels 0..{channels - 1} "
+        f"({rebuild_command(config.bundle, bundle.manifest)}), or use a controller whose telemetry has them")]
+
+
 def policy_problems(bundle, config) -> list[StartupProblem]:
     """Every problem of the config against the bundle: what doctor reports and run refuses or logs."""
     return (pipeline_problems(bundle, config) + robot_problems(bundle, config) + camera_problems(bundle, config)
-            + chunk_problems(bundle, config) + language_problems(bundle, config))
+            + chunk_problems(bundle, config) + language_problems(bundle, config) + proprio_problems(bundle, config))
 
 
 def fatal(problems: list[StartupProblem]) -> list[StartupProblem]:

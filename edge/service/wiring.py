@@ -192,6 +192,8 @@ def safety_config(bundle: Bundle, config: RobotConfig) -> SafetyConfig:
         fallback_behaviour=config.safety.fallback_behaviour,
         damping=config.safety.damping,
         kinds=tuple(bundle.spec.action.kinds),
+        input_loss_stop=config.safety.input_loss_stop,
+        telemetry_stale_after_s=config.motor.telemetry_stale_after_s if config.motor is not None else None,
     )
 
 

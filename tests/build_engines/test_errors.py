@@ -1,6 +1,7 @@
 """One error root for the build: every step's error is an EdgeError carrying its exit code, each step
 raises its own, and `build-engines` ends every failure in one line on stderr, never a traceback."""
 
+import logging
 import re
 import sys
 from types import SimpleNamespace
@@ -170,3 +171,21 @@ def test_each_step_raises_its_own_error(tmp_path):
         tensorrt_builder.build_engine(tmp_path / "none.onnx", precision="fp32", profile={}, timing_cache_path=None,
                                       trt=trt)
     assert not (tmp_path / "broken.onnx").exists() and not (tmp_path / "b").exists()
+
+
+def test_onnx_runtime_quantization_info_lines_are_dropped_but_its_warnings_and_ours_kept():
+    # Issue 13, finding 13: ONNX Runtime's quantization INFO lines were 124 of 220 lines of a build log.
+    import importlib
+
+    from build_engines.cli import QuietOnnxRuntimeInfo
+
+    ort_quantize = importlib.import_module("onnxruntime.quantization.quantize")  # the package shadows the name
+
+    def record(name, level, pathname):
+        return logging.LogRecord(name, level, pathname, 1, "message", None, None)
+
+    quiet = QuietOnnxRuntimeInfo()
+    assert not quiet.filter(record("root", logging.INFO, ort_quantize.__file__))
+    assert quiet.filter(record("root", logging.WARNING, ort_quantize.__file__))
+    assert quiet.filter(record("build_engines.quantize", logging.INFO, __file__))
+    assert quiet.filter(record("root", logging.INFO, __file__))  # someone else's root INFO line stays

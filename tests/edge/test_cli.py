@@ -51,14 +51,14 @@ def vla_edge(*args: str, **kwargs) -> subprocess.CompletedProcess:
 def test_bench_passes_everything_after_it_to_the_benchmark():
     result = vla_edge("bench", "--help")
     assert result.returncode == 0, result.stderr
-    assert "usage: python -m benchmarks.latency" in result.stdout
+    assert "usage: vla-edge bench" in result.stdout, "the usage names the command typed (issue 13, finding 13)"
     assert "--bundle" in result.stdout and "--long" in result.stdout
 
 
 def test_bench_reports_the_benchmarks_own_missing_argument():
     result = vla_edge("bench", "--quick")
     assert result.returncode == 2
-    assert "--bundle" in result.stderr
+    assert "--bundle" in result.stderr and "vla-edge bench: error" in result.stderr
 
 
 def test_bench_refuses_a_bundle_that_is_not_there(tmp_path):

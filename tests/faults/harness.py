@@ -68,8 +68,7 @@ MOVING_SPEED = 0.1
 # -- bounds on time-to-stop, from the parts docs/architecture.md names (decision 8) --------------------------
 _WORLD = WorldConfig()
 CONTROL_PERIOD_S = 0.1  # loop.rate_hz 10 (the config's default, which the suite keeps)
-STALE_AFTER_S = 3 * CONTROL_PERIOD_S  # safety.stale_after_periods 3 (default)
-DECEL_PER_S = 2.0  # safety.decel_per_s (default): the controlled-stop ramp, normalised units per second
+STALE_AFTER_S = 2 * CONTROL_PERIOD_S  # safety.stale_after_periods 2 (default)
 # The simulated motors lag their targets (first order, motor_time_constant_s) and the ground truth is
 # published once per physics step: from full speed, the measured speed falls below the "stopped"
 # threshold after tau * ln(1 / eps), rounded up to whole steps, plus one step of publication delay.
@@ -78,9 +77,9 @@ MOTOR_SETTLE_S = (math.ceil(_WORLD.motor_time_constant_s * math.log(1.0 / MOTOR_
 # Scheduling slack on a busy 2-core machine (three Python processes plus ONNX Runtime). The bounds are
 # meant to catch a stop that does not happen or takes several times its budget, not to time the machine.
 SLACK_S = 0.8
-# Fault the runtime detects (stale frame or telemetry): detection, the next tick, the ramp from full
-# speed, the motors settling.
-CONTROLLED_STOP_BOUND_S = STALE_AFTER_S + CONTROL_PERIOD_S + 1.0 / DECEL_PER_S + MOTOR_SETTLE_S + SLACK_S
+# Fault the runtime detects (stale frame or telemetry): detection, the next tick (which commands zero at
+# once: safety.input_loss_stop immediate, the default), the motors settling.
+CONTROLLED_STOP_BOUND_S = STALE_AFTER_S + CONTROL_PERIOD_S + MOTOR_SETTLE_S + SLACK_S
 # Commands stop reaching the controller (unplug, SIGSTOP, SIGKILL): its watchdog, then the motors settle.
 WATCHDOG_STOP_BOUND_S = WATCHDOG_TIMEOUT_S + 0.01 + MOTOR_SETTLE_S + SLACK_S
 # SIGTERM/SIGINT: the current tick ends, the service commands zero at once (no ramp), the motors settle.

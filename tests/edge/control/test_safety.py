@@ -75,17 +75,21 @@ def test_result_command_is_read_only_view_and_last_command_matches():
     assert not np.array_equal(kept, layer.last_command)  # the view moves on; the copy does not
 
 
+# input_loss_stop: immediate -> zero at once; ramp -> from (0.5, 0.2, 0.5) by decel * 0.1 = (0.1, 0.05, 0.5).
+LOSS_STOPS = [("immediate", [0.0, 0.0, 0.0]), ("ramp", [0.4, 0.15, 0.0])]
+
+
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 @pytest.mark.parametrize("behaviour", ["controlled_stop", "damped"])
-def test_nan_guard_never_passes_nan_and_stops(bad, behaviour):
-    layer = make(behaviour)
+@pytest.mark.parametrize(("loss_stop", "expected"), LOSS_STOPS)
+def test_nan_guard_never_passes_nan_and_stops(bad, behaviour, loss_stop, expected):
+    layer = make(behaviour, input_loss_stop=loss_stop)
     layer.reset([0.5, 0.2, 0.5])
     r = fresh(layer, [0.1, bad, 0.1], now=0.0)
     assert r.reasons & SafetyReason.NAN_GUARD and r.reasons & SafetyReason.FALLBACK
     assert r.stopping
     assert np.isfinite(r.command).all()
-    # Controlled stop from (0.5, 0.2, 0.5) by decel * 0.1 = (0.1, 0.05, 0.5).
-    np.testing.assert_allclose(r.command, [0.4, 0.15, 0.0], atol=TOL)
+    np.testing.assert_allclose(r.command, expected, atol=TOL)
 
 
 @pytest.mark.parametrize(
@@ -93,14 +97,15 @@ def test_nan_guard_never_passes_nan_and_stops(bad, behaviour):
     [
         (None, 0.0, SafetyReason.STALE_FRAME),
         (0.0, None, SafetyReason.STALE_TELEMETRY),
-        (0.31, 0.0, SafetyReason.STALE_FRAME),
+        (0.21, 0.0, SafetyReason.STALE_FRAME),
         (0.0, 0.5, SafetyReason.STALE_TELEMETRY),
         (-5.0, 0.0, SafetyReason.STALE_FRAME),  # stamped on another clock
         (math.nan, math.inf, SafetyReason.STALE_FRAME | SafetyReason.STALE_TELEMETRY),
     ],
 )
-def test_stale_inputs_force_a_controlled_stop_even_when_damped(frame_age, telemetry_age, flags):
-    layer = make("damped")
+@pytest.mark.parametrize(("loss_stop", "expected"), LOSS_STOPS)
+def test_stale_inputs_force_a_stop_even_when_damped(frame_age, telemetry_age, flags, loss_stop, expected):
+    layer = make("damped", input_loss_stop=loss_stop)
     layer.reset([0.5, 0.2, 0.5])
     now = 100.0
     r = layer.apply(
@@ -112,14 +117,14 @@ def test_stale_inputs_force_a_controlled_stop_even_when_damped(frame_age, teleme
     )
     assert r.reasons == flags | SafetyReason.FALLBACK
     assert r.stopping
-    np.testing.assert_allclose(r.command, [0.4, 0.15, 0.0], atol=TOL)
+    np.testing.assert_allclose(r.command, expected, atol=TOL)
 
 
-def test_inputs_just_inside_three_periods_are_fresh():
+def test_inputs_just_inside_two_periods_are_fresh():
     layer = make()
     now = 100.0
     r = layer.apply(
-        np.zeros(3), now_s=now, frame_time_s=now - 0.29, telemetry_time_s=now - 0.29, fallback=False
+        np.zeros(3), now_s=now, frame_time_s=now - 0.19, telemetry_time_s=now - 0.19, fallback=False
     )
     assert r.reasons == SafetyReason.NONE
 
@@ -198,8 +203,8 @@ wild = st.one_of(
 )
 age = st.one_of(
     st.none(),
-    st.floats(0.0, 0.25),  # fresh
-    st.floats(0.35, 5.0),  # stale
+    st.floats(0.0, 0.15),  # fresh
+    st.floats(0.25, 5.0),  # stale
     st.floats(-3.0, -0.15),  # from the future: another clock
 )
 tick = st.tuples(
@@ -223,11 +228,12 @@ start_command = st.tuples(st.floats(-1.0, 1.0), st.floats(-0.5, 0.5), st.floats(
 @settings(max_examples=300, deadline=None)
 @given(
     st.sampled_from(["controlled_stop", "damped"]),
+    st.sampled_from(["immediate", "ramp"]),
     start_command,
     st.lists(op, min_size=1, max_size=40),
 )
-def test_output_is_always_finite_within_limits_and_slew_bounded(behaviour, start, ops):
-    layer = make(behaviour)
+def test_output_is_always_finite_within_limits_and_slew_bounded(behaviour, loss_stop, start, ops):
+    layer = make(behaviour, input_loss_stop=loss_stop)
     layer.reset(start)
     cfg = layer.config
     low, high = np.float32(LOW), np.float32(HIGH)
@@ -265,9 +271,14 @@ def test_output_is_always_finite_within_limits_and_slew_bounded(behaviour, start
             assert r.reasons == SafetyReason.ESTOP and not cmd.any()
             prev = cmd
             continue
-        assert np.all(np.abs(cmd.astype(np.float64) - prev) <= slew * elapsed + TOL)
         finite = all(math.isfinite(a) for a in action)
         stale = _stale(frame_age, cfg) or _stale(tel_age, cfg)
+        if (stale or not finite) and loss_stop == "immediate":
+            # Lost input: zero at once, as an e-stop (the only changes faster than the slew limit).
+            assert r.stopping and r.fallback and not cmd.any()
+            prev = cmd
+            continue
+        assert np.all(np.abs(cmd.astype(np.float64) - prev) <= slew * elapsed + TOL)
         assert bool(r.reasons & SafetyReason.NAN_GUARD) == (not finite)
         assert bool(r.reasons & SafetyReason.STALE_FRAME) == _stale(frame_age, cfg)
         assert bool(r.reasons & SafetyReason.STALE_TELEMETRY) == _stale(tel_age, cfg)
@@ -308,6 +319,7 @@ def test_output_is_always_finite_within_limits_and_slew_bounded(behaviour, start
             r"safety\.fallback_behaviour must be one of controlled_stop, damped",
         ),
         ({"damping": 1.5}, r"safety\.damping must be within 0\.\.1"),
+        ({"input_loss_stop": "coast"}, r"safety\.input_loss_stop must be one of immediate, ramp"),
         ({"damping": True}, r"safety\.damping must be a finite number"),
     ],
 )
@@ -323,7 +335,7 @@ def test_config_broadcasts_scalars_and_normalises_lists():
     assert cfg.action_low == (-1.0, -1.0)
     assert cfg.max_slew_per_s == (2.0, 2.0) and cfg.decel_per_s == (1.5, 1.5)
     assert cfg.action_dim == 2
-    assert cfg.stale_after_s == pytest.approx(0.3)
+    assert cfg.stale_after_s == pytest.approx(0.2)
     hash(cfg)  # frozen and hashable once lists became tuples
 
 
@@ -353,3 +365,17 @@ def test_apply_does_not_grow_memory_per_tick():
     # One object kept per tick would be >= 80 KB here; the allowance covers one-off
     # interpreter allocations (Python 3.10 re-creates a few frame objects).
     assert grown < 16384
+
+
+def test_telemetry_has_its_own_staleness_limit_when_set():
+    # A 50 Hz controller allows a tighter limit than a 10 fps camera (motor.telemetry_stale_after_s).
+    layer = make(telemetry_stale_after_s=0.15)
+    assert layer.config.telemetry_stale_s == pytest.approx(0.15)
+    now = 100.0
+    r = layer.apply(np.zeros(3), now_s=now, frame_time_s=now - 0.17, telemetry_time_s=now - 0.17, fallback=False)
+    assert r.reasons == SafetyReason.STALE_TELEMETRY | SafetyReason.FALLBACK
+    r = layer.apply(np.zeros(3), now_s=now, frame_time_s=now - 0.14, telemetry_time_s=now - 0.14, fallback=False)
+    assert r.reasons == SafetyReason.NONE
+    assert make().config.telemetry_stale_s == pytest.approx(make().config.stale_after_s)  # unset: the frames'
+    with pytest.raises(ConfigError, match=r"motor\.telemetry_stale_after_s"):
+        make(telemetry_stale_after_s=0.0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import select
 import socket
+import termios
 import time
 import tty
 from itertools import pairwise
@@ -287,7 +288,7 @@ def test_telemetry_stamps_round_trip_and_confirmation_use_the_injected_clock(scr
         assert link.last_round_trip_s == pytest.approx(0.25)
         assert link.is_confirmed(first) and not link.is_confirmed(second)
         assert link.telemetry_age_s(now=100.45) == pytest.approx(0.2)
-        assert link.has_fresh_telemetry(now=100.5) and not link.has_fresh_telemetry(now=100.6)
+        assert link.has_fresh_telemetry(now=100.35) and not link.has_fresh_telemetry(now=100.45)  # 0.15 s default
 
         clock.now = 100.5
         scripted.write(encode(telemetry(seq=1, last_command_seq=second.seq)))
@@ -370,6 +371,26 @@ def test_write_timeouts_in_a_row_mark_the_link_down_then_it_reconnects(scripted)
         assert wait_until(lambda: link.send_targets([0.4, 0.4]).delivered)
         stats = link.stats
         assert stats.reconnects >= 1 and stats.undelivered >= 1
+
+
+@pytest.mark.parametrize("hangup_on_close", [True, False])
+def test_hangup_on_close_decides_whether_closing_drops_dtr(scripted, hangup_on_close):
+    # Issue 13, finding 19: a reopen toggles DTR, and an Arduino-style board resets on that edge. With
+    # motor.hangup_on_close false the link clears HUPCL on the tty, so a close keeps DTR and RTS up.
+    attrs = termios.tcgetattr(scripted.follower)
+    attrs[2] |= termios.HUPCL
+    termios.tcsetattr(scripted.follower, termios.TCSANOW, attrs)
+    link = link_to(scripted.path, hangup_on_close=hangup_on_close)
+    with link:
+        answer(scripted, link)
+        assert link.send_targets([0.1, 0.1]).delivered
+        hupcl = bool(termios.tcgetattr(scripted.follower)[2] & termios.HUPCL)
+    assert hupcl == hangup_on_close
+
+
+def test_hangup_on_close_must_be_a_boolean():
+    with pytest.raises(ConfigError, match="motor.hangup_on_close"):
+        MotorLinkConfig(port="/dev/null", hangup_on_close="no")
 
 
 def test_one_write_timeout_keeps_the_port_and_the_next_frame_starts_clean(scripted):

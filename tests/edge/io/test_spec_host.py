@@ -14,10 +14,12 @@ import select
 import time
 import tty
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from edge.control.controller_watch import REJECTION_TICKS, ControllerWatch
+from edge.control.watchdog_trips import UNEXPLAINED_TRIP_HOLD, WatchdogTrips
 from edge.io.link_state import LinkState
 from edge.io.motor_link import MotorLinkConfig, SerialMotorLink
 from edge.io.protocol import (
@@ -112,9 +114,26 @@ def check_watchdog_trip_counted():
     assert watch.watchdog_trips == 2
     watch.observe(telemetry(seq=6, time_ms=20), estopped=False)  # the clock went back: a restart
     assert watch.watchdog_trips == 3
-    # The loop side: tests/edge/control/test_controller_faults.py,
-    # test_a_watchdog_trip_is_read_from_telemetry_and_motion_ramps_from_zero.
-    assert callable(test_controller_faults.test_a_watchdog_trip_is_read_from_telemetry_and_motion_ramps_from_zero)
+    # Who caused it: a gap the host saw explains trips until a command sent after it is confirmed.
+    trips = WatchdogTrips()
+    assert trips.trip() == UNEXPLAINED_TRIP_HOLD  # commands sent on time: hold
+    trips.host_gap("control loop stalled for 0.70 s")
+    assert trips.trip() is None  # the host's own stall: drive on, ramping from a stop
+    after = SimpleNamespace(delivered=True)
+    trips.sent(after)
+    trips.settle(tripped_now=True, is_confirmed=lambda sent: True)  # still tripped: the gap is not over
+    assert trips.trip() is None
+    trips.settle(tripped_now=False, is_confirmed=lambda sent: False)  # clean, but not yet confirmed
+    assert trips.trip() is None
+    trips.settle(tripped_now=False, is_confirmed=lambda sent: sent is after)
+    assert trips.trip() == UNEXPLAINED_TRIP_HOLD  # commands arrive again: a new trip is not ours
+    trips.sent(SimpleNamespace(delivered=False))  # link down: a gap
+    assert trips.trip() is None
+    trips.sent(None)  # nothing sent at all
+    assert trips.trip() is None and (trips.explained, trips.unexplained) == (5, 2)
+    # The loop side, closed through the simulated controller.
+    assert callable(test_controller_faults.test_a_trip_the_host_caused_by_its_own_stall_ramps_from_zero_and_drives_on)
+    assert callable(test_controller_faults.test_a_trip_the_host_did_not_cause_stops_and_holds_until_resume)
 
 
 def check_rejections_are_a_fault():
@@ -243,7 +262,10 @@ SENTENCES = [
      closed_loop_test("test_controller_fault_stops_the_robot_then_holds_until_resume")),
     ("When WATCHDOG_TRIPPED appears after the controller had accepted commands (in any sample between two ticks), "
      "or the controller restarts, the host ramps its next motion from a stop, never from the command sent before "
-     "the trip.", check_watchdog_trip_counted),
+     "the trip. A trip the host caused itself (its loop stalled past the watchdog, or a command did not reach the "
+     "link, and no command sent after that was confirmed yet) needs no operator; after any other trip, a "
+     "controller restart included, the host holds until an operator resumes or gives a new instruction.",
+     check_watchdog_trip_counted),
     ("When any of the controller's rejection counters grows on three control ticks in a row (for "
      "`rejected_estop` and `rejected_fault`: outside a latch or FAULT), the host treats it as FAULT. Its status "
      "shows every counter by reason.", check_rejections_are_a_fault),

@@ -124,6 +124,26 @@ def test_channels_must_match_the_action_dimension(reference_bundle, tmp_path):
     assert ("motor.channels", True) in problems_by_key(copy, motor={"port": "/p", "channels": 2})
 
 
+def test_a_proprio_channel_beyond_the_telemetry_is_a_start_up_problem(reference_bundle, tmp_path):
+    # Found in issue 13: the mismatch was a controlled stop on every tick at run time, not a start-up error.
+    dim = len(json.loads((reference_bundle[0] / "manifest.json").read_text())["spec"]["action"]["names"])
+    copy = linked_copy(reference_bundle[0], tmp_path / "far")
+
+    def far(manifest):
+        manifest["spec"]["proprio"]["sources"][-1] = f"velocities[{dim}]"
+
+    edit_manifest(copy, far)
+    serial = problems_by_key(copy, motor={"port": "/p", "channels": dim})
+    problem = serial[("motor.channels", True)]
+    assert f"velocities[{dim}]" in problem.message and f"channels 0..{dim - 1}" in problem.message
+    assert "rebuild the bundle" in problem.fix
+    ros2 = problems_by_key(copy, motor=None, ros2={"command": {"kind": "twist", "topic": "/cmd_vel"},
+                                                   "telemetry": {"topic": "/joint_states"}})
+    assert ("ros2.telemetry", True) in ros2, ros2
+    # Within the channels: no problem (the reference bundle's own sources).
+    assert not any(key == "motor.channels" for key, _ in problems_by_key(reference_bundle[0]))
+
+
 def test_one_sample_is_refused_because_its_spread_is_zero(reference_bundle):
     problem = problems_by_key(reference_bundle[0], policy={"mc_samples": 1})[("policy.mc_samples", True)]
     assert "spread of a single dropout sample is always 0" in problem.message
