@@ -42,6 +42,8 @@ lint: $(STAMP)
 evaluate: $(STAMP)
 	$(BIN)/python -m reference_policy.evaluate --seeds 50 --paraphrase-seeds 50 --ood-seeds 20 \
 		--json $(ARTIFACTS)/evaluation.json
+	$(BIN)/python -m reference_policy.evaluate_monitor --bundle $(ARTIFACTS)/bundle --seeds 50 --failure-seeds 20 \
+		--json $(ARTIFACTS)/monitor_evaluation.json
 
 compare: $(STAMP)
 	$(BIN)/python -m simulator.compare --bundle $(ARTIFACTS)/bundle --targets cpu cpu-fp32 --episodes 50 \

@@ -178,6 +178,12 @@ def test_a_tiny_bundle_gets_a_monitor_that_passes_its_frames_and_stops_on_a_blac
     status = loop.status()
     assert status.monitor["tripped"] == ["feature_novelty"], status.monitor
     assert "tripped: feature_novelty" in status.line()
+    pytest.importorskip("prometheus_client")
+    from edge.service.metrics import PREFIX, LoopCollector
+
+    families = {family.name: family for family in LoopCollector(loop).collect()}
+    alarms = {sample.labels["signal"]: sample.value for sample in families[f"{PREFIX}_monitor_alarm"].samples}
+    assert alarms == {"spread": 0.0, "feature_novelty": 1.0, "action_consistency": 0.0, "instruction_novelty": 0.0}, alarms
     assert status.mode == "fallback"
 
 
