@@ -78,7 +78,7 @@ class BuildOptions:
     uncertainty: str = "mc-dropout"  # or "none": no masks, T = 1, no threshold
     env: str | None = None  # "module:factory" of the closed-loop environment; None: the policy's; "none"
     gate_seeds: int = 50
-    heldout_samples: int = 64
+    heldout_samples: int = 128  # >= 99: the failure monitor's conformal thresholds at 1% of ticks need them
     threshold_quantile: float = 0.99
     monitor_rate: float = 0.01  # the failure monitor's false alarms per in-distribution tick (conformal)
     tensorrt: str = "auto"  # auto | off
@@ -612,8 +612,9 @@ def _build_into(root: Path, options: BuildOptions, plan: Plan) -> dict:
                                    "method": "--uncertainty none: no MC-dropout masks, T = 1, no threshold"}
     with step(f"failure monitor: feature novelty, instruction novelty, action consistency "
               f"(conformal, rate {options.monitor_rate:g})"):
-        manifest["monitor"] = _monitor(root, options, plan, targets, sessions, files, data, token_feeds,
-                                       head_feeds, masks, spec)
+        monitor = _monitor(root, options, plan, targets, sessions, files, data, token_feeds, head_feeds, masks, spec)
+        if monitor is not None:
+            manifest["monitor"] = monitor
     manifest["gate"] = {"environment": plan.environment if loop else None, "closed_loop_seeds":
                         options.gate_seeds if loop else 0, "replay": replay is not None,
                         "heldout_episodes": len(plan.heldout_ids) if plan.dataset is not None
@@ -768,7 +769,7 @@ def _uncertainty(options, plan, loop, targets, sessions, files, data, token_feed
                        f"({len(plan.heldout_episodes)} episodes not used for calibration), per target and T")}
 
 
-def _monitor(root, options, plan, targets, sessions, files, data, token_feeds, head_feeds, masks, spec) -> dict:
+def _monitor(root, options, plan, targets, sessions, files, data, token_feeds, head_feeds, masks, spec) -> dict | None:
     """The failure monitor's models and thresholds (build_engines/monitor.py) from every vision variant's
     features, the known and held-out instructions' embeddings and each target's held-out actions."""
     from build_engines.monitor import fit_monitor

@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "gate on held-out data only")
     p.add_argument("--uncertainty", choices=UNCERTAINTY_SIGNALS, default="mc-dropout",
                    help="mc-dropout (the head's nn.Dropout layers become mask inputs) or none")
-    p.add_argument("--heldout-samples", type=int, default=64, help="held-out samples for the accuracy gate")
+    p.add_argument("--heldout-samples", type=int, default=128,
+                   help="held-out samples for the accuracy gate and the failure monitor's thresholds (>= 99 for 1%%)")
     p.add_argument("--calib-instructions", type=Path, default=None, help="instructions file for an image folder")
     p.add_argument("--calib-samples", type=int, default=256)
     p.add_argument("--calib-method", choices=CALIB_METHODS, default="percentile")

@@ -10,8 +10,10 @@ beyond MC-dropout; docs/bundle.md, "monitor").
 
 A threshold is the split-conformal quantile: the ceil((n + 1)(1 - rate))-th smallest of n held-out
 scores, so a new in-distribution score exceeds it with probability at most `rate` (exchangeability).
-Where n is too small for the rate (n + 1 < 1 / rate) the largest held-out score is taken and the
-manifest says which rate the count supports. The runtime (edge/control/monitor.py) reads the models
+A per-tick signal whose n is too small for the rate (n + 1 < 1 / rate) is left out (the manifest's
+`skipped` says why); the instruction signal is judged per instruction, not per tick: with fewer
+held-out instructions than the rate needs its threshold is the largest held-out distance (every
+held-out instruction is one the policy grounds) and `supported_rate` says what the count supports. The runtime (edge/control/monitor.py) reads the models
 and thresholds; signals are derived from any bundle's graphs (vision output, language output, head
 actions), so nothing here knows the policy.
 """
@@ -127,6 +129,7 @@ def fit_monitor(root: Path, *, vision_features: dict[str, np.ndarray], targets: 
     instruction_vectors: (known, held-out) embeddings, or None without language;
     heldout_actions: target -> mean first actions of the held-out samples, in order."""
     (root / "monitor").mkdir(exist_ok=True)
+    skipped: dict[str, str] = {}
     arrays: dict[str, np.ndarray] = {}
     feature_thresholds: dict[str, float] = {}
     supported: dict[str, float] = {}
@@ -142,15 +145,17 @@ def fit_monitor(root: Path, *, vision_features: dict[str, np.ndarray], targets: 
                                                   rate)
         feature_thresholds[target] = _positive(threshold)
         supported[target] = achieved
-    np.savez(root / FEATURES_FILE, **arrays)
     n_heldout = heldout.stop - heldout.start
     heldout_episodes = len({e if e is not None else ("sample", i) for i, e in enumerate(episodes[heldout])})
-    signals: dict = {"feature_novelty": {
-        "path": FEATURES_FILE, "score": FEATURE_SCORE, "threshold": feature_thresholds,
-        "dim": int(next(iter(models.values()))["mean"].shape[0]),
-        "shrinkage": {v: float(m["shrinkage"]) for v, m in models.items()},
-        "calibration_samples": calibration.stop - calibration.start, "heldout_samples": n_heldout,
-        "heldout_episodes": heldout_episodes, "supported_rate": max(supported.values())}}
+    signals: dict = {}
+    if _enough("feature_novelty", n_heldout, rate, skipped):
+        np.savez(root / FEATURES_FILE, **arrays)
+        signals["feature_novelty"] = {
+            "path": FEATURES_FILE, "score": FEATURE_SCORE, "threshold": feature_thresholds,
+            "dim": int(next(iter(models.values()))["mean"].shape[0]),
+            "shrinkage": {v: float(m["shrinkage"]) for v, m in models.items()},
+            "calibration_samples": calibration.stop - calibration.start, "heldout_samples": n_heldout,
+            "heldout_episodes": heldout_episodes, "supported_rate": max(supported.values())}
     if instruction_vectors is not None:
         known, held = instruction_vectors
         known_unit = unit_rows(known)
@@ -179,11 +184,32 @@ def fit_monitor(root: Path, *, vision_features: dict[str, np.ndarray], targets: 
         pairs = len(scores)
         threshold, achieved = conformal_threshold(scores, rate)
         consistency[target] = _positive(threshold)
-    if pairs:
+    if pairs and _enough("action_consistency", pairs, rate, skipped):
         signals["action_consistency"] = {"score": CONSISTENCY_SCORE, "threshold": consistency,
                                          "heldout_pairs": pairs,
                                          "supported_rate": 1.0 / (pairs + 1) if (pairs + 1) * rate < 1 else rate}
+    if not any((root / "monitor").iterdir()):
+        (root / "monitor").rmdir()
+    if not signals:
+        logger.warning("failure monitor: no signal could be calibrated (%s); the bundle runs with the MC-dropout "
+                       "spread alone", "; ".join(skipped.values()) or "nothing to calibrate on")
+        return None
     logger.info("monitor: feature-novelty thresholds %s (%d held-out samples); signals %s",
                 {t: round(v, 3) for t, v in feature_thresholds.items()}, n_heldout, sorted(signals))
-    return {"method": "split conformal: the ceil((n + 1)(1 - rate))-th smallest held-out score per signal",
-            "false_alarm_rate": float(rate), "window": dict(DEFAULT_WINDOW), "signals": signals}
+    section = {"method": "split conformal: the ceil((n + 1)(1 - rate))-th smallest held-out score per signal",
+               "false_alarm_rate": float(rate), "window": dict(DEFAULT_WINDOW), "signals": signals}
+    if skipped:
+        section["skipped"] = skipped
+    return section
+
+
+def _enough(signal: str, scores: int, rate: float, skipped: dict[str, str]) -> bool:
+    """A per-tick signal is written only where its held-out scores support the stated rate: with n scores
+    the conformal threshold can promise no rate below 1 / (n + 1)."""
+    if (scores + 1) * rate >= 1.0 - 1e-9:
+        return True
+    needed = math.ceil(1.0 / rate) - 1
+    skipped[signal] = (f"{scores} held-out scores cannot support a false-alarm rate of {rate:g} per tick "
+                       f"(at least {needed} needed): raise --heldout-samples or --monitor-rate")
+    logger.warning("failure monitor: %s left out: %s", signal, skipped[signal])
+    return False

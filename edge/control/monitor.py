@@ -177,18 +177,19 @@ def load_models(bundle, target: str, window: WindowConfig | None = None) -> Moni
     configured = section.get("window", {})
     models = MonitorModels(window or WindowConfig(int(configured.get("over", 3)), int(configured.get("ticks", 5))),
                            float(section["false_alarm_rate"]))
-    feature = signals["feature_novelty"]
-    thresholds = feature["threshold"]
-    if target not in thresholds:
-        raise BundleError(f"bundle {bundle.root}: the monitor has no feature-novelty threshold for target "
-                          f"{target!r} (it has {sorted(thresholds)}); rebuild the bundle")
-    variant = bundle.target_variants(target)["vision"]
-    with np.load(bundle.path(feature["path"])) as data:
-        if f"mean_{variant}" not in data:
-            raise BundleError(f"bundle {bundle.root}: {feature['path']} has no model of the {variant} vision "
-                              "graph; rebuild the bundle")
-        models.features = FeatureNovelty(data[f"mean_{variant}"], data[f"whiten_{variant}"])
-    models.feature_threshold = float(thresholds[target])
+    feature = signals.get("feature_novelty")
+    if feature:
+        thresholds = feature["threshold"]
+        if target not in thresholds:
+            raise BundleError(f"bundle {bundle.root}: the monitor has no feature-novelty threshold for target "
+                              f"{target!r} (it has {sorted(thresholds)}); rebuild the bundle")
+        variant = bundle.target_variants(target)["vision"]
+        with np.load(bundle.path(feature["path"])) as data:
+            if f"mean_{variant}" not in data:
+                raise BundleError(f"bundle {bundle.root}: {feature['path']} has no model of the {variant} vision "
+                                  "graph; rebuild the bundle")
+            models.features = FeatureNovelty(data[f"mean_{variant}"], data[f"whiten_{variant}"])
+        models.feature_threshold = float(thresholds[target])
     consistency = signals.get("action_consistency")
     if consistency and target in consistency["threshold"]:
         models.consistency_threshold = float(consistency["threshold"][target])

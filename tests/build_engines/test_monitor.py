@@ -92,9 +92,12 @@ def test_the_schema_checks_the_monitor_section():
 
 
 def test_a_built_bundle_with_a_broken_monitor_section_is_refused(tmp_path):
-    from tests.edge.tiny_bundles import build_tiny_bundle
+    from build_engines import cli
+    from tests.edge.tiny_bundles import FAST, POLICIES
 
-    root = build_tiny_bundle(tmp_path / "chunk", "chunk")
+    root = tmp_path / "chunk"
+    assert cli.main(["--policy", f"{POLICIES}:chunk_without_proprio", "--out", str(root), *FAST,
+                     "--monitor-rate", "0.15"]) == 0
     manifest = json.loads((root / "manifest.json").read_text())
     validate_manifest(manifest, root / "manifest.json")
     signals = manifest["monitor"]["signals"]
