@@ -51,6 +51,12 @@ class Episode:
     held: bool = False  # the instruction was not understood: held from the first tick
     fallback: list = field(default_factory=list)  # per tick
     scores: dict = field(default_factory=lambda: {name: [] for name in (*SIGNALS, "combined")})
+    tripped: dict = field(default_factory=lambda: {name: 0 for name in SIGNALS})  # ticks each signal's alarm was on
+
+    @property
+    def reached_onset(self) -> bool:
+        """False for an onset kind whose episode ended (success) before the onset: nothing to detect."""
+        return self.held or len(self.fallback) > self.onset
 
     @property
     def first_fallback_after_onset(self) -> int | None:
@@ -103,6 +109,8 @@ def run(world: TabletopWorld, pipeline, monitor, kind: str, seed: int, max_ticks
         out = pipeline.infer(frame, obs.proprio, embedding)
         decision = monitor.update(out.score, out)
         episode.fallback.append(decision.fallback)
+        for name in monitor.tripped:
+            episode.tripped[name] += 1
         episode.scores["spread"].append(out.score)
         for name in ("feature_novelty", "action_consistency"):
             alarm = monitor.alarms.get(name)
@@ -126,16 +134,18 @@ def summarise(episodes: dict[str, list[Episode]], spread_only_success: float, dt
         "success_rate_spread_only": spread_only_success,
         "fallback_tick_share": (sum(sum(e.fallback) for e in wins) / ticks) if ticks else float("nan"),
         "fallback_episode_share": (sum(any(e.fallback) for e in wins) / len(wins)) if wins else float("nan"),
-        "fallback_tick_share_by_signal_all_episodes": {}}}
+        "alarm_tick_share_by_signal": {name: (sum(e.tripped[name] for e in wins) / ticks) if ticks else None
+                                       for name in SIGNALS}}}
     baseline = {name: np.concatenate([np.asarray(e.scores[name], np.float64) for e in nominal]) for name in
                 (*SIGNALS, "combined")}
     for kind in KINDS:
-        rows = episodes.get(kind, [])
+        rows = [e for e in episodes.get(kind, []) if e.reached_onset]
         if not rows:
             continue
         delays = [e.first_fallback_after_onset for e in rows]
         engaged = [d for d in delays if d is not None]
-        entry = {"episodes": len(rows), "engaged_share": len(engaged) / len(rows),
+        entry = {"episodes": len(rows), "ended_before_onset": len(episodes[kind]) - len(rows),
+                 "engaged_share": len(engaged) / len(rows),
                  "median_s_to_fallback": float(np.median(engaged)) * dt_s if engaged else None,
                  "held_for_instruction": sum(e.held for e in rows), "auroc": {}}
         for name in (*SIGNALS, "combined"):
@@ -153,7 +163,9 @@ def format_table(report: dict) -> str:
     lines = [f"In-distribution ({base['episodes']} episodes): success {base['success_rate']:.1%} with the monitor, "
              f"{base['success_rate_spread_only']:.1%} with the spread alone; successes: "
              f"{base['fallback_tick_share']:.2%} of ticks in fallback (goal <= 1%), "
-             f"{base['fallback_episode_share']:.1%} of episodes with any fallback (goal <= 5%)", "",
+             f"{base['fallback_episode_share']:.1%} of episodes with any fallback (goal <= 5%); alarm on, share of "
+             "ticks: " + ", ".join(f"{n} {v:.2%}" for n, v in base["alarm_tick_share_by_signal"].items()
+                                   if v is not None), "",
              "| failure kind | episodes | fallback engaged (goal >= 95%) | median s from onset (goal <= 1.0) | "
              + " | ".join(f"AUROC {s}" for s in (*SIGNALS, "combined")) + " |",
              "|---|---|---|---|" + "---|" * (len(SIGNALS) + 1)]
@@ -165,6 +177,8 @@ def format_table(report: dict) -> str:
         aurocs = " | ".join("-" if row["auroc"][s] is None else f"{row['auroc'][s]:.3f}"
                             for s in (*SIGNALS, "combined"))
         held = f" ({row['held_for_instruction']} held: not understood)" if row["held_for_instruction"] else ""
+        if row["ended_before_onset"]:
+            held += f" ({row['ended_before_onset']} more succeeded before the onset)"
         lines.append(f"| {kind} | {row['episodes']} | {row['engaged_share']:.0%}{held} | {median} | {aurocs} |")
     return "\n".join(lines)
 
