@@ -57,6 +57,8 @@ lint: $(STAMP)
 evaluate: $(STAMP)
 	$(BIN)/python -m reference_policy.evaluate --seeds 50 --paraphrase-seeds 50 --ood-seeds 20 \
 		--json $(ARTIFACTS)/evaluation.json
+	$(BIN)/python -m reference_policy.evaluate_monitor --bundle $(ARTIFACTS)/bundle --seeds 50 --failure-seeds 20 \
+		--json $(ARTIFACTS)/monitor_evaluation.json
 
 # Both policies through the real serial and camera path (a reference bundle whose checkpoint changed is rebuilt).
 compare: $(STAMP) $(ARTIFACTS)/bundle/manifest.json $(ACT_BUNDLE)/manifest.json

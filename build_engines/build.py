@@ -78,8 +78,9 @@ class BuildOptions:
     uncertainty: str = "mc-dropout"  # or "none": no masks, T = 1, no threshold
     env: str | None = None  # "module:factory" of the closed-loop environment; None: the policy's; "none"
     gate_seeds: int = 50
-    heldout_samples: int = 64
+    heldout_samples: int = 128  # >= 99: the failure monitor's conformal thresholds at 1% of ticks need them
     threshold_quantile: float = 0.99
+    monitor_rate: float = 0.01  # the failure monitor's false alarms per in-distribution tick (conformal)
     tensorrt: str = "auto"  # auto | off
     force: bool = False
     tolerances: Tolerances = field(default_factory=Tolerances)
@@ -132,6 +133,7 @@ def validate_options(options: BuildOptions) -> None:
             raise BuildError("--checkpoint is passed to a --policy factory; pre-exported graphs (--onnx-spec) "
                              "carry their weights: drop --checkpoint")
     _fraction("threshold quantile", options.threshold_quantile, 0.5, 1.0)
+    _fraction("--monitor-rate", options.monitor_rate, 1e-4, 0.5)
     if options.uncertainty not in UNCERTAINTY_SIGNALS:
         raise BuildError(f"--uncertainty must be one of {UNCERTAINTY_SIGNALS}, got {options.uncertainty!r}")
     if options.tensorrt not in ("auto", "off"):
@@ -608,6 +610,11 @@ def _build_into(root: Path, options: BuildOptions, plan: Plan) -> dict:
     else:
         manifest["uncertainty"] = {"signal": "none", "threshold": {},
                                    "method": "--uncertainty none: no MC-dropout masks, T = 1, no threshold"}
+    with step(f"failure monitor: feature novelty, instruction novelty, action consistency "
+              f"(conformal, rate {options.monitor_rate:g})"):
+        monitor = _monitor(root, options, plan, targets, sessions, files, data, token_feeds, head_feeds, masks, spec)
+        if monitor is not None:
+            manifest["monitor"] = monitor
     manifest["gate"] = {"environment": plan.environment if loop else None, "closed_loop_seeds":
                         options.gate_seeds if loop else 0, "replay": replay is not None,
                         "heldout_episodes": len(plan.heldout_ids) if plan.dataset is not None
@@ -760,6 +767,42 @@ def _uncertainty(options, plan, loop, targets, sessions, files, data, token_feed
             "hard_ceiling": {t: 3.0 * v for t, v in thresholds.items()}, "by_samples": by_samples,
             "method": (f"{q:.0%} quantile of the score over {held.stop - held.start} held-out samples "
                        f"({len(plan.heldout_episodes)} episodes not used for calibration), per target and T")}
+
+
+def _monitor(root, options, plan, targets, sessions, files, data, token_feeds, head_feeds, masks, spec) -> dict | None:
+    """The failure monitor's models and thresholds (build_engines/monitor.py) from every vision variant's
+    features, the known and held-out instructions' embeddings and each target's held-out actions."""
+    from build_engines.monitor import fit_monitor
+
+    vision = {variant: np.concatenate([sessions.run(path, data.vision_feeds(i, i + 16))
+                                       for i in range(0, len(data), 16)])
+              for variant, path in files["vision"].items()}
+    instruction_vectors = None
+    known = list(plan.policy.instructions) if spec.language is not None else []
+    if known:
+        held_texts = [t for t in plan.policy.held_out_instructions if t not in set(known)]
+        language = files["language"]["fp32"]  # the runtime's cache holds the FP32 embeddings of known ones
+        held_vectors = sessions.run(language, token_feeds(held_texts)) if held_texts else np.zeros((0, 1))
+        instruction_vectors = (sessions.run(language, token_feeds(known)), held_vectors)
+    held = plan.heldout
+    samples = options.default_mc_samples if plan.layers else 1
+    actions: dict[str, list[np.ndarray]] = {}
+    for target, variants in targets.items():
+        language = None
+        if "language" in variants:
+            unique = sorted(set(data.instructions))
+            by_text = dict(zip(unique, sessions.run(files["language"][variants["language"]], token_feeds(unique))))
+            language = np.stack([by_text[t] for t in data.instructions])
+        outs = [sessions.run(files["head"][variants["head"]], head_feeds(i, masks(samples),
+                                                                         vision[variants["vision"]], language))
+                for i in range(held.start, held.stop)]
+        actions[target] = [out.reshape(out.shape[0], spec.action.horizon, spec.action.dim).mean(axis=0)
+                           for out in outs]
+    return fit_monitor(root, vision_features=vision, targets=targets, calibration=slice(0, held.start),
+                       heldout=held, episodes=data.episodes, rate=options.monitor_rate,
+                       instruction_vectors=instruction_vectors, known_instructions=known,
+                       heldout_instructions=list(plan.policy.held_out_instructions),
+                       heldout_actions=actions, action_range=float(np.max(_action_range(spec))))
 
 
 def _runners(sessions, files, targets, data, plan, token_feeds, spec, head_names) -> dict:

@@ -95,13 +95,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "gate on held-out data only")
     p.add_argument("--uncertainty", choices=UNCERTAINTY_SIGNALS, default="mc-dropout",
                    help="mc-dropout (the head's nn.Dropout layers become mask inputs) or none")
-    p.add_argument("--heldout-samples", type=int, default=64, help="held-out samples for the accuracy gate")
+    p.add_argument("--heldout-samples", type=int, default=128,
+                   help="held-out samples for the accuracy gate and the failure monitor's thresholds (>= 99 for 1%%)")
     p.add_argument("--calib-instructions", type=Path, default=None, help="instructions file for an image folder")
     p.add_argument("--calib-samples", type=int, default=256)
     p.add_argument("--calib-method", choices=CALIB_METHODS, default="percentile")
     p.add_argument("--gate-seeds", type=int, default=50, help="closed-loop episodes per target in the gate")
     p.add_argument("--max-mc-samples", type=int, default=32, help="largest T the engines' profile covers")
     p.add_argument("--mc-samples", type=int, default=16, help="default T at run time")
+    p.add_argument("--monitor-rate", type=float, default=0.01,
+                   help="failure monitor: false alarms per in-distribution tick its conformal thresholds allow")
     p.add_argument("--tensorrt", choices=("auto", "off"), default="auto")
     p.add_argument("--min-vision-cosine", type=float, default=Tolerances.min_vision_cosine)
     p.add_argument("--max-head-error", type=float, default=Tolerances.max_head_action_error)
@@ -175,6 +178,7 @@ def _build(args: argparse.Namespace) -> int:
         calib_source=args.calib_source, calib_instructions=args.calib_instructions,
         calib_samples=args.calib_samples, calib_method=args.calib_method, gate_seeds=args.gate_seeds,
         max_mc_samples=args.max_mc_samples, default_mc_samples=args.mc_samples, tensorrt=args.tensorrt,
+        monitor_rate=args.monitor_rate,
         force=args.force,
         tolerances=Tolerances(min_vision_cosine=args.min_vision_cosine, max_head_action_error=args.max_head_error,
                               max_success_drop=args.max_success_drop),

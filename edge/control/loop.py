@@ -183,7 +183,7 @@ class ControlLoop(OperatorCommands):
                           link=link, camera=camera, hold_reason=self._hold_reason, controller=controller,
                           cameras=cameras, stale_cameras=self.cameras.stale,
                           chunks=None if self.chunks is None else self.chunks.stats(),
-                          language=self.shape.needs_language)
+                          language=self.shape.needs_language, monitor=self.gate.signals())
 
     def _policy_view(self, row: np.void) -> tuple[np.ndarray | None, np.ndarray | None]:
         """The policy's action and spread behind this tick's command (None when the policy did not run)."""
@@ -392,7 +392,7 @@ class ControlLoop(OperatorCommands):
                 return Mode.FALLBACK, self._zeros, True, np.nan
             self.last_output = out
             with self.timer.section("gate"):
-                decision = self.gate.update(out.score)
+                decision = self.gate.update(out.score, out)
             self._record_policy(row, out.times, self.pipeline.samples)
             return (Mode.FALLBACK if decision.fallback else Mode.NOMINAL), out.action, decision.fallback, out.score
         step = self.chunks.step(now, self.cameras, self._proprio, embedding)
@@ -404,7 +404,7 @@ class ControlLoop(OperatorCommands):
             self.last_output = step.arrived
             self._chunk_score = step.arrived.score
             with self.timer.section("gate"):
-                self._chunk_fallback = self.gate.update(self._chunk_score).fallback
+                self._chunk_fallback = self.gate.update(self._chunk_score, step.arrived).fallback
             if step.arrived.times is not None:
                 self._record_policy(row, step.arrived.times, step.arrived.samples)
         if step.action is None:
@@ -428,7 +428,7 @@ class ControlLoop(OperatorCommands):
         if text is None:
             return None
         try:
-            return self.pipeline.embedding(text)
+            return self._grounded(text, self.pipeline.embedding(text))
         except EdgeError as exc:
             self._warn("instruction %r refused (%s); holding until a new one arrives", text[:60], exc)
             with self._instruction_lock:

@@ -72,6 +72,20 @@ class OperatorCommands:
             self._release_hold("resume")
         self._amend_status(hold_reason=None)
 
+    def _grounded(self, text: str, embedding):
+        """The embedding, or None (a hold) while the failure monitor finds the instruction not understood."""
+        if embedding is None:
+            return None
+        reason = self.gate.instruction_hold(text, embedding)
+        if reason is None:
+            return embedding
+        if self._hold_reason != reason:
+            self._warn("%s: holding", reason)
+            with self._instruction_lock:
+                self._hold_reason = reason
+            self._amend_status(hold_reason=reason)
+        return None
+
     def _release_hold(self, why: str) -> None:
         if self._hold_reason is not None:
             logger.info("hold (%s) ended by %s: commands slew up from zero", self._hold_reason, why)

@@ -41,6 +41,7 @@ class ChunkResult:
     samples: int
     times: object = None  # the pipeline's StageTimes of this inference (a copy)
     error: str | None = None  # set instead of a chunk when inference failed
+    features: np.ndarray | None = None  # the vision features it was computed from (the failure monitor's)
 
 
 @dataclass
@@ -165,6 +166,7 @@ class PolicyWorker:
             np.copyto(out.spread, result.spread)
             out.score, out.capture_s, out.finished_s = result.score, result.capture_s, result.finished_s
             out.samples, out.times, out.error = result.samples, result.times, None
+            out.features = _copy_into(out.features, result.features)
             return out
 
     @property
@@ -236,6 +238,17 @@ class PolicyWorker:
             result.finished_s = finished
             result.samples = int(getattr(pipeline, "samples", 0))
             result.times = None if times is None else type(times)(**vars(times))
+            result.features = _copy_into(result.features, getattr(out, "features", None))
             self._result_ready = True
             self.completed += 1
             self._busy = False
+
+
+def _copy_into(buffer: np.ndarray | None, source: np.ndarray | None) -> np.ndarray | None:
+    """`source` copied into `buffer`, allocated on the first copy only (its shape is the bundle's)."""
+    if source is None:
+        return None
+    if buffer is None or buffer.shape != source.shape:
+        buffer = np.empty(source.shape, np.float32)
+    np.copyto(buffer, source)
+    return buffer

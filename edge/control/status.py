@@ -237,6 +237,9 @@ class LoopStatus:
     # on an empty chunk queue, the worker's queue (None for a one-step policy).
     chunks: Any = None
     language: bool = True  # the policy takes an instruction
+    # The failure monitor (edge/control/monitor.py): which signals tripped, and per signal its last score,
+    # threshold, whether its alarm is on and how often it tripped. None when nothing reports them.
+    monitor: Mapping[str, Any] | None = None
 
     @property
     def ticks(self) -> int:
@@ -252,4 +255,6 @@ class LoopStatus:
                 + (f" | stale camera(s): {', '.join(self.stale_cameras)}" if self.stale_cameras else "")
                 + (f" | chunks: {chunks.replans} replans, entry {chunks.entry_index}, {chunks.empty_stops} "
                    "empty stops" if chunks is not None else "")
-                + (f" | holding: {self.hold_reason}" if self.hold_reason else ""))
+                + (f" | holding: {self.hold_reason}" if self.hold_reason else "")
+                + (f" | tripped: {', '.join(self.monitor['tripped'])}" if self.monitor and self.monitor.get("tripped")
+                   else ""))

@@ -117,8 +117,10 @@ class UncertaintyGate:
         self._uncertain_streak = 0
         self._calm_streak = 0
 
-    def update(self, score: float) -> GateDecision:
-        """Feed this tick's uncertainty score; returns the mode to act on this tick."""
+    def update(self, score: float, output=None) -> GateDecision:
+        """Feed this tick's uncertainty score; returns the mode to act on this tick. `output` (the
+        inference's result) is read by the failure monitor, which shares this interface; the spread needs
+        only the score."""
         cfg = self.config
         score = float(score)
         finite = math.isfinite(score)
@@ -157,6 +159,16 @@ class UncertaintyGate:
         if self._mode is GateMode.FALLBACK:
             self.ticks_in_fallback += 1
         return GateDecision(mode=self._mode, score=score, transition=transition)
+
+    def instruction_hold(self, text: str, embedding) -> str | None:
+        """The spread alone judges no instruction (edge/control/monitor.py does, where the bundle has a monitor)."""
+        return None
+
+    def signals(self) -> dict:
+        """The status snapshot's view: the spread is the one signal."""
+        on = self._mode is GateMode.FALLBACK
+        return {"tripped": ["spread"] if on else [],
+                "signals": {"spread": {"threshold": self.config.threshold, "on": on, "trips": self.transitions}}}
 
     def _switch(self, to: GateMode, score: float, reason: str) -> str:
         text = f"{self._mode.name}->{to.name}: {reason}"

@@ -104,6 +104,7 @@ class PolicyOutput:
     score: float  # RMS of the spread over the first `score_steps` steps and every channel / the action range
     action: np.ndarray  # float32 [A], actions[0] (a view): the step a single-step loop executes
     times: StageTimes = field(default_factory=StageTimes)
+    features: np.ndarray | None = None  # the vision graph's output [1, ..., D] (a read-only view)
 
 
 class EmbeddingCache:
@@ -201,7 +202,8 @@ class PolicyPipeline:
 
     Attributes other parts read: `cameras` (the spec's CameraSpec tuple, the order of infer's frames),
     `horizon` (H), `action_dim` (A), `proprio_dim` (P, may be 0), `needs_language`, `has_uncertainty`,
-    `samples` (T) and `score_steps` (how many leading chunk steps the score covers).
+    `samples` (T), `score_steps` (how many leading chunk steps the score covers) and `features` (the last
+    inference's vision features, read by the failure monitor).
     """
 
     def __init__(
@@ -292,9 +294,11 @@ class PolicyPipeline:
         self._deviation = np.zeros((self.max_samples, *chunk), np.float32)
         self._score_per_step = np.zeros(self.horizon, np.float32)
         self._times = StageTimes()
+        self._features = self._head_vision.view()  # what the failure monitor reads (read-only)
+        self._features.flags.writeable = False
         self._output = PolicyOutput(actions=self._actions, spread=self._spread,
                                     samples=np.zeros((1, *chunk), np.float32), score_per_step=self._score_per_step,
-                                    score=0.0, action=self._actions[0], times=self._times)
+                                    score=0.0, action=self._actions[0], times=self._times, features=self._features)
         if self.cache is not None:
             self.cache.start()
 
@@ -427,6 +431,11 @@ class PolicyPipeline:
                              f"{None if proprio is None else list(np.shape(proprio))}")
         if self._head_proprio is not None:
             np.copyto(self._head_proprio, np.reshape(proprio, self.proprio_dim))
+
+    @property
+    def features(self) -> np.ndarray:
+        """The last inference's vision features [1, ..., D], a read-only view overwritten by the next infer()."""
+        return self._features
 
     @property
     def backends(self) -> dict[str, InferenceBackend]:

@@ -153,6 +153,24 @@ class LoopCollector:
         yield stale
         if status.chunks is not None:
             yield from _chunk_metrics(status.chunks, CounterMetricFamily, GaugeMetricFamily)
+        if status.monitor is not None:
+            yield from _monitor_metrics(status.monitor, CounterMetricFamily, GaugeMetricFamily)
+
+
+def _monitor_metrics(monitor: Mapping[str, Any], counter, gauge) -> Iterator[Any]:
+    """The failure monitor (edge/control/monitor.py): per signal its last score, threshold, alarm and trips."""
+    rows = monitor.get("signals", {})
+    families = {
+        "score": gauge(f"{PREFIX}_monitor_score", "Last score of each failure-monitor signal", labels=["signal"]),
+        "threshold": gauge(f"{PREFIX}_monitor_threshold", "Conformal threshold of each signal", labels=["signal"]),
+        "on": gauge(f"{PREFIX}_monitor_alarm", "1 while the signal's windowed alarm is on", labels=["signal"]),
+        "trips": counter(f"{PREFIX}_monitor_trips", "Times each signal's alarm came on", labels=["signal"]),
+    }
+    for name, row in rows.items():
+        for key, family in families.items():
+            if key in row:
+                family.add_metric([name], float(row[key]))
+    yield from families.values()
 
 
 def _chunk_metrics(chunks, counter, gauge) -> Iterator[Any]:

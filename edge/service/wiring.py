@@ -13,6 +13,8 @@ these functions, so what doctor checks is what run builds (docs/architecture.md,
     safety_config(bundle, config)         the safety layer's limits: bundle's action spec + config
     motor_config(bundle, config)          the motor link's config with the bundle's command kinds
     gate_config(bundle, config)           the uncertainty gate: bundle's threshold unless overridden
+    failure_monitor(bundle, config)       the spread gate plus the bundle's monitor signals (spread alone
+                                          for a bundle without a monitor section)
     build_cameras(bundle, config)         one camera object per spec camera (not connected)
     build_loop(pipeline, camera, link, bundle, config)   the control loop with its gate and safety,
                                                         executing chunks for a chunk policy
@@ -32,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from edge.control.loop import ControlLoop
+from edge.control.monitor import FailureMonitor, load_models
 from edge.control.safety import SafetyConfig, SafetyLayer
 from edge.control.uncertainty_gate import GateConfig, UncertaintyGate
 from edge.errors import BundleError
@@ -215,6 +218,16 @@ def gate_config(bundle: Bundle, config: RobotConfig) -> GateConfig:
                       enter_ticks=config.uncertainty.enter_ticks, exit_ticks=config.uncertainty.exit_ticks)
 
 
+def failure_monitor(bundle: Bundle, config: RobotConfig) -> FailureMonitor:
+    """The uncertainty gate of `gate_config` with the bundle's feature-novelty, action-consistency and
+    instruction-novelty models for the target (edge/control/monitor.py); the spread alone for an older
+    bundle without a `monitor` section."""
+    action = bundle.spec.action
+    action_range = float(max(h - lo for h, lo in zip(action.high, action.low)))
+    return FailureMonitor(UncertaintyGate(gate_config(bundle, config)), load_models(bundle, config.policy.target),
+                          action.dim, action_range)
+
+
 def motor_config(bundle: Bundle, config: RobotConfig) -> MotorLinkConfig:
     """The config's motor link, each channel of the kind the policy commands (spec.action.kinds)."""
     return replace(config.motor, kinds=tuple(bundle.spec.action.kinds))
@@ -230,7 +243,7 @@ def build_cameras(bundle: Bundle, config: RobotConfig) -> dict:
 def build_loop(pipeline: PolicyPipeline, camera, link, bundle: Bundle, config: RobotConfig, *,
                on_deadline_met: Callable[[], None] | None = None, loop_class: type[ControlLoop] = ControlLoop,
                **loop_options) -> ControlLoop:
-    """The control loop of the config, with the bundle's safety layer and uncertainty gate.
+    """The control loop of the config, with the bundle's safety layer and failure monitor.
 
     `camera` is one camera object or one per spec camera (`build_cameras`). `loop_options` go to the loop
     unchanged (clock, sleep, frame_shape ...: tests and the benchmark); `loop_class` lets the benchmark
@@ -238,7 +251,7 @@ def build_loop(pipeline: PolicyPipeline, camera, link, bundle: Bundle, config: R
     """
     loop_cfg = config.loop
     return loop_class(
-        pipeline, camera, link, SafetyLayer(safety_config(bundle, config)), UncertaintyGate(gate_config(bundle, config)),
+        pipeline, camera, link, SafetyLayer(safety_config(bundle, config)), failure_monitor(bundle, config),
         loop_cfg.period_s, stale_after_s=config.safety.stale_after_periods * loop_cfg.period_s,
         record_ticks=loop_cfg.record_ticks, summary_every_s=loop_cfg.summary_every_s,
         on_deadline_met=on_deadline_met, chunk_config=config.chunks, **loop_options,

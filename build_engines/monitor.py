@@ -1,0 +1,215 @@
+"""The failure monitor's models and conformal thresholds, fitted at build time (issue: failure detection
+beyond MC-dropout; docs/bundle.md, "monitor").
+
+    calibration samples -> vision features of each vision variant, pooled to [n, D]
+        -> mean + Ledoit-Wolf shrunk covariance -> whitening matrix W (d(x) = |W (x - mean)|, Mahalanobis)
+    held-out samples (other episodes) -> d(x) per sample -> conformal threshold at the stated rate
+    known instructions -> unit embeddings; held-out instructions (paraphrases the policy grounds)
+        -> nearest cosine distance -> conformal threshold
+    held-out episodes -> mean actions of consecutive samples -> RMS change / action range -> threshold
+
+A threshold is the split-conformal quantile: the ceil((n + 1)(1 - rate))-th smallest of n held-out
+scores, so a new in-distribution score exceeds it with probability at most `rate` (exchangeability).
+A per-tick signal whose n is too small for the rate (n + 1 < 1 / rate) is left out (the manifest's
+`skipped` says why); the instruction signal is judged per instruction, not per tick: with fewer
+held-out instructions than the rate needs its threshold is the largest held-out distance (every
+held-out instruction is one the policy grounds) and `supported_rate` says what the count supports. The runtime (edge/control/monitor.py) reads the models
+and thresholds; signals are derived from any bundle's graphs (vision output, language output, head
+actions), so nothing here knows the policy.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+
+from build_engines.errors import GateError
+
+logger = logging.getLogger(__name__)
+
+FEATURES_FILE = "monitor/features.npz"
+INSTRUCTIONS_FILE = "monitor/instructions.npz"
+DEFAULT_RATE = 0.01  # false alarms per in-distribution tick, before the window
+DEFAULT_WINDOW = {"over": 3, "ticks": 5}  # an alarm: `over` of the last `ticks` scores above the threshold
+FEATURE_SCORE = ("Mahalanobis distance of the pooled vision features (mean over every axis but the last) "
+                 "to the calibration samples' mean, Ledoit-Wolf shrunk covariance")
+INSTRUCTION_SCORE = "1 - the largest cosine similarity of the instruction's embedding to a known instruction's"
+CONSISTENCY_SCORE = ("RMS over channels of the change of the first executed action between consecutive "
+                     "inferences, divided by the largest action range")
+
+
+def pool(features: np.ndarray) -> np.ndarray:
+    """Vision features [n, ..., D] -> [n, D] (mean over the token axes; [n, D] stays as it is)."""
+    features = np.asarray(features, np.float64)
+    if features.ndim < 2:
+        raise GateError(f"vision features must have a batch axis and a feature axis, got shape {features.shape}")
+    return features.reshape(features.shape[0], -1, features.shape[-1]).mean(axis=1)
+
+
+def shrunk_covariance(x: np.ndarray) -> tuple[np.ndarray, float]:
+    """Ledoit-Wolf (2004) shrinkage of the sample covariance towards mu * I: (covariance, shrinkage)."""
+    n, d = x.shape
+    centred = x - x.mean(axis=0)
+    sample = centred.T @ centred / n
+    mu = float(np.trace(sample)) / d
+    target = mu * np.eye(d)
+    delta = float(np.sum((sample - target) ** 2)) / d
+    squares = centred ** 2
+    beta = float(np.sum(squares.T @ squares / n - sample ** 2)) / (d * n)
+    shrinkage = 1.0 if delta <= 0 else min(max(beta / delta, 0.0), 1.0)
+    return (1.0 - shrinkage) * sample + shrinkage * target, shrinkage
+
+
+def fit_mahalanobis(x: np.ndarray) -> dict[str, np.ndarray]:
+    """mean [D] and whitening matrix [D, D] with |W (x - mean)| the Mahalanobis distance."""
+    x = pool(x)
+    if x.shape[0] < 2:
+        raise GateError(f"the feature-novelty model needs at least 2 calibration samples, got {x.shape[0]}")
+    covariance, shrinkage = shrunk_covariance(x)
+    values, vectors = np.linalg.eigh(covariance)
+    floor = max(float(values.max()) * 1e-9, 1e-12)  # all-constant features: a finite, scale-free distance
+    whiten = (vectors / np.sqrt(np.maximum(values, floor))).T
+    return {"mean": x.mean(axis=0).astype(np.float32), "whiten": whiten.astype(np.float32),
+            "shrinkage": np.float32(shrinkage)}
+
+
+def mahalanobis(x: np.ndarray, model: dict[str, np.ndarray]) -> np.ndarray:
+    diff = pool(x) - model["mean"].astype(np.float64)
+    return np.linalg.norm(diff @ model["whiten"].astype(np.float64).T, axis=1)
+
+
+def conformal_threshold(scores: np.ndarray, rate: float) -> tuple[float, float]:
+    """(threshold, the rate the count supports): the ceil((n + 1)(1 - rate))-th smallest score."""
+    scores = np.sort(np.asarray(scores, np.float64))
+    n = len(scores)
+    if n == 0 or not np.all(np.isfinite(scores)):
+        raise GateError(f"conformal calibration needs finite held-out scores, got {n} scores "
+                        f"({int(np.sum(~np.isfinite(scores)))} not finite)")
+    rank = math.ceil((n + 1) * (1.0 - rate))
+    if rank > n:
+        return float(scores[-1]), 1.0 / (n + 1)
+    return float(scores[rank - 1]), float(rate)
+
+
+def _positive(value: float) -> float:
+    return max(float(value), 1e-6)  # the schema's score is > 0; an all-zero held-out score stays tiny
+
+
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
+    vectors = np.asarray(vectors, np.float64).reshape(len(vectors), -1)
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def instruction_distance(vectors: np.ndarray, known_unit: np.ndarray) -> np.ndarray:
+    return 1.0 - np.max(unit_rows(vectors).astype(np.float64) @ known_unit.astype(np.float64).T, axis=1)
+
+
+def consistency_scores(actions: list[np.ndarray], episodes: list, action_range: float) -> np.ndarray:
+    """RMS change of the first action between consecutive samples of one episode, / action range."""
+    scores = []
+    for i in range(1, len(actions)):
+        if episodes[i] is not None and episodes[i] == episodes[i - 1]:
+            change = np.asarray(actions[i][0], np.float64) - np.asarray(actions[i - 1][0], np.float64)
+            scores.append(float(np.sqrt(np.mean(change ** 2))) / action_range)
+    return np.asarray(scores)
+
+
+def fit_monitor(root: Path, *, vision_features: dict[str, np.ndarray], targets: dict[str, dict[str, str]],
+                calibration: slice, heldout: slice, episodes: list, rate: float,
+                instruction_vectors: tuple[np.ndarray, np.ndarray] | None,
+                known_instructions: list[str], heldout_instructions: list[str],
+                heldout_actions: dict[str, list[np.ndarray]], action_range: float) -> dict:
+    """Write monitor/*.npz under `root` and return the manifest's `monitor` section.
+
+    vision_features: vision variant -> features of every sample (calibration then held-out);
+    instruction_vectors: (known, held-out) embeddings, or None without language;
+    heldout_actions: target -> mean first actions of the held-out samples, in order."""
+    (root / "monitor").mkdir(exist_ok=True)
+    skipped: dict[str, str] = {}
+    arrays: dict[str, np.ndarray] = {}
+    feature_thresholds: dict[str, float] = {}
+    supported: dict[str, float] = {}
+    models = {}
+    for variant, features in vision_features.items():
+        model = fit_mahalanobis(features[calibration])
+        models[variant] = model
+        arrays[f"mean_{variant}"] = model["mean"]
+        arrays[f"whiten_{variant}"] = model["whiten"]
+    for target, variants in targets.items():
+        variant = variants["vision"]
+        threshold, achieved = conformal_threshold(mahalanobis(vision_features[variant][heldout], models[variant]),
+                                                  rate)
+        feature_thresholds[target] = _positive(threshold)
+        supported[target] = achieved
+    n_heldout = heldout.stop - heldout.start
+    heldout_episodes = len({e if e is not None else ("sample", i) for i, e in enumerate(episodes[heldout])})
+    signals: dict = {}
+    if _enough("feature_novelty", n_heldout, rate, skipped):
+        np.savez(root / FEATURES_FILE, **arrays)
+        signals["feature_novelty"] = {
+            "path": FEATURES_FILE, "score": FEATURE_SCORE, "threshold": feature_thresholds,
+            "dim": int(next(iter(models.values()))["mean"].shape[0]),
+            "shrinkage": {v: float(m["shrinkage"]) for v, m in models.items()},
+            "calibration_samples": calibration.stop - calibration.start, "heldout_samples": n_heldout,
+            "heldout_episodes": heldout_episodes, "supported_rate": max(supported.values())}
+    if instruction_vectors is not None:
+        known, held = instruction_vectors
+        known_unit = unit_rows(known)
+        if len(held):
+            scores, source = instruction_distance(held, known_unit), "held-out instructions"
+        elif len(known) > 1:  # leave one out: each known instruction against the others
+            similarity = known_unit.astype(np.float64) @ known_unit.astype(np.float64).T
+            np.fill_diagonal(similarity, -np.inf)
+            scores, source = 1.0 - similarity.max(axis=1), "known instructions, leave one out"
+        else:
+            scores, source = None, None
+        if scores is not None:
+            threshold, achieved = conformal_threshold(scores, rate)
+            np.savez(root / INSTRUCTIONS_FILE, embeddings=known_unit)
+            signals["instruction_novelty"] = {
+                "path": INSTRUCTIONS_FILE, "score": INSTRUCTION_SCORE, "threshold": _positive(threshold),
+                "instructions": list(known_instructions), "heldout_instructions": len(scores),
+                "calibrated_on": source, "supported_rate": achieved}
+            logger.info("monitor: instruction novelty threshold %.4f over %d %s", threshold, len(scores), source)
+    pairs = None
+    consistency: dict[str, float] = {}
+    for target, actions in heldout_actions.items():
+        scores = consistency_scores(actions, episodes[heldout], action_range)
+        if len(scores) == 0:
+            break
+        pairs = len(scores)
+        threshold, achieved = conformal_threshold(scores, rate)
+        consistency[target] = _positive(threshold)
+    if pairs and _enough("action_consistency", pairs, rate, skipped):
+        signals["action_consistency"] = {"score": CONSISTENCY_SCORE, "threshold": consistency,
+                                         "heldout_pairs": pairs,
+                                         "supported_rate": 1.0 / (pairs + 1) if (pairs + 1) * rate < 1 else rate}
+    if not any((root / "monitor").iterdir()):
+        (root / "monitor").rmdir()
+    if not signals:
+        logger.warning("failure monitor: no signal could be calibrated (%s); the bundle runs with the MC-dropout "
+                       "spread alone", "; ".join(skipped.values()) or "nothing to calibrate on")
+        return None
+    logger.info("monitor: feature-novelty thresholds %s (%d held-out samples); signals %s",
+                {t: round(v, 3) for t, v in feature_thresholds.items()}, n_heldout, sorted(signals))
+    section = {"method": "split conformal: the ceil((n + 1)(1 - rate))-th smallest held-out score per signal",
+               "false_alarm_rate": float(rate), "window": dict(DEFAULT_WINDOW), "signals": signals}
+    if skipped:
+        section["skipped"] = skipped
+    return section
+
+
+def _enough(signal: str, scores: int, rate: float, skipped: dict[str, str]) -> bool:
+    """A per-tick signal is written only where its held-out scores support the stated rate: with n scores
+    the conformal threshold can promise no rate below 1 / (n + 1)."""
+    if (scores + 1) * rate >= 1.0 - 1e-9:
+        return True
+    needed = math.ceil(1.0 / rate) - 1
+    skipped[signal] = (f"{scores} held-out scores cannot support a false-alarm rate of {rate:g} per tick "
+                       f"(at least {needed} needed): raise --heldout-samples or --monitor-rate")
+    logger.warning("failure monitor: %s left out: %s", signal, skipped[signal])
+    return False
