@@ -237,6 +237,8 @@ class LoopStatus:
     # on an empty chunk queue, the worker's queue (None for a one-step policy).
     chunks: Any = None
     language: bool = True  # the policy takes an instruction
+    # How policy.target and threads were chosen (edge/service/tune.py: configured, cached or measured).
+    tuning: Mapping[str, Any] | None = None
 
     @property
     def ticks(self) -> int:

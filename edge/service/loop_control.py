@@ -78,6 +78,7 @@ def status_reply(status: LoopStatus) -> dict[str, Any]:
                     for name, c in status.cameras.items()},
         "stale_cameras": list(status.stale_cameras),
         "language": status.language,
+        "tuning": None if status.tuning is None else {k: v for k, v in status.tuning.items() if k != "measurements"},
         "chunks": None if status.chunks is None else _chunks_reply(status.chunks),
     }
 

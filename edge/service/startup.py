@@ -137,7 +137,7 @@ def pipeline_problems(bundle, config) -> list[StartupProblem]:
     policy = config.policy
     problems = []
     targets = sorted(bundle.manifest["targets"])
-    if policy.target not in targets:
+    if policy.target not in targets and policy.target != "auto":  # auto: edge/service/tune.py chooses
         problems.append(StartupProblem(
             "policy.target", f"policy.target: the bundle has no target {policy.target!r} (it has {targets})",
             f"set policy.target to one of them, or rebuild with the options that make it: "

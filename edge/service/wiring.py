@@ -9,6 +9,7 @@ these functions, so what doctor checks is what run builds (docs/architecture.md,
     engine_fit(bundle, target, ...)       each TensorRT engine fits this GPU     (doctor; the backend
                                                                                  checks the same key)
     backend_factory(bundle, config)       backends for the configured target
+    resolve_policy(bundle, config)        policy.target/threads: auto made concrete for this machine
     build_pipeline(bundle, config)        the policy pipeline (not yet activated)
     safety_config(bundle, config)         the safety layer's limits: bundle's action spec + config
     motor_config(bundle, config)          the motor link's config with the bundle's command kinds
@@ -39,9 +40,10 @@ from edge.inference.backends.base import InferenceBackend
 from edge.inference.bundle import Bundle
 from edge.inference.engine_key import EngineKey, key_path
 from edge.inference.pipeline import BackendFactory, PolicyPipeline, onnxruntime_factory
+from edge.inference.tuning import TuneChoice
 from edge.io.camera import Camera
 from edge.io.motor_link import MotorLinkConfig, SerialMotorLink
-from edge.service import startup
+from edge.service import startup, tune
 from edge.service.config import RobotConfig
 from edge.service.ros2_roles import Ros2Roles
 
@@ -165,12 +167,25 @@ def backend_factory(bundle: Bundle, config: RobotConfig, *, trt=None, cudart=Non
     return make
 
 
-def build_pipeline(bundle: Bundle, config: RobotConfig, *, trt=None, cudart=None) -> PolicyPipeline:
-    """The policy pipeline of the configured target and T (call `activate()` before the first tick)."""
+def resolve_policy(bundle: Bundle, config: RobotConfig, *, trt=None, cudart=None) -> tuple[RobotConfig, TuneChoice]:
+    """The config with `policy.target: auto` / `policy.threads: auto` replaced by the choice for this machine
+    (cached by `vla-edge tune`, else measured within policy.tune_budget_s), and that choice
+    (edge/service/tune.py). Explicit values come back unchanged."""
+    return tune.resolve_policy(bundle, config, lambda c: backend_factory(bundle, c, trt=trt, cudart=cudart))
+
+
+def build_pipeline(bundle: Bundle, config: RobotConfig, *, trt=None, cudart=None,
+                   choice: TuneChoice | None = None) -> PolicyPipeline:
+    """The policy pipeline of the configured target and T (call `activate()` before the first tick); auto
+    values are resolved first (`resolve_policy`) unless the caller did and passes its `choice`."""
+    if config.policy.needs_tuning or choice is None:
+        config, choice = resolve_policy(bundle, config, trt=trt, cudart=cudart)
     check_policy(bundle, config)
     policy = config.policy
-    return PolicyPipeline(bundle, target=policy.target, mc_samples=policy.mc_samples, mask_seed=policy.mask_seed,
-                          backend_factory=backend_factory(bundle, config, trt=trt, cudart=cudart))
+    pipeline = PolicyPipeline(bundle, target=policy.target, mc_samples=policy.mc_samples, mask_seed=policy.mask_seed,
+                              backend_factory=backend_factory(bundle, config, trt=trt, cudart=cudart))
+    pipeline.tuning = {"line": choice.line(), **choice.to_dict()}
+    return pipeline
 
 
 # -- control ----------------------------------------------------------------------------------------------
@@ -235,6 +250,8 @@ def build_loop(pipeline: PolicyPipeline, camera, link, bundle: Bundle, config: R
     drive a subclass that adds its own per-tick bookkeeping.
     """
     loop_cfg = config.loop
+    if config.policy.target != pipeline.target:  # an auto target: the gate's threshold is the chosen one's
+        config = replace(config, policy=replace(config.policy, target=pipeline.target))
     return loop_class(
         pipeline, camera, link, SafetyLayer(safety_config(bundle, config)), UncertaintyGate(gate_config(bundle, config)),
         loop_cfg.period_s, stale_after_s=config.safety.stale_after_periods * loop_cfg.period_s,
