@@ -28,10 +28,12 @@ only checks them), so every check above happens before any device is armed.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from edge.control.frame_sync import FrameSync, frame_sync_window
 from edge.control.loop import ControlLoop
 from edge.control.safety import SafetyConfig, SafetyLayer
 from edge.control.uncertainty_gate import GateConfig, UncertaintyGate
@@ -46,6 +48,8 @@ from edge.io.motor_link import MotorLinkConfig, SerialMotorLink
 from edge.service import startup, tune
 from edge.service.config import RobotConfig
 from edge.service.ros2_roles import Ros2Roles
+
+logger = logging.getLogger(__name__)
 
 
 def rebuild_command(bundle_dir, bundle: Bundle | None = None) -> str:
@@ -252,12 +256,35 @@ def build_loop(pipeline: PolicyPipeline, camera, link, bundle: Bundle, config: R
     loop_cfg = config.loop
     if config.policy.target != pipeline.target:  # an auto target: the gate's threshold is the chosen one's
         config = replace(config, policy=replace(config.policy, target=pipeline.target))
-    return loop_class(
+    loop = loop_class(
         pipeline, camera, link, SafetyLayer(safety_config(bundle, config)), UncertaintyGate(gate_config(bundle, config)),
         loop_cfg.period_s, stale_after_s=config.safety.stale_after_periods * loop_cfg.period_s,
         record_ticks=loop_cfg.record_ticks, summary_every_s=loop_cfg.summary_every_s,
         on_deadline_met=on_deadline_met, chunk_config=config.chunks, **loop_options,
     )
+    sync_frames(loop, config)
+    return loop
+
+
+def camera_fps(config: RobotConfig) -> float | None:
+    """The rate of the first camera where the config states it (camera.fps), else None (unknown)."""
+    return None if config.camera is None or config.camera.fps is None else float(config.camera.fps)
+
+
+def sync_frames(loop: ControlLoop, config: RobotConfig) -> float | None:
+    """loop.frame_sync: the loop's ticks start on the first camera's new frames inside a window before each
+    deadline (edge/control/frame_sync.py); returns the window (None: off). Auto (null) turns it on when
+    camera.fps is at least the control rate and the camera signals new frames."""
+    loop_cfg = config.loop
+    enabled = getattr(loop_cfg, "frame_sync", False)
+    window = frame_sync_window(enabled, camera_fps(config), loop_cfg.rate_hz,
+                               getattr(loop_cfg, "frame_sync_window_s", None))
+    if window is None or (enabled is None and not hasattr(loop.camera, "wait_newer")):
+        return None
+    loop.keeper.sync_to(FrameSync(loop.camera), window)
+    logger.info("frame-synchronous ticks: a new frame starts the tick up to %.1f ms before its deadline",
+                window * 1e3)
+    return window
 
 
 # -- devices: the OpenCV camera and serial link, or their ROS 2 topics ---------------------------------------
