@@ -179,7 +179,7 @@ def tune(runners: Mapping[Candidate, Callable[[], None]], baseline: Candidate | 
     return choice
 
 
-def pipeline_runner(pipeline) -> Callable[[], None]:
+def pipeline_runner(pipeline) -> Callable[[], Any]:
     """One full inference of an activated edge.inference.pipeline.PolicyPipeline on neutral inputs (grey
     frames, zero proprio, the head's language input zeroed): the policy's time as a tick spends it."""
     frames = tuple(np.full((c.height, c.width, 3), 128, np.uint8) for c in pipeline.cameras)
@@ -189,8 +189,8 @@ def pipeline_runner(pipeline) -> Callable[[], None]:
         head = {s.name: s for s in pipeline.bundle.graphs["head"].inputs}
         language = np.zeros(int(head["language_features"].shape[-1]), np.float32)
 
-    def run() -> None:
-        pipeline.infer(frames, proprio, language)
+    def run():  # -> the pipeline's PolicyOutput (its stage times included)
+        return pipeline.infer(frames, proprio, language)
 
     return run
 
@@ -212,6 +212,26 @@ def _cpu_identity() -> dict[str, str]:
     flags = " ".join(sorted((found.get("flags") or found.get("features") or "").split()))
     return {"cpu_model": model or platform.machine(), "machine": platform.machine(), "cores": str(os.cpu_count()),
             "cpu_flags_sha256": hashlib.sha256(flags.encode()).hexdigest()[:16]}
+
+
+def int8_dot_product_isa() -> str:
+    """The CPU's int8 dot-product instructions by name, the ones ONNX Runtime's fast u8s8 kernels need, or
+    what the CPU has instead (INT8 on the CPU pays only with them)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        text = ""
+    flags = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):
+            flags |= set(value.split())
+    for flag, name in (("avx512_vnni", "AVX-512 VNNI"), ("avx_vnni", "AVX-VNNI"), ("asimddp", "Arm dotprod")):
+        if flag in flags:
+            return name
+    if "avx2" in flags:
+        return "AVX2 without VNNI"
+    return f"{platform.machine()} without int8 dot products"
 
 
 def _gpu_identity() -> str:
