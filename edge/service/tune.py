@@ -122,6 +122,11 @@ def resolve_policy(bundle: Bundle, config: RobotConfig, make_factory: MakeFactor
     if not policy.needs_tuning:
         choice = tuning.TuneChoice(policy.target, int(policy.threads), "configured")
         return config, choice
+    only = tuning.candidates(candidate_targets(bundle, config), candidate_threads(config))
+    if len(only) == 1:  # e.g. threads: auto on a GPU backend with an explicit target: nothing to choose
+        choice = tuning.TuneChoice(only[0].target, only[0].threads, "only candidate")
+        logger.info("policy choice: %s", choice.line())
+        return with_choice(config, choice), choice
     print_, key = machine_fingerprint(bundle, config)
     choice = tuning.TuneCache(cache_path(config)).get(key)
     if choice is not None and not _fits(bundle, config, choice):

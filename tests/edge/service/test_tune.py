@@ -148,3 +148,11 @@ def test_doctor_names_the_choice(chunk_bundle, tmp_path, fake_times):
     assert "cached choice" in doctor.check_tuning(chunk_bundle, cfg).message
     assert "as configured" in doctor.check_tuning(chunk_bundle, config(chunk_bundle, tmp_path, target="cpu",
                                                                        threads=1)).message
+
+
+def test_one_candidate_is_taken_without_measuring(chunk_bundle, tmp_path, fake_times, monkeypatch):
+    monkeypatch.setattr(tuning, "thread_counts", lambda cores=None: (1,))
+    resolved, choice = tune.resolve_policy(chunk_bundle, config(chunk_bundle, tmp_path, target="cpu"),
+                                           factory(chunk_bundle), timer=fake_times["timer"])
+    assert (resolved.policy.target, resolved.policy.threads, choice.source) == ("cpu", 1, "only candidate")
+    assert fake_times["runs"] == 0
