@@ -90,8 +90,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="skip the transports: frames and commands over ROS 2 (DDS) next to serial + MJPEG")
     parser.add_argument("--no-defaults", action="store_true",
                         help="skip the default configuration (target/threads auto) against the best measured one")
-    parser.add_argument("--no-defaults", action="store_true",
-                        help="skip the default configuration (target/threads auto) against the best measured one")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
 
