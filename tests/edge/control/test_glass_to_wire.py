@@ -10,6 +10,7 @@ import pytest
 
 from edge.control.status import LinkHealth, TickRecorder, Window
 from edge.io.link_state import LinkState
+from edge.io.messages import StatusFlags, Telemetry
 
 
 def test_glass_to_wire_is_capture_to_command_written():
@@ -38,11 +39,10 @@ def test_round_trip_quantiles_of_the_link():
     assert state.round_trip_quantiles_s() == {}
     for seq, trip in enumerate([0.004, 0.006, 0.005, 0.020]):
         state.sent(seq, 1.0 + seq)
-        state._lock.acquire()
-        try:
-            state._confirm_locked(seq, 1.0 + seq + trip)
-        finally:
-            state._lock.release()
+        # The controller's telemetry echoing the command's seq, received `trip` seconds after it was sent.
+        echo = Telemetry(seq=seq, controller_time_ms=1000 * (seq + 1), velocities=(0.0,), positions=(0.0,),
+                         status=StatusFlags(0), last_command_seq=seq)
+        state.receive([echo], 1.0 + seq + trip, n_bytes=32)
     quantiles = state.round_trip_quantiles_s()
     assert quantiles[0.5] == pytest.approx(0.006)
     assert quantiles[0.99] == pytest.approx(0.020)
