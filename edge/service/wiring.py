@@ -37,7 +37,7 @@ from edge.control.frame_sync import FrameSync, frame_sync_window
 from edge.control.loop import ControlLoop
 from edge.control.safety import SafetyConfig, SafetyLayer
 from edge.control.uncertainty_gate import GateConfig, UncertaintyGate
-from edge.errors import BundleError
+from edge.errors import BundleError, ConfigError
 from edge.inference.backends.base import InferenceBackend
 from edge.inference.bundle import Bundle
 from edge.inference.engine_key import EngineKey, key_path
@@ -217,6 +217,9 @@ def safety_config(bundle: Bundle, config: RobotConfig) -> SafetyConfig:
 def gate_config(bundle: Bundle, config: RobotConfig) -> GateConfig:
     """The bundle's calibrated threshold and ceiling for the target, unless the config sets them."""
     target = config.policy.target
+    if target == "auto":
+        raise ConfigError("the uncertainty gate needs the target that runs: policy.target is auto, so resolve it "
+                          "first (resolve_policy, or build_loop with the built pipeline)")
     # The threshold calibrated at this T where the bundle has one (schema v2's by_samples), else the
     # target's; a T without its own threshold is a start-up warning (edge/service/startup.py).
     by_samples = (bundle.manifest["uncertainty"].get("by_samples") or {}).get(target) or {}
