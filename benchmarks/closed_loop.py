@@ -27,6 +27,7 @@ from edge.service.config import RobotConfig
 from simulator.process import GroundTruthClient, SimulatorPaths
 
 logger = logging.getLogger(__name__)
+SIMULATOR_CAMERA_FPS = 10.0  # the simulator's MJPEG camera (python -m simulator --camera-fps, default 10)
 
 
 class SampleCyclingLoop(ControlLoop):
@@ -70,7 +71,7 @@ def closed_loop_config(bundle: Bundle, spec: PipelineSpec, robot: SimulatorPaths
                        spec.target, threshold)
         sections["uncertainty"] = {"threshold": 1.0, "hard_ceiling": 1.0}
     return robot_config(bundle, spec.policy(samples), camera_url=robot.camera_url, serial=robot.serial,
-                        **sections)
+                        camera_fps=SIMULATOR_CAMERA_FPS, **sections)
 
 
 def run_closed_loop(bundle: Bundle, pipeline: PolicyPipeline, spec: PipelineSpec, robot: SimulatorPaths,
@@ -133,6 +134,9 @@ def run_closed_loop(bundle: Bundle, pipeline: PolicyPipeline, spec: PipelineSpec
             runs[key].update(load=conditions[key][0], scheduling=scheduling[key], segments=total["segments"],
                              steal_ms=total["steal_ms"], steal_split=steal_split(total["segments"]))
             logger.info("closed loop (%s, %s): %s", key, scheduling[key], loop.summary_line())
-    return {"target": spec.target, "instruction": instruction, "samples_cycle": list(settings.samples),
+        trips = dict(getattr(link, "round_trip_quantiles_s", None) or {})
+    return {"command_to_telemetry_ms": {"p50": trips[0.5] * 1e3, "p99": trips[0.99] * 1e3} if trips else None,
+            "frame_sync_window_s": next(iter(loops.values())).keeper.sync_window_s,
+            "target": spec.target, "instruction": instruction, "samples_cycle": list(settings.samples),
             "period_s": PERIOD_S, "segment_s": settings.segment_seconds, "runs": runs, "fifo_refused": fifo_refused}
 

@@ -114,19 +114,20 @@ class PipelineSpec:
             policy["backend"] = self.backend
         if self.device != "cpu":
             policy["device"] = self.device
-        if threads:
-            policy["threads"] = threads
+        policy["threads"] = threads  # explicit, 0 = ONNX Runtime's default: the configuration is not tuned
         if mask_seed:
             policy["mask_seed"] = mask_seed
         return policy
 
 
 def robot_config(bundle: Bundle, policy: dict[str, Any], *, camera_url: str | int = 0, serial: str = "loop://",
-                 **sections: dict[str, Any]) -> RobotConfig:
+                 camera_fps: float | None = None, **sections: dict[str, Any]) -> RobotConfig:
     """A RobotConfig for the runtime's own wiring (edge.service.wiring). Camera and motor are placeholders
-    where only the policy is built; the closed loop gives the simulator's."""
-    return config_from_dict({"bundle": str(bundle.root), "camera": {"source": camera_url, "open_timeout_s": 15.0},
-                             "motor": {"port": serial}, "policy": policy, **sections})
+    where only the policy is built; the closed loop gives the simulator's (and its camera's rate, which
+    turns frame-synchronous ticks on as in a robot.yaml that states camera.fps)."""
+    camera = {"source": camera_url, "open_timeout_s": 15.0, **({"fps": camera_fps} if camera_fps else {})}
+    return config_from_dict({"bundle": str(bundle.root), "camera": camera, "motor": {"port": serial},
+                             "policy": policy, **sections})
 
 
 def pipeline_specs(bundle: Bundle, settings: BenchSettings, unavailable: dict[str, str]) -> list[PipelineSpec]:

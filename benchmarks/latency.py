@@ -36,7 +36,7 @@ import signal
 import sys
 from pathlib import Path
 
-from benchmarks.report import format_markdown, format_ratios
+from benchmarks.report import format_fast_default, format_markdown, format_ratios
 from benchmarks.run import run_benchmark
 from benchmarks.settings import DEFAULT_TARGETS, MODES, BenchSettings
 from edge.errors import ConfigError, EdgeError
@@ -89,6 +89,8 @@ def build_parser(prog: str = "python -m benchmarks.latency") -> argparse.Argumen
     parser.add_argument("--no-startup", action="store_true", help="skip RSS and start-to-first-command")
     parser.add_argument("--no-transport", action="store_true",
                         help="skip the transports: frames and commands over ROS 2 (DDS) next to serial + MJPEG")
+    parser.add_argument("--no-defaults", action="store_true",
+                        help="skip the default configuration (target/threads auto) against the best measured one")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
 
@@ -110,6 +112,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         checkpoint=args.checkpoint, load_bound_s=preset["load_bound_s"],
         fifo_priority=None if args.no_fifo else _fifo_priority(args.fifo_priority),
         segment_seconds=_at_least("segment_seconds", args.segment_seconds, 0.1), transport=not args.no_transport,
+        default_budget_s=0.0 if args.no_defaults else preset["default_budget_s"],
     )
 
 
@@ -144,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(format_markdown(report))
     print(format_ratios(report))
+    print(format_fast_default(report))
     print(f"\nwritten to {args.out} in {report['seconds']:.0f} s")
     return 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from benchmarks.scheduling import NORMAL_PRIORITY
 from benchmarks.settings import LOADS, BenchSettings
 from benchmarks.stats import ratio, stat_at
+from edge.inference.tuning import int8_dot_product_isa
 
 
 def compute_ratios(report: dict, settings: BenchSettings) -> dict[str, dict]:
@@ -24,13 +25,19 @@ def compute_ratios(report: dict, settings: BenchSettings) -> dict[str, dict]:
     def cfg(key: str, t: int) -> dict | None:
         return configs.get(f"{key}@T{t}")
 
-    # INT8 / FP32 per graph (p50, unloaded).
+    defaults = report.get("default_vs_best") or {}
+    if defaults.get("default_over_best_p99") is not None:
+        add("default / best measured p99", f"policy p99 of the default configuration ({defaults['default']['line']}) "
+            f"vs the fastest candidate ({defaults['best']['label']}), interleaved, T={defaults['samples']}",
+            defaults["default"]["p99_ms"], defaults["best"]["p99_ms"], "default (auto)", defaults["best"]["label"])
+    isa = int8_dot_product_isa()
+    # INT8 / FP32 per graph (p50, unloaded), on this CPU's int8 instructions.
     for key, name in (("ort-int8-cpu", "int8_cpu_layout"), ("ort-int8-trt-layout", "int8_tensorrt_layout")):
-        add(f"{name}/fp32 vision", f"INT8/FP32 vision graph ({key} vs ort-fp32, p50, T={ref_t})",
+        add(f"{name}/fp32 vision", f"INT8/FP32 vision graph ({key} vs ort-fp32, p50, T={ref_t}) on {isa}",
             stat_at(cfg(key, ref_t), "unloaded", "stages", "vision", "p50"),
             stat_at(cfg("ort-fp32", ref_t), "unloaded", "stages", "vision", "p50"), key, "ort-fp32")
         for t in ts:
-            add(f"{name}/fp32 head T={t}", f"INT8/FP32 head graph at T={t} ({key} vs ort-fp32, p50)",
+            add(f"{name}/fp32 head T={t}", f"INT8/FP32 head graph at T={t} ({key} vs ort-fp32, p50) on {isa}",
                 stat_at(cfg(key, t), "unloaded", "stages", "head", "p50"),
                 stat_at(cfg("ort-fp32", t), "unloaded", "stages", "head", "p50"), key, "ort-fp32")
     if "trt-fp16" in {c["key"] for c in configs.values()}:

@@ -135,3 +135,43 @@ def format_ratios(report: dict) -> str:
         lines.append(f"  start to first command {_ms(first.get('start_to_first_command_s'))} s ({first.get('method')})")
     return "\n".join(lines)
 
+
+
+def format_fast_default(report: dict) -> str:
+    """The table of issue "fast by default": default vs best, INT8/FP32 per graph with the ISA, the full tick
+    over the in-loop policy, frame age and glass-to-wire latency (closed loop, unloaded)."""
+    rows = []
+    defaults = report.get("default_vs_best") or {}
+    ratios = report.get("ratios") or {}
+    if defaults.get("default_over_best_p99") is not None:
+        rows.append(("default (auto) / best measured, policy p99", f"{defaults['default_over_best_p99']:.2f}x",
+                     f"{defaults['default']['line']}; best {defaults['best']['label']} "
+                     f"{_ms(defaults['best']['p99_ms'])} ms"))
+        for name, entry in (defaults.get("int8_over_fp32") or {}).items():
+            if entry.get("value") is not None:
+                rows.append((f"{name} p50 ({defaults['isa']})", f"{entry['value']:.2f}x",
+                             f"{_ms(entry['numerator_ms'])} / {_ms(entry['denominator_ms'])} ms"))
+    for name, entry in ratios.items():
+        if name.startswith("full tick p99 / in-loop policy p50") or "/fp32 vision" in name:
+            isa = f" ({entry['what'].rsplit(' on ', 1)[1]})" if "/fp32" in name and " on " in entry["what"] else ""
+            rows.append((name + isa, f"{entry['value']:.2f}x", f"{_ms(entry['numerator_ms'])} / "
+                         f"{_ms(entry['denominator_ms'])} ms"))
+    closed = report.get("closed_loop") or {}
+    unloaded = (closed.get("runs") or {}).get("unloaded") or {}
+    for label, key in (("frame age at tick start", "frame_age"), ("glass to wire (capture -> command written)",
+                                                                  "glass_to_wire")):
+        stats = unloaded.get(key) or {}
+        if stats.get("n"):
+            rows.append((label, f"p50 {_ms(stats.get('p50'), 1)} ms", f"p99 {_ms(stats.get('p99'), 1)} ms"))
+    trips = closed.get("command_to_telemetry_ms")
+    if trips:
+        rows.append(("command -> telemetry echoing it", f"p50 {_ms(trips['p50'], 1)} ms", f"p99 {_ms(trips['p99'], 1)} ms"))
+    if closed:
+        window = closed.get("frame_sync_window_s") or 0.0
+        rows.append(("frame-synchronous ticks", "on" if window else "off",
+                     f"window {window * 1e3:.0f} ms" if window else "camera rate unknown or below the tick rate"))
+    if not rows:
+        return ""
+    lines = ["## Fast by default", "", "| measure | value | detail |", "|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    return "\n".join(lines) + "\n"

@@ -19,11 +19,12 @@ import numpy as np
 from benchmarks.closed_loop import run_closed_loop
 from benchmarks.configs import Config, PipelineSpec, language_step, pipeline_specs, robot_config, runtime_step
 from benchmarks.cpu_load import CpuBurner
+from benchmarks.defaults import default_vs_best
 from benchmarks.environment import environment
 from benchmarks.interleaved import run_interleaved
 from benchmarks.plots import write_plots
 from benchmarks.ratios import compute_ratios
-from benchmarks.report import format_markdown
+from benchmarks.report import format_fast_default, format_markdown
 from benchmarks.settings import SCHEMA, BenchSettings
 from benchmarks.startup import measure_runtime_process, measure_start_to_first_command
 from benchmarks.stats import finite_json
@@ -139,6 +140,14 @@ def run_benchmark(bundle_dir: Path, out_dir: Path, settings: BenchSettings) -> d
         report["side_by_side"] = run_interleaved(configs, settings, burner)
         phases["side_by_side"] = report["side_by_side"]["seconds"]
         report["notes"] = notes
+        report["default_vs_best"] = None
+        if settings.default_budget_s > 0:
+            mark = time.monotonic()
+            report["default_vs_best"] = default_vs_best(bundle, out_dir, int(bundle.dropout["default_samples"]),
+                                                        settings.default_budget_s)
+            phases["default_vs_best"] = time.monotonic() - mark
+        else:
+            unavailable["default vs best"] = "skipped (--no-defaults)"
         spec = choose_closed_loop_config([s for s in specs if s.key in pipelines], settings.closed_loop_config)
         report["runtime_key"] = spec.key if spec is not None else None
         if spec is None:
@@ -187,7 +196,7 @@ def run_benchmark(bundle_dir: Path, out_dir: Path, settings: BenchSettings) -> d
 
 
 def _write_outputs(report: dict, out_dir: Path) -> dict:
-    (out_dir / "latency.md").write_text(format_markdown(report))
+    (out_dir / "latency.md").write_text(format_markdown(report) + "\n" + format_fast_default(report))
     report["plots"] = [str(p) for p in write_plots(report, out_dir)]
     (out_dir / "latency.json").write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
     return report

@@ -36,9 +36,9 @@ DEFAULT_TARGETS = ("cpu-fp32", "cpu", "tensorrt")
 MODES = {
     # quick: <= 2 minutes on 2 CPU cores; long: more iterations and a longer jitter run.
     "quick": {"iterations": 30, "torch_iterations": 6, "warmup": 3, "jitter_seconds": 10.0, "budget_seconds": 50.0,
-              "load_bound_s": 900.0},
+              "load_bound_s": 900.0, "default_budget_s": 8.0},
     "long": {"iterations": 300, "torch_iterations": 40, "warmup": 10, "jitter_seconds": 120.0,
-             "budget_seconds": 1200.0, "load_bound_s": 3600.0},
+             "budget_seconds": 1200.0, "load_bound_s": 3600.0, "default_budget_s": 60.0},
 }
 
 
@@ -67,4 +67,7 @@ class BenchSettings:
     fifo_priority: int | None = 50
     segment_seconds: float = 10.0  # closed-loop conditions take turns in segments this long
     transport: bool = True  # part 4: frames and commands over ROS 2 (DDS) next to serial + MJPEG
+    # The default configuration (policy.target/threads: auto) against every candidate, interleaved this long
+    # (benchmarks/defaults.py); 0: skipped.
+    default_budget_s: float = 8.0
 

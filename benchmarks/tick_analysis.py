@@ -11,7 +11,7 @@ from edge.control.loop import Mode
 # One closed-loop tick as the benchmark reports it: its start offset from the grid, T, and stage times.
 TICK_RECORD = np.dtype([
     ("start_s", np.float64), ("start_jitter_ms", np.float64), ("samples", np.int32), ("mode", np.int8),
-    ("tick_ms", np.float64), ("frame_age_ms", np.float64),
+    ("tick_ms", np.float64), ("frame_age_ms", np.float64), ("glass_to_wire_ms", np.float64),
     *[(s, np.float64) for s in (*TICK_STAGES, *COPY_STAGES)],
 ])
 # The benchmark's stages from the loop's named sections (edge.control.status.TICK_STAGES): camera_read is
@@ -29,6 +29,9 @@ def tick_table(records: np.ndarray) -> np.ndarray:
                          ("mode", "mode"), ("tick_ms", "tick_ms")):
         table[name] = records[source]
     table["frame_age_ms"] = (records["start_s"] - records["frame_time_s"]) * 1e3
+    # Capture -> the command's bytes handed to the link: the frame's age, the observe section, then tick_ms
+    # (frame ready -> command written), as the status snapshot derives it (edge/control/status.py).
+    table["glass_to_wire_ms"] = table["frame_age_ms"] + records["observe_ms"] + records["tick_ms"]
     for stage, sections in LOOP_SECTIONS.items():
         columns = np.stack([records[f"{section}_ms"].astype(np.float64) for section in sections])
         ran = np.isfinite(columns).any(axis=0)
@@ -91,6 +94,7 @@ def summarize_run(records: np.ndarray, samples_cycle: tuple[int, ...], seconds: 
         "tick": summarize(records["tick_ms"]),
         "start_jitter": summarize(records["start_jitter_ms"]),
         "frame_age": summarize(records["frame_age_ms"]),
+        "glass_to_wire": summarize(records["glass_to_wire_ms"]),
         "stages": stages,
         "copies": {stage: summarize(records[stage]) for stage in COPY_STAGES},  # inside vision and head
         "policy": summarize(policy),

@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     from edge.service.doctor import add_doctor_command
 
     add_doctor_command(commands)
+    from edge.service.tune import add_tune_command
+
+    add_tune_command(commands)
     # Everything after `bench` belongs to the benchmark's own parser (see main()); no -h here, so that
     # `vla-edge bench --help` shows the benchmark's options.
     bench = commands.add_parser("bench", add_help=False,

@@ -138,6 +138,14 @@ def format_status(status: Mapping[str, Any]) -> str:
     state = {True: "connected", False: "DOWN"}.get(link.get("connected"), "-")
     lines.append(f"motor link   {state}, telemetry age {num(link.get('telemetry_age_s'), '.2f', ' s')}, "
                  f"round trip {num(link.get('round_trip_ms'), '.1f', ' ms')}")
+    glass = section("glass_to_wire_ms")
+    if glass:
+        lines.append(f"latency      glass to wire p50 {num(glass.get('p50'), '.1f', ' ms')} p99 "
+                     f"{num(glass.get('p99'), '.1f', ' ms')}; command to telemetry p50 "
+                     f"{num(link.get('round_trip_p50_ms'), '.1f', ' ms')} p99 {num(link.get('round_trip_p99_ms'), '.1f', ' ms')}")
+    tuning = section("tuning")
+    if tuning.get("line"):
+        lines.append(f"policy       {tuning['line']}")
     if link_stats:
         lines.append("             " + ", ".join(
             f"{key.replace('_', ' ')} {link_stats[key]}"

@@ -183,7 +183,8 @@ class ControlLoop(OperatorCommands):
                           link=link, camera=camera, hold_reason=self._hold_reason, controller=controller,
                           cameras=cameras, stale_cameras=self.cameras.stale,
                           chunks=None if self.chunks is None else self.chunks.stats(),
-                          language=self.shape.needs_language, monitor=self.gate.signals())
+                          language=self.shape.needs_language, monitor=self.gate.signals(),
+                          tuning=getattr(self.pipeline, "tuning", None))
 
     def _policy_view(self, row: np.void) -> tuple[np.ndarray | None, np.ndarray | None]:
         """The policy's action and spread behind this tick's command (None when the policy did not run)."""

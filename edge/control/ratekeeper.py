@@ -69,7 +69,19 @@ class RateKeeper:
         self._sleep = sleep
         self._warn_interval_s = float(warn_interval_s)
         self._jitter = np.zeros(jitter_window, dtype=np.float64)
+        self._wake: Callable[[float], bool] | None = None
+        self.sync_window_s = 0.0
         self.restart()
+
+    def sync_to(self, wake: Callable[[float], bool] | None, window_s: float = 0.0) -> None:
+        """Frame-synchronous ticks: in the last `window_s` before each deadline, `wake(timeout_s)` blocks
+        until a new frame arrives (True) or the timeout passes (False); the tick starts on the frame, early,
+        and its own deadline stays on the grid. None turns it off. The window must be shorter than a period."""
+        if wake is not None and not (isinstance(window_s, numbers.Real) and 0 < window_s < self.period_s):
+            raise ConfigError(f"frame-sync window must be a number in (0, {self.period_s:g}) s (under one control "
+                              f"period), got {window_s!r}; set loop.frame_sync_window_s, or loop.frame_sync: false")
+        self._wake = wake
+        self.sync_window_s = float(window_s) if wake is not None else 0.0
 
     def restart(self) -> None:
         """Re-anchor the grid at the clock's current time (tick 0 starts now); clears counters."""
@@ -83,6 +95,7 @@ class RateKeeper:
         self.lag_s = 0.0
         self.max_lag_s = 0.0
         self._jitter_count = 0
+        self.synced_ticks = 0  # ticks started early on a new frame (sync_to)
         self._last_warn_s = -math.inf
         self._overruns_since_warn = 0
 
@@ -120,12 +133,24 @@ class RateKeeper:
         else:
             self.lag_s = 0.0
 
+        opens = deadline - self.sync_window_s  # == deadline without frame sync
         for _ in range(_MAX_SLEEPS_PER_WAIT):
-            remaining = deadline - now
+            remaining = opens - now
             if remaining <= 0.0:
                 break
             self._sleep(remaining)
             now = self._clock()
+        if self._wake is not None and deadline - now > 0.0:
+            woke = self._wake(deadline - now)
+            now = self._clock()
+            if woke and now < deadline:
+                self.synced_ticks += 1
+            else:  # no frame in the window: start on the deadline as without frame sync
+                for _ in range(_MAX_SLEEPS_PER_WAIT):
+                    if deadline - now <= 0.0:
+                        break
+                    self._sleep(deadline - now)
+                    now = self._clock()
 
         self._index = target
         self.tick_start_s = now
@@ -137,7 +162,8 @@ class RateKeeper:
     def jitter_percentiles(
         self, percentiles: Sequence[float] = (50.0, 90.0, 99.0, 100.0)
     ) -> dict[float, float]:
-        """Percentiles (seconds) of tick-start offset from the ideal deadline, over the window.
+        """Percentiles (seconds) of tick-start offset from the ideal deadline, over the window (negative:
+        a frame-synchronous tick that started early on its frame).
 
         Values are NaN before the first ``wait``.
         """

@@ -32,8 +32,9 @@ class Mode(enum.IntEnum):
 # layer; send: the serial write.
 TICK_STAGES = ("observe", "resize", "h2d", "vision", "head", "d2h", "reduce", "gate", "safety", "send")
 # Window statistics of these fields are published with the snapshot (policy: resize .. reduce; tick:
-# frame ready -> command bytes handed to the link).
-WINDOW_FIELDS = ("tick", "policy", *TICK_STAGES)
+# frame ready -> command bytes handed to the link; glass_to_wire: the frame's capture time -> the command's
+# bytes handed to the link, derived from the record: start - frame time + observe + tick).
+WINDOW_FIELDS = ("tick", "policy", "glass_to_wire", *TICK_STAGES)
 WINDOW_QUANTILES = (0.5, 0.9, 0.99, 1.0)
 
 
@@ -164,11 +165,18 @@ class Window:
     def of(cls, records: np.ndarray) -> Window:
         quantiles = {}
         for name in WINDOW_FIELDS:
-            values = records[f"{name}_ms"].astype(np.float64) if len(records) else np.empty(0)
+            values = _field_ms(records, name) if len(records) else np.empty(0)
             values = values[np.isfinite(values)]
             points = np.quantile(values, WINDOW_QUANTILES) if len(values) else [math.nan] * len(WINDOW_QUANTILES)
             quantiles[name] = dict(zip(WINDOW_QUANTILES, (float(v) for v in points)))
         return cls(ticks=len(records), quantiles_ms=quantiles)
+
+
+def _field_ms(records: np.ndarray, name: str) -> np.ndarray:
+    if name == "glass_to_wire":  # the command left `observe_ms + tick_ms` after the tick started
+        return ((records["start_s"] - records["frame_time_s"]) * 1e3 + records["observe_ms"].astype(np.float64)
+                + records["tick_ms"].astype(np.float64))
+    return records[f"{name}_ms"].astype(np.float64)
 
 
 @dataclass(frozen=True)
@@ -177,6 +185,8 @@ class LinkHealth:
     telemetry_age_s: float
     round_trip_s: float | None
     stats: Mapping[str, int]  # the link's counters (frames, errors, reconnects ...) and bad_frames
+    # Command -> the telemetry echoing it, quantile (0.5, 0.99) -> seconds over the last round trips.
+    round_trip_quantiles_s: Mapping[float, float] = field(default_factory=dict)
 
     @classmethod
     def of(cls, link: Any) -> LinkHealth:
@@ -185,7 +195,8 @@ class LinkHealth:
         stats["bad_frames"] = link_stats.bad_frames
         round_trip = getattr(link, "last_round_trip_s", None)
         return cls(connected=bool(link.is_connected), telemetry_age_s=float(link.telemetry_age_s()),
-                   round_trip_s=None if round_trip is None else float(round_trip), stats=stats)
+                   round_trip_s=None if round_trip is None else float(round_trip), stats=stats,
+                   round_trip_quantiles_s=dict(getattr(link, "round_trip_quantiles_s", None) or {}))
 
 
 @dataclass(frozen=True)
@@ -240,6 +251,8 @@ class LoopStatus:
     # The failure monitor (edge/control/monitor.py): which signals tripped, and per signal its last score,
     # threshold, whether its alarm is on and how often it tripped. None when nothing reports them.
     monitor: Mapping[str, Any] | None = None
+    # How policy.target and threads were chosen (edge/service/tune.py: configured, cached or measured).
+    tuning: Mapping[str, Any] | None = None
 
     @property
     def ticks(self) -> int:

@@ -42,28 +42,43 @@ logger = logging.getLogger(__name__)
 
 # Which graphs of the bundle a pipeline runs, and on what (the ``policy:`` section of the config).
 TARGETS = ("cpu", "cpu-fp32", "tensorrt", "fp16")
+AUTO = "auto"  # policy.target / policy.threads: measured on this machine
 BACKENDS = ("onnxruntime", "tensorrt")
 DEVICES = ("cpu", "cuda")
 
 
 @dataclass(frozen=True)
 class PolicyConfig:
-    """The ``policy:`` section of the robot config: which graphs, on which backend, how many samples."""
+    """The ``policy:`` section of the robot config: which graphs, on which backend, how many samples.
 
-    target: str = "cpu"  # which graphs of the bundle: cpu (INT8 CPU layout), cpu-fp32, tensorrt, fp16
+    ``target: auto`` and ``threads: auto`` (the defaults) are measured on the machine at start-up, or taken
+    from `vla-edge tune`'s cache (edge/inference/tuning.py); explicit values are used as given.
+    """
+
+    target: str = "auto"  # auto, or which graphs of the bundle: cpu (INT8 CPU layout), cpu-fp32, tensorrt, fp16
     backend: str = "onnxruntime"  # onnxruntime | tensorrt
     device: str = "cpu"  # onnxruntime only: cpu | cuda
     mc_samples: int = 16  # Monte-Carlo dropout samples T per tick (<= the bundle's max_samples)
-    threads: int = 0  # onnxruntime intra-op threads (0 = its default)
+    threads: int | str = "auto"  # onnxruntime intra-op threads: auto, or a count (0 = its default)
     mask_seed: int = 0
+    tune_budget_s: float = 2.0  # start-up measurement of the auto choices (vla-edge tune takes longer)
+    tune_cache: str | None = None  # vla-edge tune's cache file (None: tune.json in the state directory)
 
     def __post_init__(self) -> None:
-        check_choice("policy.target", self.target, TARGETS)
+        check_choice("policy.target", self.target, (AUTO, *TARGETS))
         check_choice("policy.backend", self.backend, BACKENDS)
         check_choice("policy.device", self.device, DEVICES)
         check_range("policy.mc_samples", self.mc_samples, 1, 256, integer=True)
-        check_range("policy.threads", self.threads, 0, 64, integer=True)
+        if self.threads != AUTO:
+            check_range("policy.threads", self.threads, 0, 64, integer=True, hint="set a count, or auto (measured on this machine)")
         check_range("policy.mask_seed", self.mask_seed, 0, integer=True)
+        check_range("policy.tune_budget_s", self.tune_budget_s, 0.1, 600.0, unit="s")
+        if self.tune_cache is not None and (not isinstance(self.tune_cache, str) or not self.tune_cache.strip()):
+            raise ConfigError(f"policy.tune_cache must be a file path or null, got {self.tune_cache!r}")
+
+    @property
+    def needs_tuning(self) -> bool:
+        return AUTO in (self.target, self.threads)
 
 
 BackendFactory = Callable[[str, str, tuple[TensorSpec, ...], tuple[TensorSpec, ...], int], InferenceBackend]
@@ -264,6 +279,7 @@ class PolicyPipeline:
         self._language_lock = threading.Lock()
         self._deterministic = False
         self._score_steps = self.horizon
+        self.tuning: dict | None = None  # how target and threads were chosen (edge/service/tune.py)
 
     # -- life cycle ---------------------------------------------------------------------------------
     def activate(self) -> None:

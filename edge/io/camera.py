@@ -225,6 +225,10 @@ class Camera:
         """Seconds since the latest frame was captured (``now`` on time.monotonic()); inf if none yet."""
         return self._frames.age_s(time.monotonic() if now is None else now)
 
+    def wait_newer(self, count: int, timeout_s: float) -> int:
+        """Wait up to `timeout_s` for a frame after the `count`-th; the frame counter then (frame-sync ticks)."""
+        return self._frames.wait_newer(count, timeout_s)
+
     @property
     def frame_shape(self) -> tuple[int, ...] | None:
         return self._frames.shape

@@ -21,6 +21,7 @@ class LatestFrame:
     def __init__(self, source: str) -> None:
         self.source = source  # named in errors: "the camera", "the topic /image"
         self._lock = threading.Lock()  # guards _front, _stamp_s, _count
+        self._published = threading.Condition(self._lock)  # notified on every publish (frame-sync ticks)
         self._front: np.ndarray | None = None
         self._stamp_s = -math.inf
         self._count = 0
@@ -36,7 +37,16 @@ class LatestFrame:
             previous, self._front = self._front, image
             self._stamp_s = stamp_s
             self._count += 1
+            self._published.notify_all()
         return previous
+
+    def wait_newer(self, count: int, timeout_s: float) -> int:
+        """Block until a frame newer than the `count`-th is published or `timeout_s` passes; returns the
+        frame counter then (> count: a new frame). Never holds the lock while waiting."""
+        with self._published:
+            if self._count <= count and timeout_s > 0:
+                self._published.wait_for(lambda: self._count > count, timeout=timeout_s)
+            return self._count
 
     def read_into(self, out: np.ndarray) -> tuple[float, int] | None:
         """Copy the latest frame into ``out``; return (capture time on time.monotonic(), frame counter).

@@ -35,6 +35,7 @@ from edge.io.protocol import (
 
 # Commands awaiting a telemetry echo, for the round-trip measurement; older ones are forgotten.
 _PENDING_COMMANDS = 64
+_ROUND_TRIPS_KEPT = 1024  # round trips kept for their quantiles (about 100 s at 10 Hz)
 _TIME_MS_MODULUS = 1 << 32
 
 
@@ -97,6 +98,7 @@ class LinkState:
         self._previous_seq: int | None = None  # last telemetry seq on this connection, for loss counting
         self._pending: collections.deque[tuple[int, float]] = collections.deque(maxlen=_PENDING_COMMANDS)
         self._last_round_trip_s: float | None = None
+        self._round_trips: collections.deque[float] = collections.deque(maxlen=_ROUND_TRIPS_KEPT)
         self._counts = {name: 0 for name in LinkStats.__dataclass_fields__}
         self._decoder_base = DecoderStats()  # totals of the decoders of earlier connections
         self._decoder: FrameDecoder | None = None
@@ -211,6 +213,7 @@ class LinkState:
             confirmed = self._pending.popleft()
         if confirmed is not None:
             self._last_round_trip_s = now - confirmed[1]
+            self._round_trips.append(self._last_round_trip_s)
 
     # reading (any thread) ------------------------------------------------------------------------------
     def latest(self) -> tuple[Telemetry | None, float]:
@@ -268,6 +271,16 @@ class LinkState:
     def last_round_trip_s(self) -> float | None:
         with self._lock:
             return self._last_round_trip_s
+
+    def round_trip_quantiles_s(self) -> dict[float, float]:
+        """p50 and p99 (keys 0.5, 0.99) of the last round trips, command sent -> the telemetry echoing it
+        (the command -> telemetry leg of the glass-to-wire latency); {} before the first."""
+        with self._lock:
+            trips = list(self._round_trips)
+        if not trips:
+            return {}
+        ordered = sorted(trips)
+        return {q: ordered[min(len(ordered) - 1, int(q * len(ordered)))] for q in (0.5, 0.99)}
 
     @property
     def stats(self) -> LinkStats:

@@ -389,9 +389,9 @@ class SerialMotorLink:
         """From a command's send time to the first telemetry echoing its seq; None until one is measured."""
         return self._state.last_round_trip_s
 
-    @property
-    def stats(self) -> LinkStats:
-        return self._state.stats
+    round_trip_quantiles_s = property(lambda self: self._state.round_trip_quantiles_s())  # p50/p99, LinkState
+
+    stats = property(lambda self: self._state.stats)  # LinkStats of this link (LinkState's account)
 
     # reader thread -------------------------------------------------------------------------------------
     def _run(self) -> None:

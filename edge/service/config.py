@@ -42,6 +42,7 @@ from edge.io.motor_link import MotorLinkConfig
 from edge.io.ros2.bridge import Ros2Section
 from edge.service.control_protocol import InstructionConfig
 from edge.service.metrics import METRICS_HOST, MetricsConfig
+from edge.validation import check_range
 
 __all__ = [
     "BACKENDS",
@@ -52,6 +53,7 @@ __all__ = [
     "ChunkConfig",
     "InstructionConfig",
     "LoopConfig",
+    "LoopSection",
     "MetricsConfig",
     "MotorLinkConfig",
     "PolicyConfig",
@@ -79,6 +81,21 @@ _PLACEHOLDER = re.compile(r"\$\{([^}]*)\}")
 
 
 @dataclass(frozen=True)
+class LoopSection(LoopConfig):
+    """The ``loop:`` section: the loop's own config and frame-synchronous ticks (edge/control/frame_sync.py)."""
+
+    frame_sync: bool | None = None  # start ticks on a new frame; null (auto): on when camera.fps >= rate_hz
+    frame_sync_window_s: float | None = None  # how early before a deadline; null: one camera period
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.frame_sync is not None and not isinstance(self.frame_sync, bool):
+            raise ConfigError(f"loop.frame_sync must be true, false or null (auto), got {self.frame_sync!r}")
+        check_range("loop.frame_sync_window_s", self.frame_sync_window_s, 0.0, 1.0 / self.rate_hz, unit="s",
+                    low_open=True, nullable=True, hint="under one control period")
+
+
+@dataclass(frozen=True)
 class RobotConfig:
     bundle: str
     camera: CameraConfig | None  # None where ros2.camera takes the frames from a topic
@@ -86,7 +103,7 @@ class RobotConfig:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     uncertainty: UncertaintyConfig = field(default_factory=UncertaintyConfig)
     safety: SafetySection = field(default_factory=SafetySection)
-    loop: LoopConfig = field(default_factory=LoopConfig)
+    loop: LoopSection = field(default_factory=LoopSection)
     realtime: RealtimeConfig = field(default_factory=RealtimeConfig)
     instruction: InstructionConfig = field(default_factory=InstructionConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
@@ -112,7 +129,7 @@ _SECTIONS = {
     "policy": PolicyConfig,
     "uncertainty": UncertaintyConfig,
     "safety": SafetySection,
-    "loop": LoopConfig,
+    "loop": LoopSection,
     "realtime": RealtimeConfig,
     "instruction": InstructionConfig,
     "metrics": MetricsConfig,

@@ -93,6 +93,26 @@ def check_bundle(config: RobotConfig) -> tuple[list[CheckResult], Bundle | None]
     return results, bundle
 
 
+def check_tuning(bundle: Bundle, config: RobotConfig) -> CheckResult:
+    """How run will choose policy.target and threads: as configured, cached by `vla-edge tune` for this
+    machine's fingerprint, or measured at start-up (edge/service/tune.py)."""
+    from edge.service import tune
+
+    policy = config.policy
+    if not policy.needs_tuning:
+        return ok("tuning", f"target {policy.target}, threads {policy.threads or 'default'} as configured")
+    try:
+        key, choice = tune.cached_choice(bundle, config)
+        candidates = tune.candidate_targets(bundle, config)
+    except EdgeError as exc:
+        return fail("tuning", str(exc), "set policy.target to a target the bundle has")
+    if choice is not None:
+        return ok("tuning", f"cached choice for fingerprint {key} in {tune.cache_path(config)}: {choice.line()}")
+    return ok("tuning", f"no cached choice for fingerprint {key}: run measures {', '.join(candidates)} x threads "
+              f"{', '.join(map(str, tune.candidate_threads(config)))} within {policy.tune_budget_s:g} s at start-up "
+              f"(`vla-edge tune --config FILE` measures longer once and caches it)")
+
+
 # --- inference backends -------------------------------------------------------------------------------
 
 
@@ -128,8 +148,15 @@ def check_tensorrt(config: RobotConfig, bundle: Bundle, *, trt: Any = None, cuda
                       f"{multiprocessors} multiprocessors)"))
 
     fix = f"build the engines on this device: {wiring.engines_command(config.bundle)}"
-    for fit in wiring.engine_fit(bundle, config.policy.target, version, capability, gpu_name=device,
-                                 multiprocessors=multiprocessors):
+    from edge.service.tune import candidate_targets
+
+    try:  # target auto: every TensorRT target it may choose
+        targets = candidate_targets(bundle, config)
+    except BundleError as exc:
+        return results + [fail("tensorrt", str(exc), fix)]
+    fits = [fit for target in targets for fit in wiring.engine_fit(bundle, target, version, capability,
+                                                                  gpu_name=device, multiprocessors=multiprocessors)]
+    for fit in fits:
         name = f"engine {fit.graph}/{fit.variant}"
         if fit.problem is not None:
             results.append(fail(name, fit.problem, fix))
@@ -261,7 +288,8 @@ def check_running_service(config: RobotConfig, timeout_s: float = 2.0) -> list[C
     elif reply.get("hold_reason"):
         results.append(warn("service", f"{summary}; holding: {reply['hold_reason']}",
                             "vla-edge resume (or a new vla-edge say) once it is safe to move"))
-    return results or [ok("service", f"{summary}; link and camera up")]
+    tuning = (reply.get("tuning") or {}).get("line")
+    return results or [ok("service", f"{summary}; link and camera up" + (f"; policy {tuning}" if tuning else ""))]
 
 
 # --- all of it ----------------------------------------------------------------------------------------
@@ -289,6 +317,7 @@ def run_checks(config_path: str | Path, *, open_camera: bool = False, camera_tim
             results += check_tensorrt(config, bundle, trt=trt, cudart=cudart)
         else:
             results += check_onnxruntime(config, ort=ort)
+        results.append(check_tuning(bundle, config))
     results += check_ros2(config, environ)
     if config.motor is not None:  # else the commands go to a ROS 2 topic (ros2.command)
         results.append(check_serial(config.motor))

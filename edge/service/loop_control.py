@@ -69,6 +69,8 @@ def status_reply(status: LoopStatus) -> dict[str, Any]:
         "link": None if link is None else {
             "connected": link.connected, "telemetry_age_s": link.telemetry_age_s,
             "round_trip_ms": None if link.round_trip_s is None else link.round_trip_s * 1e3,
+            "round_trip_p50_ms": _ms(link.round_trip_quantiles_s.get(0.5)),
+            "round_trip_p99_ms": _ms(link.round_trip_quantiles_s.get(0.99)),
             "stats": dict(link.stats)},
         "camera": None if camera is None else {"connected": camera.connected, "frame_age_s": camera.frame_age_s,
                                                "reconnects": camera.reconnects},
@@ -78,8 +80,15 @@ def status_reply(status: LoopStatus) -> dict[str, Any]:
                     for name, c in status.cameras.items()},
         "stale_cameras": list(status.stale_cameras),
         "language": status.language,
+        "glass_to_wire_ms": {"p50": status.window.quantiles_ms.get("glass_to_wire", {}).get(0.5, math.nan),
+                             "p99": status.window.quantiles_ms.get("glass_to_wire", {}).get(0.99, math.nan)},
+        "tuning": None if status.tuning is None else {k: v for k, v in status.tuning.items() if k != "measurements"},
         "chunks": None if status.chunks is None else _chunks_reply(status.chunks),
     }
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1e3
 
 
 def _chunks_reply(stats) -> dict[str, Any]:

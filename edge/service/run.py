@@ -69,6 +69,7 @@ class RobotService:
         self.stop_event = threading.Event()
         self.bundle: Bundle | None = None
         self.pipeline: PolicyPipeline | None = None
+        self.choice = None  # edge.inference.tuning.TuneChoice: how policy.target and threads were chosen
         self.camera: Camera | None = None  # the first of `cameras`
         self.cameras: dict[str, Camera] = {}  # one per spec camera, by spec name
         self.link: SerialMotorLink | None = None
@@ -96,13 +97,17 @@ class RobotService:
             return False
         self.bundle = wiring.load_bundle(cfg)
         logger.info("bundle %s verified (%d files)", cfg.bundle, len(self.bundle.manifest["files"]))
+        budget = cfg.policy.tune_budget_s
+        if cfg.policy.needs_tuning and not self._step(f"choosing target and threads (within {budget:g} s)"):
+            return False
+        self.config = cfg = self._resolve_policy(cfg)
         # The same start-up validation doctor reports (edge/service/startup.py): a fatal problem is a
         # ConfigError, exit 78, before the camera or the port is opened.
         for problem in wiring.check_startup(self.bundle, cfg):
             logger.warning("%s: %s", problem.key, problem.text())
         if not self._step(f"activating {cfg.policy.backend} backends for target {cfg.policy.target}"):
             return False
-        self.pipeline = wiring.build_pipeline(self.bundle, cfg)
+        self.pipeline = wiring.build_pipeline(self.bundle, cfg, choice=self.choice)
         self.pipeline.activate()
         if not self._connect_devices():
             return False
@@ -141,6 +146,11 @@ class RobotService:
         self.notifier.ready(status=f"running {cfg.policy.target} policy at {cfg.loop.rate_hz:g} Hz")
         logger.info("ready %.2f s after start", time.monotonic() - self.started_s)
         return True
+
+    def _resolve_policy(self, cfg: RobotConfig) -> RobotConfig:
+        """policy.target/threads: auto made concrete (cached or measured), the choice kept for status."""
+        cfg, self.choice = wiring.resolve_policy(self.bundle, cfg)
+        return cfg
 
     def _connect_devices(self) -> bool:
         """The ROS 2 roles first where the config has them (their camera and link are the devices then),

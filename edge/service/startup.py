@@ -137,7 +137,7 @@ def pipeline_problems(bundle, config) -> list[StartupProblem]:
     policy = config.policy
     problems = []
     targets = sorted(bundle.manifest["targets"])
-    if policy.target not in targets:
+    if policy.target not in targets and policy.target != "auto":  # auto: edge/service/tune.py chooses
         problems.append(StartupProblem(
             "policy.target", f"policy.target: the bundle has no target {policy.target!r} (it has {targets})",
             f"set policy.target to one of them, or rebuild with the options that make it: "
@@ -164,7 +164,10 @@ def robot_problems(bundle, config) -> list[StartupProblem]:
     link carries the policy's action (motor.channels = the action's dimension)."""
     policy = config.policy
     problems = []
-    calibrated_set = calibrated_samples(bundle.manifest, policy.target)
+    # target auto (not yet measured, as doctor sees it): the T of any target it may choose; run checks again
+    # with the chosen target.
+    targets = tuple(bundle.manifest["targets"]) if policy.target == "auto" else (policy.target,)
+    calibrated_set = tuple(sorted({t for target in targets for t in calibrated_samples(bundle.manifest, target)}))
     calibrated = "T=" + "/".join(map(str, calibrated_set)) if calibrated_set else None
     if policy.mc_samples < 2:
         problems.append(StartupProblem(

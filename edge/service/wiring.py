@@ -9,6 +9,7 @@ these functions, so what doctor checks is what run builds (docs/architecture.md,
     engine_fit(bundle, target, ...)       each TensorRT engine fits this GPU     (doctor; the backend
                                                                                  checks the same key)
     backend_factory(bundle, config)       backends for the configured target
+    resolve_policy(bundle, config)        policy.target/threads: auto made concrete for this machine
     build_pipeline(bundle, config)        the policy pipeline (not yet activated)
     safety_config(bundle, config)         the safety layer's limits: bundle's action spec + config
     motor_config(bundle, config)          the motor link's config with the bundle's command kinds
@@ -29,24 +30,29 @@ only checks them), so every check above happens before any device is armed.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from edge.control.frame_sync import FrameSync, frame_sync_window
 from edge.control.loop import ControlLoop
 from edge.control.monitor import FailureMonitor, load_models
 from edge.control.safety import SafetyConfig, SafetyLayer
 from edge.control.uncertainty_gate import GateConfig, UncertaintyGate
-from edge.errors import BundleError
+from edge.errors import BundleError, ConfigError
 from edge.inference.backends.base import InferenceBackend
 from edge.inference.bundle import Bundle
 from edge.inference.engine_key import EngineKey, key_path
 from edge.inference.pipeline import BackendFactory, PolicyPipeline, onnxruntime_factory
+from edge.inference.tuning import TuneChoice
 from edge.io.camera import Camera
 from edge.io.motor_link import MotorLinkConfig, SerialMotorLink
-from edge.service import startup
+from edge.service import startup, tune
 from edge.service.config import RobotConfig
 from edge.service.ros2_roles import Ros2Roles
+
+logger = logging.getLogger(__name__)
 
 
 def rebuild_command(bundle_dir, bundle: Bundle | None = None) -> str:
@@ -168,12 +174,25 @@ def backend_factory(bundle: Bundle, config: RobotConfig, *, trt=None, cudart=Non
     return make
 
 
-def build_pipeline(bundle: Bundle, config: RobotConfig, *, trt=None, cudart=None) -> PolicyPipeline:
-    """The policy pipeline of the configured target and T (call `activate()` before the first tick)."""
+def resolve_policy(bundle: Bundle, config: RobotConfig, *, trt=None, cudart=None) -> tuple[RobotConfig, TuneChoice]:
+    """The config with `policy.target: auto` / `policy.threads: auto` replaced by the choice for this machine
+    (cached by `vla-edge tune`, else measured within policy.tune_budget_s), and that choice
+    (edge/service/tune.py). Explicit values come back unchanged."""
+    return tune.resolve_policy(bundle, config, lambda c: backend_factory(bundle, c, trt=trt, cudart=cudart))
+
+
+def build_pipeline(bundle: Bundle, config: RobotConfig, *, trt=None, cudart=None,
+                   choice: TuneChoice | None = None) -> PolicyPipeline:
+    """The policy pipeline of the configured target and T (call `activate()` before the first tick); auto
+    values are resolved first (`resolve_policy`) unless the caller did and passes its `choice`."""
+    if config.policy.needs_tuning or choice is None:
+        config, choice = resolve_policy(bundle, config, trt=trt, cudart=cudart)
     check_policy(bundle, config)
     policy = config.policy
-    return PolicyPipeline(bundle, target=policy.target, mc_samples=policy.mc_samples, mask_seed=policy.mask_seed,
-                          backend_factory=backend_factory(bundle, config, trt=trt, cudart=cudart))
+    pipeline = PolicyPipeline(bundle, target=policy.target, mc_samples=policy.mc_samples, mask_seed=policy.mask_seed,
+                              backend_factory=backend_factory(bundle, config, trt=trt, cudart=cudart))
+    pipeline.tuning = {"line": choice.line(), **choice.to_dict()}
+    return pipeline
 
 
 # -- control ----------------------------------------------------------------------------------------------
@@ -203,6 +222,9 @@ def safety_config(bundle: Bundle, config: RobotConfig) -> SafetyConfig:
 def gate_config(bundle: Bundle, config: RobotConfig) -> GateConfig:
     """The bundle's calibrated threshold and ceiling for the target, unless the config sets them."""
     target = config.policy.target
+    if target == "auto":
+        raise ConfigError("the uncertainty gate needs the target that runs: policy.target is auto, so resolve it "
+                          "first (resolve_policy, or build_loop with the built pipeline)")
     # The threshold calibrated at this T where the bundle has one (schema v2's by_samples), else the
     # target's; a T without its own threshold is a start-up warning (edge/service/startup.py).
     by_samples = (bundle.manifest["uncertainty"].get("by_samples") or {}).get(target) or {}
@@ -250,12 +272,37 @@ def build_loop(pipeline: PolicyPipeline, camera, link, bundle: Bundle, config: R
     drive a subclass that adds its own per-tick bookkeeping.
     """
     loop_cfg = config.loop
-    return loop_class(
+    if config.policy.target != pipeline.target:  # an auto target: the gate's threshold is the chosen one's
+        config = replace(config, policy=replace(config.policy, target=pipeline.target))
+    loop = loop_class(
         pipeline, camera, link, SafetyLayer(safety_config(bundle, config)), failure_monitor(bundle, config),
         loop_cfg.period_s, stale_after_s=config.safety.stale_after_periods * loop_cfg.period_s,
         record_ticks=loop_cfg.record_ticks, summary_every_s=loop_cfg.summary_every_s,
         on_deadline_met=on_deadline_met, chunk_config=config.chunks, **loop_options,
     )
+    sync_frames(loop, config)
+    return loop
+
+
+def camera_fps(config: RobotConfig) -> float | None:
+    """The rate of the first camera where the config states it (camera.fps), else None (unknown)."""
+    return None if config.camera is None or config.camera.fps is None else float(config.camera.fps)
+
+
+def sync_frames(loop: ControlLoop, config: RobotConfig) -> float | None:
+    """loop.frame_sync: the loop's ticks start on the first camera's new frames inside a window before each
+    deadline (edge/control/frame_sync.py); returns the window (None: off). Auto (null) turns it on when
+    camera.fps is at least the control rate and the camera signals new frames."""
+    loop_cfg = config.loop
+    enabled = getattr(loop_cfg, "frame_sync", False)
+    window = frame_sync_window(enabled, camera_fps(config), loop_cfg.rate_hz,
+                               getattr(loop_cfg, "frame_sync_window_s", None))
+    if window is None or (enabled is None and not hasattr(loop.camera, "wait_newer")):
+        return None
+    loop.keeper.sync_to(FrameSync(loop.camera), window)
+    logger.info("frame-synchronous ticks: a new frame starts the tick up to %.1f ms before its deadline",
+                window * 1e3)
+    return window
 
 
 # -- devices: the OpenCV camera and serial link, or their ROS 2 topics ---------------------------------------

@@ -353,8 +353,9 @@ def test_the_gate_takes_the_threshold_calibrated_at_the_configured_T(reference_b
     edit_manifest(copy, two_thresholds)
     bundle = Bundle.load(copy)
     base = {"bundle": str(copy), "camera": {"source": 0}, "motor": {"port": "/p"}}
-    at_8 = wiring.gate_config(bundle, config_from_dict({**base, "policy": {"mc_samples": 8}}))
-    at_16 = wiring.gate_config(bundle, config_from_dict({**base, "policy": {"mc_samples": 16}}))
+    # The thresholds are the cpu target's: with target auto the gate takes the chosen target's (build_loop).
+    at_8 = wiring.gate_config(bundle, config_from_dict({**base, "policy": {"mc_samples": 8, "target": "cpu"}}))
+    at_16 = wiring.gate_config(bundle, config_from_dict({**base, "policy": {"mc_samples": 16, "target": "cpu"}}))
     assert at_8.threshold == 0.0123
     assert at_16.threshold == bundle.manifest["uncertainty"]["by_samples"]["cpu"]["16"]
     assert ("policy.mc_samples", False) not in problems_by_key(copy, policy={"mc_samples": 8})
