@@ -13,6 +13,7 @@ import struct
 import subprocess
 import time
 
+import numpy as np
 import pytest
 import serial
 
@@ -152,7 +153,10 @@ def test_velocity_targets_become_pwm_and_the_encoders_report_the_speed(wheels):
     assert last.compare == (round(0.5 * PWM_TOP), round(0.25 * PWM_TOP)) and last.duties[1] < 0
     telemetry = host.telemetry()[-1]
     assert telemetry.status == StatusFlags.MOTORS_ENABLED
-    assert telemetry.velocities == pytest.approx((0.5, -0.25), abs=0.03)  # the runner's motors: speed = duty
+    # The runner's motors: speed = duty. One sample's speed is a few encoder counts over one telemetry period
+    # of emulated time, which slips against the wall clock on a loaded machine: judge the mean of the last ten.
+    recent = np.array([t.velocities for t in host.telemetry()[-10:]])
+    assert tuple(recent.mean(axis=0)) == pytest.approx((0.5, -0.25), abs=0.03)
     earlier = host.telemetry()[-11]
     assert telemetry.positions[0] > earlier.positions[0] and telemetry.positions[1] < earlier.positions[1]
 
