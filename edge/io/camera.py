@@ -28,7 +28,7 @@ import cv2
 import numpy as np
 
 from edge.errors import CameraError, ConfigError
-from edge.io.latest_frame import LatestFrame
+from edge.io.latest_frame import LatestFrame, LatestFrameReader
 from edge.ratelimit import RateLimitedWarnings
 from edge.validation import check_backoff, check_bool, check_choice, check_range, check_text
 
@@ -135,7 +135,7 @@ class _Outcome(enum.Enum):
     END_OF_FILE = "end_of_file"
 
 
-class Camera:
+class Camera(LatestFrameReader):
     """Latest-frame camera: ``connect()``, ``read_into()`` / ``read_latest()``, ``disconnect()``."""
 
     def __init__(self, config: CameraConfig) -> None:
@@ -209,34 +209,8 @@ class Camera:
     def __exit__(self, *exc_info: object) -> None:
         self.disconnect()
 
-    # reading (any thread; never touches the device) ---------------------------------------------------
-    def read_into(self, out: np.ndarray) -> tuple[float, int] | None:
-        """Copy the latest frame into ``out``; return (capture time on time.monotonic(), frame counter).
-
-        None before the first frame. ``out`` must have ``frame_shape`` and dtype uint8.
-        """
-        return self._frames.read_into(out)
-
-    def read_latest(self) -> tuple[np.ndarray | None, float, int]:
-        """A copy of the latest frame, its capture time and counter; (None, -inf, 0) before the first."""
-        return self._frames.read_latest()
-
-    def frame_age_s(self, now: float | None = None) -> float:
-        """Seconds since the latest frame was captured (``now`` on time.monotonic()); inf if none yet."""
-        return self._frames.age_s(time.monotonic() if now is None else now)
-
-    def wait_newer(self, count: int, timeout_s: float) -> int:
-        """Wait up to `timeout_s` for a frame after the `count`-th; the frame counter then (frame-sync ticks)."""
-        return self._frames.wait_newer(count, timeout_s)
-
-    @property
-    def frame_shape(self) -> tuple[int, ...] | None:
-        return self._frames.shape
-
-    @property
-    def frame_count(self) -> int:
-        return self._frames.count
-
+    # reading (any thread; never touches the device): read_into, read_latest, frame_age_s, wait_newer,
+    # frame_shape, frame_count come from LatestFrameReader
     @property
     def reconnects(self) -> int:
         """Times the stream came back (delivered a frame) after a loss."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 
 import numpy as np
 
@@ -83,3 +84,35 @@ class LatestFrame:
     @property
     def count(self) -> int:
         return self._count
+
+
+class LatestFrameReader:
+    """The reading side every camera shares (OpenCV, ROS 2 image topic): any thread, never the device.
+    A camera keeps its frames in ``self._frames``, a LatestFrame."""
+
+    _frames: LatestFrame
+
+    def read_into(self, out: np.ndarray) -> tuple[float, int] | None:
+        """Copy the latest frame into ``out`` (``frame_shape``, uint8); (its capture time on
+        time.monotonic(), frame counter); None before the first frame."""
+        return self._frames.read_into(out)
+
+    def read_latest(self) -> tuple[np.ndarray | None, float, int]:
+        """A copy of the latest frame, its capture time and counter; (None, -inf, 0) before the first."""
+        return self._frames.read_latest()
+
+    def frame_age_s(self, now: float | None = None) -> float:
+        """Seconds since the latest frame was captured (``now`` on time.monotonic()); inf if none yet."""
+        return self._frames.age_s(time.monotonic() if now is None else now)
+
+    def wait_newer(self, count: int, timeout_s: float) -> int:
+        """Wait up to `timeout_s` for a frame after the `count`-th; the frame counter then (frame-sync ticks)."""
+        return self._frames.wait_newer(count, timeout_s)
+
+    @property
+    def frame_shape(self) -> tuple[int, ...] | None:
+        return self._frames.shape
+
+    @property
+    def frame_count(self) -> int:
+        return self._frames.count

@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 
 from edge.errors import CameraError, InputError
-from edge.io.latest_frame import LatestFrame
+from edge.io.latest_frame import LatestFrame, LatestFrameReader
 from edge.io.ros2.dds import QosProfile, Ros2Error, Ros2Node, check_topic
 from edge.ratelimit import RateLimitedWarnings
 from edge.validation import check_range
@@ -136,7 +136,7 @@ def decode_compressed(msg: Any) -> np.ndarray:
     return image
 
 
-class Ros2Camera:
+class Ros2Camera(LatestFrameReader):
     """Latest-frame camera on a ROS 2 image topic (best effort, keep last 1)."""
 
     def __init__(self, node: Ros2Node, config: Ros2CameraConfig) -> None:
@@ -217,28 +217,6 @@ class Ros2Camera:
         self._received_s = received
         self._frames.publish(image, stamp)  # a new array per message: nothing to reuse
         self._first.set()
-
-    def read_into(self, out: np.ndarray) -> tuple[float, int] | None:
-        """Copy the latest frame into ``out``; (its time on time.monotonic(), frame counter); None before one."""
-        return self._frames.read_into(out)
-
-    def read_latest(self) -> tuple[np.ndarray | None, float, int]:
-        return self._frames.read_latest()
-
-    def frame_age_s(self, now: float | None = None) -> float:
-        return self._frames.age_s(time.monotonic() if now is None else now)
-
-    def wait_newer(self, count: int, timeout_s: float) -> int:
-        """Wait up to `timeout_s` for a frame after the `count`-th; the frame counter then (frame-sync ticks)."""
-        return self._frames.wait_newer(count, timeout_s)
-
-    @property
-    def frame_shape(self) -> tuple[int, ...] | None:
-        return self._frames.shape
-
-    @property
-    def frame_count(self) -> int:
-        return self._frames.count
 
 
 # --- instruction, telemetry, e-stop (newest-value sources) ------------------------------------------
