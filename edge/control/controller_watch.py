@@ -46,6 +46,7 @@ class ControllerWatch:
         self.rejected_telemetry = 0  # samples refused by `valid`
         self.faults = 0  # times a fault started
         self.watchdog_trips = 0  # times WATCHDOG_TRIPPED appeared after the controller had accepted commands
+        self.restarts = 0  # times its clock went back on a live connection (it restarted on its own)
         self.status = StatusFlags.NONE
         self._last: Telemetry | None = None
         self._accepted = False  # the controller has reported no trip since we started commanding
@@ -83,6 +84,7 @@ class ControllerWatch:
             # Its clock went back: it restarted, and comes up "as if the watchdog had tripped" (section 6),
             # though our next command may clear that before any telemetry shows it. Its counters restart.
             last = None
+            self.restarts += 1
             if self._accepted:
                 self.watchdog_trips += 1
                 self._accepted = False

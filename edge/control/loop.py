@@ -260,14 +260,14 @@ class ControlLoop(OperatorCommands):
             # A telemetry source without the serial protocol's status flags and counters (a ROS 2
             # JointState): its channel counts and bounds are checked above; there is nothing more to read.
             return
-        trips = watch.watchdog_trips
+        trips, restarts = watch.watchdog_trips, watch.restarts
         take = getattr(self.link, "take_status_flags", None)
         fault = watch.observe(telemetry, estopped=self.safety.estopped, seen=take() if take else None)
         if watch.watchdog_trips != trips:  # read, not inferred: the controller stopped the motors
             self.counters["watchdog_trips"] += 1
             self.safety.reset()  # the next motion ramps from zero; a trip the host did not cause also holds
             with self._instruction_lock:
-                self._hold_reason = self._hold_reason or self.trips.trip()
+                self._hold_reason = self._hold_reason or self.trips.trip(restarted=watch.restarts != restarts)
         self.trips.settle(bool(telemetry.status & StatusFlags.WATCHDOG_TRIPPED), self.link.is_confirmed)
         if fault is not None and self._controller_fault is None:
             self.counters["controller_faults"] += 1

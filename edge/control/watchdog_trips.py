@@ -61,10 +61,17 @@ class WatchdogTrips:
             self._gap = None
             self._first_after = None
 
-    def trip(self) -> str | None:
+    def trip(self, *, restarted: bool = False) -> str | None:
         """A trip was just read (the motors are stopped): the hold reason when the host did not cause it,
-        None when it did (the next motion ramps from a stop and the robot drives on)."""
-        if self._gap is not None:
+        None when it did (the next motion ramps from a stop and the robot drives on).
+
+        `restarted`: the controller's clock went back on a live connection. The host never causes that,
+        and a gap it saw meanwhile is the restart's own consequence (the link holds commands until the
+        restarted controller's Capabilities arrive), so it explains nothing."""
+        if restarted:
+            self._gap = None
+            self._first_after = None
+        elif self._gap is not None:
             self.explained += 1
             logger.warning("the controller reports WATCHDOG_TRIPPED after the host's own gap (%s): it stopped "
                            "the motors; commands ramp up from zero", self._gap)

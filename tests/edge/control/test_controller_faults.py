@@ -16,7 +16,7 @@ import pytest
 from edge.control.controller_watch import REJECTION_TICKS, VELOCITY_BOUND, ControllerWatch
 from edge.control.loop import Mode
 from edge.control.safety import SafetyReason
-from edge.control.watchdog_trips import UNEXPLAINED_TRIP_HOLD
+from edge.control.watchdog_trips import UNEXPLAINED_TRIP_HOLD, WatchdogTrips
 from edge.errors import InputError
 from edge.inference.bundle import Bundle
 from edge.io.protocol import REJECTION_COUNTERS, FaultCode, StatusFlags, Telemetry
@@ -310,3 +310,20 @@ def test_a_ros2_joint_state_is_checked_for_channels_and_bounds_though_it_has_no_
     assert "3 velocities for 2 channels" in watch.problem(three)
     wild = JointSample(names=("a", "b"), position=(), velocity=(0.0, float("inf")), effort=(), stamp_s=0.0)
     assert "velocity[1]" in watch.problem(wild)
+
+
+def test_a_restart_holds_even_when_the_link_held_commands_back_meanwhile():
+    # Seen in CI: the link's reader saw the restart first and held this tick's command until the new
+    # Capabilities arrived; that gap is the restart's consequence, so it must not explain the trip away.
+    watch, trips = ControllerWatch(channels=2), WatchdogTrips()
+    watch.observe(sample(), estopped=False)
+    trips.sent(None)  # held back: the restarted controller has not sent its Capabilities yet
+    restarts = watch.restarts
+    restarted = Telemetry(seq=9, controller_time_ms=12, velocities=(0.0, 0.0), positions=(0.0, 0.0),
+                          status=StatusFlags.MOTORS_ENABLED | StatusFlags.WATCHDOG_TRIPPED, last_command_seq=0)
+    watch.observe(restarted, estopped=False)
+    assert watch.restarts == restarts + 1 and watch.watchdog_trips == 1
+    assert trips.trip(restarted=True) == UNEXPLAINED_TRIP_HOLD
+    assert (trips.explained, trips.unexplained) == (0, 1)
+    trips.sent(None)  # a later gap of the host's own explains a later trip, as before
+    assert trips.trip() is None
