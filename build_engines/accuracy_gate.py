@@ -11,12 +11,15 @@ The reference world (reference_world.world:TabletopWorld) is one such environmen
 policy's default.
 
 The same runs calibrate the uncertainty threshold per target: a high quantile of the MC-dropout
-score over every tick of the successful (in-distribution) episodes.
+score over every tick of the successful (in-distribution) episodes. With `traces`, every tick of each
+successful episode is also kept (spread, pooled vision features, first action) for the failure monitor's
+windowed conformal thresholds (build_engines/monitor.py, `closed_loop_thresholds`).
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +30,20 @@ from edge.inference.pipeline import PolicyPipeline
 logger = logging.getLogger(__name__)
 
 GATE_SEED_BASE = 8_000_000  # held out from training, evaluation and calibration
+
+
+@dataclass(frozen=True)
+class EpisodeTrace:
+    """One successful gate episode, tick by tick: what the failure monitor's signals are computed from."""
+
+    spread: np.ndarray  # float64 [n], the MC-dropout score
+    features: np.ndarray  # float32 [n, D], the vision features pooled over every axis but the last
+    first_actions: np.ndarray  # float32 [n, A], the first action of each inference's mean chunk
+
+
+def pooled_features(features: np.ndarray) -> np.ndarray:
+    features = np.asarray(features, np.float32)
+    return features.reshape(-1, features.shape[-1]).mean(axis=0)
 
 
 def closed_loop_gaps(spec) -> list[str]:
@@ -58,7 +75,9 @@ def make_environment(reference: str):
 
 
 def closed_loop(bundle_dir: Path, targets: list[str], seeds: int, mc_samples: int, quantile: float,
-                mask_seed: int = 0, *, environment: str) -> dict[str, dict]:
+                mask_seed: int = 0, *, environment: str, traces: dict[str, list] | None = None) -> dict[str, dict]:
+    """Per target: successes and the spread threshold; `traces` (when given) gets, per target, one
+    EpisodeTrace per successful episode."""
     bundle = Bundle.load(bundle_dir)  # also checks the draft bundle's hashes
     world = make_environment(environment)
     results = {}
@@ -69,14 +88,20 @@ def closed_loop(bundle_dir: Path, targets: list[str], seeds: int, mc_samples: in
             for seed in range(GATE_SEED_BASE, GATE_SEED_BASE + seeds):
                 obs = world.reset(seed)
                 embedding = pipeline.cache.encode_now(obs.instruction) if pipeline.needs_language else None
-                scores = []
+                scores, features, first_actions = [], [], []
                 while not world.done:
                     out = pipeline.infer(obs.frame, obs.proprio, embedding)
                     scores.append(out.score)
+                    if traces is not None:  # copies: the pipeline's output arrays are reused next tick
+                        features.append(pooled_features(out.features))
+                        first_actions.append(np.array(out.actions[0], np.float32))
                     obs = world.step(out.action.copy())
                 if world.success:
                     successes += 1
                     calm_scores.extend(scores)
+                    if traces is not None:
+                        traces.setdefault(target, []).append(EpisodeTrace(
+                            np.asarray(scores, np.float64), np.stack(features), np.stack(first_actions)))
             threshold = float(np.quantile(calm_scores, quantile)) if calm_scores else float("nan")
             results[target] = {"episodes": seeds, "successes": successes, "success_rate": successes / seeds,
                                "threshold": threshold, "ticks": len(calm_scores),

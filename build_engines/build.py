@@ -81,6 +81,7 @@ class BuildOptions:
     heldout_samples: int = 128  # >= 99: the failure monitor's conformal thresholds at 1% of ticks need them
     threshold_quantile: float = 0.99
     monitor_rate: float = 0.01  # the failure monitor's false alarms per in-distribution tick (conformal)
+    monitor_check_seeds: int = 10  # in-distribution episodes per target of the monitor's closed-loop check
     tensorrt: str = "auto"  # auto | off
     force: bool = False
     tolerances: Tolerances = field(default_factory=Tolerances)
@@ -134,6 +135,7 @@ def validate_options(options: BuildOptions) -> None:
                              "carry their weights: drop --checkpoint")
     _fraction("threshold quantile", options.threshold_quantile, 0.5, 1.0)
     _fraction("--monitor-rate", options.monitor_rate, 1e-4, 0.5)
+    _integer("--monitor-check-seeds", options.monitor_check_seeds, 0, 10_000)
     if options.uncertainty not in UNCERTAINTY_SIGNALS:
         raise BuildError(f"--uncertainty must be one of {UNCERTAINTY_SIGNALS}, got {options.uncertainty!r}")
     if options.tensorrt not in ("auto", "off"):
@@ -577,8 +579,9 @@ def _build_into(root: Path, options: BuildOptions, plan: Plan) -> dict:
     write_manifest(root, manifest)
 
     loop = None
+    traces: dict[str, list] = {}  # the gate's successful episodes, tick by tick, for the failure monitor
     if plan.environment is not None:
-        loop = _closed_loop(root, options, plan, list(targets))
+        loop = _closed_loop(root, options, plan, list(targets), traces)
     replay = None
     if options.replay_gate is not None:
         with step("open-loop replay gate"):
@@ -612,13 +615,24 @@ def _build_into(root: Path, options: BuildOptions, plan: Plan) -> dict:
                                    "method": "--uncertainty none: no MC-dropout masks, T = 1, no threshold"}
     with step(f"failure monitor: feature novelty, instruction novelty, action consistency "
               f"(conformal, rate {options.monitor_rate:g})"):
-        monitor = _monitor(root, options, plan, targets, sessions, files, data, token_feeds, head_feeds, masks, spec)
+        monitor = _monitor(root, options, plan, targets, sessions, files, data, token_feeds, head_feeds, masks, spec,
+                           traces if layers else None)
         if monitor is not None:
             manifest["monitor"] = monitor
+            if "spread" in monitor:
+                _spread_from_monitor(manifest["uncertainty"], monitor, plan.environment)
     manifest["gate"] = {"environment": plan.environment if loop else None, "closed_loop_seeds":
                         options.gate_seeds if loop else 0, "replay": replay is not None,
                         "heldout_episodes": len(plan.heldout_ids) if plan.dataset is not None
                         else len(plan.heldout_episodes)}
+    if loop and "monitor" in manifest and options.monitor_check_seeds:
+        from build_engines.monitor_check import gate_check
+
+        write_manifest(root, manifest)  # the monitor's files and thresholds, for the runtime's pipeline to load
+        with step(f"failure monitor in closed loop ({options.monitor_check_seeds} seeds per target)"):
+            manifest["gate"]["monitor"] = gate_check(root, list(targets), plan.environment,
+                                                     options.monitor_check_seeds, options.default_mc_samples,
+                                                     options.seed)
 
     with step("TensorRT engines"):
         manifest["engines"] = _tensorrt_engines(root, options, files, exported, reference_inputs)
@@ -634,6 +648,8 @@ def _build_into(root: Path, options: BuildOptions, plan: Plan) -> dict:
         from build_engines.episode_replay import format_replay
 
         text += "\n\n" + format_replay(replay)
+    if (reports_dir / "monitor.md").exists():
+        text += "\n\n" + (reports_dir / "monitor.md").read_text()
     summary["text"] = text
     (reports_dir / "summary.md").write_text(text + "\n")
     write_manifest(root, manifest)
@@ -703,7 +719,7 @@ def _accuracy_rows(accuracy: dict) -> dict:
     return accuracy["graphs"]
 
 
-def _closed_loop(root: Path, options: BuildOptions, plan: Plan, targets: list[str]) -> dict:
+def _closed_loop(root: Path, options: BuildOptions, plan: Plan, targets: list[str], traces: dict) -> dict:
     from build_engines.accuracy_gate import closed_loop
     from edge.inference.bundle import Bundle
 
@@ -711,7 +727,8 @@ def _closed_loop(root: Path, options: BuildOptions, plan: Plan, targets: list[st
     with step(f"closed-loop gate in {plan.environment} ({options.gate_seeds} seeds per target)"):
         try:
             return closed_loop(root, targets, options.gate_seeds, options.default_mc_samples,
-                               options.threshold_quantile, options.seed, environment=plan.environment)
+                               options.threshold_quantile, options.seed, environment=plan.environment,
+                               traces=traces)
         except EdgeError:
             raise
         except Exception as exc:  # a user's simulator may fail in any way: one line naming it
@@ -769,10 +786,27 @@ def _uncertainty(options, plan, loop, targets, sessions, files, data, token_feed
                        f"({len(plan.heldout_episodes)} episodes not used for calibration), per target and T")}
 
 
-def _monitor(root, options, plan, targets, sessions, files, data, token_feeds, head_feeds, masks, spec) -> dict | None:
+def _spread_from_monitor(uncertainty: dict, monitor: dict, environment: str) -> None:
+    """The spread's threshold from the monitor's windowed closed-loop calibration (the immediate-trip
+    ceiling stays 3x the per-tick quantile: what a single tick must reach to stop the robot at once)."""
+    thresholds = monitor["spread"]["threshold"]
+    for target, value in thresholds.items():
+        uncertainty["hard_ceiling"][target] = max(uncertainty["hard_ceiling"][target], value)
+        uncertainty["threshold"][target] = value
+        for t in uncertainty["by_samples"].get(target, {}):
+            uncertainty["by_samples"][target][t] = value
+    uncertainty["per_tick_method"] = uncertainty["method"]
+    uncertainty["method"] = (f"the failure monitor's windowed conformal threshold in {environment} "
+                             f"({monitor['method']}); entering after {monitor['spread']['enter_ticks']} ticks "
+                             "above it")
+
+
+def _monitor(root, options, plan, targets, sessions, files, data, token_feeds, head_feeds, masks, spec,
+             traces=None) -> dict | None:
     """The failure monitor's models and thresholds (build_engines/monitor.py) from every vision variant's
     features, the known and held-out instructions' embeddings and each target's held-out actions."""
     from build_engines.monitor import fit_monitor
+    from edge.control.uncertainty_gate import GateConfig
 
     vision = {variant: np.concatenate([sessions.run(path, data.vision_feeds(i, i + 16))
                                        for i in range(0, len(data), 16)])
@@ -802,7 +836,8 @@ def _monitor(root, options, plan, targets, sessions, files, data, token_feeds, h
                        heldout=held, episodes=data.episodes, rate=options.monitor_rate,
                        instruction_vectors=instruction_vectors, known_instructions=known,
                        heldout_instructions=list(plan.policy.held_out_instructions),
-                       heldout_actions=actions, action_range=float(np.max(_action_range(spec))))
+                       heldout_actions=actions, action_range=float(np.max(_action_range(spec))),
+                       traces=traces, enter_ticks=GateConfig.enter_ticks)
 
 
 def _runners(sessions, files, targets, data, plan, token_feeds, spec, head_names) -> dict:

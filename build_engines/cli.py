@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mc-samples", type=int, default=16, help="default T at run time")
     p.add_argument("--monitor-rate", type=float, default=0.01,
                    help="failure monitor: false alarms per in-distribution tick its conformal thresholds allow")
+    p.add_argument("--monitor-check-seeds", type=int, default=10,
+                   help="failure monitor check in the gate's closed loop: in-distribution episodes per target "
+                        "(half as many per failure kind; 0 skips it; reports/monitor.md)")
     p.add_argument("--tensorrt", choices=("auto", "off"), default="auto")
     p.add_argument("--min-vision-cosine", type=float, default=Tolerances.min_vision_cosine)
     p.add_argument("--max-head-error", type=float, default=Tolerances.max_head_action_error)
@@ -178,7 +181,7 @@ def _build(args: argparse.Namespace) -> int:
         calib_source=args.calib_source, calib_instructions=args.calib_instructions,
         calib_samples=args.calib_samples, calib_method=args.calib_method, gate_seeds=args.gate_seeds,
         max_mc_samples=args.max_mc_samples, default_mc_samples=args.mc_samples, tensorrt=args.tensorrt,
-        monitor_rate=args.monitor_rate,
+        monitor_rate=args.monitor_rate, monitor_check_seeds=args.monitor_check_seeds,
         force=args.force,
         tolerances=Tolerances(min_vision_cosine=args.min_vision_cosine, max_head_action_error=args.max_head_error,
                               max_success_drop=args.max_success_drop),

@@ -8,6 +8,16 @@ beyond MC-dropout; docs/bundle.md, "monitor").
         -> nearest cosine distance -> conformal threshold
     held-out episodes -> mean actions of consecutive samples -> RMS change / action range -> threshold
 
+Where the build drives a closed loop (the gate's environment), the per-inference signals are calibrated
+again on what the runtime will see: every tick of the gate's successful episodes, through the runtime's
+pipeline, in order. The runtime's alarms are windowed (`over` of the last `ticks` scores above the
+threshold; the spread gate: `enter_ticks` in a row), so the threshold is set on the windowed statistic
+itself (`windowed_statistic`: the over-th largest of the last `ticks` scores, which exceeds a threshold
+exactly when the alarm would be on), and the stated rate is split evenly over those signals (Bonferroni),
+so the monitor as a whole raises at most `rate` of in-distribution ticks (`closed_loop_thresholds`).
+Ticks of one episode are not exchangeable with each other; the rate is an estimate over episodes, and
+the evaluation (reference_policy/evaluate_monitor.py) measures what it is on held-out seeds.
+
 A threshold is the split-conformal quantile: the ceil((n + 1)(1 - rate))-th smallest of n held-out
 scores, so a new in-distribution score exceeds it with probability at most `rate` (exchangeability).
 A per-tick signal whose n is too small for the rate (n + 1 < 1 / rate) is left out (the manifest's
@@ -33,6 +43,7 @@ logger = logging.getLogger(__name__)
 FEATURES_FILE = "monitor/features.npz"
 INSTRUCTIONS_FILE = "monitor/instructions.npz"
 DEFAULT_RATE = 0.01  # false alarms per in-distribution tick, before the window
+DEFAULT_EPISODE_RATE = 0.05  # successful episodes with any false alarm (closed-loop calibration only)
 DEFAULT_WINDOW = {"over": 3, "ticks": 5}  # an alarm: `over` of the last `ticks` scores above the threshold
 FEATURE_SCORE = ("Mahalanobis distance of the pooled vision features (mean over every axis but the last) "
                  "to the calibration samples' mean, Ledoit-Wolf shrunk covariance")
@@ -94,6 +105,77 @@ def conformal_threshold(scores: np.ndarray, rate: float) -> tuple[float, float]:
     return float(scores[rank - 1]), float(rate)
 
 
+def windowed_statistic(scores: np.ndarray, over: int, ticks: int) -> np.ndarray:
+    """Per tick of one episode: the `over`-th largest of the last `ticks` scores (-inf while fewer than
+    `over` scores have been seen). A windowed alarm (edge/control/monitor.py, WindowedAlarm) is on at a
+    tick exactly when this exceeds its threshold; `over == ticks` is the spread gate's "above the
+    threshold `enter_ticks` times in a row"."""
+    scores = np.asarray(scores, np.float64)
+    if not 1 <= over <= ticks:
+        raise GateError(f"a window needs 1 <= over <= ticks, got over {over}, ticks {ticks}")
+    out = np.full(len(scores), -np.inf)
+    for i in range(over - 1, len(scores)):
+        window = scores[max(0, i - ticks + 1):i + 1]
+        out[i] = np.partition(window, len(window) - over)[len(window) - over]
+    return out
+
+
+def first_action_changes(first_actions: np.ndarray, action_range: float) -> np.ndarray:
+    """The action-consistency score per inference of one episode, as the runtime computes it (0 at first)."""
+    first_actions = np.asarray(first_actions, np.float64)
+    change = np.sqrt(np.mean(np.diff(first_actions, axis=0) ** 2, axis=1)) / action_range
+    return np.concatenate([[0.0], change])
+
+
+def closed_loop_thresholds(traces: dict[str, list], targets: dict[str, dict[str, str]], models: dict,
+                           action_range: float, rate: float, window: dict, enter_ticks: int,
+                           episode_rate: float = DEFAULT_EPISODE_RATE) -> dict:
+    """Per signal, per target: the windowed conformal threshold over the gate's successful episodes
+    (`traces`: target -> EpisodeTrace list, build_engines/accuracy_gate.py), the larger of two:
+
+    - per tick: the conformal quantile of the windowed statistic over every tick, at rate / n_signals;
+    - per episode: the conformal quantile of each episode's largest windowed statistic, at
+      episode_rate / n_signals. Episodes are exchangeable where ticks are not, so this one bounds the
+      chance that a new successful episode sees any false alarm (a stop that, with a policy whose
+      stopped state is itself unusual, may not lift again) by episode_rate, over every signal together.
+
+    Returns {"thresholds": {signal: {target: value}}, "rate_per_signal", "episode_rate_per_signal",
+    "episodes", "ticks", "supported_rate", "supported_episode_rate"}; a target without successful
+    episodes is left out."""
+    signals = ["spread", "action_consistency"] + (["feature_novelty"] if models else [])
+    share, episode_share = rate / len(signals), episode_rate / len(signals)
+    thresholds: dict[str, dict[str, float]] = {name: {} for name in signals}
+    counts, supported, supported_episodes = {}, {}, {}
+    for target, episodes in traces.items():
+        if not episodes:
+            continue
+        per_signal: dict[str, list[np.ndarray]] = {name: [] for name in signals}
+        for episode in episodes:
+            per_signal["spread"].append(windowed_statistic(episode.spread, enter_ticks, enter_ticks))
+            per_signal["action_consistency"].append(windowed_statistic(
+                first_action_changes(episode.first_actions, action_range), window["over"], window["ticks"]))
+            if "feature_novelty" in per_signal:
+                model = models[targets[target]["vision"]]
+                per_signal["feature_novelty"].append(windowed_statistic(
+                    mahalanobis(episode.features, model), window["over"], window["ticks"]))
+        for name, rows in per_signal.items():
+            rows = [row[row > -np.inf] for row in rows]  # the window is not full yet: the alarm cannot be on
+            rows = [row for row in rows if len(row)]
+            if not rows:
+                continue
+            by_tick, achieved = conformal_threshold(np.concatenate(rows), share)
+            by_episode, achieved_episodes = conformal_threshold(np.array([row.max() for row in rows]), episode_share)
+            thresholds[name][target] = _positive(max(by_tick, by_episode))
+            supported[target] = max(supported.get(target, 0.0), achieved)
+            supported_episodes[target] = max(supported_episodes.get(target, 0.0), achieved_episodes)
+        counts[target] = (len(episodes), int(sum(len(e.spread) for e in episodes)))
+    return {"thresholds": thresholds, "rate_per_signal": share, "episode_rate_per_signal": episode_share,
+            "signals": signals, "episodes": min((c[0] for c in counts.values()), default=0),
+            "ticks": min((c[1] for c in counts.values()), default=0),
+            "supported_rate": max(supported.values(), default=1.0),
+            "supported_episode_rate": max(supported_episodes.values(), default=1.0)}
+
+
 def _positive(value: float) -> float:
     return max(float(value), 1e-6)  # the schema's score is > 0; an all-zero held-out score stays tiny
 
@@ -122,12 +204,15 @@ def fit_monitor(root: Path, *, vision_features: dict[str, np.ndarray], targets: 
                 calibration: slice, heldout: slice, episodes: list, rate: float,
                 instruction_vectors: tuple[np.ndarray, np.ndarray] | None,
                 known_instructions: list[str], heldout_instructions: list[str],
-                heldout_actions: dict[str, list[np.ndarray]], action_range: float) -> dict:
+                heldout_actions: dict[str, list[np.ndarray]], action_range: float,
+                traces: dict[str, list] | None = None, enter_ticks: int = 3) -> dict:
     """Write monitor/*.npz under `root` and return the manifest's `monitor` section.
 
     vision_features: vision variant -> features of every sample (calibration then held-out);
     instruction_vectors: (known, held-out) embeddings, or None without language;
-    heldout_actions: target -> mean first actions of the held-out samples, in order."""
+    heldout_actions: target -> mean first actions of the held-out samples, in order;
+    traces: the closed-loop gate's successful episodes per target (None: no closed loop), whose windowed
+    conformal thresholds replace the per-sample ones and set the spread's (section `spread`)."""
     (root / "monitor").mkdir(exist_ok=True)
     skipped: dict[str, str] = {}
     arrays: dict[str, np.ndarray] = {}
@@ -148,7 +233,8 @@ def fit_monitor(root: Path, *, vision_features: dict[str, np.ndarray], targets: 
     n_heldout = heldout.stop - heldout.start
     heldout_episodes = len({e if e is not None else ("sample", i) for i, e in enumerate(episodes[heldout])})
     signals: dict = {}
-    if _enough("feature_novelty", n_heldout, rate, skipped):
+    has_loop = bool(traces) and any(traces.values())  # the closed loop recalibrates: held-out counts matter less
+    if _enough("feature_novelty", n_heldout, rate, skipped) or has_loop:
         np.savez(root / FEATURES_FILE, **arrays)
         signals["feature_novelty"] = {
             "path": FEATURES_FILE, "score": FEATURE_SCORE, "threshold": feature_thresholds,
@@ -188,6 +274,23 @@ def fit_monitor(root: Path, *, vision_features: dict[str, np.ndarray], targets: 
         signals["action_consistency"] = {"score": CONSISTENCY_SCORE, "threshold": consistency,
                                          "heldout_pairs": pairs,
                                          "supported_rate": 1.0 / (pairs + 1) if (pairs + 1) * rate < 1 else rate}
+    loop = None
+    if has_loop:
+        loop = closed_loop_thresholds(traces, targets, models if "feature_novelty" in signals else {},
+                                      action_range, rate, DEFAULT_WINDOW, enter_ticks)
+        source = (f"closed loop: {loop['episodes']} successful gate episodes ({loop['ticks']} ticks), windowed "
+                  f"statistic, rate {loop['rate_per_signal']:.4g} per tick and {loop['episode_rate_per_signal']:.4g} "
+                  f"per episode for each signal (supported: {loop['supported_rate']:.4g}, "
+                  f"{loop['supported_episode_rate']:.4g})")
+        for name in ("feature_novelty", "action_consistency"):
+            if name not in loop["thresholds"]:
+                continue
+            entry = signals.setdefault(name, {"score": CONSISTENCY_SCORE, "threshold": {}})
+            entry["threshold"] = {**entry["threshold"], **loop["thresholds"][name]}
+            entry.update(calibrated_on=source, closed_loop_ticks=loop["ticks"], supported_rate=loop["supported_rate"])
+            skipped.pop(name, None)
+        logger.info("monitor: closed-loop thresholds %s", {n: {t: round(v, 4) for t, v in row.items()}
+                                                           for n, row in loop["thresholds"].items()})
     if not any((root / "monitor").iterdir()):
         (root / "monitor").rmdir()
     if not signals:
@@ -198,6 +301,14 @@ def fit_monitor(root: Path, *, vision_features: dict[str, np.ndarray], targets: 
                 {t: round(v, 3) for t, v in feature_thresholds.items()}, n_heldout, sorted(signals))
     section = {"method": "split conformal: the ceil((n + 1)(1 - rate))-th smallest held-out score per signal",
                "false_alarm_rate": float(rate), "window": dict(DEFAULT_WINDOW), "signals": signals}
+    if loop is not None:
+        section["method"] = ("split conformal on the closed loop: per signal the larger of the ceil((n + 1)(1 - "
+                             f"rate / {len(loop['signals'])}))-th smallest windowed statistic over the gate's "
+                             "successful ticks and the same quantile at episode_rate of each successful "
+                             "episode's largest (the statistic: the over-th largest of the last `ticks` "
+                             "scores; the spread: the smallest of the last enter_ticks)")
+        section["episode_rate"] = float(DEFAULT_EPISODE_RATE)
+        section["spread"] = {"threshold": loop["thresholds"]["spread"], "enter_ticks": int(enter_ticks)}
     if skipped:
         section["skipped"] = skipped
     return section

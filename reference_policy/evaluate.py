@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from build_engines.monitor_check import auroc  # noqa: F401  (also the evaluation's public name)
 from reference_world.episodes import run_episode
 from reference_world.world import OOD_VARIANTS, TabletopWorld
 
@@ -29,29 +30,6 @@ logger = logging.getLogger(__name__)
 EVAL_SEED_BASE = 1_000_000  # training uses seeds below this (reference_policy.train)
 PARAPHRASE_SEED_BASE = 2_000_000
 OOD_SEED_BASE = 3_000_000
-
-
-def auroc(negatives: np.ndarray, positives: np.ndarray) -> float:
-    """Probability that a random positive scores above a random negative (ties count half)."""
-    negatives = np.asarray(negatives, dtype=np.float64)
-    positives = np.asarray(positives, dtype=np.float64)
-    if len(negatives) == 0 or len(positives) == 0:
-        raise ValueError("AUROC needs at least one score on each side")
-    scores = np.concatenate([negatives, positives])
-    order = scores.argsort(kind="mergesort")
-    ranks = np.empty(len(scores))
-    sorted_scores = scores[order]
-    # average ranks over ties
-    i = 0
-    while i < len(scores):
-        j = i
-        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
-        i = j + 1
-    positive_ranks = ranks[len(negatives) :].sum()
-    n_pos, n_neg = len(positives), len(negatives)
-    return float((positive_ranks - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
 @dataclass

@@ -217,6 +217,11 @@ def _shape_polygon_m(style: ObjectStyle, centre_m: np.ndarray, rotation_rad: flo
 class TabletopWorld:
     """The simulated task: reset(seed) starts an episode, step(action) advances it by dt_s."""
 
+    # Episodes that must stop, for the build's failure-monitor check (build_engines/monitor_check.py):
+    # kind -> reset() keyword arguments.
+    failure_resets = {"absent_object": {"variant": "absent_object"},
+                      "unknown_object": {"instruction": "go to the orange cone"}}
+
     def __init__(self, config: WorldConfig = WorldConfig()):
         self._config = config
         self._px_per_m = np.array(

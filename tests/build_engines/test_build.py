@@ -68,7 +68,7 @@ def test_reference_data_replays_through_onnxruntime(reference_bundle):
 
 
 def _small(out, **overrides):
-    base = dict(out=out, calib_samples=16, min_calib_samples=16, heldout_samples=8, gate_seeds=1, fp16=False,
+    base = dict(out=out, calib_samples=16, min_calib_samples=16, heldout_samples=8, gate_seeds=1, monitor_check_seeds=0, fp16=False,
                 tensorrt="off", tolerances=Tolerances(max_success_drop=1.0))
     base.update(overrides)
     return BuildOptions(**base)

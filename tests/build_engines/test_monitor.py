@@ -9,9 +9,20 @@ import math
 import numpy as np
 import pytest
 
+from build_engines.accuracy_gate import EpisodeTrace
 from build_engines.errors import GateError
-from build_engines.monitor import conformal_threshold, fit_mahalanobis, mahalanobis, pool, shrunk_covariance
-from edge.control.monitor import FeatureNovelty
+from build_engines.monitor import (
+    closed_loop_thresholds,
+    conformal_threshold,
+    first_action_changes,
+    fit_mahalanobis,
+    mahalanobis,
+    pool,
+    shrunk_covariance,
+    windowed_statistic,
+)
+from edge.control.monitor import ActionConsistency, FeatureNovelty, WindowConfig, WindowedAlarm
+from edge.control.uncertainty_gate import GateConfig, GateMode, UncertaintyGate
 from edge.errors import BundleError
 from edge.inference.bundle import SCHEMA_FILE, validate_manifest
 
@@ -106,3 +117,81 @@ def test_a_built_bundle_with_a_broken_monitor_section_is_refused(tmp_path):
     manifest["monitor"]["window"]["over"] = 0
     with pytest.raises(BundleError, match="monitor/window/over"):
         validate_manifest(manifest, root / "manifest.json")
+
+
+# --- windowed thresholds on the closed loop ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("over", "ticks"), [(3, 5), (1, 1), (2, 2), (4, 7)])
+def test_the_windowed_statistic_exceeds_a_threshold_exactly_when_the_runtime_alarm_is_on(over, ticks):
+    rng = np.random.default_rng(over * 10 + ticks)
+    for _ in range(40):
+        scores, threshold = rng.random(30), float(rng.uniform(0.05, 0.95))
+        alarm = WindowedAlarm(threshold, WindowConfig(over, ticks))
+        assert list(windowed_statistic(scores, over, ticks) > threshold) == [alarm.update(s) for s in scores]
+
+
+def test_the_spread_statistic_matches_the_gate_entering_after_its_ticks_in_a_row():
+    rng = np.random.default_rng(7)
+    for _ in range(40):
+        scores, threshold = rng.random(40), float(rng.uniform(0.2, 0.8))
+        gate = UncertaintyGate(GateConfig(threshold=threshold, hard_ceiling=math.inf, enter_ticks=3))
+        entered = [gate.update(s).transition is not None and gate.mode is GateMode.FALLBACK for s in scores]
+        stat = windowed_statistic(scores, 3, 3) > threshold
+        first = next((i for i, e in enumerate(entered) if e), None)
+        assert first == next((i for i, s in enumerate(stat) if s), None)  # the gate's first entry, the same tick
+
+
+def test_action_changes_are_the_runtime_consistency_score():
+    actions = np.random.default_rng(3).random((12, 3)).astype(np.float32)
+    runtime = ActionConsistency(3, 2.0)
+    assert [runtime.score(a) for a in actions] == pytest.approx(list(first_action_changes(actions, 2.0)), abs=1e-6)
+
+
+def _trace(rng, n, shift=0.0):
+    return EpisodeTrace(spread=rng.random(n) + shift, features=rng.normal(size=(n, 4)).astype(np.float32) + shift,
+                        first_actions=rng.normal(size=(n, 2)).astype(np.float32))
+
+
+def test_closed_loop_thresholds_split_the_rate_over_the_signals_and_hold_it_on_new_episodes():
+    rng = np.random.default_rng(11)
+    model = fit_mahalanobis(rng.normal(size=(400, 4)))
+    calibration = [_trace(rng, 60) for _ in range(60)]
+    window = {"over": 3, "ticks": 5}
+    loop = closed_loop_thresholds({"cpu": calibration}, {"cpu": {"vision": "int8-cpu"}}, {"int8-cpu": model},
+                                  action_range=2.0, rate=0.03, window=window, enter_ticks=3)
+    assert loop["signals"] == ["spread", "action_consistency", "feature_novelty"]
+    assert loop["rate_per_signal"] == pytest.approx(0.01) and loop["episodes"] == 60 and loop["ticks"] == 3600
+    fresh = [_trace(rng, 60) for _ in range(200)]
+    thresholds = {name: row["cpu"] for name, row in loop["thresholds"].items()}
+    on, episodes_on = [], []
+    for episode in fresh:  # the runtime's alarms, on in-distribution episodes not calibrated on
+        alarms = {"feature_novelty": WindowedAlarm(thresholds["feature_novelty"], WindowConfig(**window)),
+                  "action_consistency": WindowedAlarm(thresholds["action_consistency"], WindowConfig(**window))}
+        gate = UncertaintyGate(GateConfig(threshold=thresholds["spread"], hard_ceiling=math.inf, enter_ticks=3))
+        runtime = ActionConsistency(2, 2.0)
+        features = FeatureNovelty(model["mean"], model["whiten"])
+        previous = GateMode.NOMINAL
+        for i in range(60):
+            entered = gate.update(episode.spread[i]).mode is GateMode.FALLBACK and previous is GateMode.NOMINAL
+            previous = gate.mode
+            feature_on = alarms["feature_novelty"].update(features.score(episode.features[i][None]))
+            consistency_on = alarms["action_consistency"].update(runtime.score(episode.first_actions[i]))
+            on.append(entered or feature_on or consistency_on)
+        episodes_on.append(any(on[-60:]))
+    assert np.mean(on) <= 0.03 * 1.5  # the union of the three alarms: about the stated rate, not 3x it
+    # 60 calibration episodes support the default episode rate split over three signals (5% / 3 each):
+    # about 5% of new episodes see any alarm.
+    assert loop["supported_episode_rate"] == pytest.approx(0.05 / 3) and np.mean(episodes_on) <= 0.09
+    shifted = [_trace(rng, 60, shift=2.0) for _ in range(20)]  # novel features
+    novel = np.concatenate([windowed_statistic(mahalanobis(e.features, model), 3, 5) for e in shifted])
+    assert np.mean(novel > thresholds["feature_novelty"]) > 0.5
+
+
+def test_too_few_closed_loop_ticks_give_the_largest_statistic_and_say_what_they_support():
+    trace = _trace(np.random.default_rng(5), 20)
+    loop = closed_loop_thresholds({"cpu": [trace]}, {"cpu": {"vision": "fp32"}}, {},
+                                  action_range=1.0, rate=0.01, window={"over": 3, "ticks": 5}, enter_ticks=3)
+    assert loop["signals"] == ["spread", "action_consistency"]  # no feature model: no feature signal
+    assert loop["thresholds"]["spread"]["cpu"] == pytest.approx(windowed_statistic(trace.spread, 3, 3).max())
+    assert loop["supported_rate"] == pytest.approx(1 / 19)  # 18 windowed spread values: 1 / (n + 1)

@@ -214,13 +214,27 @@ def test_bad_calibration_data_and_checkpoints_end_in_one_line(tmp_path, capsys):
 
 
 def test_any_environment_drives_the_closed_loop_gate_and_calibrates_the_threshold(tmp_path):
-    code, out = build(tmp_path, "image96", "--no-fp16", "--env", f"{POLICIES}:PointArena", "--gate-seeds", "2")
+    code, out = build(tmp_path, "image96", "--no-fp16", "--env", f"{POLICIES}:PointArena", "--gate-seeds", "2",
+                      "--monitor-check-seeds", "2")
     assert code == 0
     manifest = Bundle.load(out).manifest
     assert manifest["gate"]["environment"] == f"{POLICIES}:PointArena"
     assert manifest["uncertainty"]["source"] == "closed-loop" and "PointArena" in manifest["uncertainty"]["method"]
     report = json.loads((out / "reports" / "accuracy.json").read_text())
     assert report["closed_loop"]["cpu"]["episodes"] == 2 and report["closed_loop"]["cpu"]["ticks"] == 24
+    # The monitor's thresholds come from those successful ticks, windowed, and the gate checks the monitor
+    # in the same environment on other seeds, with the failure kinds any environment supports.
+    monitor = manifest["monitor"]
+    assert "closed loop" in monitor["signals"]["feature_novelty"]["calibrated_on"]
+    assert monitor["spread"]["threshold"]["cpu"] == manifest["uncertainty"]["threshold"]["cpu"]
+    check = manifest["gate"]["monitor"]
+    assert check["seeds"] == 2 and set(check["goals_missed"]) == set(manifest["targets"])
+    table = (out / "reports" / "monitor.md").read_text()
+    for kind in ("black_frame", "heavy_noise"):
+        assert f"| {kind} | 1 |" in table
+    assert "| black_at_30 | 0 | - (1 more ended within 3 ticks of the onset)" in table  # 12-step episodes
+    rows = json.loads((out / "reports" / "monitor.json").read_text())
+    assert rows["cpu"]["in_distribution"]["episodes"] == 2 and rows["cpu"]["black_frame"]["engaged_share"] == 1.0
 
 
 def test_an_environment_the_runtime_cannot_run_yet_is_refused_naming_why(tmp_path, capsys):
