@@ -301,6 +301,25 @@ def test_cpu_graph_in_qoperator_format(graphs, built, tmp_path):
         quantize_for_cpu(graphs["vision"], ranges, tmp_path / "x.onnx", quant_format="int4")
 
 
+@pytest.mark.parametrize("quant_format", ["qdq", "qoperator"])
+def test_reduce_range_weights_stay_within_7_bits_and_match_fp32(graphs, built, tmp_path, quant_format):
+    """7-bit weights keep a u8 x s7 pair sum inside int16 (the fast kernels' accumulator without VNNI)."""
+    for name in ("vision", "head"):
+        ranges = built[(name, "minmax")]["ranges"]
+        path = quantize_for_cpu(graphs[name], ranges, tmp_path / f"{name}_rr.onnx", quant_format=quant_format,
+                                reduce_range=True)
+        report = verify_cpu_layout(path, max_weight=64)
+        assert len(report.quantized_nodes) >= 2
+        assert worst_cosine(graphs[name], path, FEEDS[name](99, 8)) >= MIN_COSINE
+        recorded = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+        assert "reduce_range" in recorded[quantize.METADATA_QUANTIZATION]
+    # the full-range graph uses weights up to 127: the bound catches a graph that was not reduced
+    with pytest.raises(LayoutError, match="within \\+-64"):
+        verify_cpu_layout(built[("vision", "minmax")]["cpu"], max_weight=64)
+    with pytest.raises(ConfigError, match="reduce_range"):
+        quantize_for_cpu(graphs["vision"], ranges, tmp_path / "x.onnx", reduce_range="yes")
+
+
 def test_excluded_nodes_stay_float_and_are_documented_for_the_layout_check(graphs, built, tmp_path):
     ranges = built[("vision", "minmax")]["ranges"]
     gemm = next(n.name for n in onnx.load(str(graphs["vision"])).graph.node if n.op_type == "Gemm")
