@@ -1,7 +1,8 @@
 """The policy bundle: one directory the build writes and the runtime loads (docs/bundle.md).
 
     manifest.json          schema version 2: the policy spec, graphs with IO specs and variants (fp32,
-                           fp16, int8-cpu, int8-tensorrt: path, sha256, latency, accuracy vs FP32),
+                           fp16, int8-cpu, int8-cpu-qop, int8-cpu-rr, int8-tensorrt: path, sha256,
+                           latency, accuracy vs FP32, the ONNX Runtime session config a variant needs),
                            targets (target -> variant per graph), dropout masks, tokenizer, uncertainty
                            thresholds, calibration and gate reports, engines, reference data, and a
                            sha256 for every other file in the bundle
