@@ -9,6 +9,7 @@ import pytest
 
 from build_engines import build, cli, quantize
 from build_engines.build import BuildError, BuildOptions, GateRefused, Tolerances, run_build
+from build_engines.cpu_candidates import CANDIDATES, REDUCED_WEIGHT_MAX
 from build_engines.layout import verify_cpu_layout, verify_tensorrt_layout
 from build_engines.polygraphy_io import load_inputs, load_outputs
 from edge.inference.bundle import Bundle
@@ -18,7 +19,10 @@ def test_bundle_has_every_graph_and_report(reference_bundle):
     root, summary = reference_bundle
     bundle = Bundle.load(root)
     files = bundle.manifest["graphs"]
-    int8 = {"int8-tensorrt", "int8-cpu", "int8-cpu-qop", "int8-cpu-rr"}
+    # the CPU INT8 candidates the gate passed (test_the_cpu_int8_candidates_are_their_own_gated_targets)
+    shipped = {bundle.manifest["targets"][c.target]["vision"] for c in CANDIDATES
+               if c.target in bundle.manifest["targets"]}
+    int8 = {"int8-tensorrt", "int8-cpu", *shipped}
     assert set(files["vision"]["variants"]) == {"fp32", "fp16", *int8}
     assert set(files["head"]["variants"]) == {"fp32", "fp16", *int8}
     assert set(files["language"]["variants"]) == {"fp32", "int8-cpu", "fp16"}
@@ -39,27 +43,40 @@ def test_bundle_has_every_graph_and_report(reference_bundle):
 
 
 def test_the_cpu_int8_candidates_are_their_own_gated_targets(reference_bundle):
+    """Each candidate either ships (its target, graphs with their measured accuracy and latency, session
+    config, reference outputs, threshold) or is recorded as left out with the gate's reason and no file."""
     root, summary = reference_bundle
     manifest = Bundle.load(root).manifest
-    assert manifest["targets"]["cpu-qoperator"] == {"vision": "int8-cpu-qop", "language": "int8-cpu",
-                                                    "head": "int8-cpu-qop"}
-    assert manifest["targets"]["cpu-reduce-range"] == {"vision": "int8-cpu-rr", "language": "int8-cpu",
-                                                       "head": "int8-cpu-rr"}
     report = json.loads((root / "reports" / "accuracy.json").read_text())
-    for graph in ("vision", "head"):
-        variants = manifest["graphs"][graph]["variants"]
-        assert variants["int8-cpu-rr"]["ort_session"] == {"session.x64quantprecision": "0"}
-        assert "ort_session" not in variants["int8-cpu-qop"] and "ort_session" not in variants["int8-cpu"]
-        for variant in ("int8-cpu-qop", "int8-cpu-rr"):
-            assert variants[variant]["accuracy_vs_fp32"] == report["graphs"][graph][variant]
+    dropped = {d["target"]: d for d in manifest["gate"]["dropped_targets"]}
+    assert report["dropped_targets"] == manifest["gate"]["dropped_targets"]
+    assert manifest["gate"]["optional_targets"] == [c.target for c in CANDIDATES]
+    tolerances = build.Tolerances()
+    for candidate in CANDIDATES:
+        variant = candidate.variant
+        expected_targets = {"vision": variant, "language": "int8-cpu", "head": variant}
+        if candidate.target in dropped:
+            record = dropped[candidate.target]
+            assert candidate.target not in manifest["targets"] and record["variants"] == expected_targets
+            assert record["reasons"] and record["stage"] in ("held-out accuracy", "closed loop", "open-loop replay")
+            if record["stage"] == "held-out accuracy":  # the measured rows that failed are kept in the record
+                assert record["accuracy"]["vision"][variant]["cosine_mean"] < tolerances.min_vision_cosine \
+                    or record["accuracy"]["head"][variant]["action_error_mean"] > tolerances.max_head_action_error
+            assert not list(root.rglob(f"*{variant.replace('-', '_')}.onnx"))
+            assert candidate.target not in manifest["uncertainty"]["threshold"]
+            continue
+        assert manifest["targets"][candidate.target] == expected_targets
+        assert candidate.target in manifest["uncertainty"]["threshold"]
+        for graph in ("vision", "head"):
+            entry = manifest["graphs"][graph]["variants"][variant]
+            assert entry.get("ort_session", {}) == dict(candidate.ort_session)
+            assert entry["accuracy_vs_fp32"] == report["graphs"][graph][variant]
             assert summary["report"]["latency_ms"][graph][variant] > 0
             assert variant in manifest["reference"][graph]["outputs"]
-    assert report["graphs"]["vision"]["int8-cpu-rr"]["cosine_mean"] >= build.Tolerances().min_vision_cosine
-    # each candidate has its own uncertainty threshold, as every target does
-    assert {"cpu-qoperator", "cpu-reduce-range"} <= set(manifest["uncertainty"]["threshold"])
-    assert manifest["gate"]["dropped_targets"] == [] and report["dropped_targets"] == []
-    layout = manifest["calibration"]["layout_checks"]
-    assert {"vision_int8-cpu-qop", "vision_int8-cpu-rr", "head_int8-cpu-rr"} <= set(layout)
+            assert f"{graph}_{variant}" in manifest["calibration"]["layout_checks"]
+        assert report["graphs"]["vision"][variant]["cosine_mean"] >= tolerances.min_vision_cosine
+    for graph in ("vision", "head"):  # the default CPU variant keeps the runtime's defaults
+        assert "ort_session" not in manifest["graphs"][graph]["variants"]["int8-cpu"]
 
 
 def test_tensorrt_graphs_have_the_symmetric_per_channel_layout(reference_bundle):
@@ -67,10 +84,14 @@ def test_tensorrt_graphs_have_the_symmetric_per_channel_layout(reference_bundle)
     for graph in ("vision", "head"):
         verify_tensorrt_layout(root / f"graphs/{graph}_int8_tensorrt.onnx", root / f"graphs/{graph}_fp32.onnx")
         verify_cpu_layout(root / f"graphs/{graph}_int8_cpu.onnx")
-        verify_cpu_layout(root / f"graphs/{graph}_int8_cpu_qop.onnx")
-        verify_cpu_layout(root / f"graphs/{graph}_int8_cpu_rr.onnx", max_weight=64)
-    ops = {n.op_type for n in onnx.load(str(root / "graphs/vision_int8_cpu_qop.onnx")).graph.node}
-    assert "QLinearConv" in ops and "Conv" not in ops  # QOperator: no float Conv between Q/DQ pairs
+        for candidate in CANDIDATES:  # those the gate passed
+            path = root / f"graphs/{graph}_{candidate.variant.replace('-', '_')}.onnx"
+            if path.exists():
+                verify_cpu_layout(path, max_weight=REDUCED_WEIGHT_MAX if candidate.reduce_range else None)
+    qop = root / "graphs/vision_int8_cpu_qop.onnx"
+    if qop.exists():
+        ops = {n.op_type for n in onnx.load(str(qop)).graph.node}
+        assert "QLinearConv" in ops and "Conv" not in ops  # QOperator: no float Conv between Q/DQ pairs
     model = onnx.load(str(root / "graphs/vision_int8_tensorrt.onnx"))
     zero_points = [i for i in model.graph.initializer if i.name.endswith("zero_point")]
     assert zero_points and all(not onnx.numpy_helper.to_array(z).any() for z in zero_points)

@@ -49,7 +49,9 @@ def test_a_lerobot_dataset_calibrates_and_gates_a_chunking_policy_on_held_out_ep
 
     replay = json.loads((out / "reports" / "accuracy.json").read_text())["replay"]
     assert replay["episodes"] == held_out and replay["steps"] == 20 and replay["horizon"] == 4
-    assert set(replay["variants"]) == {"cpu-fp32", "cpu", "tensorrt"} and replay["reference"] == "cpu-fp32"
+    assert set(replay["variants"]) == set(manifest["targets"]) == {"cpu-fp32", "cpu", "cpu-qoperator", "cpu-reduce-range",
+                                                                  "tensorrt"}
+    assert replay["reference"] == "cpu-fp32"
     fp32, cpu = replay["variants"]["cpu-fp32"], replay["variants"]["cpu"]
     assert fp32["vs_reference"]["max_abs_overall"] == 0.0
     assert 0 < cpu["vs_reference"]["worst_mean_abs"] <= 0.02 and len(cpu["vs_reference"]["mean_abs"]) == 4
