@@ -381,7 +381,11 @@ def _quantize_static(step: str, fp32_model: str | os.PathLike[str], ranges: Tens
         else:
             quantizer = ONNXQuantizer(model, True, reduce_range, QuantizationMode.QLinearOps, True, weight_type,
                                       activation_type, _tensors_data(ranges), [], excluded, *args)
-        quantizer.quantize_model()
+        with _NonFloatTensors() as skipped:
+            quantizer.quantize_model()
+        if skipped.tensors:
+            logger.info("%s: %d non-float tensors an op of op_types reads stay unquantized (e.g. %s)", step,
+                        len(skipped.tensors), ", ".join(skipped.tensors[:3]))
         quantizer.model.topological_sort()  # as ORT's own save does: new Q/DQ nodes are appended unsorted
         quantized = quantizer.model.model
         _set_metadata(quantized, METADATA_QUANTIZATION, {
@@ -394,6 +398,32 @@ def _quantize_static(step: str, fp32_model: str | os.PathLike[str], ranges: Tens
         })
         _write_checked(quantized, target)
     return target
+
+
+class _NonFloatTensors(logging.Filter):
+    """ONNX Runtime's QOperator quantizer warns on the root logger, with the whole type proto (a dozen
+    lines each), for every integer tensor a quantizable op reads (shape arithmetic feeding a Concat):
+    it leaves them unquantized, as it should. Collected here and logged as one line instead."""
+
+    _MESSAGE = re.compile(r"Inference failed or unsupported type to quantize for tensor '([^']*)'")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tensors: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        match = self._MESSAGE.match(record.getMessage())
+        if match is None:
+            return True
+        self.tensors.append(match.group(1))
+        return False
+
+    def __enter__(self) -> _NonFloatTensors:
+        logging.getLogger().addFilter(self)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        logging.getLogger().removeFilter(self)
 
 
 def _tensors_data(ranges: TensorRanges) -> TensorsData:

@@ -320,6 +320,33 @@ def test_reduce_range_weights_stay_within_7_bits_and_match_fp32(graphs, built, t
         quantize_for_cpu(graphs["vision"], ranges, tmp_path / "x.onnx", reduce_range="yes")
 
 
+def test_qoperator_summarises_the_integer_tensors_it_leaves_unquantized(tmp_path, caplog):
+    """Shape arithmetic (int64) into a Concat: ONNX Runtime's QOperator quantizer leaves it alone, and its
+    one multi-line root-logger warning per tensor becomes one line of the step's log."""
+    weight = numpy_helper.from_array(np.eye(4, dtype=np.float32), "w")
+    tail = numpy_helper.from_array(np.array([1], np.int64), "tail")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="matmul"),
+         helper.make_node("Shape", ["y"], ["shape"], name="shape"),
+         helper.make_node("Concat", ["shape", "tail"], ["dims"], name="concat", axis=0)],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4]),
+         helper.make_tensor_value_info("dims", TensorProto.INT64, [3])], [weight, tail])
+    path = tmp_path / "shape.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    rng = np.random.default_rng(0)
+    ranges = calibrate(path, [{"x": rng.normal(size=(1, 4)).astype(np.float32)} for _ in range(8)], "minmax",
+                       tmp_path / "work")
+    with caplog.at_level(logging.INFO):
+        out = quantize_for_cpu(path, ranges, tmp_path / "qop.onnx", quant_format="qoperator")
+    assert not [r for r in caplog.records if "Inference failed" in r.getMessage()]
+    [line] = [r.getMessage() for r in caplog.records if "non-float tensors" in r.getMessage()]
+    assert "'shape'" not in line and "shape" in line and line.startswith("quantize_for_cpu: ")
+    assert logging.getLogger().filters == []  # the filter is gone after the step
+    ops = [n.op_type for n in onnx.load(str(out)).graph.node]
+    assert "QLinearMatMul" in ops and "Concat" in ops
+
+
 def test_excluded_nodes_stay_float_and_are_documented_for_the_layout_check(graphs, built, tmp_path):
     ranges = built[("vision", "minmax")]["ranges"]
     gemm = next(n.name for n in onnx.load(str(graphs["vision"])).graph.node if n.op_type == "Gemm")
