@@ -198,6 +198,7 @@ class _Sessions:
     def __init__(self, threads: int = 0):
         self._sessions: dict[Path, object] = {}
         self.threads = threads
+        self.configs: dict[Path, dict[str, str]] = {}  # a graph's recorded ort_session, as the runtime applies it
 
     def get(self, path: Path):
         import onnxruntime as ort
@@ -206,7 +207,7 @@ class _Sessions:
 
         session = self._sessions.get(path)
         if session is None:
-            session = ort.InferenceSession(str(path), session_options(ort, self.threads),
+            session = ort.InferenceSession(str(path), session_options(ort, self.threads, self.configs.get(path)),
                                            providers=["CPUExecutionProvider"])
             self._sessions[path] = session
         return session
@@ -408,7 +409,7 @@ def _file(graphs_dir: Path, graph: str, variant: str) -> Path:
 def _build_into(root: Path, options: BuildOptions, plan: Plan) -> dict:
     import torch
 
-    from build_engines import quantize
+    from build_engines import cpu_candidates, quantize
     from build_engines.export import export_policy, graph_specs
     from build_engines.layout import verify_cpu_layout, verify_tensorrt_layout
     from build_engines.mc_dropout import sample_masks
@@ -490,6 +491,7 @@ def _build_into(root: Path, options: BuildOptions, plan: Plan) -> dict:
         return {name: feeds[name] for name in head_names}
 
     files: dict[str, dict[str, Path]] = {name: {"fp32": path} for name, path in fp32.items()}
+    candidate_sessions = cpu_candidates.session_configs()
     layout_reports = {}
     ranges_files = {}
     if options.int8:
@@ -516,6 +518,13 @@ def _build_into(root: Path, options: BuildOptions, plan: Plan) -> dict:
                 layout_reports[f"{name}_int8-cpu"] = _relative(_as_dict(verify_cpu_layout(cpu_path)), root)
                 files[name]["int8-tensorrt"] = trt_path
                 files[name]["int8-cpu"] = cpu_path
+            with step(f"quantize {name}: CPU INT8 candidates {', '.join(cpu_candidates.CANDIDATE_VARIANTS)}"):
+                written = cpu_candidates.quantize_candidates(fp32[name], ranges, keep_float,
+                                                             lambda variant, graph=name: _file(graphs_dir, graph, variant))
+                for variant, (path, layout) in written.items():
+                    layout_reports[f"{name}_{variant}"] = _relative(_as_dict(layout), root)
+                    files[name][variant] = path
+                    sessions.configs[path] = candidate_sessions.get(variant, {})
         for leftover in (root / "calibration").iterdir():
             if leftover.suffix == ".onnx" or leftover.name.endswith(".data"):
                 leftover.unlink()  # the calibrator's augmented graphs are not part of the bundle
@@ -535,9 +544,14 @@ def _build_into(root: Path, options: BuildOptions, plan: Plan) -> dict:
 
     targets = _targets(list(exported), options)
 
+    graph_tolerances = {"vision": options.tolerances.min_vision_cosine,
+                        "language": options.tolerances.min_language_cosine}
     with step("held-out accuracy per graph"):
         accuracy = _graph_accuracy(sessions, files, data, plan, vision_features, token_feeds, head_feeds, masks,
                                    spec)
+        # optional CPU INT8 candidates that fail leave the bundle here, before anything else runs them
+        cpu_candidates.drop(cpu_candidates.screen_graphs(accuracy, targets, options.tolerances, graph_tolerances),
+                            root=root, targets=targets, files=files, accuracy=accuracy, layout_reports=layout_reports)
 
     with step("reference inputs/outputs and embeddings"):
         reference_files = _write_reference(root, sessions, files, reference_inputs)
@@ -558,7 +572,7 @@ def _build_into(root: Path, options: BuildOptions, plan: Plan) -> dict:
             "checkpoint": Path(policy.checkpoint).name if policy.checkpoint else None,
             "checkpoint_sha256": provenance(policy.checkpoint)},
         "spec": bundled_spec,
-        "graphs": graphs_section(root, exported, files, {}, {}),
+        "graphs": graphs_section(root, exported, files, {}, {}, candidate_sessions),
         "targets": targets,
         "dropout": {"layers": [layer.to_dict() for layer in layers], "widths": [layer.width for layer in layers],
                     "rate": plan.rate, "max_samples": max_samples, "default_samples": default_samples,
@@ -594,8 +608,10 @@ def _build_into(root: Path, options: BuildOptions, plan: Plan) -> dict:
             replay = replay_episodes(root, files, targets, plan, options)
     from build_engines.gate import judge
 
-    graph_tolerances = {"vision": options.tolerances.min_vision_cosine,
-                        "language": options.tolerances.min_language_cosine}
+    late = (cpu_candidates.screen_closed_loop(loop, options.tolerances) if loop else []) \
+        + (cpu_candidates.screen_replay(replay) if replay is not None else [])
+    cpu_candidates.drop(late, root=root, targets=targets, files=files, accuracy=accuracy,
+                        reference_files=reference_files, layout_reports=layout_reports)
     report = judge(accuracy, loop, replay, options.tolerances, graph_tolerances)
     manifest["accuracy"] = {"report": "reports/accuracy.json", "passed": report["passed"],
                             "summary": report["summary"]}
@@ -616,7 +632,7 @@ def _build_into(root: Path, options: BuildOptions, plan: Plan) -> dict:
     with step(f"failure monitor: feature novelty, instruction novelty, action consistency "
               f"(conformal, rate {options.monitor_rate:g})"):
         monitor = _monitor(root, options, plan, targets, sessions, files, data, token_feeds, head_feeds, masks, spec,
-                           traces if layers else None)
+                           {t: rows for t, rows in traces.items() if t in targets} if layers else None)
         if monitor is not None:
             manifest["monitor"] = monitor
             if "spread" in monitor:
@@ -624,11 +640,15 @@ def _build_into(root: Path, options: BuildOptions, plan: Plan) -> dict:
     manifest["gate"] = {"environment": plan.environment if loop else None, "closed_loop_seeds":
                         options.gate_seeds if loop else 0, "replay": replay is not None,
                         "heldout_episodes": len(plan.heldout_ids) if plan.dataset is not None
-                        else len(plan.heldout_episodes)}
+                        else len(plan.heldout_episodes),
+                        "optional_targets": list(cpu_candidates.OPTIONAL_TARGETS),
+                        "dropped_targets": report["dropped_targets"]}
     if loop and "monitor" in manifest and options.monitor_check_seeds:
         from build_engines.monitor_check import gate_check
 
-        write_manifest(root, manifest)  # the monitor's files and thresholds, for the runtime's pipeline to load
+        # the monitor's files and thresholds, and the graphs of the targets kept, for the runtime to load
+        manifest["graphs"] = graphs_section(root, exported, files, {}, _accuracy_rows(accuracy), candidate_sessions)
+        write_manifest(root, manifest)
         with step(f"failure monitor in closed loop ({options.monitor_check_seeds} seeds per target)"):
             manifest["gate"]["monitor"] = gate_check(root, list(targets), plan.environment,
                                                      options.monitor_check_seeds, options.default_mc_samples,
@@ -639,7 +659,8 @@ def _build_into(root: Path, options: BuildOptions, plan: Plan) -> dict:
 
     with step("latency per graph on this machine"):
         report["latency_ms"] = _latencies(sessions, files, reference_inputs)
-    manifest["graphs"] = graphs_section(root, exported, files, report["latency_ms"], _accuracy_rows(accuracy))
+    manifest["graphs"] = graphs_section(root, exported, files, report["latency_ms"], _accuracy_rows(accuracy),
+                                        candidate_sessions)
     summary = {"report": report, "files": {n: {v: _size(p) for v, p in fv.items()} for n, fv in files.items()},
                "thresholds": manifest["uncertainty"]["threshold"]}
     (reports_dir / "accuracy.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -663,7 +684,10 @@ def _targets(graphs: list[str], options: BuildOptions) -> dict[str, dict[str, st
 
     targets = {"cpu-fp32": each(vision="fp32", language="fp32", head="fp32")}
     if options.int8:
+        from build_engines.cpu_candidates import add_targets
+
         targets["cpu"] = each(vision="int8-cpu", language="int8-cpu", head="int8-cpu")
+        add_targets(targets, graphs)  # optional: each gated, left out of the bundle when it fails
         # TensorRT compiles the symmetric Q/DQ graphs; a sentence encoder runs once per instruction,
         # so it gets FP16 there (INT8 would save nothing a tick waits for).
         targets["tensorrt"] = each(vision="int8-tensorrt", language="fp16" if options.fp16 else "fp32",

@@ -56,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="build, verify and install TensorRT engines for this GPU into an existing bundle, from its "
                         "graphs (needs TensorRT, cuda-python, onnx and numpy; no torch, no export or gate); every "
                         "other option is ignored")
-    p.add_argument("--int8", action="store_true", help="calibrate and produce the INT8 graphs (and engines)")
+    p.add_argument("--int8", action="store_true", help="calibrate and produce the INT8 graphs (and engines): the TensorRT Q/DQ graph and the CPU "
+                        "INT8 candidates (QDQ; QOperator; 7-bit reduce-range weights), each gated, an optional "
+                        "CPU candidate that fails left out of the bundle")
     p.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=True, help="FP16 graphs (default on)")
     p.add_argument("--out", type=Path, default=Path("artifacts/bundle"), help="bundle directory to write")
     p.add_argument("--force", action="store_true", help="replace an existing bundle at --out")

@@ -59,29 +59,47 @@ def samples_to_calibrate(default: int, maximum: int) -> list[int]:
     return sorted({t for t in (2, 4, 8, 16, 32, default, maximum) if 2 <= t <= maximum})
 
 
+def graph_failure(graph: str, variant: str, row: dict, tol, graph_tolerances: dict) -> str | None:
+    """Why one graph variant's held-out accuracy row fails the gate, or None."""
+    if "cosine_mean" in row:
+        minimum = graph_tolerances[graph]
+        if row["cosine_mean"] < minimum:
+            return f"{graph} {variant}: feature cosine {row['cosine_mean']:.4f} < {minimum}"
+    elif row["action_error_mean"] > tol.max_head_action_error:
+        return (f"{graph} {variant}: action error {row['action_error_mean']:.4f} of the range > "
+                f"{tol.max_head_action_error}")
+    return None
+
+
+def loop_failures(loop: dict, tol) -> dict[str, list[str]]:
+    """Per target, why its closed-loop row fails the gate (each row gains drop_vs_fp32)."""
+    base = loop["cpu-fp32"]["success_rate"]
+    failures: dict[str, list[str]] = {}
+    for target, row in loop.items():
+        found = []
+        if not np.isfinite(row["threshold"]):
+            found.append(f"target {target}: no successful gate episode to calibrate the uncertainty "
+                         "threshold from; the policy or the target is broken")
+        drop = base - row["success_rate"]
+        row["drop_vs_fp32"] = drop
+        if drop > tol.max_success_drop:
+            found.append(f"target {target}: closed-loop success {row['success_rate']:.0%} is {drop:.0%} "
+                         f"below FP32 ({base:.0%}); allowed {tol.max_success_drop:.0%}")
+        if found:
+            failures[target] = found
+    return failures
+
+
 def judge(accuracy: dict, loop: dict | None, replay: dict | None, tol, graph_tolerances: dict) -> dict:
     failures = []
     graphs = accuracy["graphs"]
     for graph, variants in graphs.items():
         for variant, row in variants.items():
-            if "cosine_mean" in row:
-                minimum = graph_tolerances[graph]
-                if row["cosine_mean"] < minimum:
-                    failures.append(f"{graph} {variant}: feature cosine {row['cosine_mean']:.4f} < {minimum}")
-            elif row["action_error_mean"] > tol.max_head_action_error:
-                failures.append(f"{graph} {variant}: action error {row['action_error_mean']:.4f} of the range > "
-                                f"{tol.max_head_action_error}")
+            failure = graph_failure(graph, variant, row, tol, graph_tolerances)
+            if failure is not None:
+                failures.append(failure)
     if loop:
-        base = loop["cpu-fp32"]["success_rate"]
-        for target, row in loop.items():
-            if not np.isfinite(row["threshold"]):
-                failures.append(f"target {target}: no successful gate episode to calibrate the uncertainty "
-                                "threshold from; the policy or the target is broken")
-            drop = base - row["success_rate"]
-            row["drop_vs_fp32"] = drop
-            if drop > tol.max_success_drop:
-                failures.append(f"target {target}: closed-loop success {row['success_rate']:.0%} is {drop:.0%} "
-                                f"below FP32 ({base:.0%}); allowed {tol.max_success_drop:.0%}")
+        failures += [f for found in loop_failures(loop, tol).values() for f in found]
     if replay is not None and not replay.get("passed", True):
         failures += [f"replay: {f}" for f in replay.get("failures", ["the open-loop replay gate refused"])]
     summary: dict[str, Any] = {
@@ -93,13 +111,17 @@ def judge(accuracy: dict, loop: dict | None, replay: dict | None, tol, graph_tol
         summary["language_cosine"] = {v: r["cosine_mean"] for v, r in graphs["language"].items()}
     return {"passed": not failures, "failures": failures, "tolerances": asdict(tol), "graphs": graphs,
             "heldout_samples": accuracy["samples"], "heldout_episodes": accuracy["episodes"],
-            "closed_loop": loop or {}, "replay": replay, "summary": summary}
+            "closed_loop": loop or {}, "replay": replay, "summary": summary,
+            "dropped_targets": list(accuracy.get("dropped_targets", []))}
 
 
 def format_report(report: dict) -> str:
     lines = ["# Accuracy report", "", f"Verdict: {'PASSED' if report['passed'] else 'REFUSED'}", ""]
     for failure in report["failures"]:
         lines.append(f"- {failure}")
+    for dropped in report.get("dropped_targets", []):
+        lines.append(f"- optional target {dropped['target']} left out of the bundle ({dropped['stage']}): "
+                     + "; ".join(dropped["reasons"]))
     lines += ["", f"Held-out samples: {report['heldout_samples']}", "",
               "| graph | variant | metric vs FP32 | mean | worst | max abs |", "|---|---|---|---|---|---|"]
     for graph, variants in report["graphs"].items():

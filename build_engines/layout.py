@@ -211,11 +211,19 @@ def verify_cpu_layout(
     model_path: str | os.PathLike[str] | onnx.ModelProto,
     *,
     excluded_nodes: Iterable[str] = (),
+    max_weight: int | None = None,
 ) -> LayoutReport:
-    """Raise LayoutError unless activations are uint8 and Conv/Gemm/MatMul weights int8 (QDQ or QOperator)."""
+    """Raise LayoutError unless activations are uint8 and Conv/Gemm/MatMul weights int8 (QDQ or QOperator).
+
+    ``max_weight`` (e.g. 64 for reduce-range weights) also bounds every quantized weight's magnitude."""
     graph = _Graph(model_path)
     excluded = graph.exclusions(excluded_nodes)
     violations: list[str] = []
+
+    def check_bound(weight: np.ndarray, who: str) -> None:
+        if max_weight is not None and weight.size and int(np.abs(weight.astype(np.int32)).max()) > max_weight:
+            violations.append(f"{who} has int8 weights up to {int(np.abs(weight.astype(np.int32)).max())}; this "
+                              f"layout keeps them within +-{max_weight}")
 
     for node in graph.qdq_nodes:
         who = f"{node.op_type} '{graph.label(node)}'"
@@ -238,8 +246,9 @@ def verify_cpu_layout(
                     violations.append(f"DequantizeLinear '{graph.label(node)}' gives {consumer.op_type} "
                                       f"'{graph.label(consumer)}' {weight.dtype} weights; the CPU layout "
                                       "uses int8 weights")
-                elif _scale_is_per_channel(graph, node):
-                    per_channel += 1
+                else:
+                    check_bound(weight, f"DequantizeLinear '{graph.label(node)}'")
+                    per_channel += _scale_is_per_channel(graph, node)
 
     for node in graph.nodes:
         if node.op_type in ("QLinearConv", "QLinearMatMul", "QGemm"):
@@ -255,6 +264,8 @@ def verify_cpu_layout(
             if weight is not None and weight.dtype != np.int8:
                 violations.append(f"{node.op_type} '{graph.label(node)}' weight is {weight.dtype}; "
                                   "the CPU layout uses int8 weights")
+            elif weight is not None:
+                check_bound(weight, f"{node.op_type} '{graph.label(node)}'")
         elif node.op_type in ("MatMulInteger", "ConvInteger"):
             weight = graph.constant(node.input[1])
             if weight is not None and weight.dtype != np.int8:

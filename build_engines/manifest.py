@@ -27,6 +27,8 @@ VARIANTS = {
     "fp32": {"backend": "onnxruntime", "precision": "fp32"},
     "fp16": {"backend": "onnxruntime-or-tensorrt", "precision": "fp16"},
     "int8-cpu": {"backend": "onnxruntime-cpu", "precision": "int8"},
+    "int8-cpu-qop": {"backend": "onnxruntime-cpu", "precision": "int8"},  # QOperator format
+    "int8-cpu-rr": {"backend": "onnxruntime-cpu", "precision": "int8"},  # 7-bit weights (reduce range)
     "int8-tensorrt": {"backend": "tensorrt", "precision": "int8"},
 }
 
@@ -54,7 +56,11 @@ def builder() -> dict[str, str]:
             "machine": platform.machine()}
 
 
-def graphs_section(root: Path, exported: dict, files: dict, latency: dict, accuracy: dict) -> dict:
+def graphs_section(root: Path, exported: dict, files: dict, latency: dict, accuracy: dict,
+                   sessions: dict | None = None) -> dict:
+    """`sessions`: variant -> the ONNX Runtime session config it needs (its ort_session; the runtime's
+    defaults where absent)."""
+    sessions = sessions or {}
     section = {}
     for name, info in exported.items():
         variants = {}
@@ -69,6 +75,8 @@ def graphs_section(root: Path, exported: dict, files: dict, latency: dict, accur
                 "latency_measured_on": f"onnxruntime CPU, build machine ({platform.machine()})",
                 "accuracy_vs_fp32": accuracy.get(name, {}).get(variant),
             }
+            if sessions.get(variant):
+                variants[variant]["ort_session"] = dict(sessions[variant])
         # "files" (variant -> path) indexes the same paths for readers that only need where a graph is.
         section[name] = {**info["spec"].to_dict(), "variants": variants,
                          "files": {variant: entry["path"] for variant, entry in variants.items()}}

@@ -312,6 +312,7 @@ def quantize_for_cpu(
     *,
     quant_format: str = "qdq",
     nodes_to_exclude: Sequence[str] = (),
+    reduce_range: bool = False,
 ) -> Path:
     """Write the graph ONNX Runtime's CPU provider runs fastest: uint8 activations, int8 per-channel weights.
 
@@ -325,7 +326,14 @@ def quantize_for_cpu(
     CPU EfficientNet-Lite0 fell to cosine 0.79 against FP32 (0.99 with exact arithmetic) and ran no faster
     than FP32. Sessions for INT8 graphs there should set the session config entry
     ``session.x64quantprecision`` to "1", which selects ORT's exact (slower) kernels on such CPUs.
+
+    ``reduce_range`` quantizes the weights to 7 bits (ONNX Runtime's ``reduce_range``: int8 in [-64, 64]),
+    activations stay full uint8. A u8 x s7 pair sum is at most 2 * 255 * 64 = 32640, inside int16, so the
+    fast u8s8 kernels are exact without VNNI and need no ``session.x64quantprecision`` (build_engines/
+    cpu_candidates.py), at the cost of one bit of weight precision.
     """
+    if not isinstance(reduce_range, bool):
+        raise ConfigError(f"reduce_range must be True or False, got {reduce_range!r}")
     formats = {"qdq": QuantFormat.QDQ, "qoperator": QuantFormat.QOperator}
     if quant_format not in formats:
         raise ConfigError(f"quant_format must be one of {', '.join(formats)}, got {quant_format!r}")
@@ -335,17 +343,19 @@ def quantize_for_cpu(
         "WeightSymmetric": True,
         "QDQOpTypePerChannelSupportToAxis": dict(_PER_CHANNEL_AXES),
     }
+    weights = "int8 symmetric per-channel" + (", 7-bit (reduce_range)" if reduce_range else "")
     layout = {"target": "cpu", "format": "QDQ" if quant_format == "qdq" else "QOperator",
-              "activations": "uint8 asymmetric", "weights": "int8 symmetric per-channel", "bias": "int32"}
+              "activations": "uint8 asymmetric", "weights": weights, "bias": "int32"}
     return _quantize_static("quantize_for_cpu", fp32_model, ranges, out_path, formats[quant_format],
                             QuantType.QUInt8, QuantType.QInt8, chosen, nodes_to_exclude, extra_options,
-                            layout, quantize_outputs=True)
+                            layout, quantize_outputs=True, reduce_range=reduce_range)
 
 
 def _quantize_static(step: str, fp32_model: str | os.PathLike[str], ranges: TensorRanges,
                      out_path: str | os.PathLike[str], quant_format: QuantFormat, activation_type: QuantType,
                      weight_type: QuantType, op_types: Sequence[str], nodes_to_exclude: Sequence[str],
-                     extra_options: dict[str, Any], layout: dict[str, Any], *, quantize_outputs: bool) -> Path:
+                     extra_options: dict[str, Any], layout: dict[str, Any], *, quantize_outputs: bool,
+                     reduce_range: bool = False) -> Path:
     if not isinstance(ranges, TensorRanges):
         raise ConfigError(f"ranges must be TensorRanges (from calibrate or TensorRanges.load), "
                           f"got {type(ranges).__name__}")
@@ -366,12 +376,16 @@ def _quantize_static(step: str, fp32_model: str | os.PathLike[str], ranges: Tens
         _check_ranges_cover(model, ranges, op_types, excluded, model_path, quantize_outputs)
         args = (sorted(set(op_types)), extra_options)
         if quant_format is QuantFormat.QDQ:
-            quantizer = QDQQuantizer(model, True, False, weight_type, activation_type, _tensors_data(ranges),
+            quantizer = QDQQuantizer(model, True, reduce_range, weight_type, activation_type, _tensors_data(ranges),
                                      [], excluded, *args)
         else:
-            quantizer = ONNXQuantizer(model, True, False, QuantizationMode.QLinearOps, True, weight_type,
+            quantizer = ONNXQuantizer(model, True, reduce_range, QuantizationMode.QLinearOps, True, weight_type,
                                       activation_type, _tensors_data(ranges), [], excluded, *args)
-        quantizer.quantize_model()
+        with _NonFloatTensors() as skipped:
+            quantizer.quantize_model()
+        if skipped.tensors:
+            logger.info("%s: %d non-float tensors an op of op_types reads stay unquantized (e.g. %s)", step,
+                        len(skipped.tensors), ", ".join(skipped.tensors[:3]))
         quantizer.model.topological_sort()  # as ORT's own save does: new Q/DQ nodes are appended unsorted
         quantized = quantizer.model.model
         _set_metadata(quantized, METADATA_QUANTIZATION, {
@@ -384,6 +398,32 @@ def _quantize_static(step: str, fp32_model: str | os.PathLike[str], ranges: Tens
         })
         _write_checked(quantized, target)
     return target
+
+
+class _NonFloatTensors(logging.Filter):
+    """ONNX Runtime's QOperator quantizer warns on the root logger, with the whole type proto (a dozen
+    lines each), for every integer tensor a quantizable op reads (shape arithmetic feeding a Concat):
+    it leaves them unquantized, as it should. Collected here and logged as one line instead."""
+
+    _MESSAGE = re.compile(r"Inference failed or unsupported type to quantize for tensor '([^']*)'")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tensors: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        match = self._MESSAGE.match(record.getMessage())
+        if match is None:
+            return True
+        self.tensors.append(match.group(1))
+        return False
+
+    def __enter__(self) -> _NonFloatTensors:
+        logging.getLogger().addFilter(self)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        logging.getLogger().removeFilter(self)
 
 
 def _tensors_data(ranges: TensorRanges) -> TensorsData:

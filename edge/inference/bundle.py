@@ -1,7 +1,8 @@
 """The policy bundle: one directory the build writes and the runtime loads (docs/bundle.md).
 
     manifest.json          schema version 2: the policy spec, graphs with IO specs and variants (fp32,
-                           fp16, int8-cpu, int8-tensorrt: path, sha256, latency, accuracy vs FP32),
+                           fp16, int8-cpu, int8-cpu-qop, int8-cpu-rr, int8-tensorrt: path, sha256,
+                           latency, accuracy vs FP32, the ONNX Runtime session config a variant needs),
                            targets (target -> variant per graph), dropout masks, tokenizer, uncertainty
                            thresholds, calibration and gate reports, engines, reference data, and a
                            sha256 for every other file in the bundle
@@ -24,7 +25,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -98,7 +99,8 @@ class GraphEntry:
     name: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
-    files: dict[str, str]  # variant ("fp32", "fp16", "int8-cpu", "int8-tensorrt") -> relative path
+    files: dict[str, str]  # variant ("fp32", "fp16", "int8-cpu", "int8-tensorrt", ...) -> relative path
+    sessions: dict[str, dict[str, str]] = field(default_factory=dict)  # variant -> ONNX Runtime session config
 
 
 @dataclass(frozen=True)
@@ -126,6 +128,26 @@ def runtime_gaps(spec: PolicySpec, uncertainty_signal: str) -> list[str]:
     return []
 
 
+def _session_config(root: Path, manifest: dict, graph: str, variant: str, config: object) -> dict[str, str]:
+    """A variant's recorded ort_session, every entry checked against the runtime's allow-list."""
+    from edge.inference.backends.onnxruntime import SESSION_CONFIG_ALLOWED
+
+    where = f"bundle {root}: graphs.{graph}.variants.{variant}.ort_session"
+    if not isinstance(config, dict):
+        raise BundleError(f"{where} is {type(config).__name__}, expected a mapping of ONNX Runtime session config "
+                          f"entries; rebuild with: {rebuild_hint(manifest)}")
+    for key, value in config.items():
+        allowed = SESSION_CONFIG_ALLOWED.get(key)
+        if allowed is None:
+            raise BundleError(f"{where} sets {key!r}, which this runtime does not apply (it allows "
+                              f"{sorted(SESSION_CONFIG_ALLOWED)}); rebuild the bundle with this package's build: "
+                              f"{rebuild_hint(manifest)}")
+        if value not in allowed:
+            raise BundleError(f"{where} sets {key} to {value!r}; allowed: {', '.join(map(repr, allowed))}; "
+                              f"rebuild with: {rebuild_hint(manifest)}")
+    return dict(config)
+
+
 class Bundle:
     """A verified bundle directory. Construct with Bundle.load(path)."""
 
@@ -138,6 +160,8 @@ class Bundle:
                 tuple(TensorSpec.from_dict(s) for s in raw["inputs"]),
                 tuple(TensorSpec.from_dict(s) for s in raw["outputs"]),
                 {variant: entry["path"] for variant, entry in raw["variants"].items()},
+                {variant: _session_config(root, manifest, name, variant, entry.get("ort_session"))
+                 for variant, entry in raw["variants"].items() if entry.get("ort_session")},
             )
             for name, raw in manifest["graphs"].items()
         }
@@ -220,6 +244,12 @@ class Bundle:
                 f"rebuild with: {rebuild_hint(self.manifest)}"
             )
         return self.path(entry.files[variant])
+
+    def session_config(self, graph: str, variant: str) -> dict[str, str]:
+        """The ONNX Runtime session config entries the build recorded for this variant (validated at load);
+        empty: the runtime's defaults (edge/inference/backends/onnxruntime.py)."""
+        entry = self.graphs.get(graph)
+        return dict(entry.sessions.get(variant, {})) if entry is not None else {}
 
     def target_variants(self, target: str) -> dict[str, str]:
         targets = self.manifest["targets"]

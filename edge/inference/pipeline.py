@@ -41,7 +41,7 @@ from edge.validation import check_choice, check_range
 logger = logging.getLogger(__name__)
 
 # Which graphs of the bundle a pipeline runs, and on what (the ``policy:`` section of the config).
-TARGETS = ("cpu", "cpu-fp32", "tensorrt", "fp16")
+TARGETS = ("cpu", "cpu-fp32", "cpu-qoperator", "cpu-reduce-range", "tensorrt", "fp16")
 AUTO = "auto"  # policy.target / policy.threads: measured on this machine
 BACKENDS = ("onnxruntime", "tensorrt")
 DEVICES = ("cpu", "cuda")
@@ -90,7 +90,8 @@ def onnxruntime_factory(bundle: Bundle, device: str = "cpu", threads: int = 0) -
 
     def make(graph: str, variant: str, inputs, outputs, max_batch: int) -> InferenceBackend:
         return OnnxRuntimeBackend(bundle.graph_path(graph, variant), inputs, outputs, max_batch=max_batch,
-                                  device=device, threads=threads, precision=variant)
+                                  device=device, threads=threads, precision=variant,
+                                  session_config=bundle.session_config(graph, variant))
 
     return make
 

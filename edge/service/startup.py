@@ -35,7 +35,7 @@ from edge.service.checks import _user_name
 # Targets whose graphs are laid out for TensorRT (symmetric Q/DQ INT8, FP16): ONNX Runtime runs them,
 # but on its CPU provider about twice as slowly as the CPU target's graphs (issue 13, finding 12).
 TENSORRT_TARGETS = ("tensorrt", "fp16")
-CPU_TARGETS = ("cpu", "cpu-fp32")
+CPU_TARGETS = ("cpu", "cpu-qoperator", "cpu-reduce-range", "cpu-fp32")
 # The T the threshold was calibrated at, as the build writes it today into uncertainty.method
 # ("... T=16)"); a structured `uncertainty.mc_samples` is read first where a bundle has one.
 _CALIBRATED_T = re.compile(r"\bT=(\d+)\b")

@@ -52,8 +52,9 @@ def test_default_vs_best_on_a_tiny_bundle(chunk_bundle, tmp_path):
     bundle = chunk_bundle
     found = default_vs_best(bundle, tmp_path, samples=4, budget_s=0.3)
     labels = set(found["candidates"])
-    assert {"cpu/1 thread(s)", "cpu-fp32/1 thread(s)"} <= labels
-    assert found["default"]["target"] in ("cpu", "cpu-fp32")
+    assert {f"{t}/1 thread(s)" for t in ("cpu", "cpu-qoperator", "cpu-reduce-range", "cpu-fp32")} <= labels
+    assert found["default"]["target"] in ("cpu", "cpu-qoperator", "cpu-reduce-range", "cpu-fp32")
+    assert any(name.startswith("cpu-reduce-range/cpu-fp32 vision") for name in found["int8_over_fp32"])
     assert found["default_over_best_p99"] >= 1.0  # the best is the minimum, the default one of the candidates
     assert all(entry["runs"] >= 3 for entry in found["candidates"].values())
     assert any(name.startswith("cpu/cpu-fp32 vision") for name in found["int8_over_fp32"])

@@ -84,7 +84,8 @@ def test_pre_exported_graphs_build_a_bundle_gated_on_a_lerobot_dataset(tmp_path,
     assert io["language"]["language_features"] == [-1, 4]  # renamed from 'sentence'
     assert io["head"] == {"vision_features": [1, 8], "language_features": [1, 4], "proprio": [1, 3],
                           "dropout_mask_0": [-1, 16], "actions": [-1, 3, 2]}
-    assert set(manifest["graphs"]["head"]["variants"]) == {"fp32", "fp16", "int8-cpu", "int8-tensorrt"}
+    assert set(manifest["graphs"]["head"]["variants"]) == {"fp32", "fp16", "int8-cpu", "int8-cpu-qop", "int8-cpu-rr",
+                                                           "int8-tensorrt"}
     assert manifest["dropout"]["widths"] == [16] and manifest["dropout"]["rate"] == 0.25
     replay = json.loads((out / "reports" / "accuracy.json").read_text())["replay"]
     assert replay["passed"] and replay["horizon"] == 3 and replay["steps"] == 20

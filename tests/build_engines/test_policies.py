@@ -37,17 +37,18 @@ def test_a_96px_language_policy_builds_and_runs_in_the_runtime_pipeline(tmp_path
     assert inputs(bundle, "head")["dropout_mask_1"] == ("float32", [-1, 32])
     assert bundle.manifest["dropout"]["layers"][0] == {"module": "mlp.2", "width": 32, "rate": 0.1}
     variants = bundle.manifest["graphs"]["head"]["variants"]
-    assert set(variants) == {"fp32", "fp16", "int8-cpu", "int8-tensorrt"}
+    assert set(variants) == {"fp32", "fp16", "int8-cpu", "int8-cpu-qop", "int8-cpu-rr", "int8-tensorrt"}
     assert variants["int8-cpu"]["latency_ms"] > 0 and variants["int8-cpu"]["accuracy_vs_fp32"]["action_error_mean"] < 0.05
     uncertainty = bundle.manifest["uncertainty"]
     assert uncertainty["source"] == "held-out" and set(uncertainty["by_samples"]["cpu"]) >= {"2", "16", "32"}
     assert all(not p.startswith("/") for p in bundle.manifest["files"])
     assert oct((out / "manifest.json").stat().st_mode & 0o777) == "0o644"
     assert oct((out / "graphs").stat().st_mode & 0o777) == "0o755"
-    with PolicyPipeline(bundle, target="cpu", mc_samples=8) as pipeline:
-        out_ = pipeline.infer(np.full((120, 160, 3), 90, np.uint8), np.zeros(2, np.float32),
-                              pipeline.cache.encode_now("pick up the blue ball"))
-        assert out_.action.shape == (2,) and out_.samples.shape == (8, 1, 2) and out_.score > 0
+    for target in ("cpu-fp32", "cpu", "cpu-qoperator", "cpu-reduce-range"):  # every CPU target runs
+        with PolicyPipeline(bundle, target=target, mc_samples=8) as pipeline:
+            out_ = pipeline.infer(np.full((120, 160, 3), 90, np.uint8), np.zeros(2, np.float32),
+                                  pipeline.cache.encode_now("pick up the blue ball"))
+            assert out_.action.shape == (2,) and out_.samples.shape == (8, 1, 2) and out_.score > 0, target
 
 
 def test_a_256x192_seven_dof_chunking_policy_without_language(tmp_path):
@@ -63,6 +64,11 @@ def test_a_256x192_seven_dof_chunking_policy_without_language(tmp_path):
     assert set(inputs(bundle, "head")) == {"vision_features", "proprio", "dropout_mask_0"}
     assert bundle.action["horizon"] == 8 and bundle.action["kinds"] == ["position"] * 7
     assert bundle.manifest["targets"]["cpu"] == {"vision": "int8-cpu", "head": "int8-cpu"}
+    # without language the candidates' targets name only their own variant
+    assert bundle.manifest["targets"]["cpu-reduce-range"] == {"vision": "int8-cpu-rr", "head": "int8-cpu-rr"}
+    with PolicyPipeline(bundle, target="cpu-qoperator", mc_samples=2) as pipeline:
+        assert pipeline.infer(np.full((192, 256, 3), 90, np.uint8), np.zeros(7, np.float32),
+                              None).actions.shape == (8, 7)
     bundle.check_runnable()  # chunks, no language and position channels run in the runtime
     with PolicyPipeline(bundle, target="cpu", mc_samples=4) as pipeline:
         assert (pipeline.horizon, pipeline.action_dim, pipeline.proprio_dim) == (8, 7, 7)
@@ -255,18 +261,53 @@ def test_the_replay_gate_hook_gets_a_runner_per_target_and_the_held_out_episodes
         frames = {"image": cv2.resize(sample.frame, (96, 96), interpolation=cv2.INTER_AREA)[None]}
         seen["actions"] = {t: run(frames, sample.instruction, sample.proprio) for t, run in runners.items()}
         seen["episodes"] = [len(e) for e in episodes]
-        return {"passed": seen.get("pass", True), "failures": ["cpu: replay action error 0.9 > 0.1"]}
+        failures = seen.get("failures", ["cpu: replay action error 0.9 > 0.1"])
+        return {"passed": seen.get("pass", True), "failures": failures}
 
     options = dict(policy=f"{POLICIES}:image96", calib_samples=32, heldout_samples=8, fp16=False, tensorrt="off",
                    env="none", replay_gate=replay)
     run_build(BuildOptions(out=tmp_path / "ok", **options))
-    assert set(seen["actions"]) == {"cpu-fp32", "cpu", "tensorrt"} and sum(seen["episodes"]) == 8
+    assert set(seen["actions"]) == {"cpu-fp32", "cpu", "cpu-qoperator", "cpu-reduce-range", "tensorrt"}
+    assert sum(seen["episodes"]) == 8
     assert seen["actions"]["cpu"].shape == (1, 1, 2)
     np.testing.assert_allclose(seen["actions"]["cpu"], seen["actions"]["cpu-fp32"], atol=0.05)
     seen["pass"] = False
     with pytest.raises(GateRefused, match="replay: cpu: replay action error 0.9"):
         run_build(BuildOptions(out=tmp_path / "refused", **options))
     assert not (tmp_path / "refused").exists()
+    # a failure the replay names for an optional candidate leaves that target out instead of refusing
+    seen["failures"] = ["cpu-qoperator: replay action error 0.9 > 0.1"]
+    run_build(BuildOptions(out=tmp_path / "dropped", **options))
+    manifest = Bundle.load(tmp_path / "dropped").manifest
+    assert "cpu-qoperator" not in manifest["targets"] and "cpu-reduce-range" in manifest["targets"]
+    assert "int8-cpu-qop" not in manifest["graphs"]["vision"]["variants"]
+    [dropped] = manifest["gate"]["dropped_targets"]
+    assert (dropped["target"], dropped["stage"], dropped["reasons"]) == (
+        "cpu-qoperator", "open-loop replay", ["cpu-qoperator: replay action error 0.9 > 0.1"])
+    report = json.loads((tmp_path / "dropped" / "reports" / "accuracy.json").read_text())
+    assert report["passed"] and report["replay"]["failures"] == []
+
+
+def test_a_candidate_failing_the_closed_loop_is_left_out(tmp_path, monkeypatch):
+    from build_engines import accuracy_gate
+
+    real = accuracy_gate.closed_loop
+
+    def no_success_for_reduce_range(*args, **kwargs):
+        results = real(*args, **kwargs)
+        results["cpu-reduce-range"].update(successes=0, success_rate=0.0, threshold=float("nan"))
+        return results
+
+    monkeypatch.setattr(accuracy_gate, "closed_loop", no_success_for_reduce_range)
+    code, out = build(tmp_path, "image96", "--no-fp16", "--env", f"{POLICIES}:PointArena", "--gate-seeds", "2")
+    assert code == 0
+    manifest = Bundle.load(out).manifest
+    assert "cpu-reduce-range" not in manifest["targets"] and "cpu-reduce-range" not in manifest["uncertainty"]["threshold"]
+    [dropped] = manifest["gate"]["dropped_targets"]
+    assert dropped["stage"] == "closed loop" and "no successful gate episode" in dropped["reasons"][0]
+    assert dropped["closed_loop"]["threshold"] is None  # NaN is no JSON: recorded as null
+    report = json.loads((out / "reports" / "accuracy.json").read_text())
+    assert "cpu-reduce-range" not in report["closed_loop"] and "cpu-qoperator" in report["closed_loop"]
 
 
 def test_a_failing_calibration_hook_or_environment_ends_in_one_line(tmp_path, capsys):

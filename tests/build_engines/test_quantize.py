@@ -301,6 +301,52 @@ def test_cpu_graph_in_qoperator_format(graphs, built, tmp_path):
         quantize_for_cpu(graphs["vision"], ranges, tmp_path / "x.onnx", quant_format="int4")
 
 
+@pytest.mark.parametrize("quant_format", ["qdq", "qoperator"])
+def test_reduce_range_weights_stay_within_7_bits_and_match_fp32(graphs, built, tmp_path, quant_format):
+    """7-bit weights keep a u8 x s7 pair sum inside int16 (the fast kernels' accumulator without VNNI)."""
+    for name in ("vision", "head"):
+        ranges = built[(name, "minmax")]["ranges"]
+        path = quantize_for_cpu(graphs[name], ranges, tmp_path / f"{name}_rr.onnx", quant_format=quant_format,
+                                reduce_range=True)
+        report = verify_cpu_layout(path, max_weight=64)
+        assert len(report.quantized_nodes) >= 2
+        assert worst_cosine(graphs[name], path, FEEDS[name](99, 8)) >= MIN_COSINE
+        recorded = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+        assert "reduce_range" in recorded[quantize.METADATA_QUANTIZATION]
+    # the full-range graph uses weights up to 127: the bound catches a graph that was not reduced
+    with pytest.raises(LayoutError, match="within \\+-64"):
+        verify_cpu_layout(built[("vision", "minmax")]["cpu"], max_weight=64)
+    with pytest.raises(ConfigError, match="reduce_range"):
+        quantize_for_cpu(graphs["vision"], ranges, tmp_path / "x.onnx", reduce_range="yes")
+
+
+def test_qoperator_summarises_the_integer_tensors_it_leaves_unquantized(tmp_path, caplog):
+    """Shape arithmetic (int64) into a Concat: ONNX Runtime's QOperator quantizer leaves it alone, and its
+    one multi-line root-logger warning per tensor becomes one line of the step's log."""
+    weight = numpy_helper.from_array(np.eye(4, dtype=np.float32), "w")
+    tail = numpy_helper.from_array(np.array([1], np.int64), "tail")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="matmul"),
+         helper.make_node("Shape", ["y"], ["shape"], name="shape"),
+         helper.make_node("Concat", ["shape", "tail"], ["dims"], name="concat", axis=0)],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4]),
+         helper.make_tensor_value_info("dims", TensorProto.INT64, [3])], [weight, tail])
+    path = tmp_path / "shape.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    rng = np.random.default_rng(0)
+    ranges = calibrate(path, [{"x": rng.normal(size=(1, 4)).astype(np.float32)} for _ in range(8)], "minmax",
+                       tmp_path / "work")
+    with caplog.at_level(logging.INFO):
+        out = quantize_for_cpu(path, ranges, tmp_path / "qop.onnx", quant_format="qoperator")
+    assert not [r for r in caplog.records if "Inference failed" in r.getMessage()]
+    [line] = [r.getMessage() for r in caplog.records if "non-float tensors" in r.getMessage()]
+    assert "'shape'" not in line and "shape" in line and line.startswith("quantize_for_cpu: ")
+    assert logging.getLogger().filters == []  # the filter is gone after the step
+    ops = [n.op_type for n in onnx.load(str(out)).graph.node]
+    assert "QLinearMatMul" in ops and "Concat" in ops
+
+
 def test_excluded_nodes_stay_float_and_are_documented_for_the_layout_check(graphs, built, tmp_path):
     ranges = built[("vision", "minmax")]["ranges"]
     gemm = next(n.name for n in onnx.load(str(graphs["vision"])).graph.node if n.op_type == "Gemm")

@@ -49,7 +49,9 @@ def test_a_lerobot_dataset_calibrates_and_gates_a_chunking_policy_on_held_out_ep
 
     replay = json.loads((out / "reports" / "accuracy.json").read_text())["replay"]
     assert replay["episodes"] == held_out and replay["steps"] == 20 and replay["horizon"] == 4
-    assert set(replay["variants"]) == {"cpu-fp32", "cpu", "tensorrt"} and replay["reference"] == "cpu-fp32"
+    assert set(replay["variants"]) == set(manifest["targets"]) == {"cpu-fp32", "cpu", "cpu-qoperator", "cpu-reduce-range",
+                                                                  "tensorrt"}
+    assert replay["reference"] == "cpu-fp32"
     fp32, cpu = replay["variants"]["cpu-fp32"], replay["variants"]["cpu"]
     assert fp32["vs_reference"]["max_abs_overall"] == 0.0
     assert 0 < cpu["vs_reference"]["worst_mean_abs"] <= 0.02 and len(cpu["vs_reference"]["mean_abs"]) == 4
@@ -60,7 +62,8 @@ def test_a_lerobot_dataset_calibrates_and_gates_a_chunking_policy_on_held_out_ep
     uncertainty = manifest["uncertainty"]
     assert uncertainty["source"] == "held-out" and "20 steps of the 2 held-out recorded episodes" in uncertainty["method"]
     assert uncertainty["threshold"] == {t: v["score"]["threshold"] for t, v in replay["variants"].items()}
-    assert manifest["gate"] == {"environment": None, "closed_loop_seeds": 0, "replay": True, "heldout_episodes": 2}
+    assert manifest["gate"] == {"environment": None, "closed_loop_seeds": 0, "replay": True, "heldout_episodes": 2,
+                                "optional_targets": ["cpu-qoperator", "cpu-reduce-range"], "dropped_targets": []}
     assert "Open-loop replay of 2 held-out episodes (20 steps, chunk of 4)" in printed
     assert "Open-loop replay" in (out / "reports" / "summary.md").read_text()
 

@@ -30,16 +30,27 @@ _ORT_TYPES = {
 }
 
 
-def session_options(ort, threads: int = 0):
-    """Session options for every CPU session the project creates (runtime and build alike)."""
+# Session config entries a bundle may set per graph variant (manifest graphs.<graph>.variants.<v>.ort_session),
+# with the values each accepts. session.x64quantprecision "0": the variant's weights are 7-bit (reduce
+# range), so the fast u8s8 kernels are exact without VNNI and the exact path would only cost time.
+SESSION_CONFIG_ALLOWED = {"session.x64quantprecision": ("0", "1")}
+DEFAULT_SESSION_CONFIG = {"session.x64quantprecision": "1"}
+
+
+def session_options(ort, threads: int = 0, config: dict[str, str] | None = None):
+    """Session options for every CPU session the project creates (runtime and build alike); `config`
+    (a variant's recorded ort_session, checked by the bundle against SESSION_CONFIG_ALLOWED) overrides
+    DEFAULT_SESSION_CONFIG entry by entry."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # errors only: graph-cleanup notices would flood journald at start-up
     # On x86 CPUs without VNNI the fast u8*s8 kernels saturate their int16 accumulators and INT8 graphs
     # come out wrong (vision feature cosine to FP32 0.77 for the TensorRT layout, 0.96 for the CPU layout
-    # on an AVX2 machine); this option selects the exact path at no measured cost. No effect elsewhere.
-    options.add_session_config_entry("session.x64quantprecision", "1")
+    # on an AVX2 machine); this option selects the exact path. ONNX Runtime applies it wherever its u8u8
+    # and u8s8 GEMM dispatches differ (MlasPlatformU8S8Overflow): every x86 CPU with AVX2, VNNI included.
+    for key, value in {**DEFAULT_SESSION_CONFIG, **(config or {})}.items():
+        options.add_session_config_entry(key, value)
     return options
 
 
@@ -58,6 +69,7 @@ class OnnxRuntimeBackend(InferenceBackend):
         device: str = "cpu",
         threads: int = 0,
         precision: str = "fp32",
+        session_config: dict[str, str] | None = None,
     ):
         if device not in ("cpu", "cuda"):
             raise BackendError(f"onnxruntime device must be 'cpu' or 'cuda', got {device!r}")
@@ -70,6 +82,7 @@ class OnnxRuntimeBackend(InferenceBackend):
         self.device = device
         self.threads = threads
         self.precision = precision
+        self.session_config = dict(session_config or {})
         self._session = None
         self._binding = None
         self._host: dict[str, np.ndarray] = {}
@@ -94,7 +107,7 @@ class OnnxRuntimeBackend(InferenceBackend):
                     "(pip install '.[gpu]') or set backend device to cpu"
                 )
             providers.insert(0, "CUDAExecutionProvider")
-        options = session_options(ort, self.threads)
+        options = session_options(ort, self.threads, self.session_config)
         try:
             self._session = ort.InferenceSession(str(self.model_path), options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types, not exported uniformly
@@ -149,7 +162,8 @@ class OnnxRuntimeBackend(InferenceBackend):
 
     @property
     def info(self) -> BackendInfo:
-        return BackendInfo("onnxruntime", self.device, self.precision, {"graph": self.model_path.name})
+        return BackendInfo("onnxruntime", self.device, self.precision,
+                           {"graph": self.model_path.name, **self.session_config})
 
     def close(self) -> None:
         self._binding = None

@@ -158,3 +158,44 @@ def test_every_policy_shape_of_schema_v2_is_runnable():
     assert runtime_gaps(spec(), "none") == [] and runtime_gaps(spec(dropout_rate=0.1), "mc-dropout") == []
     assert runtime_gaps(spec(), "deep-ensemble") == [
         "the uncertainty signal 'deep-ensemble' (this runtime computes mc-dropout or none)"]
+
+
+# --- per-variant ONNX Runtime session config (ort_session) --------------------------------------------------
+
+
+def _session_entry(backend, key: str) -> str:
+    return backend._session.get_session_options().get_session_config_entry(key)
+
+
+def test_each_cpu_target_loads_with_the_session_config_its_variants_recorded(tiny_bundle):
+    from edge.inference.pipeline import PolicyPipeline
+
+    bundle = Bundle.load(tiny_bundle)
+    assert bundle.session_config("vision", "int8-cpu-rr") == {"session.x64quantprecision": "0"}
+    assert bundle.session_config("head", "int8-cpu-rr") == {"session.x64quantprecision": "0"}
+    assert bundle.session_config("vision", "int8-cpu") == {} == bundle.session_config("head", "int8-cpu-qop")
+    expected = {"cpu": "1", "cpu-qoperator": "1", "cpu-reduce-range": "0", "cpu-fp32": "1"}
+    for target, precision in expected.items():
+        with PolicyPipeline(bundle, target=target, mc_samples=4) as pipeline:
+            for graph in ("vision", "head"):
+                assert _session_entry(pipeline.backends[graph], "session.x64quantprecision") == precision, target
+            # the language graph keeps its dynamic INT8 (full-range weights) and so the exact path
+            assert _session_entry(pipeline.backends["language"], "session.x64quantprecision") == "1"
+            assert pipeline.cache.encode_now("pick up the blue ball").shape[0] == 1
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"session.intra_op.allow_spinning": "0"}, "sets 'session.intra_op.allow_spinning', which this runtime does "
+                                               "not apply"),
+    ({"session.x64quantprecision": "2"}, "sets session.x64quantprecision to '2'; allowed: '0', '1'"),
+])
+def test_a_session_config_outside_the_allow_list_is_refused_naming_it(tiny_bundle, tmp_path, config, message):
+    copy = edited(tiny_bundle, tmp_path, lambda m: m["graphs"]["vision"]["variants"]["int8-cpu-rr"].update(
+        ort_session=config))
+    with pytest.raises(BundleError, match="graphs.vision.variants.int8-cpu-rr.ort_session") as err:
+        Bundle.load(copy, verify_hashes=False)
+    assert message in str(err.value) and REBUILD in str(err.value)
+    copy = edited(tiny_bundle, tmp_path / "2", lambda m: m["graphs"]["head"]["variants"]["int8-cpu"].update(
+        ort_session={"session.x64quantprecision": 0}))  # not a string: the schema refuses it
+    with pytest.raises(BundleError, match="graphs/head/variants/int8-cpu/ort_session"):
+        Bundle.load(copy, verify_hashes=False)

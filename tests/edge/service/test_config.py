@@ -132,7 +132,7 @@ def test_commented_usb_camera_alternative_loads(example_raw):
     ("loop", "rate_hz", 0.5, ["loop.rate_hz", "[1.0, 200.0]"]),
     ("loop", "rate_hz", "fast", ["loop.rate_hz", "a number"]),
     ("loop", "record_ticks", 5, ["loop.record_ticks", "an integer in [10, 1000000]"]),
-    ("policy", "target", "gpu", ["policy.target", "'cpu', 'cpu-fp32', 'tensorrt', 'fp16'", "'gpu'"]),
+    ("policy", "target", "gpu", ["policy.target", "'cpu', 'cpu-fp32', 'cpu-qoperator', 'cpu-reduce-range', 'tensorrt', 'fp16'", "'gpu'"]),
     ("policy", "backend", "pytorch", ["policy.backend", "'onnxruntime', 'tensorrt'"]),
     ("policy", "mc_samples", 0, ["policy.mc_samples", "[1, 256]"]),
     ("policy", "threads", True, ["policy.threads", "integer"]),

@@ -16,7 +16,7 @@ from edge.service.config import config_from_dict
 
 DEVICES = {"camera": {"source": "http://127.0.0.1:9/video"}, "motor": {"port": "/dev/null", "channels": 3}}
 # Injected policy times (ms) by target; the thread count adds to it so that threads matter too.
-TIMES = {"cpu": 4.0, "cpu-fp32": 9.0}
+TIMES = {"cpu": 4.0, "cpu-qoperator": 6.0, "cpu-reduce-range": 7.0, "cpu-fp32": 9.0}
 
 
 @pytest.fixture
@@ -57,9 +57,16 @@ def test_auto_measures_and_takes_the_fastest(chunk_bundle, tmp_path, fake_times)
     resolved, choice = tune.resolve_policy(chunk_bundle, config(chunk_bundle, tmp_path), factory(chunk_bundle),
                                            timer=fake_times["timer"])
     assert (resolved.policy.target, resolved.policy.threads, choice.source) == ("cpu", 1, "measured")
+    # every CPU INT8 candidate the build wrote is timed; tensorrt's layout is no CPU candidate
     assert {(m.candidate.target, m.candidate.threads) for m in choice.measurements} == {
-        ("cpu", 1), ("cpu", 2), ("cpu-fp32", 1), ("cpu-fp32", 2)}  # tensorrt's layout is no CPU candidate
-    fake_times["times"]["cpu"] = 20.0  # INT8 slower than FP32 (AVX2 without VNNI): FP32 is chosen
+        (target, threads) for target in ("cpu", "cpu-qoperator", "cpu-reduce-range", "cpu-fp32")
+        for threads in (1, 2)}
+    # AVX2 without VNNI: the exact-path QDQ graph is slow, the 7-bit one is exact on the fast kernels
+    fake_times["times"].update({"cpu": 20.0, "cpu-reduce-range": 3.0})
+    _, choice = tune.resolve_policy(chunk_bundle, config(chunk_bundle, tmp_path), factory(chunk_bundle),
+                                    timer=fake_times["timer"])
+    assert (choice.target, choice.threads) == ("cpu-reduce-range", 1)
+    fake_times["times"].update({"cpu-reduce-range": 20.0, "cpu-qoperator": 20.0})  # every INT8 slower: FP32
     _, choice = tune.resolve_policy(chunk_bundle, config(chunk_bundle, tmp_path), factory(chunk_bundle),
                                     timer=fake_times["timer"])
     assert (choice.target, choice.threads) == ("cpu-fp32", 1)
