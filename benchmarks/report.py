@@ -170,6 +170,12 @@ def format_fast_default(report: dict) -> str:
         window = closed.get("frame_sync_window_s") or 0.0
         rows.append(("frame-synchronous ticks", "on" if window else "off",
                      f"window {window * 1e3:.0f} ms" if window else "camera rate unknown or below the tick rate"))
+    cost = report.get("monitor_cost")
+    if cost:
+        rows.append(("failure monitor update, added to the spread gate's (goal <= 500 us)",
+                     f"p50 {cost['added']['p50_us']:.0f} us, p99 {cost['added']['p99_us']:.0f} us",
+                     f"monitor p99 {cost['monitor']['p99_us']:.0f} us ({', '.join(cost['signals']) or 'spread only'}; "
+                     f"{cost['config']}, {cost['updates']} updates interleaved)"))
     if not rows:
         return ""
     lines = ["## Fast by default", "", "| measure | value | detail |", "|---|---|---|"]

@@ -22,6 +22,7 @@ from benchmarks.cpu_load import CpuBurner
 from benchmarks.defaults import default_vs_best
 from benchmarks.environment import environment
 from benchmarks.interleaved import run_interleaved
+from benchmarks.monitor_cost import monitor_cost
 from benchmarks.plots import write_plots
 from benchmarks.ratios import compute_ratios
 from benchmarks.report import format_fast_default, format_markdown
@@ -140,6 +141,12 @@ def run_benchmark(bundle_dir: Path, out_dir: Path, settings: BenchSettings) -> d
         report["side_by_side"] = run_interleaved(configs, settings, burner)
         phases["side_by_side"] = report["side_by_side"]["seconds"]
         report["notes"] = notes
+        first = next(iter(pipelines), None)
+        if first is not None:  # the monitor's own cost, on the first runtime configuration's real output
+            spec_first = next(s for s in specs if s.key == first)
+            config = robot_config(bundle, spec_first.policy(min(settings.samples), threads=settings.threads,
+                                                            mask_seed=settings.seed))
+            report["monitor_cost"] = {"config": first, **monitor_cost(bundle, config, pipelines[first], observation)}
         report["default_vs_best"] = None
         if settings.default_budget_s > 0:
             mark = time.monotonic()

@@ -258,6 +258,7 @@ class OnnxPolicy:
                  tokenizer: str | os.PathLike[str] | None = None, mc_samples: int = 16, mask_seed: int = 0) -> None:
         import onnxruntime as ort
 
+        from edge.inference.backends.onnxruntime import session_options
         from edge.inference.tokenizer import InstructionTokenizer
 
         def session(role: str) -> Any:
@@ -266,7 +267,8 @@ class OnnxPolicy:
                 raise BuildError(f"the replay gate needs the {role} graph; given: {sorted(graphs)}")
             if not Path(path).is_file():
                 raise BuildError(f"{role} graph {path} does not exist")
-            return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            # the runtime's CPU session options: on x86 without VNNI, INT8 graphs are exact only with them
+            return ort.InferenceSession(str(path), session_options(ort), providers=["CPUExecutionProvider"])
 
         self.spec = spec
         self.mc_samples = mc_samples

@@ -37,6 +37,7 @@ import numpy as np
 
 from edge.errors import BundleError, ConfigError
 from edge.fileio import atomic_write_text
+from edge.inference.cpu_isa import int8_dot_product_isa  # noqa: F401  (the benchmark reads it from here)
 
 logger = logging.getLogger(__name__)
 
@@ -212,26 +213,6 @@ def _cpu_identity() -> dict[str, str]:
     flags = " ".join(sorted((found.get("flags") or found.get("features") or "").split()))
     return {"cpu_model": model or platform.machine(), "machine": platform.machine(), "cores": str(os.cpu_count()),
             "cpu_flags_sha256": hashlib.sha256(flags.encode()).hexdigest()[:16]}
-
-
-def int8_dot_product_isa() -> str:
-    """The CPU's int8 dot-product instructions by name, the ones ONNX Runtime's fast u8s8 kernels need, or
-    what the CPU has instead (INT8 on the CPU pays only with them)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:
-        text = ""
-    flags = set()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip().lower() in ("flags", "features"):
-            flags |= set(value.split())
-    for flag, name in (("avx512_vnni", "AVX-512 VNNI"), ("avx_vnni", "AVX-VNNI"), ("asimddp", "Arm dotprod")):
-        if flag in flags:
-            return name
-    if "avx2" in flags:
-        return "AVX2 without VNNI"
-    return f"{platform.machine()} without int8 dot products"
 
 
 def _gpu_identity() -> str:

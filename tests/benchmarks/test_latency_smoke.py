@@ -406,3 +406,16 @@ def test_the_transports_are_measured_side_by_side(smoke):
     markdown = (out / "latency.md").read_text()
     assert "## Transports: ROS 2 over DDS next to serial + MJPEG" in markdown
     assert "| DDS frame: Image published (other process) -> Ros2Camera holds BGR |" in markdown
+
+
+def test_the_monitor_cost_is_measured_against_the_spread_gate_on_real_output(smoke):
+    bundle_dir, out, report, _ = smoke
+    cost = report["monitor_cost"]
+    manifest = json.loads((Path(bundle_dir) / "manifest.json").read_text())
+    per_tick = {"feature_novelty", "action_consistency"} & set(manifest.get("monitor", {}).get("signals", {}))
+    assert set(cost["signals"]) == per_tick  # the bundle's own per-inference signals, as the robot runs them
+    assert cost["updates"] > 0 and 0 < cost["spread_gate"]["p50_us"] and 0 < cost["monitor"]["p50_us"]
+    assert cost["monitor"]["p50_us"] <= cost["monitor"]["p99_us"]
+    assert cost["added"]["p50_us"] == pytest.approx(cost["monitor"]["p50_us"] - cost["spread_gate"]["p50_us"])
+    latency_md = (out / "latency.md").read_text()
+    assert "failure monitor update, added to the spread gate's" in latency_md

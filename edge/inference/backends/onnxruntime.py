@@ -8,6 +8,7 @@ address), so run() allocates nothing of its own beyond what ONNX Runtime does in
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ import numpy as np
 
 from edge.errors import BackendError
 from edge.inference.backends.base import BackendInfo, InferenceBackend, RunTiming, TensorSpec, check_io
+from edge.inference.cpu_isa import x64_quant_precision
 
 logger = logging.getLogger(__name__)
 
@@ -34,22 +36,31 @@ _ORT_TYPES = {
 # with the values each accepts. session.x64quantprecision "0": the variant's weights are 7-bit (reduce
 # range), so the fast u8s8 kernels are exact without VNNI and the exact path would only cost time.
 SESSION_CONFIG_ALLOWED = {"session.x64quantprecision": ("0", "1")}
-DEFAULT_SESSION_CONFIG = {"session.x64quantprecision": "1"}
+
+
+def default_session_config() -> dict[str, str]:
+    """What every session gets unless its variant records otherwise: the exact INT8 path only on x86 CPUs
+    whose fast kernels would saturate (edge/inference/cpu_isa.py)."""
+    return {"session.x64quantprecision": _X64_QUANT_PRECISION()}
+
+
+_X64_QUANT_PRECISION = functools.cache(x64_quant_precision)  # /proc/cpuinfo read once per process
 
 
 def session_options(ort, threads: int = 0, config: dict[str, str] | None = None):
     """Session options for every CPU session the project creates (runtime and build alike); `config`
     (a variant's recorded ort_session, checked by the bundle against SESSION_CONFIG_ALLOWED) overrides
-    DEFAULT_SESSION_CONFIG entry by entry."""
+    default_session_config() entry by entry."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # errors only: graph-cleanup notices would flood journald at start-up
     # On x86 CPUs without VNNI the fast u8*s8 kernels saturate their int16 accumulators and INT8 graphs
     # come out wrong (vision feature cosine to FP32 0.77 for the TensorRT layout, 0.96 for the CPU layout
-    # on an AVX2 machine); this option selects the exact path. ONNX Runtime applies it wherever its u8u8
-    # and u8s8 GEMM dispatches differ (MlasPlatformU8S8Overflow): every x86 CPU with AVX2, VNNI included.
-    for key, value in {**DEFAULT_SESSION_CONFIG, **(config or {})}.items():
+    # on an AVX2 machine); x64quantprecision 1 selects the exact path. ONNX Runtime applies it wherever its
+    # u8u8 and u8s8 GEMM dispatches differ (MlasPlatformU8S8Overflow): every x86 CPU with AVX2, VNNI
+    # included, where it only halves the speed: so it is set by the CPU (default_session_config).
+    for key, value in {**default_session_config(), **(config or {})}.items():
         options.add_session_config_entry(key, value)
     return options
 

@@ -167,20 +167,27 @@ def _session_entry(backend, key: str) -> str:
     return backend._session.get_session_options().get_session_config_entry(key)
 
 
-def test_each_cpu_target_loads_with_the_session_config_its_variants_recorded(tiny_bundle):
+@pytest.mark.parametrize("isa", ["AVX2 without VNNI", "AVX-512 VNNI"])
+def test_each_cpu_target_loads_with_the_session_config_its_variants_recorded(tiny_bundle, monkeypatch, isa):
+    from edge.inference.backends import onnxruntime as backend
+    from edge.inference.cpu_isa import x64_quant_precision
     from edge.inference.pipeline import PolicyPipeline
 
+    # The exact INT8 path only where the fast kernels saturate (x86 without VNNI); with VNNI they are exact.
+    default = x64_quant_precision(isa)
+    assert default == ("1" if isa == "AVX2 without VNNI" else "0")
+    monkeypatch.setattr(backend, "_X64_QUANT_PRECISION", lambda: default)
     bundle = Bundle.load(tiny_bundle)
     assert bundle.session_config("vision", "int8-cpu-rr") == {"session.x64quantprecision": "0"}
     assert bundle.session_config("head", "int8-cpu-rr") == {"session.x64quantprecision": "0"}
     assert bundle.session_config("vision", "int8-cpu") == {} == bundle.session_config("head", "int8-cpu-qop")
-    expected = {"cpu": "1", "cpu-qoperator": "1", "cpu-reduce-range": "0", "cpu-fp32": "1"}
+    expected = {"cpu": default, "cpu-qoperator": default, "cpu-reduce-range": "0", "cpu-fp32": default}
     for target, precision in expected.items():
         with PolicyPipeline(bundle, target=target, mc_samples=4) as pipeline:
             for graph in ("vision", "head"):
                 assert _session_entry(pipeline.backends[graph], "session.x64quantprecision") == precision, target
-            # the language graph keeps its dynamic INT8 (full-range weights) and so the exact path
-            assert _session_entry(pipeline.backends["language"], "session.x64quantprecision") == "1"
+            # the language graph keeps its dynamic INT8 (full-range weights) and so the CPU's default
+            assert _session_entry(pipeline.backends["language"], "session.x64quantprecision") == default
             assert pipeline.cache.encode_now("pick up the blue ball").shape[0] == 1
 
 
