@@ -15,6 +15,9 @@ import numpy as np
 
 from edge.errors import InputError
 
+RATE_FRAMES = 16  # capture times kept for the measured frame rate
+MIN_RATE_FRAMES = 4  # fewer frames than this: no rate yet
+
 
 class LatestFrame:
     """Front/back double buffer: the producer publishes a full frame, readers copy the front one."""
@@ -26,10 +29,12 @@ class LatestFrame:
         self._front: np.ndarray | None = None
         self._stamp_s = -math.inf
         self._count = 0
+        self._stamps = np.full(RATE_FRAMES, -math.inf)  # the last capture times, a ring (the measured rate)
 
     def reset(self) -> None:
         with self._lock:
             self._front, self._stamp_s, self._count = None, -math.inf, 0
+            self._stamps[:] = -math.inf
 
     def publish(self, image: np.ndarray, stamp_s: float) -> np.ndarray | None:
         """Make `image` the newest frame (captured at `stamp_s` on time.monotonic()); returns the previous
@@ -37,6 +42,7 @@ class LatestFrame:
         with self._lock:
             previous, self._front = self._front, image
             self._stamp_s = stamp_s
+            self._stamps[self._count % RATE_FRAMES] = stamp_s
             self._count += 1
             self._published.notify_all()
         return previous
@@ -75,6 +81,18 @@ class LatestFrame:
         """Seconds since the latest frame was captured; inf if none yet."""
         with self._lock:
             return now - self._stamp_s
+
+    def rate_hz(self) -> float | None:
+        """Frames per second over the last RATE_FRAMES capture times; None with fewer than MIN_RATE_FRAMES
+        frames since the last reset (the stream's own rate, whatever the device was asked for)."""
+        with self._lock:
+            n = min(self._count, RATE_FRAMES)
+            if n < MIN_RATE_FRAMES:
+                return None
+            newest = self._stamps[(self._count - 1) % RATE_FRAMES]
+            oldest = self._stamps[(self._count - n) % RATE_FRAMES]
+        span = newest - oldest
+        return (n - 1) / span if span > 0 and math.isfinite(span) else None
 
     @property
     def shape(self) -> tuple[int, ...] | None:
@@ -116,3 +134,7 @@ class LatestFrameReader:
     @property
     def frame_count(self) -> int:
         return self._frames.count
+
+    def measured_fps(self) -> float | None:
+        """The rate frames actually arrive at (the last 16 capture times); None until 4 have."""
+        return self._frames.rate_hz()

@@ -284,19 +284,32 @@ def build_loop(pipeline: PolicyPipeline, camera, link, bundle: Bundle, config: R
     return loop
 
 
-def camera_fps(config: RobotConfig) -> float | None:
-    """The rate of the first camera where the config states it (camera.fps), else None (unknown)."""
-    return None if config.camera is None or config.camera.fps is None else float(config.camera.fps)
+MEASURED_RATE_MARGIN = 0.95  # a measured rate this close to the control rate counts as at least it
+
+
+def camera_fps(config: RobotConfig, camera=None) -> float | None:
+    """The rate of the first camera: camera.fps where the config states it, else the rate its frames have
+    been arriving at (a connected camera's `measured_fps`, after start-up's warm-up), else None."""
+    if config.camera is not None and config.camera.fps is not None:
+        return float(config.camera.fps)
+    measured = getattr(camera, "measured_fps", None)
+    return measured() if callable(measured) else None
 
 
 def sync_frames(loop: ControlLoop, config: RobotConfig) -> float | None:
     """loop.frame_sync: the loop's ticks start on the first camera's new frames inside a window before each
-    deadline (edge/control/frame_sync.py); returns the window (None: off). Auto (null) turns it on when
-    camera.fps is at least the control rate and the camera signals new frames."""
+    deadline (edge/control/frame_sync.py); returns the window (None: off). Auto (null) turns it on when the
+    camera's rate (camera.fps, else measured on its frames) is at least the control rate and the camera
+    signals new frames."""
     loop_cfg = config.loop
     enabled = getattr(loop_cfg, "frame_sync", False)
-    window = frame_sync_window(enabled, camera_fps(config), loop_cfg.rate_hz,
-                               getattr(loop_cfg, "frame_sync_window_s", None))
+    fps = camera_fps(config, loop.camera)
+    stated = config.camera is not None and config.camera.fps is not None
+    if enabled is None and fps is not None and not stated:
+        enabled = fps >= MEASURED_RATE_MARGIN * loop_cfg.rate_hz  # a 10 fps camera measures 9.9 or 10.1
+        logger.info("camera rate measured on its frames: %.1f fps (camera.fps not set): frame sync %s", fps,
+                    "on" if enabled else "off")
+    window = frame_sync_window(enabled, fps, loop_cfg.rate_hz, getattr(loop_cfg, "frame_sync_window_s", None))
     if window is None or (enabled is None and not hasattr(loop.camera, "wait_newer")):
         return None
     loop.keeper.sync_to(FrameSync(loop.camera), window)

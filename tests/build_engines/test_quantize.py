@@ -337,7 +337,7 @@ def test_qoperator_summarises_the_integer_tensors_it_leaves_unquantized(tmp_path
     rng = np.random.default_rng(0)
     ranges = calibrate(path, [{"x": rng.normal(size=(1, 4)).astype(np.float32)} for _ in range(8)], "minmax",
                        tmp_path / "work")
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="build_engines.quantize"):  # an earlier build may set it to WARNING
         out = quantize_for_cpu(path, ranges, tmp_path / "qop.onnx", quant_format="qoperator")
     assert not [r for r in caplog.records if "Inference failed" in r.getMessage()]
     [line] = [r.getMessage() for r in caplog.records if "non-float tensors" in r.getMessage()]

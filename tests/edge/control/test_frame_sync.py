@@ -151,3 +151,53 @@ def test_wiring_turns_frame_sync_on_from_the_config():
     assert wiring.sync_frames(loop(object()), config(30.0)) is None  # auto: a camera without the signal
     with pytest.raises(ConfigError, match="signals new frames"):
         wiring.sync_frames(loop(object()), config(30.0, frame_sync=True))
+
+
+class MeasuredCamera:
+    """A camera whose frames arrived at `fps` (capture times on a latest-frame buffer), camera.fps unset."""
+
+    def __init__(self, fps: float, frames: int = 20):
+        self.frames = LatestFrame("the camera")
+        for k in range(frames):
+            self.frames.publish(np.zeros((2, 2, 3), np.uint8), 100.0 + k / fps)
+
+    def wait_newer(self, count: int, timeout_s: float) -> int:
+        return self.frames.wait_newer(count, timeout_s)
+
+    def measured_fps(self):
+        return self.frames.rate_hz()
+
+
+def test_the_frame_rate_is_measured_on_the_capture_times():
+    frames = LatestFrame("the camera")
+    for k in range(3):
+        frames.publish(np.zeros((2, 2, 3), np.uint8), 5.0 + 0.1 * k)
+    assert frames.rate_hz() is None  # three frames: too few to say
+    for k in range(3, 30):  # 10 fps for 3 s, then 20 fps
+        frames.publish(np.zeros((2, 2, 3), np.uint8), 5.0 + 0.1 * k)
+    for k in range(1, 21):
+        frames.publish(np.zeros((2, 2, 3), np.uint8), 5.0 + 2.9 + 0.05 * k)
+    assert frames.rate_hz() == pytest.approx(20.0)  # the last 16 frames: the stream's rate now, not its history
+    frames.reset()
+    assert frames.rate_hz() is None
+
+
+def test_auto_frame_sync_uses_the_measured_rate_when_camera_fps_is_not_set():
+    from types import SimpleNamespace
+
+    from edge.service import wiring
+    from edge.service.config import config_from_dict
+
+    unset = config_from_dict({"bundle": "b", "camera": {"source": "http://127.0.0.1:9/v"},
+                              "motor": {"port": "/dev/null"}})
+
+    def loop(camera):
+        return SimpleNamespace(keeper=RateKeeper(0.1), camera=camera)
+
+    assert wiring.sync_frames(loop(MeasuredCamera(30.0)), unset) == pytest.approx(1 / 30)
+    assert wiring.sync_frames(loop(MeasuredCamera(9.8)), unset) == pytest.approx(0.09)  # a 10 fps camera's jitter
+    assert wiring.sync_frames(loop(MeasuredCamera(6.0)), unset) is None  # slower than the ticks: off
+    assert wiring.sync_frames(loop(MeasuredCamera(30.0, frames=2)), unset) is None  # no rate yet: off
+    stated = config_from_dict({"bundle": "b", "camera": {"source": "http://127.0.0.1:9/v", "fps": 5.0},
+                               "motor": {"port": "/dev/null"}})
+    assert wiring.sync_frames(loop(MeasuredCamera(30.0)), stated) is None  # camera.fps, when set, decides
