@@ -84,7 +84,7 @@ _PLACEHOLDER = re.compile(r"\$\{([^}]*)\}")
 class LoopSection(LoopConfig):
     """The ``loop:`` section: the loop's own config and frame-synchronous ticks (edge/control/frame_sync.py)."""
 
-    frame_sync: bool | None = None  # start ticks on a new frame; null (auto): on when camera.fps >= rate_hz
+    frame_sync: bool | None = None  # start ticks on a new frame; null (auto): camera rate (stated/measured) >= rate_hz
     frame_sync_window_s: float | None = None  # how early before a deadline; null: one camera period
 
     def __post_init__(self) -> None:
