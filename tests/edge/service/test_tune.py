@@ -141,7 +141,8 @@ def test_nothing_to_tune_with_explicit_values(chunk_bundle, tmp_path):
 
 def test_build_pipeline_resolves_auto_and_keeps_the_choice(chunk_bundle, tmp_path, fake_times):
     pipeline = wiring.build_pipeline(chunk_bundle, config(chunk_bundle, tmp_path))
-    assert pipeline.target in ("cpu", "cpu-fp32")
+    # build_pipeline times on the real clock, which the fake runners do not advance: any CPU target may win
+    assert pipeline.target in set(TIMES) & set(chunk_bundle.manifest["targets"]), pipeline.tuning
     assert pipeline.tuning["source"] == "measured" and pipeline.tuning["target"] == pipeline.target
     assert "policy p99" in pipeline.tuning["line"]
 
