@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from build_engines.monitor import pool
 from edge.inference.bundle import Bundle
 from edge.inference.pipeline import PolicyPipeline
 
@@ -40,10 +41,6 @@ class EpisodeTrace:
     features: np.ndarray  # float32 [n, D], the vision features pooled over every axis but the last
     first_actions: np.ndarray  # float32 [n, A], the first action of each inference's mean chunk
 
-
-def pooled_features(features: np.ndarray) -> np.ndarray:
-    features = np.asarray(features, np.float32)
-    return features.reshape(-1, features.shape[-1]).mean(axis=0)
 
 
 def closed_loop_gaps(spec) -> list[str]:
@@ -93,7 +90,7 @@ def closed_loop(bundle_dir: Path, targets: list[str], seeds: int, mc_samples: in
                     out = pipeline.infer(obs.frame, obs.proprio, embedding)
                     scores.append(out.score)
                     if traces is not None:  # copies: the pipeline's output arrays are reused next tick
-                        features.append(pooled_features(out.features))
+                        features.append(pool(out.features)[0].astype(np.float32))  # the monitor's own pooling
                         first_actions.append(np.array(out.actions[0], np.float32))
                     obs = world.step(out.action.copy())
                 if world.success:
