@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from build_engines.camera_codec import episode_quality, jpeg
 from build_engines.monitor import pool
 from edge.inference.bundle import Bundle
 from edge.inference.pipeline import PolicyPipeline
@@ -72,9 +73,11 @@ def make_environment(reference: str):
 
 
 def closed_loop(bundle_dir: Path, targets: list[str], seeds: int, mc_samples: int, quantile: float,
-                mask_seed: int = 0, *, environment: str, traces: dict[str, list] | None = None) -> dict[str, dict]:
+                mask_seed: int = 0, *, environment: str, traces: dict[str, list] | None = None,
+                camera_jpeg: tuple[int, ...] = ()) -> dict[str, dict]:
     """Per target: successes and the spread threshold; `traces` (when given) gets, per target, one
-    EpisodeTrace per successful episode."""
+    EpisodeTrace per successful episode. Each episode's frames pass through the camera's codec, raw or at
+    one of the `camera_jpeg` qualities by seed (build_engines/camera_codec.py)."""
     bundle = Bundle.load(bundle_dir)  # also checks the draft bundle's hashes
     world = make_environment(environment)
     results = {}
@@ -84,10 +87,11 @@ def closed_loop(bundle_dir: Path, targets: list[str], seeds: int, mc_samples: in
             calm_scores: list[float] = []
             for seed in range(GATE_SEED_BASE, GATE_SEED_BASE + seeds):
                 obs = world.reset(seed)
+                quality = episode_quality(seed, camera_jpeg)
                 embedding = pipeline.cache.encode_now(obs.instruction) if pipeline.needs_language else None
                 scores, features, first_actions = [], [], []
                 while not world.done:
-                    out = pipeline.infer(obs.frame, obs.proprio, embedding)
+                    out = pipeline.infer(jpeg(obs.frame, quality), obs.proprio, embedding)
                     scores.append(out.score)
                     if traces is not None:  # copies: the pipeline's output arrays are reused next tick
                         features.append(pool(out.features)[0].astype(np.float32))  # the monitor's own pooling

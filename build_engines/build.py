@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 # BuildError and GateRefused are imported from here by callers and tests; they are defined in errors.py.
+from build_engines.camera_codec import DEFAULT_QUALITIES, check_qualities
 from build_engines.errors import BuildError, CalibrationError, GateError, GateRefused, PolicyError
 from build_engines.gate import ReplayGate, format_report, format_summary  # noqa: F401  (re-exported)
 from build_engines.manifest import write_manifest as _write_manifest  # noqa: F401  (tools re-key bundles with it)
@@ -82,6 +83,7 @@ class BuildOptions:
     threshold_quantile: float = 0.99
     monitor_rate: float = 0.01  # the failure monitor's false alarms per in-distribution tick (conformal)
     monitor_check_seeds: int = 10  # in-distribution episodes per target of the monitor's closed-loop check
+    camera_jpeg: tuple[int, ...] = DEFAULT_QUALITIES  # the camera's JPEG qualities (build_engines/camera_codec.py)
     tensorrt: str = "auto"  # auto | off
     force: bool = False
     tolerances: Tolerances = field(default_factory=Tolerances)
@@ -136,6 +138,10 @@ def validate_options(options: BuildOptions) -> None:
     _fraction("threshold quantile", options.threshold_quantile, 0.5, 1.0)
     _fraction("--monitor-rate", options.monitor_rate, 1e-4, 0.5)
     _integer("--monitor-check-seeds", options.monitor_check_seeds, 0, 10_000)
+    try:
+        check_qualities(options.camera_jpeg)
+    except ValueError as exc:
+        raise BuildError(f"--camera-jpeg: {exc} (or give none for a camera that delivers raw frames)") from None
     if options.uncertainty not in UNCERTAINTY_SIGNALS:
         raise BuildError(f"--uncertainty must be one of {UNCERTAINTY_SIGNALS}, got {options.uncertainty!r}")
     if options.tensorrt not in ("auto", "off"):
@@ -641,6 +647,7 @@ def _build_into(root: Path, options: BuildOptions, plan: Plan) -> dict:
                         options.gate_seeds if loop else 0, "replay": replay is not None,
                         "heldout_episodes": len(plan.heldout_ids) if plan.dataset is not None
                         else len(plan.heldout_episodes),
+                        "camera_jpeg": list(options.camera_jpeg) if loop else [],
                         "optional_targets": list(cpu_candidates.OPTIONAL_TARGETS),
                         "dropped_targets": report["dropped_targets"]}
     if loop and "monitor" in manifest and options.monitor_check_seeds:
@@ -752,7 +759,7 @@ def _closed_loop(root: Path, options: BuildOptions, plan: Plan, targets: list[st
         try:
             return closed_loop(root, targets, options.gate_seeds, options.default_mc_samples,
                                options.threshold_quantile, options.seed, environment=plan.environment,
-                               traces=traces)
+                               traces=traces, camera_jpeg=options.camera_jpeg)
         except EdgeError:
             raise
         except Exception as exc:  # a user's simulator may fail in any way: one line naming it
@@ -829,12 +836,20 @@ def _monitor(root, options, plan, targets, sessions, files, data, token_feeds, h
              traces=None) -> dict | None:
     """The failure monitor's models and thresholds (build_engines/monitor.py) from every vision variant's
     features, the known and held-out instructions' embeddings and each target's held-out actions."""
+    from build_engines.camera_codec import augment
     from build_engines.monitor import fit_monitor
     from edge.control.uncertainty_gate import GateConfig
 
-    vision = {variant: np.concatenate([sessions.run(path, data.vision_feeds(i, i + 16))
-                                       for i in range(0, len(data), 16)])
-              for variant, path in files["vision"].items()}
+    # Every sample raw and as the camera may deliver it (build_engines/camera_codec.py), in batches of 16.
+    raw_batches = [data.vision_feeds(i, i + 16) for i in range(0, len(data), 16)]
+    coded_batches = [[augment(feeds, quality) for feeds in raw_batches] for quality in options.camera_jpeg]
+
+    def features(path: str, batches: list) -> np.ndarray:
+        return np.concatenate([sessions.run(path, feeds) for feeds in batches])
+
+    vision = {variant: features(path, raw_batches) for variant, path in files["vision"].items()}
+    compressed = {variant: [features(path, batches) for batches in coded_batches]
+                  for variant, path in files["vision"].items()}
     instruction_vectors = None
     known = list(plan.policy.instructions) if spec.language is not None else []
     if known:
@@ -861,7 +876,8 @@ def _monitor(root, options, plan, targets, sessions, files, data, token_feeds, h
                        instruction_vectors=instruction_vectors, known_instructions=known,
                        heldout_instructions=list(plan.policy.held_out_instructions),
                        heldout_actions=actions, action_range=float(np.max(_action_range(spec))),
-                       traces=traces, enter_ticks=GateConfig.enter_ticks)
+                       traces=traces, enter_ticks=GateConfig.enter_ticks, compressed_features=compressed,
+                       camera_jpeg=options.camera_jpeg)
 
 
 def _runners(sessions, files, targets, data, plan, token_feeds, spec, head_names) -> dict:

@@ -34,6 +34,7 @@ from build_engines.build import (
     format_summary,
     run_build,
 )
+from build_engines.camera_codec import DEFAULT_QUALITIES
 from build_engines.errors import EXIT_BUILD_ERROR, BuildError, GateRefused
 from build_engines.policy import DEFAULT_POLICY
 from build_engines.replay_gate import ReplayTolerances
@@ -110,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--monitor-check-seeds", type=int, default=10,
                    help="failure monitor check in the gate's closed loop: in-distribution episodes per target "
                         "(half as many per failure kind; 0 skips it; reports/monitor.md)")
+    p.add_argument("--camera-jpeg", nargs="+", default=[str(q) for q in DEFAULT_QUALITIES], metavar="QUALITY",
+                   help="the JPEG qualities the robot's camera may deliver (MJPG USB and IP cameras): the failure "
+                        "monitor is fitted on calibration frames raw and at each, the closed-loop gate's episodes "
+                        "run raw or at one of them by seed; 'none' for a camera that delivers raw frames "
+                        f"(default {' '.join(str(q) for q in DEFAULT_QUALITIES)})")
     p.add_argument("--tensorrt", choices=("auto", "off"), default="auto")
     p.add_argument("--min-vision-cosine", type=float, default=Tolerances.min_vision_cosine)
     p.add_argument("--max-head-error", type=float, default=Tolerances.max_head_action_error)
@@ -184,7 +190,7 @@ def _build(args: argparse.Namespace) -> int:
         calib_samples=args.calib_samples, calib_method=args.calib_method, gate_seeds=args.gate_seeds,
         max_mc_samples=args.max_mc_samples, default_mc_samples=args.mc_samples, tensorrt=args.tensorrt,
         monitor_rate=args.monitor_rate, monitor_check_seeds=args.monitor_check_seeds,
-        force=args.force,
+        camera_jpeg=_camera_jpeg(args.camera_jpeg), force=args.force,
         tolerances=Tolerances(min_vision_cosine=args.min_vision_cosine, max_head_action_error=args.max_head_error,
                               max_success_drop=args.max_success_drop),
     )
@@ -192,6 +198,16 @@ def _build(args: argparse.Namespace) -> int:
     print(summary.get("text") or format_summary(summary))
     print(f"\nbundle: {args.out}")
     return EXIT_OK
+
+
+def _camera_jpeg(values: list[str]) -> tuple[int, ...]:
+    """--camera-jpeg values: 'none' alone, or integers (their range is checked with the other options)."""
+    if [v.lower() for v in values] == ["none"]:
+        return ()
+    try:
+        return tuple(int(v) for v in values)
+    except ValueError:
+        raise BuildError(f"--camera-jpeg takes JPEG qualities 1..100 or 'none', got {' '.join(values)!r}") from None
 
 
 def _dataset_options(args: argparse.Namespace) -> DatasetOptions:

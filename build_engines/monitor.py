@@ -7,6 +7,7 @@ beyond MC-dropout; docs/bundle.md, "monitor").
     known instructions -> unit embeddings; held-out instructions (paraphrases the policy grounds)
         -> nearest cosine distance -> conformal threshold
     held-out episodes -> mean actions of consecutive samples -> RMS change / action range -> threshold
+    (closed loop only) successful episodes' inference counts -> time on task: the longest a task may run
 
 Where the build drives a closed loop (the gate's environment), the per-inference signals are calibrated
 again on what the runtime will see: every tick of the gate's successful episodes, through the runtime's
@@ -48,6 +49,8 @@ DEFAULT_WINDOW = {"over": 3, "ticks": 5}  # an alarm: `over` of the last `ticks`
 FEATURE_SCORE = ("Mahalanobis distance of the pooled vision features (mean over every axis but the last) "
                  "to the calibration samples' mean, Ledoit-Wolf shrunk covariance")
 INSTRUCTION_SCORE = "1 - the largest cosine similarity of the instruction's embedding to a known instruction's"
+TASK_SCORE = ("inferences since the instruction (or a resume); on above the most a successful episode took: a "
+              "task that runs longer is taken as one that cannot succeed")
 CONSISTENCY_SCORE = ("RMS over channels of the change of the first executed action between consecutive "
                      "inferences, divided by the largest action range")
 
@@ -143,8 +146,10 @@ def closed_loop_thresholds(traces: dict[str, list], targets: dict[str, dict[str,
     "episodes", "ticks", "supported_rate", "supported_episode_rate"}; a target without successful
     episodes is left out."""
     signals = ["spread", "action_consistency"] + (["feature_novelty"] if models else [])
-    share, episode_share = rate / len(signals), episode_rate / len(signals)
-    thresholds: dict[str, dict[str, float]] = {name: {} for name in signals}
+    # time on task raises no alarm on a successful episode's ticks, only on one that runs too long: it takes
+    # a share of the episode rate, none of the per-tick rate
+    share, episode_share = rate / len(signals), episode_rate / (len(signals) + 1)
+    thresholds: dict[str, dict[str, float]] = {name: {} for name in (*signals, "time_on_task")}
     counts, supported, supported_episodes = {}, {}, {}
     for target, episodes in traces.items():
         if not episodes:
@@ -168,6 +173,10 @@ def closed_loop_thresholds(traces: dict[str, list], targets: dict[str, dict[str,
             thresholds[name][target] = _positive(max(by_tick, by_episode))
             supported[target] = max(supported.get(target, 0.0), achieved)
             supported_episodes[target] = max(supported_episodes.get(target, 0.0), achieved_episodes)
+        # every inference of a successful episode ran on its task: the longest allowed is the conformal
+        # quantile of their counts (a new successful episode runs longer with probability <= episode_share)
+        longest, _ = conformal_threshold(np.array([len(e.spread) for e in episodes], np.float64), episode_share)
+        thresholds["time_on_task"][target] = float(math.ceil(longest))
         counts[target] = (len(episodes), int(sum(len(e.spread) for e in episodes)))
     return {"thresholds": thresholds, "rate_per_signal": share, "episode_rate_per_signal": episode_share,
             "signals": signals, "episodes": min((c[0] for c in counts.values()), default=0),
@@ -205,29 +214,39 @@ def fit_monitor(root: Path, *, vision_features: dict[str, np.ndarray], targets: 
                 instruction_vectors: tuple[np.ndarray, np.ndarray] | None,
                 known_instructions: list[str], heldout_instructions: list[str],
                 heldout_actions: dict[str, list[np.ndarray]], action_range: float,
-                traces: dict[str, list] | None = None, enter_ticks: int = 3) -> dict:
+                traces: dict[str, list] | None = None, enter_ticks: int = 3,
+                compressed_features: dict[str, list[np.ndarray]] | None = None,
+                camera_jpeg: tuple[int, ...] = ()) -> dict:
     """Write monitor/*.npz under `root` and return the manifest's `monitor` section.
 
     vision_features: vision variant -> features of every sample (calibration then held-out);
     instruction_vectors: (known, held-out) embeddings, or None without language;
     heldout_actions: target -> mean first actions of the held-out samples, in order;
     traces: the closed-loop gate's successful episodes per target (None: no closed loop), whose windowed
-    conformal thresholds replace the per-sample ones and set the spread's (section `spread`)."""
+    conformal thresholds replace the per-sample ones and set the spread's (section `spread`);
+    compressed_features: vision variant -> the same samples' features once per camera JPEG quality
+    (`camera_jpeg`, build_engines/camera_codec.py): the feature model is fitted on the calibration samples
+    raw and compressed, the per-sample thresholds are set on the held-out ones raw and compressed."""
     (root / "monitor").mkdir(exist_ok=True)
     skipped: dict[str, str] = {}
     arrays: dict[str, np.ndarray] = {}
     feature_thresholds: dict[str, float] = {}
     supported: dict[str, float] = {}
     models = {}
-    for variant, features in vision_features.items():
-        model = fit_mahalanobis(features[calibration])
+    compressed_features = compressed_features or {}
+
+    def as_delivered(variant: str, rows: slice) -> np.ndarray:
+        return np.concatenate([vision_features[variant][rows]]
+                              + [extra[rows] for extra in compressed_features.get(variant, [])])
+
+    for variant in vision_features:
+        model = fit_mahalanobis(as_delivered(variant, calibration))
         models[variant] = model
         arrays[f"mean_{variant}"] = model["mean"]
         arrays[f"whiten_{variant}"] = model["whiten"]
     for target, variants in targets.items():
         variant = variants["vision"]
-        threshold, achieved = conformal_threshold(mahalanobis(vision_features[variant][heldout], models[variant]),
-                                                  rate)
+        threshold, achieved = conformal_threshold(mahalanobis(as_delivered(variant, heldout), models[variant]), rate)
         feature_thresholds[target] = _positive(threshold)
         supported[target] = achieved
     n_heldout = heldout.stop - heldout.start
@@ -289,6 +308,12 @@ def fit_monitor(root: Path, *, vision_features: dict[str, np.ndarray], targets: 
             entry["threshold"] = {**entry["threshold"], **loop["thresholds"][name]}
             entry.update(calibrated_on=source, closed_loop_ticks=loop["ticks"], supported_rate=loop["supported_rate"])
             skipped.pop(name, None)
+        if loop["thresholds"]["time_on_task"]:
+            signals["time_on_task"] = {
+                "score": TASK_SCORE, "threshold": loop["thresholds"]["time_on_task"],
+                "calibrated_on": f"closed loop: the inferences of each of {loop['episodes']} successful gate "
+                                 f"episodes, conformal at {loop['episode_rate_per_signal']:.4g} of episodes "
+                                 f"(supported: {loop['supported_episode_rate']:.4g})"}
         logger.info("monitor: closed-loop thresholds %s", {n: {t: round(v, 4) for t, v in row.items()}
                                                            for n, row in loop["thresholds"].items()})
     if not any((root / "monitor").iterdir()):
@@ -300,7 +325,8 @@ def fit_monitor(root: Path, *, vision_features: dict[str, np.ndarray], targets: 
     logger.info("monitor: feature-novelty thresholds %s (%d held-out samples); signals %s",
                 {t: round(v, 3) for t, v in feature_thresholds.items()}, n_heldout, sorted(signals))
     section = {"method": "split conformal: the ceil((n + 1)(1 - rate))-th smallest held-out score per signal",
-               "false_alarm_rate": float(rate), "window": dict(DEFAULT_WINDOW), "signals": signals}
+               "false_alarm_rate": float(rate), "window": dict(DEFAULT_WINDOW), "signals": signals,
+               "camera_jpeg": list(camera_jpeg)}
     if loop is not None:
         section["method"] = ("split conformal on the closed loop: per signal the larger of the ceil((n + 1)(1 - "
                              f"rate / {len(loop['signals'])}))-th smallest windowed statistic over the gate's "

@@ -6,7 +6,8 @@ size in the reference world (reference_policy/evaluate_monitor.py).
 Each tick: the environment's frame (altered by the failure kind) -> PolicyPipeline.infer ->
 FailureMonitor.update -> the policy's action, or a stop (zeros) while the monitor is in fallback ->
 env.step. The instruction is checked once per episode (instruction novelty); a hold counts as fallback
-from the first tick.
+from the first tick. Frames pass through the camera codec the bundle's monitor was calibrated for
+(manifest monitor.camera_jpeg: raw or one JPEG quality per episode, build_engines/camera_codec.py).
 
 Failure kinds work with any environment of the gate (build_engines/accuracy_gate.py):
 
@@ -32,6 +33,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from build_engines.camera_codec import episode_quality, jpeg
 
 logger = logging.getLogger(__name__)
 
@@ -119,14 +122,18 @@ def make_monitor(bundle, target: str, spread_only: bool = False):
     return FailureMonitor(gate, None if spread_only else load_models(bundle, target), action.dim, action_range)
 
 
-def run_episode(env, pipeline, monitor, kind: FailureKind | None, seed: int, max_ticks: int) -> Episode:
-    """One episode of `kind` (None: in distribution) with the monitor in charge, at most `max_ticks`."""
+def run_episode(env, pipeline, monitor, kind: FailureKind | None, seed: int, max_ticks: int,
+                camera_jpeg: tuple[int, ...] = ()) -> Episode:
+    """One episode of `kind` (None: in distribution) with the monitor in charge, at most `max_ticks`; its
+    frames (after the failure's own change) pass through the camera's codec, raw or at one of the
+    `camera_jpeg` qualities by seed, as in the closed-loop gate (build_engines/camera_codec.py)."""
     extra = {} if kind is None else (kind.reset(seed) if callable(kind.reset) else kind.reset)
     obs = env.reset(seed, **extra)
     if kind is not None and kind.begin is not None:
         kind.begin(seed)
     episode = Episode(kind.name if kind else "in_distribution", seed, kind.onset if kind else 0)
     rng = np.random.default_rng(seed)
+    quality = episode_quality(seed, camera_jpeg)
     monitor.reset()
     embedding = pipeline.cache.encode_now(obs.instruction) if pipeline.needs_language else None
     if embedding is not None and monitor.instruction_hold(obs.instruction, embedding) is not None:
@@ -134,17 +141,19 @@ def run_episode(env, pipeline, monitor, kind: FailureKind | None, seed: int, max
         episode.fallback = [True] * max_ticks
         return episode
     zeros = np.zeros(pipeline.action_dim, np.float32)
-    thresholds = {name: alarm.threshold for name, alarm in monitor.alarms.items()}
+    thresholds = {name: alarm.threshold for name, alarm in monitor.alarms.items() if name in SIGNALS}
     thresholds["spread"] = monitor.gate.config.threshold
     for tick in range(max_ticks):
         if env.done:
             break
         frame = obs.frame if kind is None or kind.alter is None else kind.alter(tick, obs.frame, rng)
+        frame = jpeg(frame, quality)
         out = pipeline.infer(frame, obs.proprio, embedding)
         decision = monitor.update(out.score, out)
         episode.fallback.append(decision.fallback)
         for name in monitor.tripped:
-            episode.tripped[name] += 1
+            if name in episode.tripped:  # time on task has no per-tick share: it ends a failing episode
+                episode.tripped[name] += 1
         episode.scores["spread"].append(out.score)
         for name in ("feature_novelty", "action_consistency"):
             alarm = monitor.alarms.get(name)
@@ -251,17 +260,18 @@ def check_monitor(bundle_dir, target: str, env, *, seeds: range, failure_seeds: 
     bundle = Bundle.load(bundle_dir)
     kinds = list(kinds) if kinds is not None else generic_kinds() + environment_kinds(env)
     episodes: dict[str, list[Episode]] = {}
+    codec = tuple((bundle.manifest.get("monitor") or {}).get("camera_jpeg", ()))  # as the bundle was calibrated
     with PolicyPipeline(bundle, target, mc_samples=mc_samples, mask_seed=mask_seed) as pipeline:
         monitor = make_monitor(bundle, target)
-        episodes["in_distribution"] = [run_episode(env, pipeline, monitor, None, s, max_ticks) for s in seeds]
+        episodes["in_distribution"] = [run_episode(env, pipeline, monitor, None, s, max_ticks, codec) for s in seeds]
         spread_success = None
         if spread_only:
             alone = make_monitor(bundle, target, spread_only=True)
-            spread_success = float(np.mean([run_episode(env, pipeline, alone, None, s, max_ticks).success
+            spread_success = float(np.mean([run_episode(env, pipeline, alone, None, s, max_ticks, codec).success
                                             for s in seeds]))
         for k, kind in enumerate(kinds):
             base = seeds.stop + 100_000 * (k + 1)
-            episodes[kind.name] = [run_episode(env, pipeline, monitor, kind, s, failure_ticks)
+            episodes[kind.name] = [run_episode(env, pipeline, monitor, kind, s, failure_ticks, codec)
                                    for s in range(base, base + failure_seeds)]
             logger.info("monitor check %s: %s done", target, kind.name)
     report = summarise(episodes, dt_s, [k.name for k in kinds], spread_success)

@@ -114,6 +114,7 @@ def test_a_built_bundle_with_a_broken_monitor_section_is_refused(tmp_path):
     signals = manifest["monitor"]["signals"]
     assert set(signals) == {"feature_novelty", "action_consistency"}, "no language: no instruction novelty"
     assert manifest["files"][signals["feature_novelty"]["path"]], "the model is hashed like every file"
+    assert manifest["monitor"]["camera_jpeg"] == [95, 85, 75], "fitted on frames as JPEG cameras deliver them"
     manifest["monitor"]["window"]["over"] = 0
     with pytest.raises(BundleError, match="monitor/window/over"):
         validate_manifest(manifest, root / "manifest.json")
@@ -156,12 +157,13 @@ def _trace(rng, n, shift=0.0):
 def test_closed_loop_thresholds_split_the_rate_over_the_signals_and_hold_it_on_new_episodes():
     rng = np.random.default_rng(11)
     model = fit_mahalanobis(rng.normal(size=(400, 4)))
-    calibration = [_trace(rng, 60) for _ in range(60)]
+    calibration = [_trace(rng, 60) for _ in range(80)]
     window = {"over": 3, "ticks": 5}
     loop = closed_loop_thresholds({"cpu": calibration}, {"cpu": {"vision": "int8-cpu"}}, {"int8-cpu": model},
                                   action_range=2.0, rate=0.03, window=window, enter_ticks=3)
     assert loop["signals"] == ["spread", "action_consistency", "feature_novelty"]
-    assert loop["rate_per_signal"] == pytest.approx(0.01) and loop["episodes"] == 60 and loop["ticks"] == 3600
+    assert loop["rate_per_signal"] == pytest.approx(0.01) and loop["episodes"] == 80 and loop["ticks"] == 4800
+    assert loop["thresholds"]["time_on_task"] == {"cpu": 60.0}, "every successful episode took 60 inferences"
     fresh = [_trace(rng, 60) for _ in range(200)]
     thresholds = {name: row["cpu"] for name, row in loop["thresholds"].items()}
     on, episodes_on = [], []
@@ -180,9 +182,9 @@ def test_closed_loop_thresholds_split_the_rate_over_the_signals_and_hold_it_on_n
             on.append(entered or feature_on or consistency_on)
         episodes_on.append(any(on[-60:]))
     assert np.mean(on) <= 0.03 * 1.5  # the union of the three alarms: about the stated rate, not 3x it
-    # 60 calibration episodes support the default episode rate split over three signals (5% / 3 each):
-    # about 5% of new episodes see any alarm.
-    assert loop["supported_episode_rate"] == pytest.approx(0.05 / 3) and np.mean(episodes_on) <= 0.09
+    # 80 calibration episodes support the default episode rate split over three signals and time on task
+    # (5% / 4 each): about 5% of new episodes see any alarm.
+    assert loop["supported_episode_rate"] == pytest.approx(0.05 / 4) and np.mean(episodes_on) <= 0.09
     shifted = [_trace(rng, 60, shift=2.0) for _ in range(20)]  # novel features
     novel = np.concatenate([windowed_statistic(mahalanobis(e.features, model), 3, 5) for e in shifted])
     assert np.mean(novel > thresholds["feature_novelty"]) > 0.5
