@@ -159,6 +159,12 @@ def format_status(status: Mapping[str, Any]) -> str:
                      + (f", FAULT: {controller['fault']}" if controller.get("fault") else "")
                      + (", e-stop NOT confirmed" if controller.get("estop_confirmed") is False else "")
                      + "".join(f", {k.replace('_', ' ')} {v}" for k, v in ctl_counters.items()))
+    monitor = section("monitor")
+    if isinstance(monitor.get("signals"), Mapping):
+        tripped = monitor.get("tripped") or []
+        lines.append("monitor      " + (f"TRIPPED by {', '.join(tripped)}" if tripped else "calm") + "; " + ", ".join(
+            f"{name} {num(row.get('score'), '.4g')}/{num(row.get('threshold'), '.4g')}" + (" ON" if row.get("on") else "")
+            for name, row in monitor["signals"].items() if isinstance(row, Mapping)))
     reasons = tick.get("reason_names")
     if reasons:
         lines.append(f"safety       {', '.join(reasons)}")

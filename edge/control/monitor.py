@@ -5,6 +5,10 @@
     action_consistency   RMS change of the first executed action between consecutive inferences
     instruction_novelty  nearest cosine distance of the instruction's embedding to the known ones; checked
                          once per instruction (cached), an instruction the policy cannot ground is held
+    time_on_task         inferences since the instruction (or a resume): on once the task has run longer
+                         than the successful calibration episodes did (a task that cannot succeed, e.g. its
+                         object is not there, ends stopped in fallback instead of wandering); stays on
+                         until a new instruction or `vla-edge resume` (`new_task`)
 
 Models and thresholds come from the bundle's `monitor` section (build_engines/monitor.py: split-conformal
 thresholds on held-out successful samples at a stated false-alarm rate). Each per-inference signal has a
@@ -26,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edge.control.uncertainty_gate import GateDecision, GateMode, UncertaintyGate
-from edge.errors import BundleError
+from edge.errors import BundleError, ConfigError
 from edge.validation import check_range
 
 logger = logging.getLogger(__name__)
@@ -132,6 +136,28 @@ class ActionConsistency:
         return float(np.sqrt(np.mean(self._change))) / self.action_range
 
 
+class TimeOnTask:
+    """On once more than `threshold` inferences ran on the current task (the alarm interface: threshold,
+    last, on, reset, update)."""
+
+    def __init__(self, threshold: float):
+        if not (math.isfinite(threshold) and threshold >= 1):
+            raise BundleError(f"the time-on-task threshold must be a finite count >= 1, got {threshold!r}; "
+                              "rebuild the bundle")
+        self.threshold = float(threshold)
+        self.last = 0.0
+        self.on = False
+
+    def reset(self) -> None:
+        self.last = 0.0
+        self.on = False
+
+    def update(self, inferences: int) -> bool:
+        self.last = float(inferences)
+        self.on = inferences > self.threshold
+        return self.on
+
+
 class InstructionNovelty:
     """1 - the largest cosine similarity to a known instruction's embedding, cached per text."""
 
@@ -156,6 +182,28 @@ class InstructionNovelty:
         return cached
 
 
+OPTIONAL_SIGNALS = ("feature_novelty", "action_consistency", "instruction_novelty", "time_on_task")
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    """The robot config's ``monitor:`` section: signals of the bundle's monitor to leave out on this robot
+    (e.g. while a camera unlike the one the bundle was calibrated for raises false alarms, until the bundle
+    is rebuilt for it). The spread is the uncertainty gate's (``uncertainty:``), not switched off here."""
+
+    disable: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        disable = self.disable
+        if isinstance(disable, str) or not isinstance(disable, (tuple, list)):
+            raise ConfigError(f"monitor.disable must be a list of signal names, got {disable!r}")
+        unknown = [name for name in disable if name not in OPTIONAL_SIGNALS]
+        if unknown:
+            raise ConfigError(f"monitor.disable: unknown signal(s) {unknown}; the ones a config can leave out: "
+                              f"{', '.join(OPTIONAL_SIGNALS)} (the spread is set in uncertainty:)")
+        object.__setattr__(self, "disable", tuple(disable))
+
+
 @dataclass
 class MonitorModels:
     """What the bundle's `monitor` section gives one target."""
@@ -166,14 +214,19 @@ class MonitorModels:
     feature_threshold: float | None = None
     consistency_threshold: float | None = None
     instructions: InstructionNovelty | None = None
+    task_inferences: float | None = None  # time on task: the most inferences a successful task took
 
 
-def load_models(bundle, target: str, window: WindowConfig | None = None) -> MonitorModels | None:
-    """The monitor's models for `target` from the bundle, or None for a bundle without a `monitor` section."""
+def load_models(bundle, target: str, window: WindowConfig | None = None,
+                disable: tuple[str, ...] = ()) -> MonitorModels | None:
+    """The monitor's models for `target` from the bundle, or None for a bundle without a `monitor` section;
+    the signals named in `disable` (MonitorConfig) are left out."""
     section = bundle.manifest.get("monitor")
     if not section:
         return None
-    signals = section["signals"]
+    signals = {name: row for name, row in section["signals"].items() if name not in disable}
+    if disable:
+        logger.warning("failure monitor: %s left out by the config (monitor.disable)", ", ".join(disable))
     configured = section.get("window", {})
     models = MonitorModels(window or WindowConfig(int(configured.get("over", 3)), int(configured.get("ticks", 5))),
                            float(section["false_alarm_rate"]))
@@ -193,6 +246,9 @@ def load_models(bundle, target: str, window: WindowConfig | None = None) -> Moni
     consistency = signals.get("action_consistency")
     if consistency and target in consistency["threshold"]:
         models.consistency_threshold = float(consistency["threshold"][target])
+    task = signals.get("time_on_task")
+    if task and target in task["threshold"]:
+        models.task_inferences = float(task["threshold"][target])
     language = signals.get("instruction_novelty")
     if language:
         with np.load(bundle.path(language["path"])) as data:
@@ -217,10 +273,14 @@ class FailureMonitor:
             if models.consistency_threshold is not None:
                 self._consistency = ActionConsistency(action_dim, action_range)
                 self.alarms["action_consistency"] = WindowedAlarm(models.consistency_threshold, models.window)
+            if models.task_inferences is not None:
+                self.alarms["time_on_task"] = TimeOnTask(models.task_inferences)
+        self._task_inferences = 0  # inferences since the instruction or a resume (time_on_task)
         self._mode = GateMode.NOMINAL
         self.tripped: tuple[str, ...] = ()
         self.trips = {name: 0 for name in ("spread", *self.alarms)}
         self.ticks = 0
+        self._spread = float("nan")  # the last inference's spread score
         self.ticks_in_fallback = 0
         self.transitions = 0
         self.instruction_verdict: tuple[str, float, bool] | None = None  # text, novelty, understood
@@ -241,10 +301,25 @@ class FailureMonitor:
             self._consistency.reset()
         self._mode = GateMode.NOMINAL
         self.tripped = ()
+        self._task_inferences = 0
+
+    @property
+    def task_overdue(self) -> bool:
+        """The time-on-task alarm is on (`vla-edge resume` restarts its clock)."""
+        clock = self.alarms.get("time_on_task")
+        return clock is not None and clock.on
+
+    def new_task(self) -> None:
+        """A new instruction, a stop or a resume: the time-on-task clock starts again."""
+        self._task_inferences = 0
+        clock = self.alarms.get("time_on_task")
+        if clock is not None:
+            clock.reset()
 
     def update(self, score: float, output=None) -> GateDecision:
         """This inference's spread `score` and its output (`features` [1, ..., D], `actions` [H, A])."""
         spread = self.gate.update(score)
+        self._spread = float(score)
         tripped = ["spread"] if spread.fallback else []
         features = getattr(output, "features", None)
         if self._features is not None and features is not None:
@@ -254,6 +329,14 @@ class FailureMonitor:
         if self._consistency is not None and actions is not None:
             if self.alarms["action_consistency"].update(self._consistency.score(actions[0])):
                 tripped.append("action_consistency")
+        self._task_inferences += 1
+        clock = self.alarms.get("time_on_task")
+        if clock is not None and clock.update(self._task_inferences):
+            if "time_on_task" not in self.tripped:
+                logger.warning("the task has run %d inferences, longer than every successful calibration episode "
+                               "(%d): stopping in fallback; send a new instruction, or `vla-edge resume` to go on",
+                               self._task_inferences, clock.threshold)
+            tripped.append("time_on_task")
         self.ticks += 1
         mode = GateMode.FALLBACK if tripped else GateMode.NOMINAL
         transition = None
@@ -266,7 +349,7 @@ class FailureMonitor:
             self.transitions += 1
         for name in tripped:
             if name not in self.tripped:
-                self.trips[name] += 1
+                self.trips[name] = self.trips.get(name, 0) + 1
         self.tripped = tuple(tripped)
         if mode is GateMode.FALLBACK:
             self.ticks_in_fallback += 1
@@ -289,10 +372,10 @@ class FailureMonitor:
     def signals(self) -> dict:
         """Per signal: last score, threshold, alarm on, trips (for the status snapshot and metrics)."""
         gate = self.gate
-        rows = {"spread": {"threshold": float(gate.config.threshold), "on": "spread" in self.tripped,
-                           "trips": self.trips["spread"]}}
+        rows = {"spread": {"score": self._spread, "threshold": float(gate.config.threshold),
+                           "on": "spread" in self.tripped, "trips": self.trips["spread"]}}
         for name, alarm in self.alarms.items():
-            rows[name] = {"score": alarm.last, "threshold": alarm.threshold, "on": alarm.on, "trips": self.trips[name]}
+            rows[name] = {"score": alarm.last, "threshold": alarm.threshold, "on": alarm.on, "trips": self.trips.get(name, 0)}
         if self.instruction_verdict is not None:
             text, novelty, understood = self.instruction_verdict
             rows["instruction_novelty"] = {"score": novelty, "threshold": self.models.instructions.threshold,

@@ -41,6 +41,7 @@ class OperatorCommands:
             self.pipeline.tokenizer.encode(text)  # refuse here, before the robot drops what it is doing
         with self._instruction_lock:
             self._instruction = text
+            self.gate.new_task()  # the failure monitor's time on task starts again
             if text is not None and self._controller_fault is None:
                 self._release_hold("new instruction")
         self._amend_status(instruction=text, hold_reason=self._hold_reason)
@@ -68,7 +69,13 @@ class OperatorCommands:
                              "its power, cable and `vla-edge status`, then resume")
         with self._instruction_lock:
             if self._hold_reason is None:
-                raise InputError("nothing to resume: the robot is not held after an emergency stop")
+                if self.gate.task_overdue:  # stopped in fallback by time on task: the operator says go on
+                    self.gate.new_task()
+                    logger.info("time on task restarted by resume: the policy runs on the current instruction")
+                    return
+                raise InputError("nothing to resume: the robot is not held after an emergency stop or a stop, "
+                                 "and no task ran out of time")
+            self.gate.new_task()
             self._release_hold("resume")
         self._amend_status(hold_reason=None)
 

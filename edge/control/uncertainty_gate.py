@@ -160,6 +160,11 @@ class UncertaintyGate:
             self.ticks_in_fallback += 1
         return GateDecision(mode=self._mode, score=score, transition=transition)
 
+    def new_task(self) -> None:
+        """A new instruction, stop or resume: nothing to restart for the spread alone (see FailureMonitor)."""
+
+    task_overdue = False  # the spread alone has no time-on-task signal
+
     def instruction_hold(self, text: str, embedding) -> str | None:
         """The spread alone judges no instruction (edge/control/monitor.py does, where the bundle has a monitor)."""
         return None

@@ -32,6 +32,7 @@ from typing import Any
 
 from edge.control.chunks import ChunkConfig
 from edge.control.loop import LoopConfig
+from edge.control.monitor import MonitorConfig
 from edge.control.realtime import RealtimeConfig
 from edge.control.safety import SafetySection
 from edge.control.uncertainty_gate import UncertaintyConfig
@@ -107,6 +108,7 @@ class RobotConfig:
     realtime: RealtimeConfig = field(default_factory=RealtimeConfig)
     instruction: InstructionConfig = field(default_factory=InstructionConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)  # signals of the bundle's monitor left out
     ros2: Ros2Section | None = None  # ROS 2 topics in place of (or beside) the devices; None: no ROS 2
     # `policy.replan_every` and `policy.temporal_ensemble`: keys of the policy: section, kept beside the
     # chunk scheduler (edge/control/chunks.py).
@@ -133,6 +135,7 @@ _SECTIONS = {
     "realtime": RealtimeConfig,
     "instruction": InstructionConfig,
     "metrics": MetricsConfig,
+    "monitor": MonitorConfig,
 }
 
 

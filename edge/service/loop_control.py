@@ -84,6 +84,7 @@ def status_reply(status: LoopStatus) -> dict[str, Any]:
                              "p99": status.window.quantiles_ms.get("glass_to_wire", {}).get(0.99, math.nan)},
         "tuning": None if status.tuning is None else {k: v for k, v in status.tuning.items() if k != "measurements"},
         "chunks": None if status.chunks is None else _chunks_reply(status.chunks),
+        "monitor": None if status.monitor is None else dict(status.monitor),
     }
 
 

@@ -246,8 +246,8 @@ def failure_monitor(bundle: Bundle, config: RobotConfig) -> FailureMonitor:
     bundle without a `monitor` section."""
     action = bundle.spec.action
     action_range = float(max(h - lo for h, lo in zip(action.high, action.low)))
-    return FailureMonitor(UncertaintyGate(gate_config(bundle, config)), load_models(bundle, config.policy.target),
-                          action.dim, action_range)
+    models = load_models(bundle, config.policy.target, disable=config.monitor.disable)
+    return FailureMonitor(UncertaintyGate(gate_config(bundle, config)), models, action.dim, action_range)
 
 
 def motor_config(bundle: Bundle, config: RobotConfig) -> MotorLinkConfig:

@@ -5,11 +5,13 @@ an instruction the policy cannot ground holds with "instruction not understood".
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
 import pytest
 
+from edge.cli.control import format_status
 from edge.control.loop import Mode
 from edge.control.monitor import (
     NOT_UNDERSTOOD,
@@ -17,14 +19,16 @@ from edge.control.monitor import (
     FailureMonitor,
     FeatureNovelty,
     InstructionNovelty,
+    TimeOnTask,
     WindowConfig,
     WindowedAlarm,
 )
 from edge.control.uncertainty_gate import GateConfig, UncertaintyGate
-from edge.errors import BundleError, ConfigError
+from edge.errors import BundleError, ConfigError, InputError
 from edge.inference.bundle import Bundle
 from edge.service import wiring
 from edge.service.config import config_from_dict
+from edge.service.loop_control import status_reply
 from tests.build_engines.tiny_policies import EpisodeSource
 from tests.edge.control.doubles import PERIOD, FakeClock, FakeLink
 
@@ -91,7 +95,7 @@ class ModelsOf:
 def test_the_monitor_names_the_signal_that_tripped_and_releases_when_calm():
     gate = UncertaintyGate(GateConfig(threshold=1.0, hard_ceiling=5.0, enter_ticks=1, exit_ticks=1))
     models = ModelsOf(window=WindowConfig(over=2, ticks=3), features=FeatureNovelty(np.zeros(2), np.eye(2)),
-                      feature_threshold=1.0, consistency_threshold=None, instructions=None)
+                      feature_threshold=1.0, consistency_threshold=None, instructions=None, task_inferences=None)
     monitor = FailureMonitor(gate, models, action_dim=2, action_range=2.0)
     calm = ModelsOf(features=np.array([[0.1, 0.1]], np.float32), actions=np.zeros((1, 2), np.float32))
     novel = ModelsOf(features=np.array([[3.0, 0.0]], np.float32), actions=np.zeros((1, 2), np.float32))
@@ -105,6 +109,19 @@ def test_the_monitor_names_the_signal_that_tripped_and_releases_when_calm():
     monitor.update(0.1, calm)
     assert not monitor.update(0.1, calm).fallback and monitor.tripped == ()
     assert monitor.trips == {"spread": 1, "feature_novelty": 1}
+
+
+def test_time_on_task_stops_a_task_that_runs_longer_than_the_successful_ones_until_a_new_task():
+    gate = UncertaintyGate(GateConfig(threshold=1.0, hard_ceiling=5.0, enter_ticks=1, exit_ticks=1))
+    models = ModelsOf(window=WindowConfig(), features=None, feature_threshold=None, consistency_threshold=None,
+                      instructions=None, task_inferences=4.0)
+    monitor = FailureMonitor(gate, models, action_dim=2, action_range=2.0)
+    calm = ModelsOf(features=None, actions=np.zeros((1, 2), np.float32))
+    assert [monitor.update(0.1, calm).fallback for _ in range(6)] == [False] * 4 + [True] * 2
+    assert monitor.tripped == ("time_on_task",) and monitor.task_overdue
+    assert monitor.signals()["signals"]["time_on_task"] == {"score": 6.0, "threshold": 4.0, "on": True, "trips": 1}
+    monitor.new_task()  # a new instruction or a resume
+    assert not monitor.task_overdue and not monitor.update(0.1, calm).fallback
 
 
 # -- a tiny bundle with a monitor, through the runtime's wiring ---------------------------------------------
@@ -196,6 +213,14 @@ def test_a_tiny_bundle_gets_a_monitor_that_passes_its_frames_and_stops_on_a_blac
     status = loop.status()
     assert status.monitor["tripped"] == ["feature_novelty"], status.monitor
     assert "tripped: feature_novelty" in status.line()
+    # The control socket's reply and `vla-edge status` show the same: which signal, its score and threshold.
+    reply = json.loads(json.dumps(status_reply(status)))
+    assert reply["monitor"]["tripped"] == ["feature_novelty"]
+    novelty = reply["monitor"]["signals"]["feature_novelty"]
+    assert novelty["on"] and novelty["score"] > novelty["threshold"]
+    assert math.isfinite(reply["monitor"]["signals"]["spread"]["score"])
+    text = format_status({"ok": True, **reply})
+    assert "monitor      TRIPPED by feature_novelty" in text and "feature_novelty " in text and " ON" in text
     pytest.importorskip("prometheus_client")
     from edge.service.metrics import PREFIX, LoopCollector
 
@@ -238,3 +263,39 @@ def test_a_bundle_without_a_monitor_section_runs_with_the_spread_alone(tiny_bund
     monitor = FailureMonitor(UncertaintyGate(GateConfig(threshold=1.0, hard_ceiling=2.0)), None, 2, 2.0)
     assert monitor.alarms == {} and monitor.instruction_hold("anything", np.ones(4)) is None
     assert not monitor.update(0.5, None).fallback
+
+
+def test_the_config_can_leave_a_signal_out_and_names_an_unknown_one(tiny):
+    bundle, clock, camera, _, _ = tiny
+    raw = {"bundle": str(bundle.root), "motor": {"port": "/dev/null", "channels": 2},
+           "cameras": {"cam0": {"source": "/dev/video0"}}, "policy": {"target": "cpu", "mc_samples": 1},
+           "uncertainty": {"threshold": 1.0, "hard_ceiling": 2.0}, "loop": {"rate_hz": 1.0 / PERIOD},
+           "monitor": {"disable": ["feature_novelty"]}}
+    monitor = wiring.failure_monitor(bundle, config_from_dict(raw))
+    assert "feature_novelty" not in monitor.alarms and monitor.models.features is None
+    assert monitor.models.instructions is not None, "the other signals stay"
+    black = ModelsOf(features=np.full((1, bundle.manifest["monitor"]["signals"]["feature_novelty"]["dim"]), 50.0,
+                                      np.float32), actions=np.zeros((1, 2), np.float32))
+    assert not any(monitor.update(0.1, black).fallback for _ in range(5)), "a signal left out cannot stop it"
+    for bad, fragment in ((["spread"], "the spread is set in uncertainty"), (["novelty"], "unknown signal"),
+                          ("feature_novelty", "must be a list")):
+        with pytest.raises(ConfigError, match=fragment):
+            config_from_dict({**raw, "monitor": {"disable": bad}})
+
+
+def test_a_task_out_of_time_stops_in_fallback_and_resume_or_a_new_instruction_go_on(tiny):
+    bundle, clock, _, loop, pipeline = tiny
+    text = bundle.manifest["monitor"]["signals"]["instruction_novelty"]["instructions"][0]
+    loop.gate.alarms["time_on_task"] = TimeOnTask(3)  # as a bundle calibrated on 3-inference tasks has it
+    loop.set_instruction(text)
+    pipeline.cache.encode_now(text)
+    rows = run_ticks(loop, clock, 6)
+    assert list(rows["mode"]) == [Mode.NOMINAL] * 3 + [Mode.FALLBACK] * 3, rows["mode"]
+    assert (rows["command"][-1] == 0).all() and loop.status().monitor["tripped"] == ["time_on_task"]
+    loop.resume()  # the operator saw it stop and says go on: the clock starts again
+    assert (run_ticks(loop, clock, 3)["mode"] == Mode.NOMINAL).all()
+    assert run_ticks(loop, clock, 1)["mode"][0] == Mode.FALLBACK
+    loop.set_instruction(text)  # so does a new instruction, the same text included
+    assert (run_ticks(loop, clock, 3)["mode"] == Mode.NOMINAL).all()
+    with pytest.raises(InputError, match="nothing to resume"):
+        loop.resume()  # neither held nor out of time
