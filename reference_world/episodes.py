@@ -31,6 +31,7 @@ _PALETTE = (
     (0, 60, 160),
     (255, 255, 255),
 )
+_FALLBACK_BGR = (40, 40, 230)  # poses in fallback and the stop sign where the robot came to rest in it
 
 
 @dataclass
@@ -43,6 +44,11 @@ class EpisodeResult:
     steps: int
     final_distance_m: float
     trajectory: np.ndarray  # (steps + 1, 3) poses x_m, y_m, theta_rad, the start pose first
+    # Where the runtime was known to be in fallback (one flag per trajectory pose), and how the episode
+    # ended in words ("stopped in fallback (spread) 2.9 s after the instruction"); drawn when given.
+    fallback: np.ndarray | None = None
+    outcome: str | None = None
+    stopped_in_fallback: bool = False  # the episode ended with the robot at rest in fallback
 
 
 def run_episode(
@@ -152,7 +158,17 @@ def draw_trajectories(
         start = tuple(int(v) for v in points[0])
         end = tuple(int(v) for v in points[-1])
         cv2.circle(canvas, start, 4 << _SHIFT_BITS, colour, -1, cv2.LINE_AA, _SHIFT_BITS)
-        if result.success:
+        if result.fallback is not None:
+            flags = np.asarray(result.fallback, dtype=bool)[: len(points)]
+            for point in points[flags]:  # each pose seen in fallback: a small dot in the fallback colour
+                cv2.circle(canvas, tuple(int(v) for v in point), 3 << _SHIFT_BITS, _FALLBACK_BGR, -1, cv2.LINE_AA,
+                           _SHIFT_BITS)
+        if result.stopped_in_fallback:
+            # A stop sign where the robot came to rest in fallback.
+            cv2.circle(canvas, end, 9 << _SHIFT_BITS, _FALLBACK_BGR, -1, cv2.LINE_AA, _SHIFT_BITS)
+            cx, cy = end[0] >> _SHIFT_BITS, end[1] >> _SHIFT_BITS
+            cv2.line(canvas, (cx - 5, cy), (cx + 5, cy), (255, 255, 255), 2, cv2.LINE_AA)
+        elif result.success:
             successes += 1
             cv2.circle(canvas, end, 6 << _SHIFT_BITS, colour, 2, cv2.LINE_AA, _SHIFT_BITS)
         else:
@@ -169,6 +185,16 @@ def draw_trajectories(
         2,
         cv2.LINE_AA,
     )
+    captions = [r.outcome for r in results if r.outcome]
+    if any(r.fallback is not None and np.any(r.fallback) for r in results):
+        captions.append("dots: in fallback")
+    height = canvas.shape[0]
+    for row, text in enumerate(reversed(captions)):  # bottom-up on dark bands, the last result's outcome lowest
+        (width, text_height), baseline = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 0.45, 1)
+        origin = (10, height - 10 - 20 * row)
+        cv2.rectangle(canvas, (origin[0] - 4, origin[1] - text_height - 4), (origin[0] + width + 4, origin[1] + baseline),
+                      (0, 0, 0), -1)
+        cv2.putText(canvas, text, origin, cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1, cv2.LINE_AA)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if not cv2.imwrite(str(path), canvas):

@@ -187,14 +187,19 @@ def run_episode(spec: dict, seed: int, sim: GroundTruthClient, socket_path: Path
     if not reply.get("ok"):
         raise RuntimeError(f"service refused the instruction: {reply}")
     started = time.monotonic()
-    poses, ticks, modes, round_trips = [truth["pose"]], {}, [], []
+    poses, ticks, in_fallback, round_trips = [truth["pose"]], {}, [False], []
+    first_fallback_s = None
+    status = None
     while time.monotonic() - started < EPISODE_TIMEOUT_S:
         truth = sim.ground_truth()
+        status = service_status(socket_path) or status
         poses.append(truth["pose"])
-        status = service_status(socket_path)
+        falling_back = bool(status) and status.get("mode") == "fallback"
+        in_fallback.append(falling_back)
+        if falling_back and first_fallback_s is None:
+            first_fallback_s = time.monotonic() - started
         if status and status.get("tick"):
             ticks[status["tick"]["index"]] = status["tick"]["tick_ms"]
-            modes.append(status["mode"])
             if status["link"].get("round_trip_ms") is not None:
                 round_trips.append(status["link"]["round_trip_ms"])
         if truth["success"]:
@@ -203,18 +208,39 @@ def run_episode(spec: dict, seed: int, sim: GroundTruthClient, socket_path: Path
     after = service_status(socket_path)["counters"]
     elapsed = time.monotonic() - started
     ran = max(1, after["ticks"] - before["ticks"])
+    ended, stopped_in_fallback = episode_end(truth, status, first_fallback_s)
     row = {
         "episode": spec["label"], "seed": seed, "target": spec["target"], "variant": spec.get("variant"),
         "instruction": instruction, "success": bool(truth["success"]), "seconds": round(elapsed, 2),
         "final_distance_m": round(truth["distance_to_target_m"], 3),
         "ticks": ran, "fallback_share": (after["fallback"] - before["fallback"]) / ran,
         "hold_share": (after["hold"] - before["hold"]) / ran,
+        "first_fallback_s": None if first_fallback_s is None else round(first_fallback_s, 2),
+        "ended": ended, "stopped_in_fallback": stopped_in_fallback,
         "round_trip_ms_median": float(np.median(round_trips)) if round_trips else None,
     }
     result = EpisodeResult(seed=seed, instruction=instruction, target=spec["target"], variant=spec.get("variant"),
                            success=row["success"], steps=ran, final_distance_m=truth["distance_to_target_m"],
-                           trajectory=np.asarray(poses, dtype=np.float64))
+                           trajectory=np.asarray(poses, dtype=np.float64),
+                           fallback=np.asarray(in_fallback, dtype=bool), outcome=ended,
+                           stopped_in_fallback=stopped_in_fallback)
     return row, result, [v for v in ticks.values() if np.isfinite(v)]
+
+
+def episode_end(truth: dict, status: dict | None, first_fallback_s: float | None) -> tuple[str, bool]:
+    """How an episode ended, in words, from the simulator's ground truth and the service's last status, and
+    whether the robot came to rest in fallback (motors stopped while the service falls back)."""
+    if truth["success"]:
+        return "reached the target", False
+    mode = (status or {}).get("mode")
+    stopped = bool(truth["motors_stopped"])
+    if mode == "fallback" and stopped:
+        tripped = ((status or {}).get("monitor") or {}).get("tripped") or []
+        onset = "" if first_fallback_s is None else f", first fallback {first_fallback_s:.1f} s in"
+        return f"stopped in fallback ({', '.join(tripped) or 'safety'}){onset}", True
+    if mode == "hold" and (status or {}).get("hold_reason"):
+        return f"held: {status['hold_reason'][:48]}", False
+    return f"{'stopped' if stopped else 'still moving'} at the time limit, mode {mode or 'unknown'}", False
 
 
 def latency_histogram(tick_ms: list[float], path: Path) -> None:
@@ -352,8 +378,8 @@ def run_demo(bundle: Path, out: Path, domain: int | None = None) -> None:
         rng = np.random.default_rng(DEMO_SEED_BASE)
         rows, all_ticks = [], []
         world_config = WorldConfig()
-        print("\n| # | episode | instruction | success | s | final distance (m) | fallback ticks |")
-        print("|---|---|---|---|---|---|---|")
+        print("\n| # | episode | instruction | success | s | final distance (m) | fallback ticks | ended |")
+        print("|---|---|---|---|---|---|---|---|")
         for i, spec in enumerate(EPISODES):
             row, result, ticks = run_episode(spec, DEMO_SEED_BASE + i, rig.sim, socket_path, rng)
             picture = out / f"episode_{i}.png"
@@ -362,7 +388,8 @@ def run_demo(bundle: Path, out: Path, domain: int | None = None) -> None:
             rows.append(row)
             all_ticks.extend(ticks)
             print(f"| {i} | {row['episode']} | {row['instruction']} | {'yes' if row['success'] else 'no'} | "
-                  f"{row['seconds']} | {row['final_distance_m']} | {row['fallback_share']:.0%} |", flush=True)
+                  f"{row['seconds']} | {row['final_distance_m']} | {row['fallback_share']:.0%} | {row['ended']} |",
+                  flush=True)
         send_request(socket_path, {"cmd": "stop"})
         status = service_status(socket_path)
         p50, p90, p99 = np.percentile(all_ticks, [50, 90, 99]) if all_ticks else (np.nan,) * 3

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import cv2
@@ -510,3 +511,29 @@ def test_draw_trajectories_marks_a_failed_episode(tmp_path):
     background = cv2.resize(world.scene_background(), (640, 480))
     around_end = np.abs(image.astype(int) - background.astype(int))[2 * v - 8 : 2 * v + 9, 2 * u - 8 : 2 * u + 9]
     assert (around_end.max(axis=2) > 40).sum() > 20
+
+
+def test_a_picture_marks_poses_in_fallback_and_a_stop_in_fallback_and_says_how_it_ended(tmp_path):
+    # The demo's absent-object episode: the runtime fell back from the middle of the path on and the robot
+    # came to rest there. The picture shows the fallback poses, a stop sign at the end and the outcome.
+    world = TabletopWorld(WorldConfig(time_limit_steps=20))
+    plain = run_episode(world, expert_policy(world), 3, variant="absent_object")
+    flags = np.zeros(len(plain.trajectory), dtype=bool)
+    flags[len(flags) // 2:] = True
+    marked = dataclasses.replace(plain, fallback=flags, stopped_in_fallback=True,
+                                 outcome="stopped in fallback (feature_novelty)")
+    draw_trajectories(world, [plain], tmp_path / "plain.png")
+    draw_trajectories(world, [marked], tmp_path / "marked.png")
+    before, after = (cv2.imread(str(tmp_path / name)).astype(int) for name in ("plain.png", "marked.png"))
+    red = (after[..., 2] > 180) & (after[..., 1] < 90) & (after[..., 0] < 90)
+    was_red = (before[..., 2] > 180) & (before[..., 1] < 90) & (before[..., 0] < 90)
+    u, v = pixel(CFG, plain.trajectory[-1, :2])
+    assert (red & ~was_red)[2 * v - 6 : 2 * v + 7, 2 * u - 6 : 2 * u + 7].sum() > 40, "a stop sign where the robot rests"
+    first = plain.trajectory[len(flags) // 2, :2]
+    if np.linalg.norm(first - plain.trajectory[-1, :2]) > 0.05:  # away from the stop sign
+        u, v = pixel(CFG, first)
+        assert (red & ~was_red)[2 * v - 3 : 2 * v + 4, 2 * u - 3 : 2 * u + 4].any(), "the first pose in fallback"
+    u, v = pixel(CFG, plain.trajectory[1, :2])
+    assert not (red & ~was_red)[2 * v - 2 : 2 * v + 3, 2 * u - 2 : 2 * u + 3].any(), "nominal poses stay unmarked"
+    caption = np.abs(after - before)[-40:, :300].max(axis=2) > 100
+    assert caption.sum() > 200, "the outcome is written along the bottom"
