@@ -299,6 +299,7 @@ def goals_met(report: dict) -> dict[str, bool]:
 
 GATE_MONITOR_SEED_BASE = 8_500_000  # beside the closed-loop gate's seeds (accuracy_gate.GATE_SEED_BASE)
 GATE_MAX_TICKS = 3000  # an in-distribution episode ends by the environment's own `done` well before this
+GATE_MAX_FAILURE_TICKS = 300  # a failure episode of the check: at most 30 s at 10 Hz
 GATE_DT_S = 0.1  # the runtime's default control period (loop.rate_hz 10): ticks -> seconds in the report
 
 
@@ -336,12 +337,24 @@ def gate_check(root, targets: list[str], environment: str, seeds: int, mc_sample
             "goals_missed": {t: [g for g, ok in r["goals_met"].items() if not ok] for t, r in reports.items()}}
 
 
+def failure_ticks(manifest: dict, target: str) -> int:
+    """Ticks per failure episode: past the onset kinds' onset, and past the target's time on task (so
+    the check sees the stop it makes), at most GATE_MAX_FAILURE_TICKS."""
+    task = ((manifest.get("monitor") or {}).get("signals") or {}).get("time_on_task") or {}
+    longest = task.get("threshold", {}).get(target)
+    ticks = 2 * ONSET_TICK if longest is None else max(2 * ONSET_TICK, int(longest) + MIN_TICKS_AFTER_ONSET + 2)
+    return min(ticks, GATE_MAX_FAILURE_TICKS)
+
+
 def _check_targets(root, targets, env, seeds, mc_samples, mask_seed):
+    from edge.inference.bundle import Bundle
+
+    manifest = Bundle.load(root).manifest
     reports, lines = {}, []
     for target in targets:
         report = check_monitor(root, target, env, seeds=range(GATE_MONITOR_SEED_BASE, GATE_MONITOR_SEED_BASE + seeds),
                                failure_seeds=max(1, seeds // 2), mc_samples=mc_samples, max_ticks=GATE_MAX_TICKS,
-                               failure_ticks=2 * ONSET_TICK, dt_s=GATE_DT_S, mask_seed=mask_seed)
+                               failure_ticks=failure_ticks(manifest, target), dt_s=GATE_DT_S, mask_seed=mask_seed)
         report["goals_met"] = goals_met(report)
         reports[target] = report
         missed = [goal for goal, ok in report["goals_met"].items() if not ok]

@@ -197,3 +197,17 @@ def test_too_few_closed_loop_ticks_give_the_largest_statistic_and_say_what_they_
     assert loop["signals"] == ["spread", "action_consistency"]  # no feature model: no feature signal
     assert loop["thresholds"]["spread"]["cpu"] == pytest.approx(windowed_statistic(trace.spread, 3, 3).max())
     assert loop["supported_rate"] == pytest.approx(1 / 19)  # 18 windowed spread values: 1 / (n + 1)
+
+
+def test_the_gate_check_runs_failure_episodes_past_the_time_on_task_it_checks():
+    from build_engines.monitor_check import GATE_MAX_FAILURE_TICKS, ONSET_TICK, failure_ticks
+
+    def manifest(threshold):
+        return {"monitor": {"signals": {"time_on_task": {"threshold": {"cpu": threshold}}}}}
+
+    assert failure_ticks({"monitor": {"signals": {}}}, "cpu") == 2 * ONSET_TICK  # no time on task
+    assert failure_ticks(manifest(20.0), "cpu") == 2 * ONSET_TICK  # it trips within the onset kinds' window
+    ticks = failure_ticks(manifest(72.0), "cpu")
+    assert ticks > 72 + 3, "the alarm fires at the 73rd inference and needs a few ticks to show"
+    assert failure_ticks(manifest(5000.0), "cpu") == GATE_MAX_FAILURE_TICKS
+    assert failure_ticks(manifest(72.0), "tensorrt") == 2 * ONSET_TICK  # a target without one
