@@ -49,6 +49,9 @@ DEFAULT_WINDOW = {"over": 3, "ticks": 5}  # an alarm: `over` of the last `ticks`
 FEATURE_SCORE = ("Mahalanobis distance of the pooled vision features (mean over every axis but the last) "
                  "to the calibration samples' mean, Ledoit-Wolf shrunk covariance")
 INSTRUCTION_SCORE = "1 - the largest cosine similarity of the instruction's embedding to a known instruction's"
+# Time on task: durations are right-skewed and the longest of 50 gate episodes under-estimates the tail;
+# at 1.0x the longest (72 inferences) it stopped 2 of 50 held-out successes of the reference policy.
+TASK_MARGIN = 1.5
 TASK_SCORE = ("inferences since the instruction (or a resume); on above the most a successful episode took: a "
               "task that runs longer is taken as one that cannot succeed")
 CONSISTENCY_SCORE = ("RMS over channels of the change of the first executed action between consecutive "
@@ -174,9 +177,10 @@ def closed_loop_thresholds(traces: dict[str, list], targets: dict[str, dict[str,
             supported[target] = max(supported.get(target, 0.0), achieved)
             supported_episodes[target] = max(supported_episodes.get(target, 0.0), achieved_episodes)
         # every inference of a successful episode ran on its task: the longest allowed is the conformal
-        # quantile of their counts (a new successful episode runs longer with probability <= episode_share)
+        # quantile of their counts (a new successful episode runs longer with probability <= episode_share),
+        # times TASK_MARGIN for the right-skewed tail a few dozen episodes under-estimate
         longest, _ = conformal_threshold(np.array([len(e.spread) for e in episodes], np.float64), episode_share)
-        thresholds["time_on_task"][target] = float(math.ceil(longest))
+        thresholds["time_on_task"][target] = float(math.ceil(TASK_MARGIN * longest))
         counts[target] = (len(episodes), int(sum(len(e.spread) for e in episodes)))
     return {"thresholds": thresholds, "rate_per_signal": share, "episode_rate_per_signal": episode_share,
             "signals": signals, "episodes": min((c[0] for c in counts.values()), default=0),
@@ -311,9 +315,10 @@ def fit_monitor(root: Path, *, vision_features: dict[str, np.ndarray], targets: 
         if loop["thresholds"]["time_on_task"]:
             signals["time_on_task"] = {
                 "score": TASK_SCORE, "threshold": loop["thresholds"]["time_on_task"],
-                "calibrated_on": f"closed loop: the inferences of each of {loop['episodes']} successful gate "
-                                 f"episodes, conformal at {loop['episode_rate_per_signal']:.4g} of episodes "
-                                 f"(supported: {loop['supported_episode_rate']:.4g})"}
+                "calibrated_on": f"closed loop: {TASK_MARGIN:g} x the conformal quantile of the inferences of "
+                                 f"each of {loop['episodes']} successful gate episodes, at "
+                                 f"{loop['episode_rate_per_signal']:.4g} of episodes (supported: "
+                                 f"{loop['supported_episode_rate']:.4g})", "margin": TASK_MARGIN}
         logger.info("monitor: closed-loop thresholds %s", {n: {t: round(v, 4) for t, v in row.items()}
                                                            for n, row in loop["thresholds"].items()})
     if not any((root / "monitor").iterdir()):
