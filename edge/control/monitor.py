@@ -333,7 +333,7 @@ class FailureMonitor:
         clock = self.alarms.get("time_on_task")
         if clock is not None and clock.update(self._task_inferences):
             if "time_on_task" not in self.tripped:
-                logger.warning("the task has run %d inferences, longer than every successful calibration episode "
+                logger.warning("the task has run %d inferences, more than the successful calibration episodes allow "
                                "(%d): stopping in fallback; send a new instruction, or `vla-edge resume` to go on",
                                self._task_inferences, clock.threshold)
             tripped.append("time_on_task")
