@@ -43,17 +43,41 @@ def frame_sync_window(enabled: bool | None, camera_fps: float | None, rate_hz: f
     return float(min(window, WINDOW_FRACTION * period_s))
 
 
-class FrameSync:
-    """`wake(timeout_s)` for RateKeeper.sync_to: True when a frame newer than the last one seen arrived."""
+def fresh_before_window(camera_fps: float | None, window_s: float) -> float:
+    """How old a frame that arrived before the window opened may be and still start the tick at once: where
+    the camera period is longer than the window, the next frame may not come inside it (then a frame of
+    up to period - window is as fresh as any the window would bring); otherwise 0 (wait for the next one)."""
+    if not camera_fps or camera_fps <= 0:
+        return 0.0
+    return max(0.0, 1.0 / camera_fps - window_s)
 
-    def __init__(self, camera) -> None:
+
+class FrameSync:
+    """`wake(timeout_s)` for RateKeeper.sync_to: True when a frame newer than the last one seen arrives in
+    the window. A frame that came before the window opened (during the last tick, or while the keeper
+    slept) starts the tick at once only if it came at most `fresh_s` before the opening: taking any unseen frame at the
+    window's opening locked the ticks to start just before each frame arrived, on the frame of the period
+    before (bench: frame age p50 86.6 ms with a 90 ms window and a 10 fps camera)."""
+
+    def __init__(self, camera, fresh_s: float = 0.0, window_s: float = 0.0) -> None:
         if not hasattr(camera, "wait_newer"):
             raise ConfigError(f"loop.frame_sync needs a camera that signals new frames; {type(camera).__name__} "
                               "does not: set loop.frame_sync: false")
         self.camera = camera
+        self.fresh_s = float(fresh_s)
+        self.window_s = float(window_s)
         self._seen = 0
 
     def __call__(self, timeout_s: float) -> bool:
+        """`timeout_s`: until the deadline; the window opened window_s - timeout_s ago (the last tick may
+        have run past the opening)."""
+        count = self.camera.wait_newer(self._seen, 0.0)  # no wait: the frame counter now
+        if count > self._seen:
+            self._seen = count
+            age = getattr(self.camera, "frame_age_s", None)
+            since_opening = max(0.0, self.window_s - timeout_s)
+            if age is not None and age() <= self.fresh_s + since_opening:
+                return True  # it arrived inside the window, or within fresh_s before it opened
         count = self.camera.wait_newer(self._seen, timeout_s)
         new = count > self._seen
         self._seen = count

@@ -35,7 +35,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from edge.control.frame_sync import FrameSync, frame_sync_window
+from edge.control.frame_sync import FrameSync, frame_sync_window, fresh_before_window
 from edge.control.loop import ControlLoop
 from edge.control.monitor import FailureMonitor, load_models
 from edge.control.safety import SafetyConfig, SafetyLayer
@@ -312,7 +312,7 @@ def sync_frames(loop: ControlLoop, config: RobotConfig) -> float | None:
     window = frame_sync_window(enabled, fps, loop_cfg.rate_hz, getattr(loop_cfg, "frame_sync_window_s", None))
     if window is None or (enabled is None and not hasattr(loop.camera, "wait_newer")):
         return None
-    loop.keeper.sync_to(FrameSync(loop.camera), window)
+    loop.keeper.sync_to(FrameSync(loop.camera, fresh_before_window(fps, window), window), window)
     logger.info("frame-synchronous ticks: a new frame starts the tick up to %.1f ms before its deadline",
                 window * 1e3)
     return window

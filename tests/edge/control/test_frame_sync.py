@@ -8,7 +8,7 @@ import threading
 import numpy as np
 import pytest
 
-from edge.control.frame_sync import FrameSync, frame_sync_window
+from edge.control.frame_sync import FrameSync, frame_sync_window, fresh_before_window
 from edge.control.ratekeeper import RateKeeper
 from edge.errors import ConfigError
 from edge.io.latest_frame import LatestFrame
@@ -46,6 +46,10 @@ class ScheduledCamera:
             self.clock.now = now + timeout_s
         return self.count_at(self.clock.now)
 
+    def frame_age_s(self) -> float:
+        last = self.count_at(self.clock.now)
+        return self.clock.now - (self.first_s + (last - 1) * self.period_s) if last else float("inf")
+
 
 def run_ticks(keeper: RateKeeper, clock: FakeClock, camera: ScheduledCamera, ticks: int, work_s: float):
     starts, ages = [], []
@@ -73,6 +77,20 @@ def test_ticks_start_on_the_frame_inside_the_window_and_keep_the_schedule():
     # Each start is inside the window before its grid deadline (k * 0.1), never after it.
     offsets = starts[1:] - np.arange(1, 50) * 0.1
     assert np.all(offsets <= 1e-9) and np.all(offsets >= -0.09 - 1e-9)
+
+
+@pytest.mark.parametrize("phase_s", [0.001, 0.005, 0.0105, 0.012, 0.02, 0.05, 0.089, 0.095, 0.099])
+def test_whatever_the_cameras_phase_the_frame_is_at_most_the_gap_old(phase_s):
+    # A 10 fps camera, a 10 Hz loop, the 90 ms window: frames arriving just after the window opens (0.0105,
+    # 0.012) once made every tick start at the opening on the frame of the period before (~98 ms old).
+    clock = FakeClock()
+    keeper = RateKeeper(0.1, clock=clock, sleep=clock.sleep)
+    camera = ScheduledCamera(clock, first_s=phase_s, period_s=0.1)
+    window = frame_sync_window(None, 10.0, 10.0)
+    keeper.sync_to(FrameSync(camera, fresh_before_window(10.0, window), window), window)
+    starts, ages = run_ticks(keeper, clock, camera, 40, work_s=0.015)
+    assert np.max(ages[2:]) <= 0.1 - window + 1e-9, ages  # the 10 ms gap between windows, at most
+    assert np.allclose(np.diff(starts[3:]), 0.1, atol=0.011) and keeper.overruns == 0
 
 
 def test_without_frame_sync_the_frame_is_older():
