@@ -412,7 +412,7 @@ def test_the_monitor_cost_is_measured_against_the_spread_gate_on_real_output(smo
     bundle_dir, out, report, _ = smoke
     cost = report["monitor_cost"]
     manifest = json.loads((Path(bundle_dir) / "manifest.json").read_text())
-    per_tick = {"feature_novelty", "action_consistency"} & set(manifest.get("monitor", {}).get("signals", {}))
+    per_tick = {"feature_novelty", "action_consistency", "time_on_task"} & set(manifest.get("monitor", {}).get("signals", {}))
     assert set(cost["signals"]) == per_tick  # the bundle's own per-inference signals, as the robot runs them
     assert cost["updates"] > 0 and 0 < cost["spread_gate"]["p50_us"] and 0 < cost["monitor"]["p50_us"]
     assert cost["monitor"]["p50_us"] <= cost["monitor"]["p99_us"]

@@ -63,6 +63,7 @@ def test_a_lerobot_dataset_calibrates_and_gates_a_chunking_policy_on_held_out_ep
     assert uncertainty["source"] == "held-out" and "20 steps of the 2 held-out recorded episodes" in uncertainty["method"]
     assert uncertainty["threshold"] == {t: v["score"]["threshold"] for t, v in replay["variants"].items()}
     assert manifest["gate"] == {"environment": None, "closed_loop_seeds": 0, "replay": True, "heldout_episodes": 2,
+                                "camera_jpeg": [],  # no closed loop: no episodes through a codec
                                 "optional_targets": ["cpu-qoperator", "cpu-reduce-range"], "dropped_targets": []}
     assert "Open-loop replay of 2 held-out episodes (20 steps, chunk of 4)" in printed
     assert "Open-loop replay" in (out / "reports" / "summary.md").read_text()
