@@ -137,8 +137,8 @@ class ActionConsistency:
 
 
 class TimeOnTask:
-    """On once more than `threshold` inferences ran on the current task (the alarm interface: threshold,
-    last, on, reset, update)."""
+    """On once more than `threshold` inferences ran on the current task: `update()` counts one, `reset()`
+    starts a new task (the alarm interface: threshold, last (the count), on)."""
 
     def __init__(self, threshold: float):
         if not (math.isfinite(threshold) and threshold >= 1):
@@ -152,9 +152,9 @@ class TimeOnTask:
         self.last = 0.0
         self.on = False
 
-    def update(self, inferences: int) -> bool:
-        self.last = float(inferences)
-        self.on = inferences > self.threshold
+    def update(self) -> bool:
+        self.last += 1.0
+        self.on = self.last > self.threshold
         return self.on
 
 
@@ -275,7 +275,6 @@ class FailureMonitor:
                 self.alarms["action_consistency"] = WindowedAlarm(models.consistency_threshold, models.window)
             if models.task_inferences is not None:
                 self.alarms["time_on_task"] = TimeOnTask(models.task_inferences)
-        self._task_inferences = 0  # inferences since the instruction or a resume (time_on_task)
         self._mode = GateMode.NOMINAL
         self.tripped: tuple[str, ...] = ()
         self.trips = {name: 0 for name in ("spread", *self.alarms)}
@@ -301,7 +300,6 @@ class FailureMonitor:
             self._consistency.reset()
         self._mode = GateMode.NOMINAL
         self.tripped = ()
-        self._task_inferences = 0
 
     @property
     def task_overdue(self) -> bool:
@@ -311,7 +309,6 @@ class FailureMonitor:
 
     def new_task(self) -> None:
         """A new instruction, a stop or a resume: the time-on-task clock starts again."""
-        self._task_inferences = 0
         clock = self.alarms.get("time_on_task")
         if clock is not None:
             clock.reset()
@@ -329,13 +326,12 @@ class FailureMonitor:
         if self._consistency is not None and actions is not None:
             if self.alarms["action_consistency"].update(self._consistency.score(actions[0])):
                 tripped.append("action_consistency")
-        self._task_inferences += 1
         clock = self.alarms.get("time_on_task")
-        if clock is not None and clock.update(self._task_inferences):
+        if clock is not None and clock.update():
             if "time_on_task" not in self.tripped:
                 logger.warning("the task has run %d inferences, more than the successful calibration episodes allow "
                                "(%d): stopping in fallback; send a new instruction, or `vla-edge resume` to go on",
-                               self._task_inferences, clock.threshold)
+                               clock.last, clock.threshold)
             tripped.append("time_on_task")
         self.ticks += 1
         mode = GateMode.FALLBACK if tripped else GateMode.NOMINAL
